@@ -1,0 +1,158 @@
+"""Synthetic Wikidata5M-shaped knowledge graph and corpus, seeded, for measuring the pipeline at scale
+without the real files (TRELM Sec. 4.1 uses Wikidata5M and 26M Wikipedia sequences).
+
+    python synth_kg.py --out runs/synth10 --scale 0.1                 # 1/10 Wikidata5M: 309k entities, 2.1M triples
+    python synth_kg.py --out runs/synth100 --scale 0.01 --docs 20000   # 1/100, with a 20k-document corpus
+    python synth_kg.py --out D --scale 0.01 --linked                   # corpus.jsonl with given spans, not corpus.txt
+    python pretrain.py --data runs/synth100 ...                        # any DIR it writes is a --data DIR
+
+Writes DIR/kg/{entities,relations,triples}.txt in Wikidata5M's layout (see data.py) and DIR/corpus.txt
+(raw text, linked by data.AliasLinker) or DIR/corpus.jsonl (spans given), plus DIR/synth.json (the
+arguments and counts). The same arguments and seed write byte-identical files.
+
+Shape (what is Wikidata5M-like, what is not):
+- entities E = 3,085,345 * scale, ids "Q<n>" with n drawn without replacement from [1, 20E] (ids of
+  several lengths, as in Wikidata); each entity has 1-6 aliases (P = .35 .25 .15 .10 .08 .07, mean
+  2.37), an alias is 1-3 capitalised pseudo-words drawn from a Zipf(1.1) vocabulary of max(2000, E/2)
+  words, so aliases share first words and some aliases are shared by several entities (as "John
+  Smith" is);
+- relations: 822 (Wikidata5M after filtering), not scaled, 1-3 lower-case aliases each;
+- triples T = 6.81 * E (20.6M / 3.09M in Wikidata5M), heads and tails drawn from a power law over a
+  random order of the entities (heavy-tailed degrees), relations Zipf(1.2); 1% of triples name
+  an entity that has no alias line (Wikidata5M's triples do too; data.load_kg drops them);
+- corpus: documents of `--words` words (default 120) of lower-case filler words, with an entity
+  alias every ~12 words, the entity drawn Zipf(1.0) over a random order of the entities, so mention
+  frequencies are long-tailed. It is not natural text: it measures speed and memory, not learning.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+WIKIDATA5M_ENTITIES = 3_085_345
+WIKIDATA5M_RELATIONS = 822
+TRIPLES_PER_ENTITY = 6.81
+ALIAS_COUNT_P = (0.35, 0.25, 0.15, 0.10, 0.08, 0.07)  # 1..6 aliases per entity
+SYLLABLES = ("ka ri to na mo le vi sa du pe lo ga ne ru bi ta ko mi ze ha fo ju ny qu ce "
+             "wa xo yl sk tr an el or us in").split()
+
+
+def pseudo_words(rng, n, capital):
+    """n distinct pseudo-words of 2-4 syllables, capitalised if asked."""
+    out, seen = [], set()
+    while len(out) < n:
+        k = rng.integers(2, 5)
+        w = "".join(SYLLABLES[i] for i in rng.integers(0, len(SYLLABLES), k))
+        if w not in seen:
+            seen.add(w)
+            out.append(w.capitalize() if capital else w)
+    return out
+
+
+_ZIPF = {}  # (n, s) -> cumulative distribution, kept between calls (one call per document)
+
+
+def zipf_choice(rng, n, size, s):
+    """size draws from ranks 0..n-1 with P(rank r) proportional to (r + 1)^-s."""
+    if (n, s) not in _ZIPF:
+        p = np.arange(1, n + 1, dtype=np.float64) ** -s
+        _ZIPF[(n, s)] = np.cumsum(p / p.sum())
+    return np.minimum(np.searchsorted(_ZIPF[(n, s)], rng.random(size), side="right"), n - 1)
+
+
+def write_kg(out, rng, scale):
+    E = max(10, int(round(WIKIDATA5M_ENTITIES * scale)))
+    ids = np.sort(rng.choice(20 * E, size=E, replace=False) + 1)
+    vocab = pseudo_words(rng, max(2000, E // 2), capital=True)
+    n_alias = rng.choice(len(ALIAS_COUNT_P), size=E, p=ALIAS_COUNT_P) + 1  # (E,)
+    n_words = rng.choice(3, size=int(n_alias.sum()), p=(0.45, 0.4, 0.15)) + 1  # (A,)
+    words = zipf_choice(rng, len(vocab), int(n_words.sum()), 1.1)  # (W,)
+    w_end = np.cumsum(n_words)
+    aliases = [" ".join(vocab[w] for w in words[e - k:e]) for e, k in zip(w_end, n_words)]
+    a_end = np.cumsum(n_alias)
+    os.makedirs(os.path.join(out, "kg"), exist_ok=True)
+    with open(os.path.join(out, "kg", "entities.txt"), "w", encoding="utf-8") as f:
+        for i in range(E):
+            f.write(f"Q{ids[i]}\t" + "\t".join(aliases[a_end[i] - n_alias[i]:a_end[i]]) + "\n")
+
+    R = WIKIDATA5M_RELATIONS
+    rel_words = pseudo_words(rng, 3 * R, capital=False)
+    with open(os.path.join(out, "kg", "relations.txt"), "w", encoding="utf-8") as f:
+        for r in range(R):
+            k = int(rng.integers(1, 4))
+            f.write(f"P{r + 1}\t" + "\t".join(f"{rel_words[3 * r + j]} of" for j in range(k)) + "\n")
+
+    T = int(round(TRIPLES_PER_ENTITY * E))
+    order = rng.permutation(E)  # power-law rank -> entity
+    heads = order[np.minimum((rng.pareto(1.2, T) * E / 50).astype(np.int64), E - 1)]
+    tails = order[np.minimum((rng.pareto(0.9, T) * E / 50).astype(np.int64), E - 1)]
+    rels = zipf_choice(rng, R, T, 1.2) + 1
+    head_id, tail_id = ids[heads], ids[tails]
+    dangling = rng.random(T) < 0.01  # an entity id absent from entities.txt (ids are < 20E + 1)
+    tail_id = np.where(dangling, 20 * E + 1 + rng.integers(0, E, T), tail_id)
+    with open(os.path.join(out, "kg", "triples.txt"), "w", encoding="utf-8") as f:
+        for lo in range(0, T, 1_000_000):
+            hi = min(lo + 1_000_000, T)
+            f.write("".join(f"Q{h}\tP{r}\tQ{t}\n" for h, r, t in
+                            zip(head_id[lo:hi].tolist(), rels[lo:hi].tolist(), tail_id[lo:hi].tolist())))
+    return dict(entities=E, aliases=int(n_alias.sum()), relations=R, triples=T,
+                dangling_triples=int(dangling.sum())), ids, aliases, a_end - n_alias
+
+
+def write_corpus(out, rng, ids, aliases, first_alias, n_alias, docs, words, linked):
+    E = len(ids)
+    filler = pseudo_words(rng, 5000, capital=False)
+    order = rng.permutation(E)
+    path = os.path.join(out, "corpus.jsonl" if linked else "corpus.txt")
+    mentions = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(docs):
+            n_ment = max(1, words // 12)
+            ents = order[zipf_choice(rng, E, n_ment, 1.0)]
+            which = (rng.random(n_ment) * n_alias[ents]).astype(np.int64)  # one alias of each entity
+            slots = np.sort(rng.choice(words, size=n_ment, replace=False))
+            fill = rng.integers(0, len(filler), words)
+            text, spans, k, pos = [], [], 0, 0
+            for w in range(words):
+                if k < n_ment and slots[k] == w:
+                    s = aliases[first_alias[ents[k]] + which[k]]
+                    spans.append({"id": f"Q{ids[ents[k]]}", "start": pos, "end": pos + len(s)})
+                    k += 1
+                else:
+                    s = filler[fill[w]]
+                text.append(s)
+                pos += len(s) + 1
+            mentions += n_ment
+            doc = " ".join(text) + "."
+            f.write(json.dumps({"text": doc, "entities": spans}) + "\n" if linked else doc + "\n")
+    return dict(docs=docs, words_per_doc=words, mentions_written=mentions, corpus=os.path.basename(path))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory to write (kg/, corpus.*, synth.json)")
+    p.add_argument("--scale", type=float, default=0.01, help="fraction of Wikidata5M's 3,085,345 entities")
+    p.add_argument("--docs", type=int, default=1000, help="corpus documents (0: KG only)")
+    p.add_argument("--words", type=int, default=120, help="words per document")
+    p.add_argument("--linked", action="store_true", help="write corpus.jsonl with entity spans instead of corpus.txt")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not 0 < args.scale <= 1:
+        p.error(f"--scale {args.scale}: expected a fraction in (0, 1]")
+    if args.docs < 0 or args.words < 12:
+        p.error("--docs must be >= 0 and --words >= 12")
+    rng = np.random.default_rng(args.seed)
+    info, ids, aliases, first_alias = write_kg(args.out, rng, args.scale)
+    if args.docs:
+        n_alias = np.diff(np.append(first_alias, len(aliases)))
+        info.update(write_corpus(args.out, rng, ids, aliases, first_alias, n_alias, args.docs, args.words, args.linked))
+    info["args"] = vars(args)
+    with open(os.path.join(args.out, "synth.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(json.dumps(info))
+    return info
+
+
+if __name__ == "__main__":
+    main()
