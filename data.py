@@ -412,47 +412,34 @@ class AliasLinker:
 # -----------------------------------------------------------------------------
 # Corpus
 
-def read_corpus(path, kg, linker=None):
-    """Validate and yield records {"text", "entities": [{"id", "start", "end"}]} from JSONL or TXT.
-    Unlinked lines are linked with `linker` (an AliasLinker over `kg`)."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: corpus file not found (expected JSONL or one document per line)")
-    jsonl = path.endswith(".jsonl")
-    n_docs = 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if jsonl:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); expected "
-                                    '{"text": ..., "entities": [{"id","start","end"}]}') from e
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise DataError(f'{path}:{n}: expected an object with a string "text" field')
-            else:
-                rec = {"text": line.rstrip("\n")}
-            text = rec["text"]
-            if "entities" in rec:
-                ents = rec["entities"]
-                for e in ents:
-                    if not isinstance(e, dict) or not {"id", "start", "end"} <= set(e):
-                        raise DataError(f'{path}:{n}: each entity needs "id", "start", "end"; found {e!r}')
-                    if e["id"] not in kg.entity_index:
-                        raise DataError(f"{path}:{n}: unknown entity {e['id']!r} (not in the KG entities file)")
-                    if not (isinstance(e["start"], int) and isinstance(e["end"], int)
-                            and 0 <= e["start"] < e["end"] <= len(text)):
-                        raise DataError(f"{path}:{n}: entity span [{e['start']}, {e['end']}) is outside "
-                                        f"the text of length {len(text)}")
-            elif linker is not None:
-                ents = linker.link(text)
-            else:
-                ents = []
-            n_docs += 1
-            yield {"text": text, "entities": [{"id": e["id"], "start": e["start"], "end": e["end"]} for e in ents]}
-    if n_docs == 0:
-        raise DataError(f"{path}: empty corpus (no non-blank lines)")
+def parse_record(raw, n, path, kg, linker):
+    """One corpus line -> {"text", "entities": [{"id", "start", "end"}]}, validated; raw is the line
+    (None if it is not UTF-8), n its 1-based number. JSONL lines without "entities" and TXT lines
+    (one document per line) are linked with `linker`."""
+    if raw is None:
+        raise DataError(f"{path}:{n}: not valid UTF-8 (expected a UTF-8 text file)")
+    if not path.endswith(".jsonl"):
+        text = raw.rstrip("\n")
+        return {"text": text, "entities": linker.link(text)}
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); expected "
+                        '{"text": ..., "entities": [{"id","start","end"}]}') from e
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+        raise DataError(f'{path}:{n}: expected an object with a string "text" field')
+    text = rec["text"]
+    if "entities" not in rec:
+        return {"text": text, "entities": linker.link(text)}
+    for e in rec["entities"]:
+        if not isinstance(e, dict) or not {"id", "start", "end"} <= set(e):
+            raise DataError(f'{path}:{n}: each entity needs "id", "start", "end"; found {e!r}')
+        if not isinstance(e["id"], str) or e["id"] not in kg.entity_index:
+            raise DataError(f"{path}:{n}: unknown entity {e['id']!r} (not in the KG entities file)")
+        if not (isinstance(e["start"], int) and isinstance(e["end"], int) and 0 <= e["start"] < e["end"] <= len(text)):
+            raise DataError(f"{path}:{n}: entity span [{e['start']}, {e['end']}) is outside "
+                            f"the text of length {len(text)}")
+    return {"text": text, "entities": [{"id": e["id"], "start": e["start"], "end": e["end"]} for e in rec["entities"]]}
 
 
 def char_to_token_spans(offsets, entities):
@@ -517,30 +504,75 @@ def tokenize_and_pack(batch, tokenizer, entity_index, max_len):
     return out
 
 
-def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None):
-    """Linked, tokenized, packed Arrow dataset, cached by fingerprint under cache_dir."""
-    import datasets
-    datasets.disable_progress_bars()
-    linker = AliasLinker(kg)
-    raw_path = os.path.join(cache_dir, "linked_" + os.path.basename(corpus_path).rsplit(".", 1)[0] + ".jsonl")
-    if not os.path.exists(raw_path) or os.path.getmtime(raw_path) < os.path.getmtime(corpus_path):
-        from common import atomic_write
+def _corpus_lines(path, stamp):
+    """datasets generator: the non-blank lines of a corpus file and their 1-based numbers (stamp,
+    the file's size and mtime, is an argument only so that datasets' cache key changes with it)."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield {"line": n, "raw": line.decode("utf-8")}
+                except UnicodeDecodeError:
+                    yield {"line": n, "raw": None}  # parse_record names the line
 
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in read_corpus(corpus_path, kg, linker):
-                    f.write(json.dumps(rec) + "\n")
-        atomic_write(raw_path, write)
-    features = datasets.Features({"text": datasets.Value("string"), "entities": datasets.List(
-        {"id": datasets.Value("string"), "start": datasets.Value("int64"), "end": datasets.Value("int64")})})
-    ds = datasets.load_dataset("json", data_files=raw_path, split="train", features=features,
-                               cache_dir=os.path.join(cache_dir, "hf"))
-    ds = ds.map(tokenize_and_pack, batched=True, batch_size=1000, remove_columns=ds.column_names,
-                fn_kwargs=dict(tokenizer=tokenizer, entity_index=kg.entity_index, max_len=max_len),
-                num_proc=num_proc, desc="tokenize+pack")
+
+_LINKERS = {}  # KG key -> AliasLinker, built once per process (each datasets.map worker builds its own)
+
+
+def _preprocess(batch, tokenizer, kg, max_len, path):
+    """datasets.map function (batched): validate and link the lines (parse_record), then tokenize and
+    pack them (tokenize_and_pack)."""
+    if kg.key not in _LINKERS:
+        _LINKERS[kg.key] = AliasLinker(kg)
+    recs = [parse_record(raw, n, path, kg, _LINKERS[kg.key]) for raw, n in zip(batch["raw"], batch["line"])]
+    return tokenize_and_pack({"text": [r["text"] for r in recs], "entities": [r["entities"] for r in recs]},
+                             tokenizer, kg.entity_index, max_len)
+
+
+def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None):
+    """Linked, tokenized, packed Arrow dataset under cache_dir. kg: a KG from load_kg.
+
+    Two datasets passes, both cached: the corpus lines (keyed by the file's real path, size and
+    mtime), then one datasets.map that validates, links, tokenizes and packs, in num_proc processes
+    (each builds its own AliasLinker once). The map's cache key is the hash of the corpus file's
+    stamp, the KG's key (its files and parser version), the tokenizer (datasets' own hash of it),
+    max_len and the source code of every function that shapes the rows: changing any of them
+    re-links and re-tokenizes, nothing else does."""
+    import datasets
+    from datasets.fingerprint import Hasher
+    datasets.disable_progress_bars()
+    if not os.path.exists(corpus_path):
+        raise DataError(f"{corpus_path}: corpus file not found (expected JSONL or one document per line)")
+    with open(corpus_path, "rb") as f:
+        if not any(line.strip() for line in f):  # stops at the first non-blank line
+            raise DataError(f"{corpus_path}: empty corpus (no non-blank lines)")
+    stamp = file_stamp(corpus_path)
+    lines = datasets.Dataset.from_generator(
+        _corpus_lines, gen_kwargs=dict(path=corpus_path, stamp=json.dumps(stamp)),  # a list would be read as shards cache_dir=os.path.join(cache_dir, "hf"),
+        features=datasets.Features({"line": datasets.Value("int64"), "raw": datasets.Value("string")}))
+    key = _key([stamp, kg.key, Hasher.hash(tokenizer), max_len,
+                code_version(parse_record, AliasLinker, char_to_token_spans, tokenize_and_pack, _preprocess)])
+    ds = lines.map(_preprocess, batched=True, batch_size=1000, remove_columns=lines.column_names,
+                   fn_kwargs=dict(tokenizer=tokenizer, kg=kg, max_len=max_len, path=corpus_path),
+                   num_proc=num_proc, new_fingerprint=key, desc="link+tokenize+pack")
+    _LINKERS.pop(kg.key, None)  # a Wikidata5M-sized linker is GBs; training does not need it
     if len(ds) == 0:
         raise DataError(f"{corpus_path}: no sequences after tokenization (empty texts?)")
     return ds
+
+
+def mention_counts(ds, num_entities):
+    """Entity frequency (Sec. 3.1): (E,) int64 linked mentions per entity over a build_dataset
+    dataset, one vectorised pass over its Arrow ent_id column in batches (nothing per row in Python)."""
+    import pyarrow.compute as pc
+    counts = np.zeros(num_entities, np.int64)
+    for batch in ds.with_format("arrow").iter(batch_size=1 << 16):
+        ids = pc.list_flatten(batch["ent_id"]).to_numpy()
+        if ids.size and (ids.min() < 0 or ids.max() >= num_entities):
+            raise DataError(f"dataset ent_id out of range [0, {num_entities}): found [{ids.min()}, {ids.max()}] "
+                            "(a dataset built for another KG?)")
+        counts += np.bincount(ids, minlength=num_entities)
+    return counts
 
 
 MINI_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")  # where --data mini is built

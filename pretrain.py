@@ -44,7 +44,7 @@ import common
 import data
 import routing
 from cka import NegativeSampler, cka_loss, cka_response_prob, label_token_counts, total_loss
-from entity_importance import (KnowledgeInjector, entity_frequency, long_tail_mask, select_mentions,
+from entity_importance import (KnowledgeInjector, long_tail_mask, select_mentions,
                                semantic_importance, span_positions)
 from memory_bank import MemoryBank, mix
 
@@ -281,8 +281,7 @@ class Trainer:
         decoding = {"trelm": "cka", "dkplm": "full", "mlm": "none"}[args.method]
         if args.injection != "none":
             self.injector = KnowledgeInjector(self.kg, tok, seed=args.seed)
-            ent = np.fromiter((e for row in self.ds["ent_id"] for e in row), dtype=np.int64)
-            self.freq = entity_frequency(ent, self.kg.num_entities)
+            self.freq = data.mention_counts(self.ds, self.kg.num_entities)  # batched pass over the Arrow column
             self.long_tail = torch.as_tensor(long_tail_mask(self.freq, args.long_tail_percentile, inclusive=True))
         if args.method == "trelm" and args.injection != "none":
             self.sampler = NegativeSampler(label_token_counts(self.kg, tok, len(tok)))

@@ -73,22 +73,30 @@ def test_linker_longest_match_case_and_boundaries(kg):
     assert [e["id"] for e in punct.link("From Port-au-Prince to St. John's.")] == ["A", "B"]
 
 
-def test_read_corpus_errors(tmp_path, kg):
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_corpus_errors_name_file_and_line(tmp_path, kg, bert_tok, num_proc):
     p = tmp_path / "c.jsonl"
-    p.write_text('{"text": "Paris"}\n{"text": "x", bad}\n')
-    with pytest.raises(data.DataError, match=r"c.jsonl:2: malformed JSON"):
-        list(data.read_corpus(str(p), kg))
+    build = lambda: data.build_dataset(str(p), kg, bert_tok, 32, str(tmp_path / "cache"), num_proc=num_proc)
+    p.write_text('{"text": "Paris"}\n\n{"text": "x", bad}\n')
+    with pytest.raises(data.DataError, match=r"c.jsonl:3: malformed JSON"):
+        build()
+    if num_proc:
+        return  # one error through the workers is enough; the rest are the same code
     p.write_text(json.dumps({"text": "Paris", "entities": [{"id": "Q90", "start": 0, "end": 9}]}) + "\n")
     with pytest.raises(data.DataError, match=r"c.jsonl:1: entity span \[0, 9\) is outside the text of length 5"):
-        list(data.read_corpus(str(p), kg))
+        build()
     p.write_text(json.dumps({"text": "Paris", "entities": [{"id": "Q999", "start": 0, "end": 5}]}) + "\n")
     with pytest.raises(data.DataError, match=r"c.jsonl:1: unknown entity 'Q999'"):
-        list(data.read_corpus(str(p), kg))
+        build()
+    p.write_bytes(b'{"text": "Paris"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(data.DataError, match=r"c.jsonl:2: not valid UTF-8"):
+        build()
     p.write_text("\n  \n")
     with pytest.raises(data.DataError, match=r"empty corpus"):
-        list(data.read_corpus(str(p), kg))
+        build()
+    p.unlink()
     with pytest.raises(data.DataError, match=r"corpus file not found"):
-        list(data.read_corpus(str(tmp_path / "nope.jsonl"), kg))
+        build()
 
 
 @pytest.mark.parametrize("which", ["bert", "roberta"])
@@ -173,3 +181,98 @@ def test_data_order_partitions_global_batch_and_is_a_function_of_step():
     first = sum((data.global_batch_indices(s, 36, 12, seed) for s in range(3)), [])
     assert sorted(first) == list(range(36))
     assert data.global_batch_indices(4, n, 12, seed) == g
+
+
+def _reference_kg(kg_dir):
+    """A plain-Python reading of the three files (the pre-columnar reader's rules), for comparison."""
+    rows = lambda name: [l.rstrip("\n").split("\t") for l in open(os.path.join(kg_dir, name), encoding="utf-8") if l.strip()]
+    ents, rels = rows("entities.txt"), rows("relations.txt")
+    e_ix, r_ix = {c[0]: i for i, c in enumerate(ents)}, {c[0]: i for i, c in enumerate(rels)}
+    tri = [(e_ix[h], r_ix[r], e_ix[t]) for h, r, t in rows("triples.txt") if h in e_ix and t in e_ix]
+    return ents, rels, e_ix, np.asarray(tri, np.int32).reshape(-1, 3)
+
+
+def test_columnar_reader_equals_plain_python_on_a_synthetic_kg(tmp_path, monkeypatch):
+    import synth_kg
+    synth_kg.main(["--out", str(tmp_path / "s"), "--scale", "0.001", "--docs", "0", "--seed", "3"])
+    kg_dir = str(tmp_path / "s" / "kg")
+    monkeypatch.setattr(data, "CHUNK_BYTES", 997)  # many chunk boundaries, cut mid-line
+    out = tmp_path / "parsed"
+    out.mkdir()
+    data._parse_kg(kg_dir, str(out))
+    meta = json.load(open(out / "meta.json"))
+    json.dump(dict(meta, key="test"), open(out / "meta.json", "w"))
+    kg = data.KG(str(out))
+    ents, rels, e_ix, tri = _reference_kg(kg_dir)
+    assert kg.num_entities == len(ents) == 3085 and list(kg.entity_ids) == [c[0] for c in ents]
+    assert list(kg.entity_aliases) == [c[1:] for c in ents] and list(kg.entity_labels) == [c[1] for c in ents]
+    assert kg.relation_ids == [c[0] for c in rels] and kg.relation_aliases == [c[1:] for c in rels]
+    assert np.array_equal(kg.triples, tri) and kg.triples.dtype == np.int32
+    assert len(tri) < sum(1 for _ in open(os.path.join(kg_dir, "triples.txt")))  # dangling triples were dropped
+    assert all(kg.entity_index[q] == i for q, i in e_ix.items())
+    for unknown in ("Q0", "Q", "", "Q1234567890123", ents[0][0] + "0", ents[0][0][:-1] + "\0"):
+        assert (unknown in kg.entity_index) == (unknown in e_ix) and kg.entity_index.get(unknown, -7) == e_ix.get(unknown, -7)
+
+
+def test_load_kg_keeps_no_python_object_per_triple_and_pickles_small(kg):
+    import pickle
+    assert isinstance(kg.triples, np.memmap) and len(pickle.dumps(kg)) < 500  # workers re-open the cache
+
+
+def test_kg_not_utf8_names_line(tmp_path):
+    d = _write_kg(tmp_path, "Q1\tA\n", "P1\tr\n", "")
+    with open(os.path.join(d, "entities.txt"), "ab") as f:
+        f.write(b"Q2\tcaf\xe9\n")
+    with pytest.raises(data.DataError, match=r"entities.txt:2: not valid UTF-8"):
+        data.load_kg(d, cache_dir=str(tmp_path / "c"))
+
+
+def test_editing_the_kg_relinks_and_drops_removed_entities(tmp_path, bert_tok):
+    """Issue 13.3: the caches are keyed by every input, so an edited KG file is re-parsed and re-linked."""
+    import shutil
+    kg_dir = tmp_path / "kg"
+    shutil.copytree(os.path.join(FIX, "kg"), kg_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Berlin is in Germany . Paris is in Deutschland .\n" * 3)
+    build = lambda kg: data.build_dataset(str(corpus), kg, bert_tok, 64, str(tmp_path / "cache"))
+    linked = lambda kg, ds: sorted(kg.entity_ids[e] for row in ds["ent_id"] for e in row)
+    kg1 = data.load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc"))
+    ds1 = build(kg1)
+    assert linked(kg1, ds1) == sorted(["Q64", "Q183", "Q90"] * 3)
+    again = build(data.load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc")))
+    assert again.cache_files == ds1.cache_files  # unchanged inputs: the cache is reused
+    ents = (kg_dir / "entities.txt").read_text().splitlines()
+    ents = [l for l in ents if not l.startswith("Q90\t")]  # remove Paris ...
+    ents = [l + "\tDeutschland" if l.startswith("Q183\t") else l for l in ents]  # ... give Germany a new alias
+    (kg_dir / "entities.txt").write_text("\n".join(ents) + "\n")
+    kg2 = data.load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc"))
+    assert kg2.key != kg1.key and "Q90" not in kg2.entity_index
+    assert [d for d in os.listdir(tmp_path / "kgc") if not d.endswith(".lock")] == ["kg-" + kg2.key]  # old parse removed
+    ds2 = build(kg2)
+    assert ds2.cache_files != ds1.cache_files
+    assert linked(kg2, ds2) == sorted(["Q64", "Q183", "Q183"] * 3)
+
+
+def test_mention_counts_equal_a_count_over_the_rows(tmp_path, bert_tok, kg):
+    ds = data.build_dataset(os.path.join(FIX, "corpus.jsonl"), kg, bert_tok, 32, str(tmp_path))
+    ref = np.zeros(kg.num_entities, np.int64)
+    for row in ds:
+        for e in row["ent_id"]:
+            ref[e] += 1
+    assert ref.sum() == 120 and np.array_equal(data.mention_counts(ds, kg.num_entities), ref)
+    with pytest.raises(data.DataError, match=r"ent_id out of range \[0, 3\)"):
+        data.mention_counts(ds, 3)
+
+
+def test_synth_kg_is_seeded_and_wikidata5m_shaped(tmp_path):
+    import synth_kg
+    a = synth_kg.main(["--out", str(tmp_path / "a"), "--scale", "0.001", "--docs", "30", "--linked"])
+    synth_kg.main(["--out", str(tmp_path / "b"), "--scale", "0.001", "--docs", "30", "--linked"])
+    for f in ("kg/entities.txt", "kg/relations.txt", "kg/triples.txt", "corpus.jsonl"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    ents = [l.split("\t") for l in (tmp_path / "a" / "kg" / "entities.txt").read_text().splitlines()]
+    assert len(ents) == 3085 and {len(c) - 1 for c in ents} == set(range(1, 7))
+    assert a["relations"] == 822 and a["triples"] == round(6.81 * 3085)
+    text = [json.loads(l) for l in (tmp_path / "a" / "corpus.jsonl").read_text().splitlines()]
+    alias = {c[0]: set(c[1:]) for c in ents}
+    assert all(r["text"][e["start"]:e["end"]] in alias[e["id"]] for r in text for e in r["entities"])
