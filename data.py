@@ -173,6 +173,22 @@ class AliasLinker:
 # -----------------------------------------------------------------------------
 # Corpus
 
+def utf8_lines(f, path):
+    """The lines of text file f (opened as UTF-8); bytes that are not UTF-8 raise a DataError naming
+    the line (found by re-reading the file as bytes: text-mode decoding works in chunks)."""
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        with open(path, "rb") as raw:
+            for n, line in enumerate(raw, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    raise DataError(f"{path}:{n}: not UTF-8 (byte 0x{line[bad.start]:02x} at column {bad.start + 1}); "
+                                    "expected UTF-8 text (convert it, e.g. iconv -f latin1 -t utf-8)") from e
+        raise DataError(f"{path}: not UTF-8 ({e.reason}); expected UTF-8 text") from e
+
+
 def read_corpus(path, kg, linker=None):
     """Validate and yield records {"text", "entities": [{"id", "start", "end"}]} from JSONL or TXT.
     Unlinked lines are linked with `linker` (an AliasLinker over `kg`)."""
@@ -181,7 +197,7 @@ def read_corpus(path, kg, linker=None):
     jsonl = path.endswith(".jsonl")
     n_docs = 0
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        for n, line in enumerate(utf8_lines(f, path), 1):
             if not line.strip():
                 continue
             if jsonl:
