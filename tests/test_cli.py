@@ -218,3 +218,40 @@ def test_start_message_and_refusal_when_nothing_can_be_injected(tiny_model_dir, 
         with pytest.raises(SystemExit, match=rf"--method {method} .*nothing can be injected: 0 linked mentions.*--method mlm"):
             run(tiny_model_dir, tmp_path / method, method=method, data=str(plain))
     run(tiny_model_dir, tmp_path / "mlm", method="mlm", data=str(plain), steps=1)
+
+
+def test_model_paths_on_the_pretrain_cli(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^--model .*/no/such/dir: no such directory$"):
+        run(str(tmp_path / "no" / "such" / "dir"), tmp_path / "r")
+    root = tmp_path / "runs" / "mlm"
+    shutil.copytree(tiny_model_dir, root / "final")
+    run(str(root), tmp_path / "r2", steps=1)  # continued pre-training from a run root reads its final/
+    assert "a pretrain.py run directory; using its final model" in capsys.readouterr().out
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # ~55 s on 2 loaded cores; test_resume_refuses_another_world_size is the fast check
+def test_resume_across_world_sizes_is_refused_for_real(tiny_model_dir, tmp_path):
+    """A real 2-process checkpoint resumed by 1 process, and a 1-process one by 2 (was IndexError)."""
+    def torchrun(out, nproc, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+               str(free_port()), os.path.join(ROOT, "pretrain.py"), "--method", "mlm", "--model", tiny_model_dir,
+               "--data", FIX, "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--seq-len", "32",
+               *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = torchrun(tmp_path / "two", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with pytest.raises(SystemExit, match=r"world size \(processes\) 2 -> 1, global batch 4 -> 2"):
+        pretrain.main(["--method", "mlm", "--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "two"),
+                       "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--resume"])
+    pretrain.main(["--method", "mlm", "--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "one"),
+                   "--max-steps", "2", "--batch-size", "2", "--seq-len", "32"])
+    r = torchrun(tmp_path / "one", 2, "--resume")
+    assert r.returncode != 0 and "world size (processes) 1 -> 2" in r.stderr and "IndexError" not in r.stderr
