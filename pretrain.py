@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -73,7 +74,11 @@ def get_parser():
     a("--save-every", type=int, default=100, help="write checkpoint/ (for --resume) every N steps")
     a("--snapshot-every", type=int, default=0, help="also keep step_NNNNNN/ model dirs every N steps (efficiency curves)")
     a("--log-every", type=int, default=10)
-    a("--resume", action="store_true", help="continue exactly from <output-dir>/checkpoint")
+    a("--resume", action="store_true", help="continue exactly from <output-dir>/checkpoint (every run-changing flag "
+      "must match the checkpoint's)")
+    a("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a previous run "
+      "(deletes its checkpoint/, final/, step_*/ and metrics.jsonl)")
+    a("--debug", action="store_true", help="print the full traceback of data and training errors")
     a("--num-proc", type=int, default=None, help="processes for corpus preprocessing (datasets.map)")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
     # Sec. 3.1: noise-aware knowledge injection + CKA
@@ -130,8 +135,17 @@ def resolve_config(args):
         bad("--long-tail-percentile", f"expected (0, 100], got {args.long_tail_percentile}")
     if min(args.negatives, args.window_k, args.beta, args.si_window, args.ig_batch) < 0:
         bad("--negatives/--window-k/--beta/--si-window/--ig-batch", "expected non-negative values")
+    for flag in ("lr", "weight_decay", "grad_clip", "theta", "mlm_prob", "lambda0", "gamma", "beta",
+                 "important_fraction", "long_tail_percentile", "route_ratio", "route_threshold"):
+        v = getattr(args, flag)
+        if v is not None and not np.isfinite(v):  # nan passes every comparison below
+            bad("--" + flag.replace("_", "-"), f"expected a finite number, got {v}")
     if args.lr <= 0:
         bad("--lr", f"expected > 0, got {args.lr}")
+    if args.weight_decay < 0 or args.grad_clip < 0:
+        bad("--weight-decay/--grad-clip", f"expected non-negative values, got {args.weight_decay}, {args.grad_clip}")
+    if args.resume and args.overwrite:
+        bad("--resume/--overwrite", "pass one: --resume continues the run in --output-dir, --overwrite deletes it")
     if args.method != "trelm":
         for flag in ("no_injection", "no_memory_bank", "no_routing"):
             if getattr(args, flag):
@@ -295,6 +309,7 @@ class Trainer:
         self.router = None
         self.paths = None
         self.step = 0
+        self.saved_step = None  # step of the training checkpoint on disk, if any
         self.elapsed = 0.0
         self.optimizer = None
         self.wrap()
@@ -383,6 +398,8 @@ class Trainer:
             si = torch.zeros(len(eid), device=eid.device)
             if cand.any():
                 si[cand] = self.mention_importance(batch, cand.nonzero()[:, 0])
+                if not torch.isfinite(si[cand]).all():  # the model's outputs overflowed (diverged)
+                    raise self.non_finite("semantic importance SI(e) (Eq. 1)")
         sel = select_mentions(a.injection, eid, si, self.long_tail.to(eid.device),
                               top_fraction=a.important_fraction, eligible=ok)
         if not sel.any():
@@ -457,9 +474,7 @@ class Trainer:
                 out = self.model(batch["input_ids"], batch["attention_mask"], batch["mlm_labels"], inj,
                                  theta=a.theta, return_hidden=self.bank is not None)
             if not torch.isfinite(out["loss"]):
-                raise FloatingPointError(f"non-finite loss {out['loss'].item()} at step {self.step} "
-                                         f"(micro-batch {micro}); the last good checkpoint is kept in "
-                                         f"{os.path.join(a.output_dir, 'checkpoint')}")
+                raise self.non_finite(f"loss {out['loss'].item()} (micro-batch {micro})")
             (out["loss"] / a.grad_accum).backward()
             if self.bank is not None:  # Eq. (4)-(6), after the forward pass; every rank joins the gather
                 self.update_memory(batch, inj, out["hidden"].detach().float())
@@ -491,7 +506,9 @@ class Trainer:
         return states
 
     def save(self, name, training_state=True):
-        """Write <output-dir>/<name>/ (model + tokenizer [+ training_state.pt]) via a temp dir and rename."""
+        """Write <output-dir>/<name>/ (model + tokenizer [+ training_state.pt, written last]) into
+        .<name>.tmp, then rename: <name> -> .<name>.old, .<name>.tmp -> <name>, delete .<name>.old.
+        A crash between the two renames leaves two complete copies; find_checkpoint() takes the newer."""
         rngs = self.rng_state() if training_state else None
         if self.router is not None:
             self.router.sync_to_model()
@@ -505,30 +522,44 @@ class Trainer:
         if training_state:
             torch.save({"step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
                         "rng": rngs, "config": vars(self.args), "commit": common.git_commit(),
+                        "world": self.world, "global_batch": self.global_batch,
                         "paths": self.paths, "bank": self.bank.state_dict() if self.bank is not None else None},
                        os.path.join(tmp, "training_state.pt"))
         if os.path.exists(final):
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        if training_state:
+            self.saved_step = self.step
 
-    RESUME_KEYS = ("method", "model", "data", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps",
-                   "max_steps", "seed", "injection", "no_injection", "no_memory_bank", "no_routing",
-                   "mlm_prob", "whole_word_mask", "theta", "negatives", "window_k", "gamma", "lambda0", "beta",
-                   "route_every", "route_ratio", "route_threshold", "ig_steps", "ig_batch", "ig_per_layer", "route_warmup")
+    # Flags that change nothing the run computes. Every other flag, including any added later, must
+    # match the checkpoint's on --resume: otherwise the resumed run is silently another run.
+    OPERATIONAL = ("output_dir", "save_every", "snapshot_every", "log_every", "num_proc", "device", "resume",
+                   "overwrite", "debug")
+
+    def resume_differences(self, st):
+        """['--flag old -> new', ...]: every run-changing difference between a checkpoint and this run."""
+        old, new = st["config"], vars(self.args)
+        diff = []
+        for k in sorted(set(old) | set(new)):
+            if k not in self.OPERATIONAL and old.get(k, "(not recorded)") != new.get(k, "(not recorded)"):
+                diff.append(f"--{k.replace('_', '-')} {old.get(k, '(not recorded)')} -> {new.get(k, '(not set)')}")
+        world = st.get("world", len(st["rng"]))
+        if world != self.world:
+            diff.append(f"world size (processes) {world} -> {self.world}")
+        batch = st.get("global_batch", self.args.batch_size * self.args.grad_accum * world)
+        if batch != self.global_batch:
+            diff.append(f"global batch {batch} -> {self.global_batch}")
+        return diff
 
     def resume(self):
         from safetensors.torch import load_file
-        ck = os.path.join(self.args.output_dir, "checkpoint")
-        path = os.path.join(ck, "training_state.pt")
-        if not os.path.exists(path):
-            raise SystemExit(f"--resume: {path} not found (no checkpoint in --output-dir {self.args.output_dir})")
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        old, new = st["config"], vars(self.args)
-        diff = [k for k in self.RESUME_KEYS if old.get(k) != new.get(k)]
+        out = self.args.output_dir
+        st, ck = find_checkpoint(out)
+        diff = self.resume_differences(st)
         if diff:  # (--max-steps too: the learning-rate schedule depends on it)
-            raise SystemExit("--resume: flags differ from the checkpoint's: " +
-                             ", ".join(f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in diff))
+            raise SystemExit(f"--resume: {ck} was written by a different run; a resumed run must be the same run "
+                             f"(start a new --output-dir, or --overwrite this one). Differences: " + ", ".join(diff))
         weights = load_file(os.path.join(ck, "model.safetensors"))
         missing, unexpected = self.net.mlm.load_state_dict(weights, strict=False)
         names = {}  # tied parameters are saved once, under one of their names
@@ -539,6 +570,7 @@ class Trainer:
             raise SystemExit(f"--resume: {ck}/model.safetensors does not match the model "
                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
         self.step, self.elapsed, self.paths = st["step"], st["elapsed"], st["paths"]
+        self.saved_step = self.step
         if self.bank is not None:
             self.bank.load_state_dict(st["bank"])
         if self.paths is not None:
@@ -552,35 +584,167 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if os.path.basename(ck) != "checkpoint":  # recovered from a crash inside save(): make it checkpoint/ again
+            if self.ddp:
+                dist.barrier()  # every rank has read it
+            if self.master:
+                os.replace(ck, os.path.join(out, "checkpoint"))
+                for n in (".checkpoint.tmp", ".checkpoint.old"):
+                    shutil.rmtree(os.path.join(out, n), ignore_errors=True)
+
+    def non_finite(self, what):
+        """The one error for a non-finite value in a step: the step as metrics.jsonl counts it (from 1),
+        and what is on disk."""
+        a = self.args
+        ck = os.path.join(a.output_dir, "checkpoint")
+        kept = (f"the last good checkpoint (step {self.saved_step}) is kept in {ck}" if self.saved_step is not None
+                else f"no checkpoint was written (--save-every {a.save_every})")
+        return FloatingPointError(f"non-finite {what} at step {self.step + 1}; {kept}. "
+                                  f"A lower --lr (now {a.lr}) or --grad-clip may help.")
+
+    def injection_census(self):
+        """Over the whole corpus: sequences, linked mentions, entities linked, and the mentions --injection
+        may inject (entity has a KG triple and is long-tail / frequent as the strategy asks)."""
+        a = self.args
+        c = {"sequences": len(self.ds)}
+        if self.injector is None:
+            return c
+        freq = torch.as_tensor(self.freq)  # (N_e,) linked mentions per entity
+        ok = self.injector.injectable(torch.arange(len(freq)))
+        lt = self.long_tail
+        ok &= {"important": lt, "long-tail": lt, "frequent": ~lt, "all": torch.ones_like(lt)}[a.injection]
+        c.update(mentions=int(freq.sum()), entities_linked=int((freq > 0).sum()), entities=len(freq),
+                 injectable_mentions=int(freq[ok].sum()))
+        return c
+
+
+def find_checkpoint(out):
+    """-> (training_state, dir) of the newest complete checkpoint in out: checkpoint/ when it loads,
+    else (a crash inside save()) the newer loadable one of .checkpoint.tmp/ and .checkpoint.old/."""
+    from safetensors import safe_open
+    found, errors = [], []
+    for name in ("checkpoint", ".checkpoint.tmp", ".checkpoint.old"):
+        d = os.path.join(out, name)
+        if not os.path.isdir(d):
+            continue
+        try:
+            st = torch.load(os.path.join(d, "training_state.pt"), map_location="cpu", weights_only=False)
+            with safe_open(os.path.join(d, "model.safetensors"), "pt"):  # header and size complete
+                pass
+        except Exception as e:  # missing or torn: not a complete checkpoint
+            errors.append(f"{d}: {type(e).__name__}")
+            continue
+        if name == "checkpoint":
+            return st, d
+        found.append((st["step"], d, st))
+    if not found:
+        raise SystemExit(f"--resume: no complete checkpoint in --output-dir {out} (looked for checkpoint/, "
+                         f".checkpoint.tmp/, .checkpoint.old/ with training_state.pt and model.safetensors"
+                         + (f"; unreadable: {', '.join(errors)}" if errors else "") + ")")
+    step, d, st = max(found, key=lambda f: f[0])
+    print(f"warning: --resume: {out}/checkpoint/ is missing or torn (a crash inside save()); resuming from the "
+          f"newest complete copy, {d} (step {step})", flush=True)
+    return st, d
 
 
 def trim_metrics(path, step):
-    """On resume drop metric lines written after the checkpoint (they will be written again)."""
+    """On resume drop metric lines written after the checkpoint (they will be written again), and a
+    torn last line (the process died while writing it) with a warning."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+        lines = f.readlines()
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise SystemExit(f"--resume: {path}:{n}: not a JSON line (only a torn last line is repaired); "
+                                 f"fix or delete metrics.jsonl")
+            print(f"warning: {path}:{n}: dropped a torn last line ({line[:40]!r}...)", flush=True)
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
     common.atomic_write(path, lambda tmp: open(tmp, "w").writelines(keep))
 
 
+RUN_FILES = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old", "final")
+
+
+def prepare_output_dir(args):
+    """Before anything loads: --output-dir must be writable, and a previous run in it is continued
+    (--resume) or deleted (--overwrite), never silently replaced."""
+    out = args.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SystemExit(f"pretrain.py: --output-dir {out}: not writable ({e.strerror or e})")
+    previous = [n for n in RUN_FILES if os.path.isdir(os.path.join(out, n))]
+    if args.resume or not previous:
+        return
+    if not args.overwrite:
+        raise SystemExit(f"pretrain.py: --output-dir {out} holds a previous run ({', '.join(previous)}); pass "
+                         f"--resume to continue it, or --overwrite to delete it and start afresh")
+    if int(os.environ.get("RANK", 0)) == 0:
+        snapshots = [n for n in os.listdir(out) if n.startswith("step_")]
+        for n in previous + snapshots:
+            shutil.rmtree(os.path.join(out, n))
+        for n in ("metrics.jsonl", "config.json"):
+            if os.path.exists(os.path.join(out, n)):
+                os.remove(os.path.join(out, n))
+        print(f"--overwrite: deleted the previous run in {out} ({', '.join(previous + snapshots)})", flush=True)
+
+
 def main(argv=None):
+    """The CLI: the project's own data and training errors print one line (--debug: the traceback)."""
     args = resolve_config(get_parser().parse_args(argv))
+    try:
+        train(args)
+    except (data.DataError, FloatingPointError) as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"pretrain.py: {e}") from None
+
+
+def train(args):
+    prepare_output_dir(args)
     t = Trainer(args)
     a = t.args
+    census = t.injection_census()
+    if t.injector is not None and census["injectable_mentions"] == 0:
+        raise SystemExit(f"pretrain.py: --method {a.method} --injection {a.injection}: nothing can be injected: "
+                         f"{census['mentions']} linked mentions of {census['entities_linked']} entities in --data "
+                         f"{a.data}, none with a KG triple that --injection {a.injection} selects. Link entities "
+                         f"(corpus.jsonl \"entities\" or KG aliases that occur in the text), or use --method mlm")
     metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
+    record = {"config": vars(a), "commit": common.git_commit(), "world_size": t.world,
+              "global_batch": t.global_batch, **census}
     if a.resume:
         t.resume()
         if t.master:
             trim_metrics(metrics_path, t.step)
+        config_path = os.path.join(a.output_dir, "config.json")
+        previous = json.load(open(config_path)) if os.path.exists(config_path) else {}
+        record["commit"] = previous.get("commit", record["commit"])  # the run's first commit; each resume's below
+        record["resumed"] = previous.get("resumed", []) + [{"step": t.step, "commit": common.git_commit()}]
     elif t.master and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+        os.remove(metrics_path)  # a run that died before its first checkpoint (no previous run to protect)
     if t.master:
-        common.atomic_write_json(os.path.join(a.output_dir, "config.json"),
-                                 {"config": vars(a), "commit": common.git_commit(), "world_size": t.world,
-                                  "global_batch": t.global_batch, "sequences": len(t.ds)})
+        common.atomic_write_json(os.path.join(a.output_dir, "config.json"), record)
         print(f"{a.method}: {len(t.ds)} sequences, global batch {t.global_batch} "
               f"({a.batch_size} x {a.grad_accum} accum x {t.world} procs), {a.max_steps} steps, device {t.device}",
               flush=True)
+        if t.injector is not None:
+            c = census
+            print(f"{a.method}: {c['mentions']} linked mentions ({c['mentions'] / c['sequences']:.2f} per sequence), "
+                  f"{c['entities_linked']} of {c['entities']} KG entities linked; --injection {a.injection} may "
+                  f"inject {c['injectable_mentions']} mentions ({100 * c['injectable_mentions'] / max(1, c['mentions']):.1f}%)",
+                  flush=True)
     from tqdm import tqdm
     bar = tqdm(total=a.max_steps, initial=t.step, disable=not t.master, desc=a.method, dynamic_ncols=True)
     t0 = time.time()

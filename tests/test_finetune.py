@@ -314,13 +314,16 @@ def test_end_to_end_glue(tiny_model_dir, tmp_path):
                       "--output-dir", str(tmp_path), "--epochs", "1", "--glue-tasks", "CoLA,STS-B,MNLI,MRPC"])
     with open(ft.TASKS["glue"](args)) as f:
         res = json.load(f)
-    assert res["task"] == "glue" and set(res["task_scores"]) == {"CoLA", "STS-B", "MNLI", "MRPC"}
-    assert res["average"] == pytest.approx(sum(res["task_scores"].values()) / 4)
+    assert res["task"] == "glue" and set(res["columns"]) == {"CoLA", "STS-B", "MNLI-m", "MNLI-mm", "MRPC"}
+    assert res["average"] == pytest.approx(sum(res["columns"].values()) / 5)
+    assert res["columns"]["CoLA"] == pytest.approx(100 * res["metrics"]["CoLA"]["dev"]["mcc"]["mean"])
+    assert "main metric" in res["average_definition"]
     assert set(res["metrics"]["MNLI"]) == {"dev_matched", "dev_mismatched"}
     assert set(res["metrics"]["STS-B"]["dev"]) == {"pearson", "spearman"}
     assert set(res["metrics"]["MRPC"]["dev"]) == {"acc", "f1"}
     assert len(res["files"]) == 4
-    check_result(os.path.join(tmp_path, "glue-CoLA.json"), "glue-CoLA", ("dev",), "mcc")
+    cola = check_result(os.path.join(tmp_path, "glue-CoLA.json"), "glue-CoLA", ("dev",), "mcc")
+    assert cola["data"]["sizes"]["dev"] == cola["data"]["full_sizes"]["dev"]  # the dev set in full by default
 
 
 # ----------------------------------------------------------------------------- real data (if present)
@@ -344,3 +347,42 @@ def test_real_data_formats():
         d = os.path.join(SHARED, "glue_data", task)
         assert len(ft.read_glue_tsv(os.path.join(d, "train.tsv"), spec)) == n_train
         assert len(ft.read_glue_tsv(os.path.join(d, "dev.tsv"), spec)) == n_dev
+
+
+# ----------------------------------------------------------------------------- issue 13 point 9
+
+def test_glue_average_is_the_papers_table3_avg():
+    """Table 3 rows (RoBERTa, KEPLER, TRELM) -> the printed AVG 86.4, 84.9, 86.7: nine columns (MNLI-m
+    and -mm apart), one main metric each; the second metrics (MRPC F1, STS-B Spearman) do not enter."""
+    def summary(mnli_m, mnli_mm, qqp, qnli, sst2, cola, stsb, mrpc, rte):
+        m = lambda **kw: {k: {"mean": v / 100} for k, v in kw.items()}
+        return {"MNLI": {"dev_matched": m(acc=mnli_m), "dev_mismatched": m(acc=mnli_mm)},
+                "QQP": {"dev": m(acc=qqp, f1=10.0)}, "QNLI": {"dev": m(acc=qnli)}, "SST-2": {"dev": m(acc=sst2)},
+                "CoLA": {"dev": m(mcc=cola)}, "STS-B": {"dev": m(pearson=stsb, spearman=10.0)},
+                "MRPC": {"dev": m(acc=mrpc, f1=10.0)}, "RTE": {"dev": m(acc=rte)}}
+    for row, avg in [((87.5, 87.3, 91.9, 92.8, 94.8, 63.6, 91.2, 90.2, 78.7), 86.4),
+                     ((87.2, 86.5, 91.5, 92.4, 94.4, 62.3, 89.4, 89.3, 70.8), 84.9),
+                     ((87.9, 87.3, 92.2, 92.6, 94.9, 63.9, 91.5, 91.2, 79.1), 86.7)]:
+        columns, average = ft.glue_average(summary(*row))
+        assert round(average, 1) == avg
+        assert columns["MNLI-m"] == pytest.approx(row[0]) and columns["CoLA"] == pytest.approx(row[5])
+        assert len(columns) == 9
+
+
+def test_eval_sets_are_scored_in_full_by_default():
+    for task in ft.TASK_DEFAULTS:
+        assert ft.resolve(make_args(["--task", task]), task).eval_limit == 0
+    assert ft.resolve(make_args(["--task", "glue", "--eval-limit", "5"]), "glue").eval_limit == 5
+
+
+def test_fewrel_file_in_another_format_is_named(tiny_model_dir, tmp_path):
+    import evaluate as ev
+    d = tmp_path / "fewrel"
+    d.mkdir()
+    (d / "tacred.json").write_text(json.dumps([{"token": ["a"], "relation": "x"}, {"token": ["b"], "relation": "y"}]))
+    with pytest.raises(SystemExit, match=r"--task fewrel: .*tacred\.json: top level is list; expected FewRel JSON"):
+        ev.main(["--task", "fewrel", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path),
+                 "--fewrel-file", "tacred.json", "--output-dir", str(tmp_path / "o")])
+    bad = {"P1": [{"tokens": ["a", "b"], "h": ["a", "Q1", [[0]]], "t": ["b", "Q2", [[5]]]}]}  # position 5 of 2 tokens
+    with pytest.raises(ft.DataError, match=r"P1\[0\] is not a FewRel instance"):
+        ft.fewrel_to_tacred(bad, source="x.json")

@@ -295,3 +295,68 @@ def test_cli_uhn_filter_model_unavailable(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)--uhn-filter-model .*no_such_model.*--uhn-filter-model self"):
         ev.main(["--task", "lama-uhn", "--model-dir", tiny_model_dir, "--data-dir", FIXTURES,
                  "--output-dir", str(tmp_path), "--uhn-filter-model", str(tmp_path / "no_such_model")])
+
+
+# --- model paths (issue 13 point 8): each case its own message, naming the flag typed -------------
+
+def test_model_dir_messages_name_the_flag(tmp_path, tiny_model_dir):
+    import common
+    with pytest.raises(SystemExit, match=r"^--model-dir runs/nope/final: no such directory$"):
+        common.load_mlm("runs/nope/final", flag="--model-dir")
+    with pytest.raises(SystemExit, match=r"^--model-dir .*/nothing: no such directory$"):
+        ev.main(["--task", "mini", "--model-dir", str(tmp_path / "nothing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^--model-dir .*/empty: the directory is empty"):
+        common.load_mlm(str(tmp_path / "empty"), flag="--model-dir")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit, match=r"^--model .*/other: no config.json.*\['notes.txt'\]"):
+        common.load_mlm(str(tmp_path / "other"))
+    (tmp_path / "unfinished" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"^--model-dir .*/unfinished: a pretrain.py run that has not finished "
+                                         r"\(no final/\).*--resume"):
+        common.load_mlm(str(tmp_path / "unfinished"), flag="--model-dir")
+    with pytest.raises(SystemExit, match=r"^--model no-such-org/no-such-model: not a local directory and not in the "
+                                         r"Hugging Face cache.*pass the local directory to --model\.$"):
+        common.load_mlm("no-such-org/no-such-model")
+
+
+def test_mini_task_accepts_a_run_root(tiny_model_dir, tmp_path, capsys):
+    """evaluate.py --task mini --model-dir RUN_ROOT scores RUN_ROOT/final and says so."""
+    import shutil
+    root = tmp_path / "runs" / "trelm"
+    shutil.copytree(tiny_model_dir, root / "final")
+    (root / "checkpoint").mkdir()
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    (probes / "relations.jsonl").write_text('{"relation": "P36", "template": "The capital of [X] is [Y] ."}\n')
+    (probes / "P36.jsonl").write_text(json.dumps({"sub_label": "France", "obj_label": "Paris", "split": "seen"}) + "\n")
+    a = json.load(open(ev.main(["--task", "mini", "--model-dir", str(root), "--probe-dir", str(probes),
+                                "--output-dir", str(tmp_path / "a")])))
+    assert f"a pretrain.py run directory; using its final model, {root / 'final'}" in capsys.readouterr().out
+    b = json.load(open(ev.main(["--task", "mini", "--model-dir", str(root / "final"), "--probe-dir", str(probes),
+                                "--output-dir", str(tmp_path / "b")])))
+    assert a["config"]["model_path"] == str(root / "final") and a["metrics"] == b["metrics"]
+
+
+def test_help_states_each_default_once():
+    text = ev.build_parser("glue").format_help() + ev.build_parser("mini").format_help()
+    blocks, cur = [], ""
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            blocks.append(cur)
+            cur = ""
+        cur += " ".join(line.split()) + " "
+    blocks.append(cur)
+    doubled = [b for b in blocks if "(default: " in b and b.count("default") > 1]  # help's own + appended
+    assert not doubled, doubled
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: results)" in " ".join(text.split())  # plain defaults are still shown
+
+
+def test_killed_writes_leave_no_tmp_files(tmp_path):
+    import common
+    (tmp_path / ".tmp-mini.jsonab12cd_3").write_text("")  # a write killed before its rename
+    (tmp_path / ".tmp-other.jsonab12cd_3").write_text("")  # another file's: not ours to delete
+    common.write_result(str(tmp_path), "mini", "m", {}, 0, {"P@1": 1.0})
+    assert sorted(os.listdir(tmp_path)) == [".tmp-other.jsonab12cd_3", "mini.json"]
