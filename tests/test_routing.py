@@ -36,7 +36,7 @@ def make_batch(tok, sentences=SENTENCES):
 def make_run(batch):
     """run(model, repeat=1) -> (repeat*B,) probability of the masked token, as routing expects."""
     def run(model, repeat=1):
-        b = routing.repeat_batch(batch, repeat)
+        b = {k: v.repeat(repeat, 1) for k, v in batch.items()}  # (repeat*B, T)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (rB, T, V)
         rows = torch.arange(logits.shape[0])
         target = b["mlm_labels"][:, POS]  # (rB,)
@@ -81,7 +81,7 @@ def test_ig_completeness_per_layer(tiny_mlm):
     model, tok = tiny_mlm
     model = strong_ffn(model)
     run = make_run(make_batch(tok))
-    attr = routing.ffn_attributions(model, run, steps=200, chunk=200, per_layer=True)
+    attr = routing.ffn_attributions(model, run, steps=200, chunk=200, form="layer")
     assert attr.shape == (2, 64)
     with torch.no_grad():
         s_real = run(model).sum().item()
@@ -92,14 +92,14 @@ def test_ig_completeness_per_layer(tiny_mlm):
 
 
 def test_ig_completeness_all_layers(tiny_mlm):
-    # Default mode (all layers scaled together): the sum over all layers' neurons equals
+    # Joint form (all layers scaled together): the sum over all layers' neurons equals
     # S(real) - S(every FFN output zeroed). Same tolerance; observed <= 0.2%. Using the real
     # activation a_j instead of the scaled pass's u_j(alpha) for layers > 1 misses by 4% (BERT)
     # and 31% (RoBERTa) here, so this test catches that error.
     model, tok = tiny_mlm
     model = strong_ffn(model)
     run = make_run(make_batch(tok))
-    attr = routing.ffn_attributions(model, run, steps=200, chunk=200)
+    attr = routing.ffn_attributions(model, run, steps=200, chunk=200, form="joint")
     with torch.no_grad():
         s_real = run(model).sum().item()
     diff = s_real - prob_with_zeroed(model, run, [0, 1])
@@ -116,44 +116,93 @@ def test_ig_single_layer_modes_agree_and_dead_neurons_get_zero(bert_tok):
     with torch.no_grad():
         ffn_modules(model)[0][1].dense.weight[:, dead] = 0
     run = make_run(make_batch(bert_tok))
-    a = routing.ffn_attributions(model, run, steps=10)
-    b = routing.ffn_attributions(model, run, steps=10, per_layer=True)
+    a = routing.ffn_attributions(model, run, steps=10, form="joint")
+    b = routing.ffn_attributions(model, run, steps=10, form="layer")
     torch.testing.assert_close(a, b)
     assert torch.all(a[0, dead] == 0)
     assert (a[0] != 0).sum() > 40
 
 
-def test_ig_chunked_equals_sequential_and_leaves_model_untouched(tiny_mlm):
+@pytest.mark.parametrize("form", routing.FORMS)
+def test_ig_chunked_equals_sequential_and_leaves_model_untouched(tiny_mlm, form):
     model, tok = tiny_mlm
     model.train()
     model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]
     before = copy.deepcopy(model.state_dict())
     run = make_run(make_batch(tok))
-    seq = routing.ffn_attributions(model, run, steps=7)
-    for chunk in (3, 7):
-        torch.testing.assert_close(routing.ffn_attributions(model, run, steps=7, chunk=chunk), seq,
+    seq = routing.ffn_attributions(model, run, steps=7, chunk=1, form=form)
+    for chunk in (3, 7, None):
+        torch.testing.assert_close(routing.ffn_attributions(model, run, steps=7, chunk=chunk, form=form), seq,
                                    rtol=1e-4, atol=1e-7)
     assert model.training
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+    assert all("forward" not in vars(m) for m in model.modules())  # the cached-layer patches are gone
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_ig_chunk_without_tiled_run_fails(tiny_mlm):
+def naive_eq11(model, run, steps):
+    """Eq. (11) by the book: for each layer l and k = 1..m a full forward with only layer l's FFN
+    activation scaled by k/m (a forward hook), gradient w.r.t. the scaled value, times v-bar."""
+    ffns = ffn_modules(model)
+    out = []
+    for l in range(len(ffns)):
+        total = 0
+        for k in range(1, steps + 1):
+            seen = {}
+
+            def hook(m, i, u):
+                seen["a"] = u.detach()
+                seen["z"] = (u.detach() * (k / steps)).requires_grad_()
+                return seen["z"]
+            h = ffns[l][0].register_forward_hook(hook)
+            probs = run(model)
+            h.remove()
+            g, = torch.autograd.grad(probs.sum(), seen["z"])
+            total = total + (seen["a"] * g).reshape(-1, g.shape[-1]).sum(0)
+        out.append(total / steps)
+    return torch.stack(out)
+
+
+def test_ig_layer_form_equals_naive_eq11(tiny_mlm):
+    # The cached-lower-layer, stacked-alpha form computes exactly Eq. (11) per layer; the joint
+    # form does not (it differs on a 2-layer model with strong FFNs).
+    model, tok = tiny_mlm
+    model = strong_ffn(make_three_layers(model, tok))
+    run = make_run(make_batch(tok))
+    ref = naive_eq11(model, run, steps=5)
+    for chunk in (None, 2):
+        torch.testing.assert_close(routing.ffn_attributions(model, run, steps=5, chunk=chunk), ref,
+                                   rtol=1e-4, atol=1e-8)
+    joint = routing.ffn_attributions(model, run, steps=5, form="joint")
+    assert (joint[1:] - ref[1:]).abs().max() > 1e-3 * ref[1:].abs().max()
+
+
+def make_three_layers(model, tok):
+    from conftest import make_model
+    kind = "bert" if model.config.model_type == "bert" else "roberta"
+    return make_model(kind, tok, layers=3)
+
+
+def test_chunk_for_memory_bound():
+    # hand-computed: per token and layer 4 bytes * (10*32 + 2*64 + 2 heads * 8) = 1856 bytes;
+    # 2 x 8 tokens x 2 layers = 59392 bytes per stacked alpha copy
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    assert routing._chunk_for(10 * 59392, (2, 8), 2, cfg, steps=20) == 10
+    assert routing._chunk_for(10 * 59392 - 1, (2, 8), 2, cfg, steps=20) == 9
+    assert routing._chunk_for(10 * 59392, (2, 8), 1, cfg, steps=20) == 20  # one layer: everything fits
+    assert routing._chunk_for(1, (2, 8), 2, cfg, steps=20) == 1  # never below one copy
+
+
+@pytest.mark.parametrize("form", routing.FORMS)
+def test_ig_chunk_without_tiled_run_fails(tiny_mlm, form):
     model, tok = tiny_mlm
     batch = make_batch(tok)
     with pytest.raises(ValueError, match="tile"):
-        routing.ffn_attributions(model, lambda m, repeat: make_run(batch)(m), steps=4, chunk=2)
-
-
-def test_repeat_batch_offsets_row_indices():
-    batch = dict(input_ids=torch.zeros(2, 5, dtype=torch.long), ent_batch=torch.tensor([0, 1, 1]),
-                 ent_id=torch.tensor([7, 8, 9]))
-    out = routing.repeat_batch(batch, 3)
-    assert out["input_ids"].shape == (6, 5)
-    assert out["ent_batch"].tolist() == [0, 1, 1, 2, 3, 3, 4, 5, 5]
-    assert out["ent_id"].tolist() == [7, 8, 9] * 3
+        routing.ffn_attributions(model, lambda m, repeat=1: make_run(batch)(m), steps=4, chunk=2, form=form)
+    assert all("forward" not in vars(m) for m in model.modules())
 
 
 def test_select_paths_ratio_and_threshold():
@@ -168,13 +217,6 @@ def test_select_paths_ratio_and_threshold():
     with pytest.raises(ValueError, match="route-ratio"):
         routing.select_paths(attr, ratio=0)
 
-
-def test_broadcast_paths_without_distributed_is_identity():
-    paths = [torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)]
-    assert routing.broadcast_paths(paths) is paths
-
-
-# ----------------------------------------------------------------------------- Eq. (12)
 
 def slice_apply(linear, x, w_sel, b_sel, idx, rows):
     """_SliceLinear with the slices written into a fresh copy of the full weight (out of place, so
@@ -367,7 +409,7 @@ def test_router_empty_path_freezes_layer_and_bad_paths_fail(tiny_mlm):
     assert all(p.requires_grad for p in model.parameters())  # a failed attach changes nothing
 
 
-# ----------------------------------------------------------------------------- timing helpers
+# ----------------------------------------------------------------------------- bench.py's memory helper
 
 def test_peak_memory_counts_live_tensors():
     def fn():
@@ -380,20 +422,6 @@ def test_peak_memory_counts_live_tensors():
     assert 24_000_000 <= peak < 24_100_000
 
 
-def test_time_routed_vs_full_runs_on_a_copy(bert_tok):
-    from conftest import make_model
-    tok, model = bert_tok, make_model("bert", bert_tok)
-    batch = make_batch(tok)
-    before = copy.deepcopy(model.state_dict())
-    out = routing.time_routed_vs_full(model, mlm_loss(batch), make_run(batch), ratio=0.1,
-                                      ig_steps=2, repeats=1, block=2)
-    for key in ("full_step_s", "routed_step_s", "ig_s", "routed_over_full", "ig_over_full_step",
-                "full_step_peak_bytes", "routed_step_peak_bytes", "ig_peak_bytes"):
-        assert out[key] > 0, key
-    assert out["selected_per_layer"] == [6, 6]
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
 # ----------------------------------------------------------------------------- DDP
 
 def _free_port():
@@ -403,9 +431,9 @@ def _free_port():
 
 
 def test_ddp_paths_identical(tmp_path):
-    # Two gloo ranks see different sentences, so their attributions and local paths differ;
-    # after broadcast_paths both use rank 0's paths, and after a routed step with
-    # all_reduce_grads both models are identical.
+    # Two gloo ranks see different sentences, so their attributions and local paths differ; after
+    # the all-reduce of the attributions (as pretrain.Trainer.reroute does, on the compute device)
+    # both select the same paths, and after a routed step with all_reduce_grads both models are identical.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", os.path.abspath(__file__), str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -415,16 +443,35 @@ def test_ddp_paths_identical(tmp_path):
     assert not torch.allclose(r0["attr"], r1["attr"])
     assert any(not torch.equal(a, b) for a, b in zip(r0["local_paths"], r1["local_paths"]))
     assert all(torch.equal(a, b) for a, b in zip(r0["paths"], r1["paths"]))
-    assert all(torch.equal(a, b) for a, b in zip(r0["paths"], r0["local_paths"]))
+    torch.testing.assert_close(r0["reduced"], r0["attr"] + r1["attr"])
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k
     assert any(not torch.equal(v, r0["initial"][k]) for k, v in r0["state"].items())
 
 
+def test_process_group_serves_cpu_and_cuda_tensors():
+    # On GPU the group must carry CUDA tensors (attributions, gradients) over nccl and CPU tensors
+    # (the memory bank's gathers, --memory-device cpu) over gloo: nccl alone, as before, has no CPU backend.
+    import pretrain
+    from torch.distributed.distributed_c10d import BackendConfig
+    assert BackendConfig(pretrain.process_group_backend(True)).get_device_backend_map() == \
+        {"cpu": "gloo", "cuda": "nccl"}
+    assert "cpu" not in BackendConfig("nccl").get_device_backend_map()  # what the old code used
+    assert BackendConfig(pretrain.process_group_backend(False)).get_device_backend_map()["cpu"] == "gloo"
+
+
+def test_attributions_live_on_the_model_device(tiny_mlm):
+    # reroute all-reduces them where they are: they must be on the compute device (not built on the CPU)
+    model, tok = tiny_mlm
+    attr = routing.ffn_attributions(model, make_run(make_batch(tok)), steps=2)
+    assert attr.device == next(model.parameters()).device and attr.dtype == torch.float32
+
+
 def _ddp_worker(out_dir):
     import torch.distributed as dist
+    import pretrain
     from conftest import make_bert_tokenizer, make_model
-    dist.init_process_group("gloo")
+    dist.init_process_group(pretrain.process_group_backend(use_cuda=False))
     rank = dist.get_rank()
     tok = make_bert_tokenizer(out_dir)
     model = make_model("bert", tok)  # same seed: identical on both ranks
@@ -432,15 +479,17 @@ def _ddp_worker(out_dir):
     batch = make_batch(tok, SENTENCES[rank:rank + 2])  # different data per rank
     attr = routing.ffn_attributions(model, make_run(batch), steps=4)
     local = routing.select_paths(attr, ratio=0.1)
-    paths = routing.broadcast_paths(local)
+    reduced = attr.clone()
+    dist.all_reduce(reduced)
+    paths = routing.select_paths(reduced, ratio=0.1)
     router = routing.Router().attach(model, paths)
     opt = torch.optim.AdamW(router.parameters(), lr=1e-2)
     mlm_loss(batch)(model).backward()
     router.all_reduce_grads()
     opt.step()
     router.detach()
-    torch.save(dict(attr=attr, local_paths=local, paths=paths, state=model.state_dict(), initial=initial),
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(dict(attr=attr, local_paths=local, paths=paths, reduced=reduced, state=model.state_dict(),
+                    initial=initial), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
