@@ -388,6 +388,12 @@ class Trainer:
         with open(os.path.join(self.args.output_dir, "routing.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    def attach_paths(self):
+        self.router = routing.Router()
+        self.router.attach(self.net.mlm, self.paths, train_layernorm=self.args.train_layernorm,
+                           train_head_bias=self.args.train_head_bias)
+        self.wrap()
+
     # -- one batch -------------------------------------------------------------------
 
     def get_batch(self, micro):

@@ -331,8 +331,11 @@ def test_router_gradients_equal_full_backward(tiny_mlm, flags):
 
 @pytest.mark.parametrize("flags", [(False, False), (True, True)])
 def test_routed_step_updates_only_paths(tiny_mlm, flags, tmp_path):
-    # One AdamW step through the router equals a full AdamW step whose gradients outside the
-    # paths (and the optional LayerNorms / head bias) are zeroed; everything else is bitwise kept.
+    # Eq. (12) as built: a step moves exactly row j of W_in, b_in[j] and column j of W_out for each
+    # selected j (every input neuron -> j -> every output neuron), and nothing else (b_out, other
+    # rows/columns, attention, embeddings stay bitwise). One AdamW step through the router equals a
+    # full AdamW step whose gradients outside the paths (and the optional LayerNorms / head bias)
+    # are zeroed.
     model, tok = tiny_mlm
     loss_fn = mlm_loss(make_batch(tok))
     original = copy.deepcopy(model.state_dict())
@@ -383,6 +386,8 @@ def test_routed_step_updates_only_paths(tiny_mlm, flags, tmp_path):
         if (flags[0] and k in ln_names) or (flags[1] and k in head_bias_names):
             unchanged = torch.zeros_like(unchanged)
         assert torch.equal(sd[k][unchanged], original[k][unchanged]), k  # bitwise unchanged
+        if k in keep:  # every entry of every path moved (Adam's first step moves each by ~lr)
+            assert torch.all(sd[k][keep[k]] != original[k][keep[k]]), k
         moved += int((sd[k][~unchanged] != original[k][~unchanged]).sum())
     n_path = 2 * (6 * 32 + 6 + 32 * 6)
     assert moved >= n_path  # every path entry moved (Adam's first step moves each by ~lr)
@@ -407,6 +412,170 @@ def test_router_empty_path_freezes_layer_and_bad_paths_fail(tiny_mlm):
     with pytest.raises(ValueError, match="distinct neuron indices"):
         routing.Router().attach(model, [torch.tensor([0, 0]), torch.tensor([64])])
     assert all(p.requires_grad for p in model.parameters())  # a failed attach changes nothing
+
+
+# ----------------------------------------------------------------------------- Adam state across re-routings
+
+def view_of(router, param):
+    """The router's (tensor, idx) cut from model parameter `param`."""
+    hit = [(t, idx) for t, full, dim, idx in router.views() if full is param]
+    assert len(hit) == 1
+    return hit[0]
+
+
+def test_adam_moments_kept_for_slices_that_stay_and_zero_for_new(tiny_mlm):
+    model, tok = tiny_mlm
+    loss_fn = mlm_loss(make_batch(tok))
+    (inter0, out0), (inter1, _) = ffn_modules(model)
+    W_in, b_in, W_out = inter0.dense.weight, inter0.dense.bias, out0.dense.weight
+    # full-parameter training first (the fresh-head warm-up), then the first routing
+    full_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss_fn(model).backward()
+        full_opt.step()
+        full_opt.zero_grad()
+    r1 = routing.Router().attach(model, [torch.tensor([0, 1, 2]), torch.tensor([3, 4])])
+    opt1 = torch.optim.AdamW(r1.parameters(), lr=1e-3)
+    routing.carry_adam_state(full_opt, [(p, p, None, None) for p in model.parameters()], opt1, r1.views())
+    w, _ = view_of(r1, W_in)
+    assert torch.equal(opt1.state[w]["exp_avg"], full_opt.state[W_in]["exp_avg"][[0, 1, 2]])
+    w, _ = view_of(r1, W_out)
+    assert torch.equal(opt1.state[w]["exp_avg_sq"], full_opt.state[W_out]["exp_avg_sq"][:, [0, 1, 2]])
+    assert float(opt1.state[w]["step"]) == 2
+    loss_fn(model).backward()
+    opt1.step()
+    old = {name: {k: opt1.state[view_of(r1, P)[0]][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+           for name, P in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out))}
+    old_views = r1.views()
+    r1.detach()
+    # re-route: neurons 1 and 2 stay, 5 is new (layer 0); layer 1 keeps 4, gains 7
+    r2 = routing.Router().attach(model, [torch.tensor([1, 2, 5]), torch.tensor([4, 7])])
+    opt2 = torch.optim.AdamW(r2.parameters(), lr=1e-3)
+    routing.carry_adam_state(opt1, old_views, opt2, r2.views())
+    for name, P in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out)):
+        st = opt2.state[view_of(r2, P)[0]]
+        assert float(st["step"]) == 3
+        for k in ("exp_avg", "exp_avg_sq"):
+            col = P is W_out
+            got, ref = (st[k].t(), old[name][k].t()) if col else (st[k], old[name][k])
+            assert torch.equal(got[0], ref[1]) and torch.equal(got[1], ref[2]), (name, k)  # kept
+            assert torch.count_nonzero(got[2]) == 0, (name, k)  # neuron 5: new, zero moments
+            assert torch.count_nonzero(ref[0]) > 0  # neuron 0 had moments (and is dropped)
+    st = opt2.state[view_of(r2, inter1.dense.weight)[0]]["exp_avg"]
+    assert torch.count_nonzero(st[0]) > 0 and torch.count_nonzero(st[1]) == 0  # 4 kept, 7 new
+    r2.detach()
+
+
+def test_rerouting_to_the_same_paths_continues_adam_exactly(tiny_mlm):
+    # With unchanged paths, detach + attach + carry_adam_state must be invisible: the next step
+    # equals the step of a router that was never re-attached (a reset would move every slice by ~lr).
+    model, tok = tiny_mlm
+    loss_fn = mlm_loss(make_batch(tok))
+    paths = random_paths(model)
+    twin = copy.deepcopy(model)
+    states = []
+    for m, reroute in ((model, True), (twin, False)):
+        r = routing.Router().attach(m, paths)
+        opt = torch.optim.AdamW(r.parameters(), lr=1e-2)
+        loss_fn(m).backward()
+        opt.step()
+        opt.zero_grad()
+        if reroute:
+            views = r.views()
+            r.detach()
+            r = routing.Router().attach(m, paths)
+            new = torch.optim.AdamW(r.parameters(), lr=1e-2)
+            routing.carry_adam_state(opt, views, new, r.views())
+            opt = new
+        loss_fn(m).backward()
+        opt.step()
+        r.detach()
+        states.append(m.state_dict())
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
+
+
+# ----------------------------------------------------------------------------- pretrain.Trainer's routing
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_data")
+
+
+def trainer(model_dir, out, *extra):
+    import pretrain
+    argv = ["--method", "trelm", "--model", model_dir, "--data", FIX, "--output-dir", str(out), "--batch-size", "4",
+            "--seq-len", "32", "--ig-steps", "3", "--route-every", "3", "--max-steps", "8", "--seed", "1", *extra]
+    return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+
+
+def routing_log(out):
+    import json
+    return [json.loads(l) for l in open(os.path.join(out, "routing.jsonl"))]
+
+
+def test_trained_head_routes_from_step_zero(tiny_model_dir, tmp_path, capsys):
+    t = trainer(tiny_model_dir, tmp_path)
+    assert t.args.route_warmup == 0 and "--route-warmup" not in capsys.readouterr().out
+    head_bias = head_decoder(t.net.mlm)[1].detach().clone()
+    t.train_step()
+    assert t.router is not None  # routed at step 0
+    assert torch.equal(head_decoder(t.net.mlm)[1], head_bias)  # the head is frozen from the first step
+    log = routing_log(tmp_path)
+    assert [r["step"] for r in log] == [0] and "warmup" not in log[0] and log[0]["jaccard_prev"] is None
+
+
+def test_fresh_head_warmup_is_logged_and_trains_everything(tiny_model_dir, tmp_path, capsys):
+    from transformers import BertModel
+    from conftest import make_bert_tokenizer, make_model
+    tok = make_bert_tokenizer(tmp_path)
+    encoder_only = str(tmp_path / "encoder_only")
+    BertModel(make_model("bert", tok).config).save_pretrained(encoder_only)
+    tok.save_pretrained(encoder_only)
+    t = trainer(encoder_only, tmp_path / "run")
+    assert t.args.route_warmup == 3
+    assert "freshly initialised" in capsys.readouterr().out
+    assert routing_log(tmp_path / "run") == [{"step": 0, "warmup": 3, "reason": "fresh MLM head"}]
+    for _ in range(3):
+        t.train_step()
+        assert t.router is None  # full-parameter warm-up
+    t.train_step()
+    assert t.router is not None
+    assert [r.get("step") for r in routing_log(tmp_path / "run")] == [0, 3]
+
+
+def test_trainer_rerouting_keeps_adam_moments(tiny_model_dir, tmp_path):
+    t = trainer(tiny_model_dir, tmp_path, "--route-every", "2")
+    for _ in range(2):
+        t.train_step()  # routes at 0, one routed step
+    moments = {}  # (id(model weight), dim, neuron) -> exp_avg slice before re-routing
+    for tensor, param, dim, idx in t.router.views():
+        if idx is not None:
+            for pos, j in enumerate(idx.tolist()):
+                moments[id(param), dim, j] = t.optimizer.state[tensor]["exp_avg"].select(dim, pos).clone()
+    t.reroute(t.get_batch(0))
+    kept = new = 0
+    for tensor, param, dim, idx in t.router.views():
+        if idx is None:
+            continue
+        st = t.optimizer.state[tensor]
+        assert float(st["step"]) == 2
+        for pos, j in enumerate(idx.tolist()):
+            got = st["exp_avg"].select(dim, pos)
+            if (id(param), dim, j) in moments:
+                assert torch.equal(got, moments[id(param), dim, j])
+                kept += 1
+            else:
+                assert torch.count_nonzero(got) == 0
+                new += 1
+    assert kept > 0
+    log = routing_log(tmp_path)
+    assert [r["step"] for r in log] == [0, 2] and 0 <= log[1]["jaccard_prev"] <= 1
+
+
+def test_path_jaccard_by_hand():
+    import pretrain
+    a = [torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long), torch.tensor([5])]
+    b = [torch.tensor([1, 2, 3]), torch.tensor([], dtype=torch.long), torch.tensor([6])]
+    assert pretrain.path_jaccard(a, b) == pytest.approx((2 / 4 + 1 + 0) / 3)
 
 
 # ----------------------------------------------------------------------------- bench.py's memory helper
