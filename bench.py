@@ -158,6 +158,47 @@ def trelm_ratios(args):
     return out
 
 
+def measure_routing(args):
+    """Dynamic knowledge routing's costs and the IG form check (routing.py) on the embedded default:
+      routed_step_over_full     routed TRELM step / the same step with every parameter training
+      ig_over_step              one Eq. 11 attribution (--ig-form layer, the default) / one full step
+      ig_joint_over_step        the same for the joint form (all layers scaled together)
+      ig_topk_jaccard_vs_exact  per-layer Jaccard of the top --route-ratio neuron sets, joint vs
+                                Eq. 11, mean over layers, on the same micro-batch
+    Steps and both attributions are timed round-robin, args.repeats rounds (medians)."""
+    import pretrain
+    full = trainer(["--method", "trelm", "--no-routing"], args)
+    routed = trainer(["--method", "trelm"], args)
+    batch = routed.get_batch(0)
+    paths = {}
+
+    def step_fn(t):
+        def f():
+            t.step = 1  # the same batch every time; step 1 never re-routes
+            t.train_step()
+        return f
+
+    def ig_fn(form):
+        def f():
+            routed.args.ig_form = form
+            routed.step = 1
+            routed.net.eval()
+            routed.reroute(batch)
+            paths[form] = routed.paths
+        return f
+    for f in (ig_fn("layer"), step_fn(routed), step_fn(full)):  # warm-up (and the first routing)
+        f()
+    med = interleaved({"full": step_fn(full), "routed": step_fn(routed), "ig_layer": ig_fn("layer"),
+                       "ig_joint": ig_fn("joint")}, args.repeats, warmup=0)
+    return {"routing_full_step_s": round(med["full"], 4), "routing_routed_step_s": round(med["routed"], 4),
+            "ig_layer_s": round(med["ig_layer"], 3), "ig_joint_s": round(med["ig_joint"], 3),
+            "routed_step_over_full": round(med["routed"] / med["full"], 3),
+            "ig_over_step": round(med["ig_layer"] / med["full"], 2),
+            "ig_joint_over_step": round(med["ig_joint"] / med["full"], 2),
+            "ig_topk_jaccard_vs_exact": round(pretrain.path_jaccard(paths["joint"], paths["layer"]), 3),
+            "ig_batch": routed.args.ig_batch, "ig_steps": routed.args.ig_steps}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=6)
@@ -166,13 +207,13 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--only", default=None, help="comma list of measurement groups: plain,trelm")
+    p.add_argument("--only", default=None, help="comma list of measurement groups: plain,trelm,routing")
     p.add_argument("--model", default=common.DEFAULT_MODEL, help="trelm group: the model (default MiniLM-L6-H384)")
     p.add_argument("--data", default="mini", help="trelm group: pre-training data")
     p.add_argument("--route-every", type=int, default=100, help="IG amortised over this many steps")
     p.add_argument("--workdir", default="runs/bench")
     args = p.parse_args(argv)
-    groups = set((args.only or "plain,trelm").split(","))
+    groups = set((args.only or "plain,trelm,routing").split(","))
     res = {"shape": {k: getattr(args, k) for k in ("layers", "hidden", "vocab", "batch", "seq")},
            "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": common.git_commit()}
     peak = matmul_gflops()
@@ -185,6 +226,8 @@ def main(argv=None):
         res["mfu_plain"] = round(model_flops(model, args, masked) / t / 1e9 / peak, 3)
     if "trelm" in groups:
         res.update(trelm_ratios(args))
+    if "routing" in groups:
+        res.update(measure_routing(args))
     print(json.dumps(res, indent=1))
     return res
 

@@ -100,8 +100,11 @@ def get_parser():
     # Sec. 3.3: routing
     a("--no-routing", action="store_true")
     a("--ig-steps", type=int, default=20, help="m, Riemann steps of integrated gradients")
-    a("--ig-chunk", type=int, default=1, help="alpha steps stacked per IG forward (memory vs speed)")
-    a("--ig-per-layer", action="store_true", help="exact per-layer IG (L times the cost)")
+    a("--ig-form", default="layer", choices=routing.FORMS,
+      help="layer: Eq. 11 as printed, one layer scaled at a time (forward from cached lower layers); "
+           "joint: all layers scaled together, about (L+1)/2 times cheaper, not Eq. 11")
+    a("--ig-chunk", type=int, default=0, help="alpha steps stacked per IG forward (0: as many as --ig-memory-mb allows)")
+    a("--ig-memory-mb", type=float, default=1024.0, help="activation memory bound of one stacked IG forward (estimate)")
     a("--ig-batch", type=int, default=8, help="sequences of the micro-batch the attribution runs on (0 = all)")
     a("--route-every", type=int, default=100)
     a("--route-warmup", type=int, default=None,
@@ -120,7 +123,7 @@ def resolve_config(args):
         raise SystemExit(f"pretrain.py: {flag}: {msg}")
     for flag, v in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size),
                     ("--grad-accum", args.grad_accum), ("--ig-steps", args.ig_steps),
-                    ("--route-every", args.route_every), ("--ig-chunk", args.ig_chunk)):
+                    ("--route-every", args.route_every)):
         if v < 1:
             bad(flag, f"expected a positive integer, got {v}")
     if not 8 <= args.seq_len <= 4096:
@@ -129,6 +132,10 @@ def resolve_config(args):
                     ("--gamma", args.gamma), ("--important-fraction", args.important_fraction)):
         if not 0.0 <= v <= 1.0:
             bad(flag, f"expected a value in [0, 1], got {v}")
+    if args.ig_chunk < 0:
+        bad("--ig-chunk", f"expected 0 (automatic) or a positive integer, got {args.ig_chunk}")
+    if args.ig_memory_mb <= 0:
+        bad("--ig-memory-mb", f"expected > 0, got {args.ig_memory_mb}")
     if not 0.0 < args.route_ratio <= 1.0:
         bad("--route-ratio", f"expected (0, 1], got {args.route_ratio}")
     if not 0.0 < args.long_tail_percentile <= 100.0:
@@ -236,6 +243,16 @@ def tile(batch, inj, c):
     return b, j
 
 
+def path_jaccard(a, b):
+    """Mean over layers of |a_l & b_l| / |a_l | b_l| (path stability between two routings; 1 for two
+    empty paths)."""
+    scores = []
+    for x, y in zip(a, b):
+        x, y = set(x.tolist()), set(y.tolist())
+        scores.append(len(x & y) / len(x | y) if x | y else 1.0)
+    return sum(scores) / len(scores)
+
+
 def lr_at(step, args):
     """Linear warm-up to --lr, then linear decay to 0 at --max-steps."""
     if step < args.warmup_steps:
@@ -251,6 +268,12 @@ def make_optimizer(params, args):
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
+def process_group_backend(use_cuda):
+    """The DDP process group's backend: on GPU nccl for CUDA tensors and gloo for CPU tensors (the
+    memory bank lives on the CPU by default, --memory-device); nccl alone serves no CPU tensor."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
 class Trainer:
     """State and step logic of one pre-training run (one object per process)."""
 
@@ -259,7 +282,7 @@ class Trainer:
         self.ddp = int(os.environ.get("RANK", -1)) != -1
         if self.ddp:
             use_cuda = torch.cuda.is_available() and args.device != "cpu"
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            dist.init_process_group(backend=process_group_backend(use_cuda))
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             local = int(os.environ.get("LOCAL_RANK", 0))
             self.device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
@@ -303,8 +326,16 @@ class Trainer:
             self.bank = MemoryBank(mlm.config.hidden_size, window_k=args.window_k, gamma=args.gamma,
                                    dtype=torch.bfloat16 if args.memory_dtype == "bf16" else torch.float32,
                                    device=args.memory_device)
-        if args.route_warmup is None:
+        if self.master and not args.resume:  # a fresh run starts a fresh routing log
+            os.makedirs(args.output_dir, exist_ok=True)
+            open(os.path.join(args.output_dir, "routing.jsonl"), "w").close()
+        if args.route_warmup is None:  # a trained head routes from step 0; routing would freeze a random one
             args.route_warmup = args.route_every if getattr(mlm, "fresh_mlm_head", False) else 0
+            if args.routing and args.route_warmup:
+                self.route_log({"step": 0, "warmup": args.route_warmup, "reason": "fresh MLM head"},
+                               f"routing: --model {args.model} has no trained MLM head (freshly initialised); all "
+                               f"parameters train for the first {args.route_warmup} steps (--route-warmup), then "
+                               f"routing starts")
         self.net = KnowledgeMLM(mlm, self.injector, decoding).to(self.device)
         self.router = None
         self.paths = None
@@ -329,26 +360,47 @@ class Trainer:
             if self.ddp else self.net
 
     def reroute(self, batch):
-        """Eq. (9)-(12): attribute FFN neurons on this batch, keep the top ones, train only them."""
+        """Eq. (9)-(12): attribute FFN neurons on this batch, keep the top ones, train only them.
+        Adam moments of slices that stay selected are kept (routing.carry_adam_state). Appends one
+        line to <output-dir>/routing.jsonl: step, seconds, mean Jaccard with the previous paths."""
         a = self.args
+        t0 = time.time()
+        old_opt, old_paths = self.optimizer, self.paths
+        old_views = self.router.views() if self.router is not None else \
+            [(p, p, None, None) for p in self.net.parameters() if p.requires_grad]
         if self.router is not None:
             self.router.detach()
             self.router = None
         batch, inj = head_of(batch, batch.get("inj"), a.ig_batch)
 
         def run(_model, repeat=1):  # P_x: probability of the correct CKA response (Eq. 9)
-            b, j = tile(batch, inj, repeat)  # repeat > 1: --ig-chunk alpha steps stacked in one forward
+            b, j = tile(batch, inj, repeat)  # repeat > 1: alpha steps stacked in one forward
             h = self.net(b["input_ids"], b["attention_mask"], b["mlm_labels"], j, return_hidden=True)["hidden"]
             if j is not None and len(j["rows"]):
                 return cka_response_prob(self.net.mlm, h[j["rows"], j["cols"]], j["targets"], j["negatives"])
             sel = b["mlm_labels"] != -100  # no injected mention: P of the masked tokens instead
             return common.mlm_logits(self.net.mlm, h[sel]).softmax(-1).gather(1, b["mlm_labels"][sel, None])[:, 0]
 
-        attr = routing.ffn_attributions(self.net.mlm, run, steps=a.ig_steps, chunk=a.ig_chunk, per_layer=a.ig_per_layer)
+        with self.autocast:
+            attr = routing.ffn_attributions(self.net.mlm, run, steps=a.ig_steps, chunk=a.ig_chunk or None,
+                                            form=a.ig_form, memory_mb=a.ig_memory_mb)  # (L, I) on self.device
         if self.ddp:
             dist.all_reduce(attr)  # identical paths on every rank
-        self.paths = routing.select_paths(attr, ratio=a.route_ratio, threshold=a.route_threshold)
+        self.paths = [p.cpu() for p in routing.select_paths(attr, ratio=a.route_ratio, threshold=a.route_threshold)]
         self.attach_paths()
+        routing.carry_adam_state(old_opt, old_views, self.optimizer, self.router.views())
+        self.route_log({"step": self.step, "ig_s": round(time.time() - t0, 3), "selected": [len(p) for p in self.paths],
+                        "jaccard_prev": None if old_paths is None else round(path_jaccard(old_paths, self.paths), 4)})
+
+    def route_log(self, rec, message=None):
+        """Rank 0 appends rec to <output-dir>/routing.jsonl (and prints message). After --resume the
+        re-routings past the checkpoint are logged again: the last line of a step holds."""
+        if not self.master:
+            return
+        if message:
+            print(message, flush=True)
+        with open(os.path.join(self.args.output_dir, "routing.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def attach_paths(self):
         self.router = routing.Router()

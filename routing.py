@@ -4,73 +4,90 @@ Every route-every steps TRELM asks which FFN neurons carry the knowledge the cur
 and then trains only their "knowledge paths" until the next routing:
 
   1. attribution (Eq. 9-11): integrated gradients (IG) of the summed probability of the correct
-     answer, S = sum_x P_x, with respect to the post-activation value a_j of every FFN intermediate
+     answer, S = sum_x P_x, with respect to the post-activation value v of every FFN intermediate
      neuron, baseline 0:  ffn_attributions(model, run, steps=m)  -> (L, I)
+         Eq. (11):  Attr(v_i^(l)) = (v-bar_i^(l) / m) * sum_{k=1..m} dP_x(k/m * v-bar_i^(l)) / dv_i^(l)
   2. selection: the top route-ratio neurons of each layer (or, as in Dai et al. 2022 "Knowledge
      Neurons", those above threshold * the layer's maximum):  select_paths(attr) -> [idx_l]
-  3. selective update (Eq. 12): the path of neuron j is row j of W_in and b_in[j], and column j of
-     W_out. Router.attach(model, paths) freezes everything else and replaces the two FFN Linear
-     forwards by a custom autograd Function that computes weight gradients for the selected
-     slices only, so the backward pass really skips the frozen weight gradients and the optimizer
-     holds state for the slices only.
+  3. selective update (Eq. 12):  T_{v_input^(i)} -> T_{v_inter^(j)} -> T_{v_output^(k)}.
+     Router.attach(model, paths) freezes everything else and replaces the two FFN Linear forwards
+     by a custom autograd Function that computes weight gradients for the selected slices only, so
+     the backward pass really skips the frozen weight gradients and the optimizer holds state for
+     the slices only. carry_adam_state keeps the Adam moments of slices that stay selected.
 
-Not a script. pretrain.py --method trelm calls it (per routing period: router.detach(); attr =
-ffn_attributions(...); paths = broadcast_paths(select_paths(attr, ratio)); router.attach(model,
-paths); optimizer = AdamW(router.parameters())); bench.py calls time_routed_vs_full. Tests:
+Not a script. pretrain.py --method trelm calls it: per routing period router.detach(); attr =
+ffn_attributions(...) (all-reduced over DDP ranks on the compute device); paths =
+select_paths(attr, ratio); router.attach(model, paths); a new AdamW over router.parameters() whose
+state carry_adam_state fills. bench.py measures it (measure_routing). Tests:
     python -m pytest tests/test_routing.py
 
 Paper symbol -> name here:
     P_x              run(model) -> (N,) probability of the correct response for each example
     m                steps (Riemann steps of the IG integral; --ig-steps, default 20)
-    alpha = s/m      alphas (right Riemann sum: s = 1..m, the baseline point alpha=0 is never run)
-    a_j, Attr(a_j)   acts / return value of ffn_attributions, one number per (layer, neuron)
+    alpha = k/m      alphas (right Riemann sum: k = 1..m, the baseline point alpha=0 is never run)
+    v-bar_i^(l)      cache["act"][l][..., i]: the neuron's real post-activation value on the batch
+    Attr(v_i^(l))    return value of ffn_attributions, one number per (layer, neuron)
     W_in, b_in       intermediate.dense.weight (I, H), .bias (I,)  -> slices w_in (k, H), b_in (k,)
     W_out            output.dense.weight (H, I)                    -> slice w_out (H, k)
     route ratio      ratio (--route-ratio, default 0.1), k = round(ratio * I) neurons per layer
 
+Eq. (12) as built: the paper attributes only intermediate neurons (Eq. 9-11 define no score for an
+input or output neuron), so a path T_{v_input^(i)} -> T_{v_inter^(j)} -> T_{v_output^(k)} runs
+through every input neuron i and every output neuron k of selected j: the trainable weights are
+row j of W_in and b_in[j] (all i -> j) and column j of W_out (j -> all k). Nothing else of the FFN
+moves (b_out belongs to no single j); tests/test_routing.py checks exactly which entries move.
+
 Decisions (the paper does not say):
-- IG is taken with respect to a multiplicative gate on each neuron's output: the hooked
-  intermediate output u becomes alpha * u. With per_layer=True (exact per-layer IG, L * m
-  passes) only layer l is scaled, u is the real activation a, and Attr(a_j) = a_j * (1/m) *
-  sum_s dS/da_j(alpha_s * a), Dai et al.'s formula. By default all L layers are scaled in the same
-  pass (m passes); then a later layer's unscaled activation u(alpha) itself depends on alpha, and
-  we use Attr_j = (1/m) sum_s u_j(alpha_s) * dS/dz_j(alpha_s) (z = alpha * u the hooked value),
-  the IG of the gates. Both satisfy completeness: the attributions of all scaled neurons sum to
-  S(real) - S(scaled neurons zeroed), up to the O(1/m) Riemann error (tests/test_routing.py).
+- Eq. (11) per layer is the default (form="layer"): for layer l only v^(l) is scaled and the layers
+  above see the consequences, exactly as printed, L * m gradient evaluations. It is made cheap:
+  (a) one clean forward caches every layer's output, attention output and v-bar; the steps of
+  layer l then start at layer l: layers < l and layer l's attention return their cached outputs
+  (tiled over the stacked alpha copies; instance `forward` attributes, removed afterwards), layer
+  l's intermediate returns alpha * v-bar, so the forward runs L - l FFN-out + (L - l - 1) full
+  layers and the backward stops at layer l; (b) the alpha steps of a layer are stacked along the
+  batch, as many as the memory bound allows (chunk=None: _chunk_for's activation estimate against
+  memory_mb, --ig-memory-mb; more copies for the upper layers, whose forward is shorter).
+  Total cost is about m * (L+1)/2 layer passes instead of m * L * L. Every layer is attributed:
+  routing trains the FFN of every layer (a layer with an empty path stays frozen, but which layers
+  those are is only known after attribution).
+- form="joint" (--ig-form joint) scales all L layers in the same pass (m passes, about (L+1)/2
+  times cheaper). A later layer's unscaled activation u(alpha) then depends on alpha, and the
+  attribution is Attr_j = (1/m) sum_k u_j(alpha_k) * dS/dz_j(alpha_k) (z = alpha * u), the IG of
+  the gates; not Eq. 11. bench.py reports how often it picks the same neurons
+  (ig_topk_jaccard_vs_exact). Both forms satisfy completeness: the attributions of the scaled
+  neurons sum to S(real) - S(scaled neurons zeroed), up to the O(1/m) Riemann error (tests).
 - Attributions are summed over every token position and example of the batch (padding gets 0
   gradient); the model runs in eval mode (no dropout) during attribution; parameters are frozen
-  meanwhile so no weight gradient is computed and no .grad accumulates.
-- chunk: alpha steps stacked in one forward. chunk=None or 1 runs the m steps one after the other
-  (lowest peak memory; DESIGN.md measured only 15-25% speed from stacking 20). chunk=c > 1 calls
-  run(model, c), which must run the batch tiled c times along dim 0 (repeat_batch does that for
-  the project's batch dict) and return the probabilities of all c copies.
+  meanwhile so no weight gradient is computed and no .grad accumulates. The result lives on the
+  model's device (float32): a DDP all-reduce under nccl needs it there.
+- run(model, c) for c > 1 must run the batch tiled c times along dim 0 and return the
+  probabilities of all c copies (pretrain.py tiles its batch and injection plan); a run that does
+  not tile is caught (the encoder's batch is checked against c * B).
 - select_paths ranks by the signed attribution (neurons that raise P_x); threshold mode keeps
   attr >= threshold * max(attr of the layer) and selects nothing in a layer whose max is <= 0.
 - How the selective update saves compute: frozen tensors have requires_grad False, so autograd
   computes no gradient for attention or embedding weights (and none at all below the lowest
   trainable tensor); the patched FFN Linears (an instance `forward` attribute, so module names and
   state_dict keys do not change) run the full matmul forward with the frozen weight, into which
-  the trainable slices are copied before every forward (k rows/columns), and their backward computes grad_x in full plus weight gradients of the k selected rows/columns only.
+  the trainable slices are copied before every forward (k rows/columns), and their backward
+  computes grad_x in full plus weight gradients of the k selected rows/columns only.
 - Frozen while routed: attention, embeddings (and the tied decoder), the FFN output bias b_out
   (not part of any neuron's path), the MLM-head transform. LayerNorms and the MLM-head bias may
   train (train_layernorm, train_head_bias).
-- Adam state when paths change: reset. The lead builds a new AdamW over router.parameters() after
-  every attach; state of neurons that stay selected is not carried over (simple, and the moment
-  estimates of the old slices were for a different data window anyway).
-- DDP: ranks may see different batches, so attributions differ; broadcast_paths makes every rank
-  use rank 0's paths. In a routed period run forward/backward on the unwrapped module and call
-  router.all_reduce_grads() before optimizer.step() (a DDP wrapper built over the full model
-  would wait for gradients of the frozen parameters).
-- Timing (time_routed_vs_full) interleaves blocks of full and routed steps and IG runs in one
-  process and reports medians and ratios; peak memory (peak_memory) is the peak of live tensor
-  bytes from the torch profiler's memory events on CPU (tracemalloc does not see torch's
-  allocations; ru_maxrss only grows, so consecutive measurements in one process cannot be
-  separated), torch.cuda.max_memory_allocated on GPU.
+- Adam state when paths change (carry_adam_state): the moments of slices that stay selected are
+  kept, new slices start at zero moments with the old step count (per-tensor in torch's AdamW).
+  Resetting everything instead made the first routed step move every selected weight by about lr
+  (Adam's bias-corrected first step); the first routing after the full-parameter warm-up carries
+  the full optimizer's moments of the selected rows/columns.
+- DDP: ranks see different batches; pretrain.py all-reduces the attributions (on the compute
+  device) so every rank selects the same paths. In a routed period forward/backward run on the
+  unwrapped module and router.all_reduce_grads() averages the slices' gradients before
+  optimizer.step() (a DDP wrapper built over the full model would wait for gradients of the frozen
+  parameters).
+- peak_memory (bench.py) is the peak of live tensor bytes from the torch profiler's memory events
+  on CPU (tracemalloc does not see torch's allocations; ru_maxrss only grows, so consecutive
+  measurements in one process cannot be separated), torch.cuda.max_memory_allocated on GPU.
 """
-import copy
-import statistics
-import time
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -80,23 +97,54 @@ from common import ffn_modules, head_decoder
 
 # ----------------------------------------------------------------------------- Eq. (9)-(11)
 
-def ffn_attributions(model, run, steps=20, chunk=None, per_layer=False):
+FORMS = ("layer", "joint")
+_ACT_BYTES = 4  # fp32 activations (bf16 autocast halves them: the bound is then conservative)
+
+
+def _tile(obj, c):
+    """A module output (tensor, or tuple of tensors / None) repeated c times along dim 0."""
+    if c == 1 or obj is None:
+        return obj
+    if torch.is_tensor(obj):
+        return obj.repeat(c, *[1] * (obj.dim() - 1))  # (c*B, ...)
+    return type(obj)(_tile(x, c) for x in obj)
+
+
+def _chunk_for(memory_bytes, tokens, layers, cfg, steps):
+    """Alpha steps stacked per forward so that the activations autograd keeps for `layers`
+    Transformer layers stay within memory_bytes. Estimate per token and layer (fp32):
+    10 H (q, k, v, context, residuals, LayerNorm inputs/outputs) + 2 I (W_in output, activation)
+    + heads * T (attention probabilities)."""
+    T = tokens[1]
+    per_copy = _ACT_BYTES * tokens[0] * T * layers * (10 * cfg.hidden_size + 2 * cfg.intermediate_size
+                                                      + cfg.num_attention_heads * T)
+    return max(1, min(steps, int(memory_bytes // max(1, per_copy))))
+
+
+def ffn_attributions(model, run, steps=20, chunk=None, form="layer", memory_mb=1024.0):
     """Integrated gradients of S = sum(run(model)) w.r.t. every FFN intermediate neuron, baseline 0.
 
-    run(model) -> (N,) probabilities P_x on a fixed batch (run(model, c) when chunk=c > 1: the
-    batch tiled c times). Returns a float32 CPU tensor (L, I), summed over tokens and examples.
-    per_layer=False scales all layers together (m passes); True is exact per-layer IG (L * m).
+    run(model) -> (N,) probabilities P_x on a fixed batch; run(model, c) -> (c*N,) on the batch
+    tiled c times (c alpha steps stacked in one forward). Returns float32 (L, I) on the model's
+    device, summed over tokens and examples.
+      form="layer": Eq. (11) as printed, layer by layer (exact); the forward of layer l's steps starts
+                    at layer l from cached lower-layer outputs (see the module docstring)
+      form="joint": all layers scaled together, m passes (about (L+1)/2 times cheaper, not Eq. 11)
+    chunk: alpha steps per forward; None = as many as fit in memory_mb (estimate, _chunk_for).
     """
+    if form not in FORMS:
+        raise ValueError(f"routing.ffn_attributions: form (--ig-form) must be one of {FORMS}, got {form!r}")
     if steps < 1:
         raise ValueError(f"routing.ffn_attributions: steps (--ig-steps) must be >= 1, got {steps}")
-    chunk = 1 if chunk is None else chunk
-    if chunk < 1:
-        raise ValueError(f"routing.ffn_attributions: chunk must be None or >= 1, got {chunk}")
-    inters = [inter for inter, _ in ffn_modules(model)]
-    L, I = len(inters), inters[0].dense.out_features
-    alphas = torch.arange(1, steps + 1, dtype=torch.float64) / steps  # Eq. (10): alpha_s = s/m
-    groups = [[l] for l in range(L)] if per_layer else [list(range(L))]
-    attr = torch.zeros(L, I)
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"routing.ffn_attributions: chunk (--ig-chunk) must be None or >= 1, got {chunk}")
+    if memory_mb <= 0:
+        raise ValueError(f"routing.ffn_attributions: memory_mb (--ig-memory-mb) must be > 0, got {memory_mb}")
+    layers = list(model.base_model.encoder.layer)
+    L, I = len(layers), layers[0].intermediate.dense.out_features
+    device = layers[0].intermediate.dense.weight.device
+    alphas = torch.arange(1, steps + 1, dtype=torch.float64, device=device) / steps  # Eq. (11): alpha_k = k/m
+    attr = torch.zeros(L, I, device=device)  # on the compute device: DDP all-reduces it there
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
@@ -104,27 +152,107 @@ def ffn_attributions(model, run, steps=20, chunk=None, per_layer=False):
     for p in params:
         p.requires_grad_(False)
     try:
-        for layers in groups:
-            for s0 in range(0, steps, chunk):
-                attr[layers] += _ig_pass(model, run, [inters[l] for l in layers], alphas[s0:s0 + chunk])
+        cache = _clean_pass(model, run, layers)  # layer outputs, attention outputs, a^(l), all (B, T, .)
+        bound = memory_mb * 2 ** 20
+        if form == "joint":
+            c = chunk or _chunk_for(bound, cache["act"][0].shape[:2], L, model.config, steps)
+            for s0 in range(0, steps, c):
+                attr += _ig_joint(model, run, layers, alphas[s0:s0 + c])
+        else:
+            for l in range(L):
+                c = chunk or _chunk_for(bound, cache["act"][l].shape[:2], L - l, model.config, steps)
+                for s0 in range(0, steps, c):
+                    attr[l] += _ig_layer(run, model, layers, l, cache, alphas[s0:s0 + c])
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was_training)
-    return attr / steps  # Eq. (11): (1/m) sum_s
+    return attr / steps  # Eq. (11): (1/m) sum_k
 
 
-def _ig_pass(model, run, modules, alphas):
-    """One forward/backward with the outputs of `modules` scaled by alphas (one per batch copy).
-    Returns (len(modules), I): sum over copies, examples, tokens of u * dS/dz."""
+@torch.no_grad()
+def _clean_pass(model, run, layers):
+    """One forward of the real batch; keeps each layer's output, each attention block's output and
+    each FFN's post-activation a^(l) (the v-bar of Eq. 10)."""
+    cache = {"out": [None] * len(layers), "att": [None] * len(layers), "act": [None] * len(layers)}
+    handles = []
+    for l, layer in enumerate(layers):
+        for key, module in (("out", layer), ("att", layer.attention), ("act", layer.intermediate)):
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, key=key, l=l: cache[key].__setitem__(l, o)))
+    try:
+        run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(a is None for a in cache["act"]):
+        raise RuntimeError("routing.ffn_attributions: run(model) must run the model's encoder forward")
+    return cache
+
+
+def _patched(module, fn):
+    module.forward = fn  # an instance attribute shadows nn.Module.forward; `del` restores it
+
+
+def _ig_layer(run, model, layers, l, cache, alphas):
+    """Steps alphas of Eq. (11) for layer l in one forward: layers < l and layer l's attention return
+    their cached (tiled) outputs, layer l's FFN activation is alpha * a^(l). Returns (I,):
+    a^(l) * sum over copies, tokens and examples of dS/dz, z = alpha * a^(l)."""
+    c = len(alphas)
+    a = cache["act"][l]  # (B, T, I) real post-activation
+    B = a.shape[0]
+    gates = []
+
+    def check(x):
+        if x.shape[0] != c * B:
+            raise ValueError(f"routing.ffn_attributions: chunk={c} but the encoder got batch {x.shape[0]}, "
+                             f"not {c} x {B}; run(model, {c}) must tile its batch {c} times")
+
+    def cached(key, i):
+        def forward(hidden_states, *args, **kwargs):
+            check(hidden_states)
+            return _tile(cache[key][i], c)
+        return forward
+
+    def gate(hidden_states):
+        check(hidden_states)
+        scale = alphas.to(a.dtype).repeat_interleave(B).view(-1, *[1] * (a.dim() - 1))  # (c*B, 1, 1)
+        z = (_tile(a, c) * scale).requires_grad_()  # (c*B, T, I)
+        gates.append(z)
+        return z
+
+    modules = [*layers[:l], layers[l].attention, layers[l].intermediate]
+    for i in range(l):
+        _patched(layers[i], cached("out", i))
+    _patched(layers[l].attention, cached("att", l))
+    _patched(layers[l].intermediate, gate)
+    try:
+        with torch.enable_grad():
+            probs = run(model) if c == 1 else run(model, c)  # (c*N,)
+    finally:
+        for m in modules:
+            del m.forward
+    if len(gates) != 1:
+        raise RuntimeError(f"routing.ffn_attributions: run(model) must run the model forward exactly "
+                           f"once; layer {l}'s FFN ran {len(gates)} times")
+    g, = torch.autograd.grad(probs.sum(), gates, allow_unused=True)  # Eq. (11): dP_x/dv at alpha * v-bar
+    if g is None:
+        return torch.zeros(a.shape[-1], device=a.device)
+    g = g.float().view(c, *a.shape).sum(0)  # (B, T, I) summed over the alpha steps
+    return (a.float() * g).reshape(-1, a.shape[-1]).sum(0)  # Eq. (11): v-bar * sum_k dP/dv  (I,)
+
+
+def _ig_joint(model, run, layers, alphas):
+    """The joint form: every layer's FFN output u scaled by alpha in the same pass. Returns (L, I):
+    sum over copies, examples and tokens of u(alpha) * dS/dz, z = alpha * u."""
     c = len(alphas)
     acts, scaled = [], []
 
     def hook(module, inputs, u):  # u (c*B, T, I) unscaled post-activation
         if u.shape[0] % c:
             raise ValueError(f"routing.ffn_attributions: chunk={c} but the FFN input has batch "
-                             f"{u.shape[0]}; run(model, {c}) must tile its batch {c} times (repeat_batch)")
-        scale = alphas.to(u.device, u.dtype).repeat_interleave(u.shape[0] // c)  # (c*B,)
+                             f"{u.shape[0]}; run(model, {c}) must tile its batch {c} times")
+        scale = alphas.to(u.dtype).repeat_interleave(u.shape[0] // c)  # (c*B,)
         z = u * scale.view(-1, *[1] * (u.dim() - 1))  # (c*B, T, I)
         if not z.requires_grad:  # first hooked layer: nothing before it requires grad
             z.requires_grad_()
@@ -132,39 +260,19 @@ def _ig_pass(model, run, modules, alphas):
         scaled.append(z)
         return z
 
-    handles = [m.register_forward_hook(hook) for m in modules]
+    handles = [layer.intermediate.register_forward_hook(hook) for layer in layers]
     try:
         with torch.enable_grad():
             probs = run(model) if c == 1 else run(model, c)  # (c*N,)
     finally:
         for h in handles:
             h.remove()
-    if len(scaled) != len(modules):
+    if len(scaled) != len(layers):
         raise RuntimeError(f"routing.ffn_attributions: run(model) must run the model forward exactly "
-                           f"once; the FFN hooks fired {len(scaled)} times for {len(modules)} layers")
-    grads = torch.autograd.grad(probs.sum(), scaled, allow_unused=True)  # Eq. (10): dS/dz
-    out = []
-    for u, g in zip(acts, grads):
-        if g is None:
-            out.append(torch.zeros(u.shape[-1]))
-        else:
-            out.append((u.float() * g.float()).reshape(-1, u.shape[-1]).sum(0).cpu())  # (I,)
-    return torch.stack(out)
-
-
-def repeat_batch(batch, repeat, index_keys=("ent_batch",)):
-    """Tile a batch dict `repeat` times along dim 0 for chunked IG. Every tensor is concatenated
-    `repeat` times; tensors in index_keys hold row numbers and get offset by r * B in copy r."""
-    B = batch["input_ids"].shape[0]
-    out = {}
-    for key, v in batch.items():
-        if not torch.is_tensor(v):
-            out[key] = v
-        elif key in index_keys:
-            out[key] = torch.cat([v + r * B for r in range(repeat)])
-        else:
-            out[key] = torch.cat([v] * repeat)
-    return out
+                           f"once; the FFN hooks fired {len(scaled)} times for {len(layers)} layers")
+    grads = torch.autograd.grad(probs.sum(), scaled, allow_unused=True)  # dS/dz
+    return torch.stack([torch.zeros(u.shape[-1], device=u.device) if g is None else
+                        (u.float() * g.float()).reshape(-1, u.shape[-1]).sum(0) for u, g in zip(acts, grads)])
 
 
 def select_paths(attr, ratio=0.1, threshold=None):
@@ -181,21 +289,6 @@ def select_paths(attr, ratio=0.1, threshold=None):
     if not 0 < threshold <= 1:
         raise ValueError(f"routing.select_paths: threshold must be in (0, 1], got {threshold}")
     return [torch.nonzero((a >= threshold * a.max()) & (a > 0)).flatten() for a in attr]
-
-
-def broadcast_paths(paths, src=0):
-    """Make every DDP rank use rank `src`'s paths (identity without torch.distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return paths
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    lengths = torch.tensor([len(p) for p in paths], dtype=torch.long, device=device)  # (L,)
-    dist.broadcast(lengths, src)
-    if dist.get_rank() == src:
-        flat = torch.cat([p.long() for p in paths]).to(device)
-    else:
-        flat = torch.empty(int(lengths.sum()), dtype=torch.long, device=device)
-    dist.broadcast(flat, src)
-    return [p.cpu() for p in flat.split(lengths.tolist())]
 
 
 # ----------------------------------------------------------------------------- Eq. (12)
@@ -276,7 +369,7 @@ class Router:
 
     def __init__(self):
         self.model, self.paths = None, None
-        self._patched, self._params, self._flags, self._hooks = [], [], [], []
+        self._patched, self._params, self._flags, self._hooks, self._views = [], [], [], [], []
 
     def attach(self, model, paths, train_layernorm=False, train_head_bias=False):
         if self.model is not None:
@@ -306,6 +399,9 @@ class Router:
             self._patch(inter.dense, w_in, b_in, idx, rows=True)
             self._patch(out.dense, w_out, None, idx, rows=False)
             self._params += [p for p in (w_in, b_in, w_out) if p is not None]
+            self._views += [(w_in, inter.dense.weight, 0, idx), (w_out, out.dense.weight, 1, idx)]
+            if b_in is not None:
+                self._views.append((b_in, inter.dense.bias, 0, idx))
         extra = []
         if train_layernorm:
             extra += [p for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
@@ -314,6 +410,7 @@ class Router:
         for p in dict.fromkeys(extra):  # the head bias may also be reachable twice (tied)
             p.requires_grad_(True)
             self._params.append(p)
+            self._views.append((p, p, None, None))
         return self
 
     def _patch(self, linear, w_sel, b_sel, idx, rows):
@@ -325,6 +422,11 @@ class Router:
     def parameters(self):
         """The trainable parameters only (slices, then optional LayerNorms and head bias)."""
         return list(self._params)
+
+    def views(self):
+        """[(trainable tensor, model parameter it is a slice of, dim, idx)] for carry_adam_state;
+        dim and idx are None for a whole parameter (LayerNorm, head bias)."""
+        return list(self._views)
 
     def sync_to_model(self):
         """Write the trained slices into the model's full FFN weights."""
@@ -354,7 +456,33 @@ class Router:
         self.__init__()
 
 
-# ----------------------------------------------------------------------------- timing for bench.py
+def carry_adam_state(old_opt, old_views, new_opt, new_views):
+    """Adam state across a re-routing: a neuron's slice that stays selected keeps its moments
+    (exp_avg, exp_avg_sq), a newly selected one starts from zero moments; every new tensor takes the
+    step count of the parameter it is cut from (so kept slices continue exactly; bias correction of
+    new slices is that of the old step, i.e. about 1 after warm-up). views: [(tensor, model
+    parameter, dim, idx)] as Router.views(); full-parameter training is [(p, p, None, None)].
+    A parameter without state in old_opt (never stepped, or frozen before) gets none: Adam starts it."""
+    full = {}  # id(model parameter) -> (exp_avg, exp_avg_sq, step), model-parameter shaped
+    for t, param, dim, idx in old_views:
+        st = old_opt.state.get(t)
+        if not st:
+            continue
+        if idx is None:
+            full[id(param)] = (st["exp_avg"], st["exp_avg_sq"], st["step"])
+            continue
+        m, v, _ = full.setdefault(id(param), (torch.zeros_like(param), torch.zeros_like(param), st["step"]))
+        m.index_copy_(dim, idx, st["exp_avg"])  # (I, H) rows or (H, I) columns idx
+        v.index_copy_(dim, idx, st["exp_avg_sq"])
+    for t, param, dim, idx in new_views:
+        if id(param) not in full:
+            continue
+        m, v, step = full[id(param)]
+        cut = (lambda x: x.clone()) if idx is None else (lambda x: x.index_select(dim, idx))
+        new_opt.state[t] = {"step": step.clone(), "exp_avg": cut(m), "exp_avg_sq": cut(v)}
+
+
+# ----------------------------------------------------------------------------- memory for bench.py
 
 def peak_memory(fn):
     """Peak bytes of tensor memory that fn() allocates above what was live before it.
@@ -377,63 +505,3 @@ def peak_memory(fn):
         live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
-
-
-def _now(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def _train_step(model, loss_fn, params, opt):
-    t0 = _now(params[0].device)
-    opt.zero_grad(set_to_none=True)
-    loss_fn(model).backward()
-    opt.step()
-    return _now(params[0].device) - t0
-
-
-def time_routed_vs_full(model, loss_fn, run, ratio=0.1, ig_steps=20, ig_chunk=None, repeats=3,
-                        block=3, lr=1e-5, memory=True):
-    """Medians of a routed training step, a full training step and one IG attribution, measured
-    interleaved (repeats x [block full steps, block routed steps, one IG]; the first step of each
-    block is a warm-up and not timed) on a private copy of `model` (train mode for steps).
-    loss_fn(model) -> scalar loss on a fixed batch; run as in ffn_attributions. With memory=True
-    also the peak tensor memory of one IG, one full and one routed step (peak_memory).
-    Returns a dict of seconds, ratios and bytes."""
-    if block < 2:
-        raise ValueError(f"routing.time_routed_vs_full: block must be >= 2 (one warm-up step), got {block}")
-    model = copy.deepcopy(model).train()
-    full_params = list(model.parameters())
-    full_opt = torch.optim.AdamW(full_params, lr=lr)
-    device = full_params[0].device
-    paths = select_paths(ffn_attributions(model, run, steps=ig_steps, chunk=ig_chunk), ratio)
-    router = Router()
-    full, routed, ig = [], [], []
-    for _ in range(repeats):
-        full += [_train_step(model, loss_fn, full_params, full_opt) for _ in range(block)][1:]
-        full_opt.zero_grad(set_to_none=True)
-        router.attach(model, paths)
-        opt = torch.optim.AdamW(router.parameters(), lr=lr)
-        routed += [_train_step(model, loss_fn, router.parameters(), opt) for _ in range(block)][1:]
-        router.detach()
-        t0 = _now(device)
-        ffn_attributions(model, run, steps=ig_steps, chunk=ig_chunk)
-        ig.append(_now(device) - t0)
-    out = dict(full_step_s=statistics.median(full), routed_step_s=statistics.median(routed),
-               ig_s=statistics.median(ig), repeats=repeats, timed_steps_per_method=len(full),
-               ig_steps=ig_steps, ig_chunk=ig_chunk, route_ratio=ratio,
-               selected_per_layer=[len(p) for p in paths], threads=torch.get_num_threads())
-    out["routed_over_full"] = out["routed_step_s"] / out["full_step_s"]
-    out["ig_over_full_step"] = out["ig_s"] / out["full_step_s"]
-    if memory:
-        out["full_step_peak_bytes"] = peak_memory(lambda: _train_step(model, loss_fn, full_params, full_opt))
-        full_opt.zero_grad(set_to_none=True)
-        router.attach(model, paths)
-        opt = torch.optim.AdamW(router.parameters(), lr=lr)
-        _train_step(model, loss_fn, router.parameters(), opt)  # optimizer state exists, as in training
-        out["routed_step_peak_bytes"] = peak_memory(lambda: _train_step(model, loss_fn, router.parameters(), opt))
-        router.detach()
-        out["ig_peak_bytes"] = peak_memory(lambda: ffn_attributions(model, run, steps=ig_steps, chunk=ig_chunk))
-        out["ig_peak_over_full_step_peak"] = out["ig_peak_bytes"] / out["full_step_peak_bytes"]
-    return out

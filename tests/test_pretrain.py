@@ -163,8 +163,8 @@ def test_chunked_attribution_equals_sequential(tiny_model_dir, tmp_path, extra, 
     got = {}
     real = routing.ffn_attributions
 
-    def spy(model, run, steps=20, chunk=None, per_layer=False):
-        got[chunk] = real(model, run, steps=steps, chunk=chunk, per_layer=per_layer)
+    def spy(model, run, chunk=None, **kw):
+        got[chunk] = real(model, run, chunk=chunk, **kw)
         return got[chunk]
     monkeypatch.setattr(routing, "ffn_attributions", spy)
     for chunk in (1, 3):

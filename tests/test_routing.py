@@ -36,7 +36,7 @@ def make_batch(tok, sentences=SENTENCES):
 def make_run(batch):
     """run(model, repeat=1) -> (repeat*B,) probability of the masked token, as routing expects."""
     def run(model, repeat=1):
-        b = routing.repeat_batch(batch, repeat)
+        b = {k: v.repeat(repeat, 1) for k, v in batch.items()}  # (repeat*B, T)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (rB, T, V)
         rows = torch.arange(logits.shape[0])
         target = b["mlm_labels"][:, POS]  # (rB,)
@@ -81,7 +81,7 @@ def test_ig_completeness_per_layer(tiny_mlm):
     model, tok = tiny_mlm
     model = strong_ffn(model)
     run = make_run(make_batch(tok))
-    attr = routing.ffn_attributions(model, run, steps=200, chunk=200, per_layer=True)
+    attr = routing.ffn_attributions(model, run, steps=200, chunk=200, form="layer")
     assert attr.shape == (2, 64)
     with torch.no_grad():
         s_real = run(model).sum().item()
@@ -92,14 +92,14 @@ def test_ig_completeness_per_layer(tiny_mlm):
 
 
 def test_ig_completeness_all_layers(tiny_mlm):
-    # Default mode (all layers scaled together): the sum over all layers' neurons equals
+    # Joint form (all layers scaled together): the sum over all layers' neurons equals
     # S(real) - S(every FFN output zeroed). Same tolerance; observed <= 0.2%. Using the real
     # activation a_j instead of the scaled pass's u_j(alpha) for layers > 1 misses by 4% (BERT)
     # and 31% (RoBERTa) here, so this test catches that error.
     model, tok = tiny_mlm
     model = strong_ffn(model)
     run = make_run(make_batch(tok))
-    attr = routing.ffn_attributions(model, run, steps=200, chunk=200)
+    attr = routing.ffn_attributions(model, run, steps=200, chunk=200, form="joint")
     with torch.no_grad():
         s_real = run(model).sum().item()
     diff = s_real - prob_with_zeroed(model, run, [0, 1])
@@ -116,44 +116,93 @@ def test_ig_single_layer_modes_agree_and_dead_neurons_get_zero(bert_tok):
     with torch.no_grad():
         ffn_modules(model)[0][1].dense.weight[:, dead] = 0
     run = make_run(make_batch(bert_tok))
-    a = routing.ffn_attributions(model, run, steps=10)
-    b = routing.ffn_attributions(model, run, steps=10, per_layer=True)
+    a = routing.ffn_attributions(model, run, steps=10, form="joint")
+    b = routing.ffn_attributions(model, run, steps=10, form="layer")
     torch.testing.assert_close(a, b)
     assert torch.all(a[0, dead] == 0)
     assert (a[0] != 0).sum() > 40
 
 
-def test_ig_chunked_equals_sequential_and_leaves_model_untouched(tiny_mlm):
+@pytest.mark.parametrize("form", routing.FORMS)
+def test_ig_chunked_equals_sequential_and_leaves_model_untouched(tiny_mlm, form):
     model, tok = tiny_mlm
     model.train()
     model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]
     before = copy.deepcopy(model.state_dict())
     run = make_run(make_batch(tok))
-    seq = routing.ffn_attributions(model, run, steps=7)
-    for chunk in (3, 7):
-        torch.testing.assert_close(routing.ffn_attributions(model, run, steps=7, chunk=chunk), seq,
+    seq = routing.ffn_attributions(model, run, steps=7, chunk=1, form=form)
+    for chunk in (3, 7, None):
+        torch.testing.assert_close(routing.ffn_attributions(model, run, steps=7, chunk=chunk, form=form), seq,
                                    rtol=1e-4, atol=1e-7)
     assert model.training
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+    assert all("forward" not in vars(m) for m in model.modules())  # the cached-layer patches are gone
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_ig_chunk_without_tiled_run_fails(tiny_mlm):
+def naive_eq11(model, run, steps):
+    """Eq. (11) by the book: for each layer l and k = 1..m a full forward with only layer l's FFN
+    activation scaled by k/m (a forward hook), gradient w.r.t. the scaled value, times v-bar."""
+    ffns = ffn_modules(model)
+    out = []
+    for l in range(len(ffns)):
+        total = 0
+        for k in range(1, steps + 1):
+            seen = {}
+
+            def hook(m, i, u):
+                seen["a"] = u.detach()
+                seen["z"] = (u.detach() * (k / steps)).requires_grad_()
+                return seen["z"]
+            h = ffns[l][0].register_forward_hook(hook)
+            probs = run(model)
+            h.remove()
+            g, = torch.autograd.grad(probs.sum(), seen["z"])
+            total = total + (seen["a"] * g).reshape(-1, g.shape[-1]).sum(0)
+        out.append(total / steps)
+    return torch.stack(out)
+
+
+def test_ig_layer_form_equals_naive_eq11(tiny_mlm):
+    # The cached-lower-layer, stacked-alpha form computes exactly Eq. (11) per layer; the joint
+    # form does not (it differs on a 2-layer model with strong FFNs).
+    model, tok = tiny_mlm
+    model = strong_ffn(make_three_layers(model, tok))
+    run = make_run(make_batch(tok))
+    ref = naive_eq11(model, run, steps=5)
+    for chunk in (None, 2):
+        torch.testing.assert_close(routing.ffn_attributions(model, run, steps=5, chunk=chunk), ref,
+                                   rtol=1e-4, atol=1e-8)
+    joint = routing.ffn_attributions(model, run, steps=5, form="joint")
+    assert (joint[1:] - ref[1:]).abs().max() > 1e-3 * ref[1:].abs().max()
+
+
+def make_three_layers(model, tok):
+    from conftest import make_model
+    kind = "bert" if model.config.model_type == "bert" else "roberta"
+    return make_model(kind, tok, layers=3)
+
+
+def test_chunk_for_memory_bound():
+    # hand-computed: per token and layer 4 bytes * (10*32 + 2*64 + 2 heads * 8) = 1856 bytes;
+    # 2 x 8 tokens x 2 layers = 59392 bytes per stacked alpha copy
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    assert routing._chunk_for(10 * 59392, (2, 8), 2, cfg, steps=20) == 10
+    assert routing._chunk_for(10 * 59392 - 1, (2, 8), 2, cfg, steps=20) == 9
+    assert routing._chunk_for(10 * 59392, (2, 8), 1, cfg, steps=20) == 20  # one layer: everything fits
+    assert routing._chunk_for(1, (2, 8), 2, cfg, steps=20) == 1  # never below one copy
+
+
+@pytest.mark.parametrize("form", routing.FORMS)
+def test_ig_chunk_without_tiled_run_fails(tiny_mlm, form):
     model, tok = tiny_mlm
     batch = make_batch(tok)
     with pytest.raises(ValueError, match="tile"):
-        routing.ffn_attributions(model, lambda m, repeat: make_run(batch)(m), steps=4, chunk=2)
-
-
-def test_repeat_batch_offsets_row_indices():
-    batch = dict(input_ids=torch.zeros(2, 5, dtype=torch.long), ent_batch=torch.tensor([0, 1, 1]),
-                 ent_id=torch.tensor([7, 8, 9]))
-    out = routing.repeat_batch(batch, 3)
-    assert out["input_ids"].shape == (6, 5)
-    assert out["ent_batch"].tolist() == [0, 1, 1, 2, 3, 3, 4, 5, 5]
-    assert out["ent_id"].tolist() == [7, 8, 9] * 3
+        routing.ffn_attributions(model, lambda m, repeat=1: make_run(batch)(m), steps=4, chunk=2, form=form)
+    assert all("forward" not in vars(m) for m in model.modules())
 
 
 def test_select_paths_ratio_and_threshold():
@@ -168,13 +217,6 @@ def test_select_paths_ratio_and_threshold():
     with pytest.raises(ValueError, match="route-ratio"):
         routing.select_paths(attr, ratio=0)
 
-
-def test_broadcast_paths_without_distributed_is_identity():
-    paths = [torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)]
-    assert routing.broadcast_paths(paths) is paths
-
-
-# ----------------------------------------------------------------------------- Eq. (12)
 
 def slice_apply(linear, x, w_sel, b_sel, idx, rows):
     """_SliceLinear with the slices written into a fresh copy of the full weight (out of place, so
@@ -289,8 +331,11 @@ def test_router_gradients_equal_full_backward(tiny_mlm, flags):
 
 @pytest.mark.parametrize("flags", [(False, False), (True, True)])
 def test_routed_step_updates_only_paths(tiny_mlm, flags, tmp_path):
-    # One AdamW step through the router equals a full AdamW step whose gradients outside the
-    # paths (and the optional LayerNorms / head bias) are zeroed; everything else is bitwise kept.
+    # Eq. (12) as built: a step moves exactly row j of W_in, b_in[j] and column j of W_out for each
+    # selected j (every input neuron -> j -> every output neuron), and nothing else (b_out, other
+    # rows/columns, attention, embeddings stay bitwise). One AdamW step through the router equals a
+    # full AdamW step whose gradients outside the paths (and the optional LayerNorms / head bias)
+    # are zeroed.
     model, tok = tiny_mlm
     loss_fn = mlm_loss(make_batch(tok))
     original = copy.deepcopy(model.state_dict())
@@ -341,6 +386,8 @@ def test_routed_step_updates_only_paths(tiny_mlm, flags, tmp_path):
         if (flags[0] and k in ln_names) or (flags[1] and k in head_bias_names):
             unchanged = torch.zeros_like(unchanged)
         assert torch.equal(sd[k][unchanged], original[k][unchanged]), k  # bitwise unchanged
+        if k in keep:  # every entry of every path moved (Adam's first step moves each by ~lr)
+            assert torch.all(sd[k][keep[k]] != original[k][keep[k]]), k
         moved += int((sd[k][~unchanged] != original[k][~unchanged]).sum())
     n_path = 2 * (6 * 32 + 6 + 32 * 6)
     assert moved >= n_path  # every path entry moved (Adam's first step moves each by ~lr)
@@ -367,7 +414,171 @@ def test_router_empty_path_freezes_layer_and_bad_paths_fail(tiny_mlm):
     assert all(p.requires_grad for p in model.parameters())  # a failed attach changes nothing
 
 
-# ----------------------------------------------------------------------------- timing helpers
+# ----------------------------------------------------------------------------- Adam state across re-routings
+
+def view_of(router, param):
+    """The router's (tensor, idx) cut from model parameter `param`."""
+    hit = [(t, idx) for t, full, dim, idx in router.views() if full is param]
+    assert len(hit) == 1
+    return hit[0]
+
+
+def test_adam_moments_kept_for_slices_that_stay_and_zero_for_new(tiny_mlm):
+    model, tok = tiny_mlm
+    loss_fn = mlm_loss(make_batch(tok))
+    (inter0, out0), (inter1, _) = ffn_modules(model)
+    W_in, b_in, W_out = inter0.dense.weight, inter0.dense.bias, out0.dense.weight
+    # full-parameter training first (the fresh-head warm-up), then the first routing
+    full_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss_fn(model).backward()
+        full_opt.step()
+        full_opt.zero_grad()
+    r1 = routing.Router().attach(model, [torch.tensor([0, 1, 2]), torch.tensor([3, 4])])
+    opt1 = torch.optim.AdamW(r1.parameters(), lr=1e-3)
+    routing.carry_adam_state(full_opt, [(p, p, None, None) for p in model.parameters()], opt1, r1.views())
+    w, _ = view_of(r1, W_in)
+    assert torch.equal(opt1.state[w]["exp_avg"], full_opt.state[W_in]["exp_avg"][[0, 1, 2]])
+    w, _ = view_of(r1, W_out)
+    assert torch.equal(opt1.state[w]["exp_avg_sq"], full_opt.state[W_out]["exp_avg_sq"][:, [0, 1, 2]])
+    assert float(opt1.state[w]["step"]) == 2
+    loss_fn(model).backward()
+    opt1.step()
+    old = {name: {k: opt1.state[view_of(r1, P)[0]][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+           for name, P in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out))}
+    old_views = r1.views()
+    r1.detach()
+    # re-route: neurons 1 and 2 stay, 5 is new (layer 0); layer 1 keeps 4, gains 7
+    r2 = routing.Router().attach(model, [torch.tensor([1, 2, 5]), torch.tensor([4, 7])])
+    opt2 = torch.optim.AdamW(r2.parameters(), lr=1e-3)
+    routing.carry_adam_state(opt1, old_views, opt2, r2.views())
+    for name, P in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out)):
+        st = opt2.state[view_of(r2, P)[0]]
+        assert float(st["step"]) == 3
+        for k in ("exp_avg", "exp_avg_sq"):
+            col = P is W_out
+            got, ref = (st[k].t(), old[name][k].t()) if col else (st[k], old[name][k])
+            assert torch.equal(got[0], ref[1]) and torch.equal(got[1], ref[2]), (name, k)  # kept
+            assert torch.count_nonzero(got[2]) == 0, (name, k)  # neuron 5: new, zero moments
+            assert torch.count_nonzero(ref[0]) > 0  # neuron 0 had moments (and is dropped)
+    st = opt2.state[view_of(r2, inter1.dense.weight)[0]]["exp_avg"]
+    assert torch.count_nonzero(st[0]) > 0 and torch.count_nonzero(st[1]) == 0  # 4 kept, 7 new
+    r2.detach()
+
+
+def test_rerouting_to_the_same_paths_continues_adam_exactly(tiny_mlm):
+    # With unchanged paths, detach + attach + carry_adam_state must be invisible: the next step
+    # equals the step of a router that was never re-attached (a reset would move every slice by ~lr).
+    model, tok = tiny_mlm
+    loss_fn = mlm_loss(make_batch(tok))
+    paths = random_paths(model)
+    twin = copy.deepcopy(model)
+    states = []
+    for m, reroute in ((model, True), (twin, False)):
+        r = routing.Router().attach(m, paths)
+        opt = torch.optim.AdamW(r.parameters(), lr=1e-2)
+        loss_fn(m).backward()
+        opt.step()
+        opt.zero_grad()
+        if reroute:
+            views = r.views()
+            r.detach()
+            r = routing.Router().attach(m, paths)
+            new = torch.optim.AdamW(r.parameters(), lr=1e-2)
+            routing.carry_adam_state(opt, views, new, r.views())
+            opt = new
+        loss_fn(m).backward()
+        opt.step()
+        r.detach()
+        states.append(m.state_dict())
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
+
+
+# ----------------------------------------------------------------------------- pretrain.Trainer's routing
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_data")
+
+
+def trainer(model_dir, out, *extra):
+    import pretrain
+    argv = ["--method", "trelm", "--model", model_dir, "--data", FIX, "--output-dir", str(out), "--batch-size", "4",
+            "--seq-len", "32", "--ig-steps", "3", "--route-every", "3", "--max-steps", "8", "--seed", "1", *extra]
+    return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+
+
+def routing_log(out):
+    import json
+    return [json.loads(l) for l in open(os.path.join(out, "routing.jsonl"))]
+
+
+def test_trained_head_routes_from_step_zero(tiny_model_dir, tmp_path, capsys):
+    t = trainer(tiny_model_dir, tmp_path)
+    assert t.args.route_warmup == 0 and "--route-warmup" not in capsys.readouterr().out
+    head_bias = head_decoder(t.net.mlm)[1].detach().clone()
+    t.train_step()
+    assert t.router is not None  # routed at step 0
+    assert torch.equal(head_decoder(t.net.mlm)[1], head_bias)  # the head is frozen from the first step
+    log = routing_log(tmp_path)
+    assert [r["step"] for r in log] == [0] and "warmup" not in log[0] and log[0]["jaccard_prev"] is None
+
+
+def test_fresh_head_warmup_is_logged_and_trains_everything(tiny_model_dir, tmp_path, capsys):
+    from transformers import BertModel
+    from conftest import make_bert_tokenizer, make_model
+    tok = make_bert_tokenizer(tmp_path)
+    encoder_only = str(tmp_path / "encoder_only")
+    BertModel(make_model("bert", tok).config).save_pretrained(encoder_only)
+    tok.save_pretrained(encoder_only)
+    t = trainer(encoder_only, tmp_path / "run")
+    assert t.args.route_warmup == 3
+    assert "freshly initialised" in capsys.readouterr().out
+    assert routing_log(tmp_path / "run") == [{"step": 0, "warmup": 3, "reason": "fresh MLM head"}]
+    for _ in range(3):
+        t.train_step()
+        assert t.router is None  # full-parameter warm-up
+    t.train_step()
+    assert t.router is not None
+    assert [r.get("step") for r in routing_log(tmp_path / "run")] == [0, 3]
+
+
+def test_trainer_rerouting_keeps_adam_moments(tiny_model_dir, tmp_path):
+    t = trainer(tiny_model_dir, tmp_path, "--route-every", "2")
+    for _ in range(2):
+        t.train_step()  # routes at 0, one routed step
+    moments = {}  # (id(model weight), dim, neuron) -> exp_avg slice before re-routing
+    for tensor, param, dim, idx in t.router.views():
+        if idx is not None:
+            for pos, j in enumerate(idx.tolist()):
+                moments[id(param), dim, j] = t.optimizer.state[tensor]["exp_avg"].select(dim, pos).clone()
+    t.reroute(t.get_batch(0))
+    kept = new = 0
+    for tensor, param, dim, idx in t.router.views():
+        if idx is None:
+            continue
+        st = t.optimizer.state[tensor]
+        assert float(st["step"]) == 2
+        for pos, j in enumerate(idx.tolist()):
+            got = st["exp_avg"].select(dim, pos)
+            if (id(param), dim, j) in moments:
+                assert torch.equal(got, moments[id(param), dim, j])
+                kept += 1
+            else:
+                assert torch.count_nonzero(got) == 0
+                new += 1
+    assert kept > 0
+    log = routing_log(tmp_path)
+    assert [r["step"] for r in log] == [0, 2] and 0 <= log[1]["jaccard_prev"] <= 1
+
+
+def test_path_jaccard_by_hand():
+    import pretrain
+    a = [torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long), torch.tensor([5])]
+    b = [torch.tensor([1, 2, 3]), torch.tensor([], dtype=torch.long), torch.tensor([6])]
+    assert pretrain.path_jaccard(a, b) == pytest.approx((2 / 4 + 1 + 0) / 3)
+
+
+# ----------------------------------------------------------------------------- bench.py's memory helper
 
 def test_peak_memory_counts_live_tensors():
     def fn():
@@ -380,20 +591,6 @@ def test_peak_memory_counts_live_tensors():
     assert 24_000_000 <= peak < 24_100_000
 
 
-def test_time_routed_vs_full_runs_on_a_copy(bert_tok):
-    from conftest import make_model
-    tok, model = bert_tok, make_model("bert", bert_tok)
-    batch = make_batch(tok)
-    before = copy.deepcopy(model.state_dict())
-    out = routing.time_routed_vs_full(model, mlm_loss(batch), make_run(batch), ratio=0.1,
-                                      ig_steps=2, repeats=1, block=2)
-    for key in ("full_step_s", "routed_step_s", "ig_s", "routed_over_full", "ig_over_full_step",
-                "full_step_peak_bytes", "routed_step_peak_bytes", "ig_peak_bytes"):
-        assert out[key] > 0, key
-    assert out["selected_per_layer"] == [6, 6]
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-
-
 # ----------------------------------------------------------------------------- DDP
 
 def _free_port():
@@ -403,9 +600,9 @@ def _free_port():
 
 
 def test_ddp_paths_identical(tmp_path):
-    # Two gloo ranks see different sentences, so their attributions and local paths differ;
-    # after broadcast_paths both use rank 0's paths, and after a routed step with
-    # all_reduce_grads both models are identical.
+    # Two gloo ranks see different sentences, so their attributions and local paths differ; after
+    # the all-reduce of the attributions (as pretrain.Trainer.reroute does, on the compute device)
+    # both select the same paths, and after a routed step with all_reduce_grads both models are identical.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", os.path.abspath(__file__), str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -415,16 +612,35 @@ def test_ddp_paths_identical(tmp_path):
     assert not torch.allclose(r0["attr"], r1["attr"])
     assert any(not torch.equal(a, b) for a, b in zip(r0["local_paths"], r1["local_paths"]))
     assert all(torch.equal(a, b) for a, b in zip(r0["paths"], r1["paths"]))
-    assert all(torch.equal(a, b) for a, b in zip(r0["paths"], r0["local_paths"]))
+    torch.testing.assert_close(r0["reduced"], r0["attr"] + r1["attr"])
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k
     assert any(not torch.equal(v, r0["initial"][k]) for k, v in r0["state"].items())
 
 
+def test_process_group_serves_cpu_and_cuda_tensors():
+    # On GPU the group must carry CUDA tensors (attributions, gradients) over nccl and CPU tensors
+    # (the memory bank's gathers, --memory-device cpu) over gloo: nccl alone, as before, has no CPU backend.
+    import pretrain
+    from torch.distributed.distributed_c10d import BackendConfig
+    assert BackendConfig(pretrain.process_group_backend(True)).get_device_backend_map() == \
+        {"cpu": "gloo", "cuda": "nccl"}
+    assert "cpu" not in BackendConfig("nccl").get_device_backend_map()  # what the old code used
+    assert BackendConfig(pretrain.process_group_backend(False)).get_device_backend_map()["cpu"] == "gloo"
+
+
+def test_attributions_live_on_the_model_device(tiny_mlm):
+    # reroute all-reduces them where they are: they must be on the compute device (not built on the CPU)
+    model, tok = tiny_mlm
+    attr = routing.ffn_attributions(model, make_run(make_batch(tok)), steps=2)
+    assert attr.device == next(model.parameters()).device and attr.dtype == torch.float32
+
+
 def _ddp_worker(out_dir):
     import torch.distributed as dist
+    import pretrain
     from conftest import make_bert_tokenizer, make_model
-    dist.init_process_group("gloo")
+    dist.init_process_group(pretrain.process_group_backend(use_cuda=False))
     rank = dist.get_rank()
     tok = make_bert_tokenizer(out_dir)
     model = make_model("bert", tok)  # same seed: identical on both ranks
@@ -432,15 +648,17 @@ def _ddp_worker(out_dir):
     batch = make_batch(tok, SENTENCES[rank:rank + 2])  # different data per rank
     attr = routing.ffn_attributions(model, make_run(batch), steps=4)
     local = routing.select_paths(attr, ratio=0.1)
-    paths = routing.broadcast_paths(local)
+    reduced = attr.clone()
+    dist.all_reduce(reduced)
+    paths = routing.select_paths(reduced, ratio=0.1)
     router = routing.Router().attach(model, paths)
     opt = torch.optim.AdamW(router.parameters(), lr=1e-2)
     mlm_loss(batch)(model).backward()
     router.all_reduce_grads()
     opt.step()
     router.detach()
-    torch.save(dict(attr=attr, local_paths=local, paths=paths, state=model.state_dict(), initial=initial),
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(dict(attr=attr, local_paths=local, paths=paths, reduced=reduced, state=model.state_dict(),
+                    initial=initial), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
