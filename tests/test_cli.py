@@ -186,7 +186,7 @@ def test_data_errors_are_one_line_and_debug_gives_the_traceback(tiny_model_dir, 
     with pytest.raises(SystemExit, match=rf"pretrain.py: .*corpus.jsonl:{n + 1}: not valid UTF-8"):
         run(tiny_model_dir, tmp_path / "r", data=str(bad))
     import data
-    with pytest.raises(data.DataError, match="not UTF-8"):
+    with pytest.raises(data.DataError, match="not valid UTF-8"):
         run(tiny_model_dir, tmp_path / "r2", "--debug", data=str(bad))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), "--model", tiny_model_dir, "--data",
                         str(tmp_path / "nope"), "--output-dir", str(tmp_path / "r3")],
