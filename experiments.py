@@ -175,6 +175,9 @@ def generic_lines(corpus_path, probe_dir):
     if not corpus_path.endswith(".jsonl"):
         raise SystemExit(f"{corpus_path}: the base PLM needs corpus.jsonl, whose fact lines carry 'entities' "
                          "(a raw corpus.txt cannot tell fact sentences from generic text)")
+    if not os.path.isdir(probe_dir):
+        raise SystemExit(f"{probe_dir}: no probes/ folder; the base PLM's corpus drops lines naming a probe fact "
+                         "(pass --probe-dir)")
     pairs, labels = set(), set()
     for name in sorted(os.listdir(probe_dir)):
         if name.startswith("P") and name.endswith(".jsonl"):
@@ -183,6 +186,8 @@ def generic_lines(corpus_path, probe_dir):
                     r = json.loads(line)
                     pairs.add((r["sub_label"], r["obj_label"]))
                     labels |= {r["sub_label"], r["obj_label"]}
+    if not labels:
+        raise SystemExit(f"{probe_dir}: no P*.jsonl probe file")
     matcher = data_mini.AliasMatcher({l: {"aliases": [l]} for l in labels})
     kept, counts = [], {"fact_lines": 0, "text_lines_naming_a_probe_fact": 0}
     with open(corpus_path, encoding="utf-8") as f:
@@ -217,7 +222,7 @@ def mini_probes(args):
 
 
 def base_key(args):
-    """(key, cache dir, generic lines, kg dir) of the base PLM: computed from its inputs without training."""
+    """(key, cache dir, generic lines, their counts, kg dir) of the base PLM, from its inputs alone."""
     import data
     kg_dir, corpus = data.resolve_data(args.data)
     lines, counts = generic_lines(corpus, mini_probes(args))
@@ -254,7 +259,7 @@ def base_checkpoint(args):
     rec = {"key": key, "dir": root, **counts, "l_mlm_first": rows[0]["l_mlm"], "l_mlm_last_tenth": last,
            "l_mlm_previous_tenth": prev, "relative_drop_last_tenth": None if prev is None else (prev - last) / prev,
            "train_seconds": rows[-1]["elapsed"], "s_per_step": rows[-1]["elapsed"] / rows[-1]["step"],
-           "commit": common.git_commit(),
+           "commit": json.load(open(os.path.join(run_dir, "config.json")))["commit"],
            "probe": probe(args, os.path.join(run_dir, "final"), os.path.join(root, "probe"))}
     common.atomic_write_json(record_path, rec)
     return os.path.join(run_dir, "final"), rec
@@ -361,11 +366,19 @@ def curve(args, run_dir):
                      for r in rows], "snapshots": points}
 
 
+def data_id(args):
+    """--data and a hash of its corpus file, so that a rebuilt corpus invalidates the runs made on another."""
+    import data
+    _, corpus = data.resolve_data(args.data)
+    with open(corpus, "rb") as f:
+        return f"{args.data}@{hashlib.sha256(f.read()).hexdigest()[:12]}"
+
+
 def run_record(args, name, flags, seed, steps, model, model_id, want_curve=False, want_ft=False):
     """The per-run JSON <output-dir>/runs/<variant>-n<steps>-s<seed>.json: reused when its key matches,
     completed (curve, F1) when asked for more than it holds."""
     key = {"variant": name, "flags": flags, "seed": seed, "steps": steps, "seq_len": args.seq_len,
-           "batch_size": args.train_batch_size, "model": model_id, "data": args.data, "probe": args.probe,
+           "batch_size": args.train_batch_size, "model": model_id, "data": data_id(args), "probe": args.probe,
            "pretrain_args": args.pretrain_args, "snapshots": args.snapshots,
            "finetune": [args.ft_train_limit, args.ft_eval_limit, args.ft_epochs, args.ft_max_seq_len]}
     path = os.path.join(args.output_dir, "runs", run_name(name, steps, seed) + ".json")
@@ -407,14 +420,13 @@ def flat(rec):
     return out
 
 
-def run_variants(args, task, steps=None, variants=None):
+def run_variants(args, task, steps=None):
     """Every variant of `task` x every seed (progress bar over both) ->
     {name: {"seeds": {seed: flat numbers}, "mean", "std", "flags", "records": {seed: run record}}}."""
     from tqdm import tqdm
     steps = steps or args.steps
     model, model_id = study_model(args)
-    variants = variants or VARIANTS[task]
-    todo = [(n, f, s) for n, f in variants for s in seeds_of(args)]
+    todo = [(n, f, s) for n, f in VARIANTS[task] for s in seeds_of(args)]
     out = {}
     for name, flags, seed in tqdm(todo, desc=f"{task} (variant x seed)", unit="run", position=0):
         rec = run_record(args, name, flags, seed, steps, model, model_id, want_curve=(task == "efficiency"),
