@@ -159,3 +159,30 @@ def test_plots_skip_old_format_and_missing_dir(tmp_path, capsys):
     assert "predates the prior-free score" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a directory"):
         plots.main(["--results", str(tmp_path / "nope")])
+
+
+def test_band_is_mean_and_std_over_seeds():
+    a = [{"t": 0.0, "y": 0.0}, {"t": 10.0, "y": 10.0}]
+    b = [{"t": 0.0, "y": 2.0}, {"t": 5.0, "y": 7.0}, {"t": 12.0, "y": 14.0}]
+    grid, mean, std = plots.band([a, b], "t", "y", n=3)
+    assert list(grid) == [0.0, 5.0, 10.0]  # up to the shortest seed's end
+    assert list(mean) == pytest.approx([1.0, 6.0, 11.0]) and list(std) == pytest.approx([math.sqrt(2)] * 3)
+
+
+def test_report_status_pending_until_final(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(common, "git_commit", lambda: "c0ffee")
+    out = tmp_path / "results"
+    (out / "runs").mkdir(parents=True)
+    args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out), "--steps", "300"])
+    seeds = {str(s): {"score_MRR": 0.1} for s in range(3)}
+    for t in ("ablation", "injection", "hparams", "efficiency"):
+        (out / f"{t}.json").write_text(json.dumps({"metrics": {"trelm": {"seeds": seeds}}}))
+    for s in range(3):
+        (out / "runs" / f"trelm-n300-s{s}.json").write_text(json.dumps({"commit": "c0ffee"}))
+    (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 300, "resolves": True}}))
+    assert ex.pending_reasons(args, ex.load_results(str(out))) == []
+    (out / "runs" / "trelm-n300-s1.json").write_text(json.dumps({"commit": "c0ffee-dirty"}))
+    (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 600, "resolves": True}}))
+    why = ex.pending_reasons(args, ex.load_results(str(out)))
+    assert any("c0ffee-dirty" in w for w in why) and any("recommends --steps 600" in w for w in why)
