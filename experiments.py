@@ -6,7 +6,7 @@
     python evaluate.py --task injection   # Fig. 3: long-tail, frequent, all, important
     python evaluate.py --task hparams     # Figs. 7-8: theta (0.25, 0.5, 0.75), k (4, 8, 16, 32), beta (1-4)
     python evaluate.py --task efficiency  # Figs. 4-6: L_MLM and score against in-process pre-training time
-    python evaluate.py --task reproduce   # base + all four + plots.py + REPORT.md (one command)
+    python evaluate.py --task reproduce   # base + pilot + all four + plots.py + REPORT.md (one command)
 
 Base PLM (issue #15, point 1). The paper continues pre-training BERT/RoBERTa, whose MLM head is trained.
 The packaged MiniLM has none, so `base_checkpoint` trains the encoder and a fresh tied head by plain
@@ -56,6 +56,9 @@ import time
 import common
 
 PRIMARY = "score_MRR"  # the prior-free probe score every probe-based claim is judged on
+# The base PLM has plateaued when L_MLM's mean over the last tenth of its steps is within this fraction of
+# the tenth before (a necessary check only: the linear learning-rate decay also flattens the end)
+PLATEAU_TOL = 0.02
 FT_TASKS = ("fewrel", "open-entity")
 
 # (name, pretrain flags); names are shared between tasks so a run is trained once
@@ -127,7 +130,8 @@ def add_args(parser):
     g.add_argument("--ft-eval-limit", type=int, default=700)
     g.add_argument("--ft-epochs", type=int, default=2)
     g.add_argument("--ft-max-seq-len", type=int, default=64)
-    g.add_argument("--pilot-steps", default="150,300", help="pilot: the two budgets compared")
+    g.add_argument("--pilot-steps", default="150,300",
+                   help="pilot: the two budgets compared (runs at --steps are reused by the study)")
     g.add_argument("--target-effect", type=float, default=0.2, help="pilot: relative difference to resolve")
     g.add_argument("--figures", default="figures", help="reproduce: where plots.py writes")
     g.add_argument("--report", default="REPORT.md", help="reproduce: the report written")
@@ -263,6 +267,10 @@ def base_checkpoint(args):
            "probe": probe(args, os.path.join(run_dir, "final"), os.path.join(root, "probe"))}
     common.atomic_write_json(record_path, rec)
     return os.path.join(run_dir, "final"), rec
+
+
+def plateaued(rec):
+    return rec["relative_drop_last_tenth"] is not None and rec["relative_drop_last_tenth"] <= PLATEAU_TOL
 
 
 def study_model(args):
@@ -556,6 +564,9 @@ def run_base(args):
         path, rec = base_checkpoint(args)
         common.write_result(args.output_dir, "base", args.base_model, {k: v for k, v in vars(args).items()}, 0, rec)
     p = rec["probe"]
+    if not plateaued(rec):
+        print(f"warning: the base PLM's L_MLM fell {fmt(rec['relative_drop_last_tenth'])}% over its last tenth "
+              f"(more than {100 * PLATEAU_TOL:.0f}%, or too few steps to tell): not plateaued; raise --base-steps")
     print(f"base PLM {path}\n  L_MLM {rec['l_mlm_first']:.3f} (step 1) -> {rec['l_mlm_last_tenth']:.3f} (mean of the last "
           f"tenth; the tenth before: {rec['l_mlm_previous_tenth']:.3f})\n  probes: seen P@1 {fmt(p.get('seen_P@1'))}, "
           f"held-out P@1 {fmt(p.get('heldout_P@1'))}, score_MRR {fmt(p['score_MRR'])} ± {fmt(p.get('se_MRR'))} (SE)")
@@ -707,6 +718,9 @@ def pending_reasons(args, res):
     if any(c is None or c.endswith("-dirty") or c != head for c in commits):
         short = sorted(str(c)[:12] + ("-dirty" if str(c).endswith("-dirty") else "") for c in commits)
         why.append(f"runs made at {', '.join(short)}, not at the clean HEAD {head[:12]}")
+    if args.model == "base" and "base" in res and not plateaued(res["base"]["metrics"]):
+        why.append(f"the base PLM's L_MLM still fell {fmt(res['base']['metrics']['relative_drop_last_tenth'])}% "
+                   "over its last tenth (raise --base-steps)")
     rec = res.get("pilot", {}).get("recommendation")
     if rec is None:
         why.append("no pilot (--task pilot) chose the budget")
@@ -840,8 +854,10 @@ def write_report(args):
 
 
 def run_reproduce(args):
-    """The whole study: base PLM, every experiment, the figures, REPORT.md."""
+    """The whole study: base PLM, the pilot (its --steps runs are the study's own), every experiment,
+    the figures, REPORT.md (pending while the pilot recommends a larger budget than --steps)."""
     run_base(args)
+    run_pilot(args)
     for task in ("ablation", "injection", "hparams", "efficiency"):
         TASKS[task](args)
     import plots
