@@ -90,6 +90,8 @@ TASK_MODULES = {  # task -> module exposing add_args(parser) and TASKS; imported
     "fewrel": "finetune",
     "open-entity": "finetune",
     "glue": "finetune",
+    "base": "experiments",
+    "pilot": "experiments",
     "ablation": "experiments",
     "injection": "experiments",
     "hparams": "experiments",

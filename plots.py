@@ -15,7 +15,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments import PRIMARY  # noqa: E402  the score the experiments compare (MRR on seen facts)
+import numpy as np  # noqa: E402
+
+from experiments import PAPER, PAPER_PEAKS, PRIMARY  # noqa: E402  the prior-free score the study judges on
 
 STYLES = [dict(color="0.0", ls="-", marker="o"), dict(color="0.35", ls="--", marker="s"),
           dict(color="0.55", ls=":", marker="^"), dict(color="0.2", ls="-.", marker="D"),
@@ -26,14 +28,22 @@ LABELS = {"mlm": "MLM (no knowledge)", "dkplm": "DKPLM", "trelm": "TRELM",
           "trelm_inj-long-tail": "long-tail", "trelm_inj-frequent": "frequent", "trelm_inj-all": "all"}
 MAKES = {"injection": "python evaluate.py --task injection", "efficiency": "python evaluate.py --task efficiency",
          "hparams": "python evaluate.py --task hparams", "subnetworks": "python subnetworks.py"}
+SCORE_LABEL = "score: seen - held-out MRR (x 100)"
 
 
 def load(results, task):
+    """The results JSON of `task`, or None (with a message) when it is missing or predates the study's
+    format (per-seed runs scored by the prior-free PRIMARY)."""
     path = os.path.join(results, f"{task}.json")
     if not os.path.exists(path):
         print(f"skip: {path} not found (made by `{MAKES.get(task, 'evaluate.py --task ' + task)}`)")
         return None
-    return json.load(open(path))["metrics"]
+    doc = json.load(open(path))
+    if task != "subnetworks" and not all(isinstance(v, dict) and PRIMARY in v.get("mean", {})
+                                         for v in doc["metrics"].values()):
+        print(f"skip: {path} predates the prior-free score {PRIMARY} (rerun `{MAKES[task]}`)")
+        return None
+    return doc
 
 
 def save(fig, out, name):
@@ -53,72 +63,93 @@ def err(x):
     return 0.0 if x is None else 100 * x
 
 
+def band(curves, x, y, n=60):
+    """Mean and std over seeds of y(x) on a common grid: each seed's curve (list of dicts) is linearly
+    interpolated on n points where every seed has data. -> (grid, mean, std); std 0 for one seed."""
+    curves = [c for c in curves if c]
+    grid = np.linspace(max(c[0][x] for c in curves), min(c[-1][x] for c in curves), n)
+    ys = np.stack([np.interp(grid, [p[x] for p in c], [p[y] for p in c]) for c in curves])  # (seeds, n)
+    return grid, ys.mean(0), ys.std(0, ddof=1) if len(curves) > 1 else np.zeros(n)
+
+
+def plot_band(ax, grid, mean, std, style, label):
+    ax.plot(grid, mean, color=style["color"], ls=style["ls"], label=label)
+    ax.fill_between(grid, mean - std, mean + std, color=style["color"], alpha=0.15, lw=0)
+
+
 def fig3(results, out):
-    m = load(results, "injection")
-    if m is None:
+    doc = load(results, "injection")
+    if doc is None:
         return
+    m = doc["metrics"]
     names = ["trelm_inj-long-tail", "trelm_inj-frequent", "trelm_inj-all", "trelm"]
     labels = ["long-tail", "frequent", "all", "important\n(TRELM)"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for i, n in enumerate(names):
         ax.bar(i, pct(m[n]["mean"][PRIMARY]), yerr=err(m[n]["std"][PRIMARY]), color="0.85", edgecolor="0",
                hatch=HATCHES[i % len(HATCHES)], capsize=3)
+        seeds = [pct(s[PRIMARY]) for s in m[n]["seeds"].values()]
+        ax.plot([i] * len(seeds), seeds, "k.", ms=4)
+    ax.axhline(0, color="0", lw=0.6)
     ax.set_xticks(range(len(labels)), labels)
-    ax.set_ylabel("MRR on seen facts (x 100)")
-    ax.set_title("Fig. 3: knowledge injection strategies")
+    ax.set_ylabel(SCORE_LABEL, fontsize=8)
+    ax.set_title("Fig. 3: injection strategies (bars: mean ± std, dots: seeds)", fontsize=9)
     save(fig, out, "fig3_injection")
 
 
 def fig4_5_6(results, out):
-    m = load(results, "efficiency")
-    if m is None:
+    doc = load(results, "efficiency")
+    if doc is None:
         return
-    curves = m["curves"]
+    eff = doc["efficiency"]
+    curves = eff["curves"]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for i, (name, seeds) in enumerate(curves.items()):
-        c = next(iter(seeds.values()))["loss"]
-        st = STYLES[i % len(STYLES)]
-        ax.plot([p["elapsed"] for p in c], [p["loss"] for p in c], color=st["color"], ls=st["ls"],
-                label=LABELS.get(name, name))
-    ax.set_xlabel("pre-training wall time (s)")
-    ax.set_ylabel("training loss (Eq. 3)")
-    ax.set_title("Fig. 4: loss against pre-training time (first seed)")
+        plot_band(ax, *band([c["loss"] for c in seeds.values()], "elapsed", "l_mlm"), STYLES[i % len(STYLES)],
+                  LABELS.get(name, name))
+    ax.set_xlabel("in-process pre-training time (s)")
+    ax.set_ylabel("$L_{MLM}$ (same loss for every method)")
+    ax.set_title("Fig. 4: MLM loss against pre-training time (mean ± std over seeds)", fontsize=9)
     ax.legend(fontsize=8)
     save(fig, out, "fig4_loss_vs_time")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for i, (name, seeds) in enumerate(curves.items()):
-        s = next(iter(seeds.values()))["snapshots"]
-        ax.plot([p["elapsed"] for p in s], [pct(p[PRIMARY]) for p in s], **STYLES[i % len(STYLES)],
-                label=LABELS.get(name, name))
-    ax.set_xlabel("pre-training wall time (s)")
-    ax.set_ylabel("MRR on seen facts (x 100)")
-    ax.set_title("Fig. 5: probing score of checkpoints against time")
+        snaps = [c["snapshots"] for c in seeds.values()]
+        st = STYLES[i % len(STYLES)]
+        grid, mean, std = band(snaps, "elapsed", PRIMARY, n=20)
+        plot_band(ax, grid, 100 * mean, 100 * std, st, LABELS.get(name, name))
+        for s in snaps:
+            ax.plot([p["elapsed"] for p in s], [pct(p[PRIMARY]) for p in s], color=st["color"], ls="none",
+                    marker=st["marker"], ms=3)
+    ax.set_xlabel("in-process pre-training time (s)")
+    ax.set_ylabel(SCORE_LABEL, fontsize=8)
+    ax.set_title("Fig. 5: score of checkpoints against time (mean ± std; markers: snapshots)", fontsize=9)
     ax.legend(fontsize=8)
     save(fig, out, "fig5_score_vs_time")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [1.4, 1]})
-    names = list(m["step_time_over_mlm"])
-    a1.barh(range(len(names)), [m["step_time_over_mlm"][n] for n in names], color="0.85", edgecolor="0", hatch="//")
+    names = list(eff["step_time_over_mlm"])
+    a1.barh(range(len(names)), [eff["step_time_over_mlm"][n] for n in names], color="0.85", edgecolor="0", hatch="//")
     a1.axvline(1.0, color="0", lw=0.8)
     a1.set_yticks(range(len(names)), [LABELS.get(n, n) for n in names], fontsize=8)
     a1.invert_yaxis()
-    a1.set_xlabel("seconds per step / MLM's")
+    a1.set_xlabel("seconds per step / MLM's (in-process)")
     a1.set_title("step time (incl. attribution)", fontsize=10)
-    r = [x for x in m["time_to_dkplm_final"] if x["ratio"] is not None]
-    if r:
-        a2.bar(range(len(r)), [x["ratio"] for x in r], color="0.6", edgecolor="0")
-        a2.set_xticks(range(len(r)), [f"seed {x['seed']}" for x in r])
-        a2.set_ylim(0, max(1.0, max(x["ratio"] for x in r) * 1.1))
-    else:
-        a2.text(0.5, 0.6, "TRELM did not reach\nDKPLM's final score\nwithin its run", ha="center", va="center",
-                transform=a2.transAxes, fontsize=9)
-        a2.set_xticks([])
-        a2.set_ylim(0, 1.0)
-    a2.axhline(0.5, color="0", ls="--", lw=0.8, label="paper's claim (0.5)")
-    a2.set_ylabel("time to DKPLM's final score\n/ DKPLM's time", fontsize=8)
-    a2.set_title("time to quality", fontsize=10)
-    a2.legend(fontsize=7, loc="lower right")
+    groups = {"DKPLM": eff["time_to_dkplm_final"], "w/o memory bank": eff["time_to_ablation_final"]["trelm_no-memory-bank"],
+              "w/o routing": eff["time_to_ablation_final"]["trelm_no-routing"]}
+    for i, (label, ratios) in enumerate(groups.items()):
+        r = list(ratios.values())
+        if r:
+            a2.bar(i, np.mean([x["ratio"] for x in r]), color="0.85", edgecolor="0", hatch=HATCHES[i])
+            for x in r:  # open markers: not reached, the ratio is only a lower bound
+                a2.plot(i, x["ratio"], "ko" if x["reached"] else "k^", mfc="0" if x["reached"] else "1", ms=4)
+    a2.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    a2.axhline(PAPER["efficiency_ratio"], color="0", ls="--", lw=0.8, label="paper's claim vs DKPLM (0.5)")
+    a2.axhline(1.0, color="0.5", ls=":", lw=0.8, label="no speed-up (1)")
+    a2.set_ylabel("TRELM's time to the baseline's\nfinal score / baseline's time", fontsize=8)
+    a2.set_title("time to quality (dots: seeds; open: not reached)", fontsize=9)
+    a2.legend(fontsize=7, loc="upper right")
     fig.suptitle("Fig. 6: efficiency", y=1.02)
     fig.tight_layout()
     save(fig, out, "fig6_efficiency")
@@ -126,39 +157,40 @@ def fig4_5_6(results, out):
 
 def sweep(ax, pts, xlabel, paper_best):
     xs = [p["value"] for p in pts]
-    ax.errorbar(xs, [pct(p["seen_MRR_mean"]) for p in pts], yerr=[err(p["seen_MRR_std"]) for p in pts],
-                color="0", marker="o", capsize=3, label="seen facts")
-    ax.errorbar(xs, [pct(p["heldout_MRR_mean"]) for p in pts], yerr=[err(p["heldout_MRR_std"]) for p in pts],
-                color="0.5", ls="--", marker="s", capsize=3, label="held-out facts")
+    ax.errorbar(xs, [pct(p[PRIMARY + "_mean"]) for p in pts], yerr=[err(p[PRIMARY + "_std"]) for p in pts],
+                color="0", marker="o", capsize=3, label="score (MRR)")
+    ax.errorbar(xs, [pct(p["score_P@1_mean"]) for p in pts], yerr=[err(p["score_P@1_std"]) for p in pts],
+                color="0.5", ls="--", marker="s", capsize=3, label="score (P@1)")
     ax.axvline(paper_best, color="0.3", ls=":", lw=1, label="paper's best")
+    ax.axhline(0, color="0", lw=0.5)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("MRR (x 100)")
+    ax.set_ylabel("seen - held-out (x 100)")
     ax.legend(fontsize=7)
 
 
 def fig7_8(results, out):
-    m = load(results, "hparams")
-    if m is None:
+    doc = load(results, "hparams")
+    if doc is None:
         return
-    s = m["sweeps"]
+    s = doc["sweeps"]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    sweep(ax, s["theta"], r"$\theta$ (Eq. 3 weight of $L_{MLM}$)", 0.5)
-    ax.set_title(r"Fig. 7: $\theta$")
+    sweep(ax, s["theta"], r"$\theta$ (Eq. 3 weight of $L_{MLM}$)", PAPER_PEAKS["theta"])
+    ax.set_title(r"Fig. 7: $\theta$ (mean ± std over seeds)", fontsize=9)
     save(fig, out, "fig7_theta")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.5, 3.2))
-    sweep(a1, s["k"], "window k (Eq. 4)", 16)
+    sweep(a1, s["k"], "window k (Eq. 4)", PAPER_PEAKS["k"])
     a1.set_xscale("log", base=2)
     a1.set_xticks([p["value"] for p in s["k"]], [str(p["value"]) for p in s["k"]])
-    sweep(a2, s["beta"], r"$\beta$ ($\lambda$ decay, Eq. 8)", 2)
-    fig.suptitle(r"Fig. 8: memory window k and $\lambda$ decay $\beta$")
+    sweep(a2, s["beta"], r"$\beta$ ($\lambda$ decay, Eq. 8)", PAPER_PEAKS["beta"])
+    fig.suptitle(r"Fig. 8: memory window k and $\lambda$ decay $\beta$ (mean ± std over seeds)")
     save(fig, out, "fig8_k_beta")
 
 
 def fig_subnetworks(results, out):
-    m = load(results, "subnetworks")
-    if m is None or "overlap" not in m:
+    doc = load(results, "subnetworks")
+    if doc is None or "overlap" not in doc["metrics"]:
         return
-    ov = m["overlap"]
+    ov = doc["metrics"]["overlap"]
     layers = ov["per_layer"]
     xs = [p["layer"] for p in layers]
     fig, ax = plt.subplots(figsize=(5, 3.2))

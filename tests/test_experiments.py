@@ -1,59 +1,190 @@
-"""experiments.py / plots.py: time-to-quality interpolation, verdict logic, and the efficiency +
-ablation pipeline end to end on the tiny fixture (tiny model, a few steps), figures included."""
+"""experiments.py / plots.py: the verdict rule and the prior-free score on hand-made numbers, time to
+quality, the generic corpus and cache of the base PLM, and a tiny `--task pilot` + `--task reproduce`
+with 3 seeds end to end (tiny model, 2 steps), resumed from the per-run JSON alone."""
 import json
+import math
 import os
+import shutil
 
 import pytest
 
 import evaluate
-import experiments
+import experiments as ex
 import plots
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_data")
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
-def test_time_to_reach_interpolates():
-    pts = [{"elapsed": 10.0, "seen_MRR": 0.1}, {"elapsed": 20.0, "seen_MRR": 0.3}, {"elapsed": 30.0, "seen_MRR": 0.5}]
-    assert experiments.time_to_reach(pts, 0.1) == 10.0
-    assert experiments.time_to_reach(pts, 0.4) == pytest.approx(25.0)
-    assert experiments.time_to_reach(pts, 0.6) is None
-    # reached before the first snapshot: interpolate from (0 s, unknown) -> the snapshot's time
-    assert experiments.time_to_reach([{"elapsed": 5.0, "seen_MRR": 0.2}], 0.1) == 5.0
+def test_verdict_rule_on_hand_made_numbers():
+    a, b = {"0": 0.5, "1": 0.6, "2": 0.7}, {"0": 0.3, "1": 0.4, "2": 0.6}
+    v = ex.verdict(a, b)  # d = 0.2, 0.2, 0.1: mean 1/6, sd 0.05774, SE 0.03333
+    assert v["verdict"] == "held" and v["n"] == 3
+    assert v["diff"] == pytest.approx(1 / 6) and v["se"] == pytest.approx(0.1 / math.sqrt(3) / math.sqrt(3))
+    assert (v["lo"], v["hi"]) == pytest.approx((1 / 6 - 2 * v["se"], 1 / 6 + 2 * v["se"]))
+    assert ex.verdict(b, a)["verdict"] == "did not hold"  # the opposite direction passes the same test
+    # d = 0.1, -0.05, 0.02: mean 0.0233, SE 0.0441 -> inside 2 SE
+    assert ex.verdict({"0": 0.1, "1": -0.05, "2": 0.02}, {"0": 0.0, "1": 0.0, "2": 0.0})["verdict"] == "inconclusive"
+    assert ex.verdict({"0": 0.9}, {"0": 0.1})["verdict"].startswith("inconclusive (one seed")
+    assert ex.verdict({}, {})["verdict"] == "not measured"
+    # pairing by seed: only seeds both ran count
+    assert ex.verdict({"0": 1.0, "1": 2.0, "2": 3.0}, {"1": 1.0, "2": 2.5, "3": 0.0})["n"] == 2
 
 
-def test_compare_verdicts():
-    assert experiments.compare(0.5, 0.3, 0.05, 0.05) == "held"
-    assert experiments.compare(0.3, 0.5, 0.05, 0.05) == "did not hold"
-    assert experiments.compare(0.5, 0.48, 0.05, 0.05).startswith("inconclusive")
-    assert experiments.compare(None, 0.1) == "not measured"
-    assert experiments.compare(0.50, 0.47).startswith("inconclusive (difference under 10% with a single seed")
-    assert experiments.compare(0.50, 0.40) == "held"
+def test_verdict_is_seed_paired():
+    """Seed effects far larger than the difference cancel in the pairs: held, although the unpaired
+    spread (std ~0.4) is 40 times the difference."""
+    a = {"0": 0.11, "1": 0.52, "2": 0.905}
+    b = {"0": 0.10, "1": 0.50, "2": 0.89}
+    assert ex.verdict(a, b)["verdict"] == "held"
 
 
-def test_ablation_and_efficiency_pipeline(tiny_model_dir, tmp_path):
-    common = ["--model", tiny_model_dir, "--data", FIX, "--probe-dir", os.path.join(FIX, "probes"),
-              "--steps", "4", "--snapshots", "2", "--seq-len", "32", "--train-batch-size", "4",
-              "--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "results"),
-              "--pretrain-args", "--route-every 2 --ig-steps 4"]
-    evaluate.main(["--task", "efficiency", *common])
-    evaluate.main(["--task", "ablation", *common])
-    eff = json.load(open(tmp_path / "results" / "efficiency.json"))
-    assert set(eff["metrics"]["curves"]) == {"mlm", "dkplm", "trelm", "trelm_no-memory-bank", "trelm_no-routing"}
-    snaps = eff["metrics"]["curves"]["trelm"]["0"]["snapshots"]
-    assert [s["step"] for s in snaps] == [2, 4] and snaps[0]["elapsed"] < snaps[1]["elapsed"]
-    assert eff["metrics"]["step_time_over_mlm"]["mlm"] == 1.0
-    abl = json.load(open(tmp_path / "results" / "ablation.json"))["metrics"]
-    assert set(abl) == {"trelm", "trelm_no-injection", "trelm_no-memory-bank", "trelm_no-routing"}
-    assert all(0.0 < v["mean"]["seen_MRR"] <= 1.0 for v in abl.values())
-    # the trelm run is shared between the two tasks: trained once
-    assert len(os.listdir(tmp_path / "runs")) == 6
-    assert "Table 6" in open(tmp_path / "results" / "ablation.md").read()
-    plots.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "fig")])
-    for name in ("fig4_loss_vs_time", "fig5_score_vs_time", "fig6_efficiency"):
+def test_peak_rule():
+    peak = {"0": 0.5, "1": 0.6, "2": 0.7}
+    lower = {"0": 0.3, "1": 0.4, "2": 0.6}
+    same = {"0": 0.52, "1": 0.57, "2": 0.71}
+    higher = {"0": 0.7, "1": 0.8, "2": 0.8}
+    assert ex.beats_all(peak, {"left": lower, "right": lower})["verdict"] == "held"
+    assert ex.beats_all(peak, {"left": lower, "right": same})["verdict"] == "inconclusive"
+    assert ex.beats_all(peak, {"left": lower, "right": higher})["verdict"] == "did not hold"
+
+
+def test_prior_free_score_and_probe_se():
+    per_relation = {
+        "P1": {"seen": {"P@1": 0.5, "facts": 4}, "heldout": {"P@1": 0.25, "facts": 4}},
+        "P2": {"seen": {"P@1": 0.2, "facts": 5}, "heldout": {"P@1": 0.2, "facts": 5}},
+        "P3": {"seen": {"P@1": 0.9, "facts": 3}, "heldout": {"P@1": None, "facts": 0}},  # no held-out: skipped
+    }
+    score, se = ex.prior_free(per_relation, "P@1")
+    assert score == pytest.approx((0.25 + 0.0) / 2)
+    assert se == pytest.approx(math.sqrt(0.25 / 4 + 0.1875 / 4 + 0.16 / 5 + 0.16 / 5) / 2)
+
+
+def test_time_to_reach_and_ratio_verdict():
+    pts = [{"elapsed": 10.0, "score_MRR": 0.1}, {"elapsed": 20.0, "score_MRR": 0.3}, {"elapsed": 30.0, "score_MRR": 0.5}]
+    assert ex.time_to_reach(pts, 0.1) == 10.0
+    assert ex.time_to_reach(pts, 0.4) == pytest.approx(25.0)
+    assert ex.time_to_reach(pts, 0.6) is None
+    fast = {s: {"ratio": r, "reached": True} for s, r in (("0", 0.30), ("1", 0.35), ("2", 0.32))}
+    assert ex.ratio_verdict(fast)["verdict"] == "held"
+    bounded = dict(fast, **{"2": {"ratio": 0.32, "reached": False}})  # a lower bound cannot confirm the claim
+    assert ex.ratio_verdict(bounded)["verdict"].startswith("inconclusive (TRELM did not reach")
+    slow = {s: {"ratio": r, "reached": False} for s, r in (("0", 1.2), ("1", 1.4), ("2", 1.3))}
+    assert ex.ratio_verdict(slow)["verdict"] == "did not hold"  # ... but can refute it
+
+
+def make_data(tmp_path):
+    """The tiny fixture corpus plus generic lines (its own text lines all name a probe fact)."""
+    d = tmp_path / "tiny_data"
+    shutil.copytree(os.path.join(FIX, "tiny_data"), d)
+    with open(d / "corpus.jsonl", "a") as f:
+        for t in ["The river is in the city .", "A new language was born in Asia .", "London is a city ."] * 4:
+            f.write(json.dumps({"text": t}) + "\n")
+    return str(d)
+
+
+def test_generic_lines_keep_no_fact(tmp_path):
+    data = make_data(tmp_path)
+    lines, counts = ex.generic_lines(os.path.join(data, "corpus.jsonl"), os.path.join(data, "probes"))
+    texts = [json.loads(l)["text"] for l in lines]
+    assert "London is a city ." in texts  # names one entity, no fact
+    assert not any("Berlin" in t and "Germany" in t for t in texts)  # names a probe fact's subject and object
+    assert counts == {"fact_lines": 20, "text_lines_naming_a_probe_fact": 20, "generic_lines": 12}
+    with pytest.raises(SystemExit, match="corpus.jsonl"):
+        ex.generic_lines(os.path.join(data, "corpus.txt"), os.path.join(data, "probes"))
+
+
+def study_argv(tiny_model_dir, tmp_path, data):
+    bench = tmp_path / "bench"  # the real layout: fewrel/val_wiki.json, open_entity/crowd/*.json
+    (bench / "open_entity").mkdir(parents=True)
+    os.symlink(os.path.join(FIX, "fewrel"), bench / "fewrel")
+    os.symlink(os.path.join(FIX, "open_entity"), bench / "open_entity" / "crowd")
+    return ["--base-model", tiny_model_dir, "--base-steps", "3", "--base-root", str(tmp_path / "cache"),
+            "--data", data, "--steps", "2", "--snapshots", "1", "--seq-len", "16", "--train-batch-size", "2",
+            "--seeds", "0,1,2", "--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "results"),
+            "--data-dir", str(bench), "--pretrain-args", "--route-every 1 --ig-steps 2", "--ft-train-limit", "16",
+            "--ft-eval-limit", "16", "--ft-epochs", "1", "--ft-max-seq-len", "32", "--pilot-steps", "1,2",
+            "--figures", str(tmp_path / "fig"), "--report", str(tmp_path / "REPORT.md")]
+
+
+def test_tiny_pilot_and_reproduce_three_seeds(tiny_model_dir, tmp_path, monkeypatch):
+    argv = study_argv(tiny_model_dir, tmp_path, make_data(tmp_path))
+    evaluate.main(["--task", "pilot", *argv])
+    pilot = json.load(open(tmp_path / "results" / "pilot.json"))
+    assert set(pilot["metrics"]) == {"1", "2"} and pilot["recommendation"]["steps"] in (1, 2)
+    assert pilot["recommendation"]["estimate_seconds"]["finetune"] > 0
+    evaluate.main(["--task", "reproduce", *argv])
+    res = tmp_path / "results"
+    base = json.load(open(res / "base.json"))["metrics"]
+    assert base["generic_lines"] == 12 and base["key"]["steps"] == 3
+    for task in ("ablation", "injection", "hparams", "efficiency"):
+        m = json.load(open(res / f"{task}.json"))["metrics"]
+        for name, v in m.items():
+            assert sorted(v["seeds"]) == ["0", "1", "2"], (task, name)
+            assert v["mean"]["score_MRR"] == pytest.approx(sum(s["score_MRR"] for s in v["seeds"].values()) / 3)
+    abl = json.load(open(res / "ablation.json"))
+    assert all("f1_fewrel" in s and "f1_open-entity" in s for v in abl["metrics"].values() for s in v["seeds"].values())
+    eff = json.load(open(res / "efficiency.json"))["efficiency"]
+    assert set(eff["time_to_dkplm_final"]) == {"0", "1", "2"} and eff["step_time_over_mlm"]["mlm"] == 1.0
+    report = open(tmp_path / "REPORT.md").read()
+    # final or pending depends on the checkout (clean or not) and the tiny pilot's draw; the rule itself is
+    # tested in test_report_status_pending_until_final
+    assert report.count("**Status: ") == 1 and "| claim (paper) | paper's value |" in report
+    assert "TACRED 78.0 vs 76.8" in report  # Table 6 read with its columns swapped back
+    for name in ("fig3_injection", "fig4_loss_vs_time", "fig5_score_vs_time", "fig6_efficiency", "fig7_theta"):
         assert os.path.getsize(tmp_path / "fig" / f"{name}.png") > 5000
-        assert os.path.exists(tmp_path / "fig" / f"{name}.pdf")
+    # resume from results/ alone (another machine: no run folders, no base PLM cache): nothing retrains
+    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(tmp_path / "cache")
+    before = {t: json.load(open(res / f"{t}.json"))["metrics"] for t in ("ablation", "efficiency")}
+    import pretrain
+    monkeypatch.setattr(pretrain, "main", lambda argv: pytest.fail("reran pre-training " + " ".join(argv)))
+    evaluate.main(["--task", "reproduce", *argv])
+    assert {t: json.load(open(res / f"{t}.json"))["metrics"] for t in ("ablation", "efficiency")} == before
 
 
-def test_plots_missing_results_dir(tmp_path):
+def test_base_checkpoint_is_cached(tiny_model_dir, tmp_path, monkeypatch):
+    argv = study_argv(tiny_model_dir, tmp_path, make_data(tmp_path))
+    args = evaluate.build_parser("base").parse_args(["--task", "base", *argv])
+    path, rec = ex.base_checkpoint(args)
+    assert os.path.exists(os.path.join(path, "config.json")) and rec["probe"]["score_MRR"] is not None
+    import pretrain
+    monkeypatch.setattr(pretrain, "main", lambda argv: pytest.fail("rebuilt the cached base PLM"))
+    assert ex.base_checkpoint(args)[0] == path
+    args.base_steps = 4  # another input -> another cache entry
+    monkeypatch.undo()
+    assert ex.base_checkpoint(args)[0] != path
+
+
+def test_plots_skip_old_format_and_missing_dir(tmp_path, capsys):
+    (tmp_path / "efficiency.json").write_text(json.dumps({"metrics": {"curves": {}, "mean_step_s": {}}}))
+    plots.main(["--results", str(tmp_path), "--out", str(tmp_path / "fig")])
+    assert "predates the prior-free score" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a directory"):
         plots.main(["--results", str(tmp_path / "nope")])
+
+
+def test_band_is_mean_and_std_over_seeds():
+    a = [{"t": 0.0, "y": 0.0}, {"t": 10.0, "y": 10.0}]
+    b = [{"t": 0.0, "y": 2.0}, {"t": 5.0, "y": 7.0}, {"t": 12.0, "y": 14.0}]
+    grid, mean, std = plots.band([a, b], "t", "y", n=3)
+    assert list(grid) == [0.0, 5.0, 10.0]  # up to the shortest seed's end
+    assert list(mean) == pytest.approx([1.0, 6.0, 11.0]) and list(std) == pytest.approx([math.sqrt(2)] * 3)
+
+
+def test_report_status_pending_until_final(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(common, "git_commit", lambda: "c0ffee")
+    out = tmp_path / "results"
+    (out / "runs").mkdir(parents=True)
+    args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out), "--steps", "300"])
+    seeds = {str(s): {"score_MRR": 0.1} for s in range(3)}
+    for t in ("ablation", "injection", "hparams", "efficiency"):
+        (out / f"{t}.json").write_text(json.dumps({"metrics": {"trelm": {"seeds": seeds}}}))
+    for s in range(3):
+        (out / "runs" / f"trelm-n300-s{s}.json").write_text(json.dumps({"commit": "c0ffee"}))
+    (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 300, "resolves": True}}))
+    assert ex.pending_reasons(args, ex.load_results(str(out))) == []
+    (out / "runs" / "trelm-n300-s1.json").write_text(json.dumps({"commit": "c0ffee-dirty"}))
+    (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 600, "resolves": True}}))
+    why = ex.pending_reasons(args, ex.load_results(str(out)))
+    assert any("c0ffee-dirty" in w for w in why) and any("recommends --steps 600" in w for w in why)
