@@ -217,7 +217,7 @@ def _ig_layer(run, model, layers, l, cache, alphas):
 
     def gate(hidden_states):
         check(hidden_states)
-        scale = alphas.to(a.dtype).repeat_interleave(B).view(-1, *[1] * (a.dim() - 1))  # (c*B, 1, 1)
+        scale = alphas.float().repeat_interleave(B).view(-1, *[1] * (a.dim() - 1))  # (c*B, 1, 1)
         z = (_tile(a, c) * scale).requires_grad_()  # (c*B, T, I)
         gates.append(z)
         return z

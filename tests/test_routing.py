@@ -571,6 +571,13 @@ def test_trainer_rerouting_keeps_adam_moments(tiny_model_dir, tmp_path):
     assert [r["step"] for r in log] == [0, 2] and 0 <= log[1]["jaccard_prev"] <= 1
 
 
+@pytest.mark.parametrize("argv,msg", [(["--ig-chunk", "-1"], "--ig-chunk"), (["--ig-memory-mb", "0"], "--ig-memory-mb")])
+def test_bad_ig_flags_name_the_flag(argv, msg):
+    import pretrain
+    with pytest.raises(SystemExit, match=msg):
+        pretrain.resolve_config(pretrain.get_parser().parse_args(argv))
+
+
 def test_path_jaccard_by_hand():
     import pretrain
     a = [torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long), torch.tensor([5])]
