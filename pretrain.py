@@ -389,7 +389,7 @@ class Trainer:
             return common.mlm_logits(self.net.mlm, h[sel]).softmax(-1).gather(1, b["mlm_labels"][sel, None])[:, 0]
 
         with self.autocast:
-            attr = routing.ffn_attributions(self.net.mlm, run, steps=a.ig_steps, chunk=a.ig_chunk or None,
+            attr = routing.ffn_attributions(self.net.mlm, run, steps=a.ig_steps, chunk=a.ig_chunk,
                                             form=a.ig_form, memory_mb=a.ig_memory_mb)  # (L, I) on self.device
         if self.ddp:
             dist.all_reduce(attr)  # identical paths on every rank

@@ -45,7 +45,7 @@ Decisions (the paper does not say):
   (tiled over the stacked alpha copies; instance `forward` attributes, removed afterwards), layer
   l's intermediate returns alpha * v-bar, so the forward runs L - l FFN-out + (L - l - 1) full
   layers and the backward stops at layer l; (b) the alpha steps of a layer are stacked along the
-  batch, as many as the memory bound allows (chunk=None: _chunk_for's activation estimate against
+  batch, as many as the memory bound allows (chunk=0: _chunk_for's activation estimate against
   memory_mb, --ig-memory-mb; more copies for the upper layers, whose forward is shorter).
   Total cost is about m * (L+1)/2 layer passes instead of m * L * L. Every layer is attributed:
   routing trains the FFN of every layer (a layer with an empty path stays frozen, but which layers
@@ -121,7 +121,7 @@ def _chunk_for(memory_bytes, tokens, layers, cfg, steps):
     return max(1, min(steps, int(memory_bytes // max(1, per_copy))))
 
 
-def ffn_attributions(model, run, steps=20, chunk=None, form="layer", memory_mb=1024.0):
+def ffn_attributions(model, run, steps=20, chunk=1, form="layer", memory_mb=1024.0):
     """Integrated gradients of S = sum(run(model)) w.r.t. every FFN intermediate neuron, baseline 0.
 
     run(model) -> (N,) probabilities P_x on a fixed batch; run(model, c) -> (c*N,) on the batch
@@ -130,14 +130,15 @@ def ffn_attributions(model, run, steps=20, chunk=None, form="layer", memory_mb=1
       form="layer": Eq. (11) as printed, layer by layer (exact); the forward of layer l's steps starts
                     at layer l from cached lower-layer outputs (see the module docstring)
       form="joint": all layers scaled together, m passes (about (L+1)/2 times cheaper, not Eq. 11)
-    chunk: alpha steps per forward; None = as many as fit in memory_mb (estimate, _chunk_for).
+    chunk: alpha steps per forward (1: run(model) only, no tiling needed); 0 = as many as fit in
+    memory_mb (estimate, _chunk_for).
     """
     if form not in FORMS:
         raise ValueError(f"routing.ffn_attributions: form (--ig-form) must be one of {FORMS}, got {form!r}")
     if steps < 1:
         raise ValueError(f"routing.ffn_attributions: steps (--ig-steps) must be >= 1, got {steps}")
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"routing.ffn_attributions: chunk (--ig-chunk) must be None or >= 1, got {chunk}")
+    if chunk < 0:
+        raise ValueError(f"routing.ffn_attributions: chunk (--ig-chunk) must be 0 (automatic) or >= 1, got {chunk}")
     if memory_mb <= 0:
         raise ValueError(f"routing.ffn_attributions: memory_mb (--ig-memory-mb) must be > 0, got {memory_mb}")
     layers = list(model.base_model.encoder.layer)
@@ -216,7 +217,7 @@ def _ig_layer(run, model, layers, l, cache, alphas):
 
     def gate(hidden_states):
         check(hidden_states)
-        scale = alphas.to(a.dtype).repeat_interleave(B).view(-1, *[1] * (a.dim() - 1))  # (c*B, 1, 1)
+        scale = alphas.float().repeat_interleave(B).view(-1, *[1] * (a.dim() - 1))  # (c*B, 1, 1)
         z = (_tile(a, c) * scale).requires_grad_()  # (c*B, T, I)
         gates.append(z)
         return z

@@ -132,7 +132,7 @@ def test_ig_chunked_equals_sequential_and_leaves_model_untouched(tiny_mlm, form)
     before = copy.deepcopy(model.state_dict())
     run = make_run(make_batch(tok))
     seq = routing.ffn_attributions(model, run, steps=7, chunk=1, form=form)
-    for chunk in (3, 7, None):
+    for chunk in (3, 7, 0):
         torch.testing.assert_close(routing.ffn_attributions(model, run, steps=7, chunk=chunk, form=form), seq,
                                    rtol=1e-4, atol=1e-7)
     assert model.training
@@ -172,7 +172,7 @@ def test_ig_layer_form_equals_naive_eq11(tiny_mlm):
     model = strong_ffn(make_three_layers(model, tok))
     run = make_run(make_batch(tok))
     ref = naive_eq11(model, run, steps=5)
-    for chunk in (None, 2):
+    for chunk in (1, 0, 2):
         torch.testing.assert_close(routing.ffn_attributions(model, run, steps=5, chunk=chunk), ref,
                                    rtol=1e-4, atol=1e-8)
     joint = routing.ffn_attributions(model, run, steps=5, form="joint")
@@ -569,6 +569,13 @@ def test_trainer_rerouting_keeps_adam_moments(tiny_model_dir, tmp_path):
     assert kept > 0
     log = routing_log(tmp_path)
     assert [r["step"] for r in log] == [0, 2] and 0 <= log[1]["jaccard_prev"] <= 1
+
+
+@pytest.mark.parametrize("argv,msg", [(["--ig-chunk", "-1"], "--ig-chunk"), (["--ig-memory-mb", "0"], "--ig-memory-mb")])
+def test_bad_ig_flags_name_the_flag(argv, msg):
+    import pretrain
+    with pytest.raises(SystemExit, match=msg):
+        pretrain.resolve_config(pretrain.get_parser().parse_args(argv))
 
 
 def test_path_jaccard_by_hand():
