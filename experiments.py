@@ -120,7 +120,7 @@ def curve(run_dir, probe_fn):
         step = int(d.split("_")[1])
         points.append({"step": step, "elapsed": at[step], **probe_fn(os.path.join(run_dir, d), d)})
     return {"loss": [{"step": r["step"], "elapsed": r["elapsed"], "loss": r["loss"], "l_mlm": r["l_mlm"],
-                      "l_cka": r["l_cka"]} for r in rows], "snapshots": points}
+                      "l_cka": r.get("l_cka"), "l_dec": r.get("l_dec")} for r in rows], "snapshots": points}
 
 
 def mean_std(xs):
