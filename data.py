@@ -561,6 +561,15 @@ def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None)
     return ds
 
 
+def flat_column(ds, name, dtype=None):
+    """(N,) numpy array of a build_dataset list column (e.g. ent_id, ent_si) flattened over all rows, in
+    row order, read in Arrow batches (nothing per row in Python)."""
+    import pyarrow.compute as pc
+    parts = [pc.list_flatten(b[name]).to_numpy(zero_copy_only=False)
+             for b in ds.with_format("arrow").iter(batch_size=1 << 16)]
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype or np.int64)
+
+
 def mention_counts(ds, num_entities):
     """Entity frequency (Sec. 3.1): (E,) int64 linked mentions per entity over a build_dataset
     dataset, one vectorised pass over its Arrow ent_id column in batches (nothing per row in Python)."""

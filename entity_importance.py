@@ -9,7 +9,7 @@ input embedding of every token of e's span is replaced by the pseudo token h_e =
 | paper                    | here                                                            |
 |--------------------------|-----------------------------------------------------------------|
 | SI(e), Eq. 1             | `semantic_importance` -> (M,) one value per mention            |
-| h_o, h_rep               | `h_orig` (B, H), pooled rows of the replaced copies (M, H)      |
+| h_o, h_rep               | context-pooled window of each mention, original / span masked   |
 | long-tail entities       | `long_tail_mask(freq, percentile)` over `entity_frequency`     |
 | (e, r, t)                | `KnowledgeInjector.triple` (E, 3), one triple per head entity  |
 | h_e = E(t) - E(r)        | `KnowledgeInjector.embed(word_embeddings, ent_id)` -> (M, H)    |
@@ -20,11 +20,9 @@ ent_end (M,) token span [start, end), ent_id (M,) KG entity index. Typical use i
 
     lt = long_tail_mask(entity_frequency(corpus_ent_ids, E))              # once, (E,)
     ok = injector.injectable(ent_id)                                       # (M,) entity has a triple
-    si = semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, ent_end, mask_id)
+    si = semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, ent_end, mask_id, window=8)
     sel = select_mentions("important", ent_id, si, lt, eligible=ok)        # (M,) bool
-    W = model.get_input_embeddings().weight                                # (V, H)
-    x = inject(W[input_ids], ent_batch, ent_start, ent_end, injector.embed(W, ent_id[sel]), sel)
-    out = model(inputs_embeds=x, attention_mask=attention_mask)
+    h_e = injector.embed(model.get_input_embeddings().weight, ent_id[sel])  # (S, H), written at the spans
 
 Tests: `python -m pytest tests/test_entity_importance.py`.
 """
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-STRATEGIES = ("important", "long-tail", "frequent", "all", "none")
+STRATEGIES = ("important", "long-tail", "frequent", "all", "none", "dkplm")
 
 
 # ----------------------------------------------------------------------------- frequency, long tail
@@ -72,32 +70,32 @@ def long_tail_mask(freq, percentile=50.0, inclusive=False):
 
 # ----------------------------------------------------------------------------- semantic importance
 
-def mean_pool(hidden, attention_mask):
-    """Mean of hidden (B, T, H) over real tokens (attention_mask 1) -> (B, H), in float32."""
-    m = attention_mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
-    return (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
 def _encode(model, input_ids, attention_mask):
     """Last hidden state (B, T, H) of the encoder under the MLM head (BERT or RoBERTa)."""
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
 def semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, ent_end, mask_token_id,
-                        h_orig=None, chunk=None, eval_mode=True):
+                        window=None, chunk=None, eval_mode=True):
     """SI(e) = 1 - cos(h_o, h_rep) for each of M mentions -> (M,) float32, no gradients.
 
-    h_o is the mean-pooled last hidden state of sentence ent_batch[j] over its real tokens, h_rep
-    the same for a copy of that sentence whose span [ent_start[j], ent_end[j]) is replaced by
-    mask tokens. All M replaced copies (plus the B originals when h_orig is None) go through ONE
-    no-grad forward, split into chunks of at most `chunk` rows to bound memory (None: one piece).
+    Eq. (1) as printed: SI(e) = (|h_o| |h_rep|) / (h_o . h_rep) = 1 / cos(h_o, h_rep).
 
-    Relation to the printed Eq. 1, SI = 1 / cos(h_o, h_rep): both are strictly decreasing in
-    cos, so they rank mentions identically whenever cos > 0; 1 - cos is also defined (and still
-    ordered) when cos <= 0, and it is 0 when the replacement leaves the representation unchanged.
+    Context window of mention j (row b = ent_batch[j], span [s, e) = [ent_start[j], ent_end[j])):
+    the tokens [s - window, e + window) of row b, clipped to its real tokens (attention_mask 1,
+    right padding; window None: the whole row), cut out as a sequence of its own, so every
+    mention gets the same symmetric context whatever the other mentions of the batch. h_o is the
+    last hidden state of that window mean-pooled over its *context* positions (the window without
+    the span), h_rep the same for a copy whose span tokens are mask tokens, pooled over the same
+    positions. So SI measures how much the entity changes the representation of its context, not
+    how many of the pooled positions were replaced (pooling the span too made SI rank entities by
+    length). A window with no context position gets SI 0. All 2M windows go through ONE no-grad
+    forward, split into chunks of at most `chunk` rows (None: one piece).
 
-    h_orig: (B, H) optional pooled original representations (e.g. `mean_pool` of a forward the
-        caller already ran on the same input_ids with the same mode); else computed here.
+    Relation to the printed Eq. 1: both are strictly decreasing in cos, so they rank mentions
+    identically whenever cos > 0; 1 - cos is also defined (and still ordered) when cos <= 0, and it
+    is 0 when the replacement leaves the representation unchanged.
+
     eval_mode: run with dropout off (the module's train/eval mode is restored afterwards), so SI
         is a deterministic function of the current weights.
     model: the bare masked LM (under DDP pass ddp.module: this forward must not go through the
@@ -107,13 +105,24 @@ def semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, 
     dev = input_ids.device
     if M == 0:
         return torch.zeros(0, device=dev)
-    mention, offset = _expand_spans(ent_start, ent_end, torch.arange(M, device=dev))  # spans may overlap here
-    replaced = input_ids[ent_batch].clone()  # (M, T), copy j belongs to mention j
-    replaced[mention, ent_start[mention] + offset] = mask_token_id
-    rep_mask = attention_mask[ent_batch]  # (M, T)
-    ids, mask = replaced, rep_mask
-    if h_orig is None:
-        ids, mask = torch.cat([input_ids, replaced]), torch.cat([attention_mask, rep_mask])  # (B + M, T)
+    if (ent_start < 0).any() or (ent_start >= ent_end).any():
+        raise ValueError("entity_importance.semantic_importance: every mention span needs 0 <= ent_start < ent_end")
+    n = attention_mask.sum(1)[ent_batch]  # (M,) real tokens of each mention's row
+    if (ent_end > n).any():
+        raise ValueError("entity_importance.semantic_importance: a mention span ends after its row's real tokens")
+    w = int(input_ids.shape[1]) if window is None else int(window)
+    if w < 0:
+        raise ValueError(f"entity_importance.semantic_importance: window must be >= 0 or None, got {window}")
+    lo = (ent_start - w).clamp(min=0)  # (M,)
+    hi = torch.minimum(ent_end + w, n)  # (M,)
+    W = int((hi - lo).max())
+    pos = lo[:, None] + torch.arange(W, device=dev)  # (M, W)
+    valid = pos < hi[:, None]  # (M, W) real tokens of the window
+    orig = input_ids[ent_batch[:, None], pos.clamp(max=input_ids.shape[1] - 1)]  # (M, W)
+    span = (pos >= ent_start[:, None]) & (pos < ent_end[:, None])  # (M, W)
+    rep = torch.where(span, torch.full_like(orig, mask_token_id), orig)  # (M, W)
+    ctx = (valid & ~span).float()  # (M, W) pooled positions, the same in both copies
+    ids, attn = torch.cat([orig, rep]), valid.long().repeat(2, 1)  # (2M, W)
     step = ids.shape[0] if chunk is None else int(chunk)
     if step < 1:
         raise ValueError(f"entity_importance.semantic_importance: chunk must be >= 1 or None, got {chunk}")
@@ -122,40 +131,57 @@ def semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, 
         model.eval()
     try:
         with torch.no_grad():
-            pooled = torch.cat([mean_pool(_encode(model, ids[i:i + step], mask[i:i + step]), mask[i:i + step])
-                                for i in range(0, ids.shape[0], step)])  # (rows, H)
+            hidden = torch.cat([_encode(model, ids[i:i + step], attn[i:i + step]).float()
+                                for i in range(0, ids.shape[0], step)])  # (2M, W, H)
     finally:
         model.train(was_training)
-    if h_orig is None:
-        h_orig, h_rep = pooled[:input_ids.shape[0]], pooled[input_ids.shape[0]:]
-    else:
-        h_rep = pooled
-    cos = F.cosine_similarity(h_orig.float()[ent_batch], h_rep, dim=-1)  # (M,)
-    return 1.0 - cos  # Eq. (1), see docstring
+    pooled = (hidden * ctx.repeat(2, 1).unsqueeze(-1)).sum(1)  # (2M, H); sums, the count cancels in cos
+    h_o, h_rep = pooled[:M], pooled[M:]
+    si = 1.0 - F.cosine_similarity(h_o, h_rep, dim=-1)  # Eq. (1), see docstring; (M,)
+    return torch.where(ctx.sum(1) > 0, si, torch.zeros_like(si))
 
 
 # ----------------------------------------------------------------------------- injection strategy
 
-def select_mentions(strategy, ent_id, si, long_tail, top_fraction=0.5, eligible=None):
-    """(M,) bool: which mentions get knowledge injected (Fig. 3 strategies).
+def important_threshold(si, candidate, top_fraction=0.5):
+    """Corpus-level SI threshold of "important" (Sec. 3.4: important entities are identified
+    "throughout the corpus"): the SI of the k-th highest scoring candidate mention of the whole
+    corpus, k = ceil(top_fraction * n) of its n candidates (long-tail mentions with a triple).
+    si, candidate: (N,) over every mention of the corpus. None when there is no candidate."""
+    if not 0.0 < top_fraction <= 1.0:
+        raise ValueError(f"entity_importance.important_threshold: top_fraction (--important-fraction) must be "
+                         f"in (0, 1], got {top_fraction}")
+    s = np.sort(np.asarray(si, dtype=np.float64)[np.asarray(candidate, dtype=bool)])[::-1]  # (n,) descending
+    if s.size == 0:
+        return None
+    if np.isnan(s).any():
+        raise ValueError("entity_importance.important_threshold: SI is NaN for a candidate mention")
+    return float(s[math.ceil(top_fraction * s.size) - 1])
+
+
+def kg_degree(triples, num_entities):
+    """(E,) int64: number of triples each entity takes part in (as head or tail), DKPLM's KC(e)."""
+    t = np.asarray(triples, dtype=np.int64).reshape(-1, 3)
+    return np.bincount(np.concatenate([t[:, 0], t[:, 2]]), minlength=num_entities).astype(np.int64)
+
+
+def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eligible=None, ent_batch=None,
+                    degree=None):
+    """(M,) bool: which mentions get knowledge injected (Fig. 3 strategies, and DKPLM's).
 
     strategy: "none" nothing; "all" every mention; "long-tail" mentions of long-tail entities;
       "frequent" mentions of the other entities (mentions come from the corpus, so their entities
-      occur); "important" the long-tail mentions whose SI is in the top `top_fraction` among the
-      long-tail mentions of this batch: k = ceil(top_fraction * n) of the n candidates, ranked by
-      SI descending, ties broken by mention order (earlier mention first) so the choice is
-      deterministic.
-    si: (M,) SI per mention, needed for "important" only; values of non-candidates are ignored
-      (the caller may compute SI only for candidates and fill the rest with anything finite/NaN).
-    long_tail: (E,) bool over KG entities (numpy or torch).
+      occur); "important" the long-tail mentions with SI >= si_threshold, the corpus-level
+      threshold of `important_threshold`; "dkplm" DKPLM's knowledge-aware long-tail score
+      KLT(e) = 1[e long-tail] * SI(e) * KC(e) (KC = `degree`, the entity's KG degree), selecting the
+      mentions whose KLT is positive and above the mean KLT of the eligible mentions of their
+      sequence (ent_batch).
+    si: (M,) SI per mention ("important", "dkplm"). long_tail: (E,) bool over KG entities.
     eligible: optional (M,) bool, mentions that can be injected at all (see
-      KnowledgeInjector.injectable); the result is ANDed with it and "important" ranks only among
-      eligible long-tail mentions, so the top fraction is not spent on entities without a triple.
+      KnowledgeInjector.injectable); the result is ANDed with it.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"entity_importance.select_mentions: strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if not 0.0 < top_fraction <= 1.0:
-        raise ValueError(f"entity_importance.select_mentions: top_fraction must be in (0, 1], got {top_fraction}")
     dev = ent_id.device
     table = long_tail if torch.is_tensor(long_tail) else torch.from_numpy(np.asarray(long_tail, dtype=bool))
     lt = table.to(device=dev, dtype=torch.bool)[ent_id]  # (M,)
@@ -168,19 +194,60 @@ def select_mentions(strategy, ent_id, si, long_tail, top_fraction=0.5, eligible=
         return lt & ok
     if strategy == "frequent":
         return ~lt & ok
-    cand = torch.nonzero(lt & ok).squeeze(1)  # (n,) candidate mention indices, ascending
-    sel = torch.zeros_like(lt)
-    if cand.numel() == 0:
-        return sel
     if si is None:
-        raise ValueError("entity_importance.select_mentions: strategy 'important' needs si (M,), got None")
-    s = si.to(dev)[cand].float()
-    if torch.isnan(s).any():
-        raise ValueError("entity_importance.select_mentions: si is NaN for a long-tail candidate mention")
-    k = math.ceil(top_fraction * cand.numel())
-    order = torch.sort(s, descending=True, stable=True).indices  # stable: equal SI keeps mention order
-    sel[cand[order[:k]]] = True
-    return sel
+        raise ValueError(f"entity_importance.select_mentions: strategy {strategy!r} needs si (M,), got None")
+    si = si.to(dev).float()
+    if strategy == "important":
+        if si_threshold is None:
+            return torch.zeros_like(lt)  # no candidate anywhere in the corpus
+        return lt & ok & (si >= si_threshold)
+    if ent_batch is None or degree is None:
+        raise ValueError("entity_importance.select_mentions: strategy 'dkplm' needs ent_batch and degree")
+    deg = torch.as_tensor(np.asarray(degree), dtype=torch.float32, device=dev)[ent_id]  # (M,)
+    klt = torch.where(ok, lt.float() * si * deg, torch.zeros_like(si))  # (M,) KLT(e)
+    rows = int(ent_batch.max()) + 1 if ent_batch.numel() else 0
+    total = torch.zeros(rows, device=dev).index_add_(0, ent_batch, klt)  # (rows,)
+    count = torch.zeros(rows, device=dev).index_add_(0, ent_batch, ok.float()).clamp(min=1)
+    return ok & (klt > 0) & (klt > (total / count)[ent_batch])
+
+
+def si_column(ds, model, mask_token_id, window=None, batch_size=64, num_proc=None, fingerprint=""):
+    """Add the column "ent_si" (per row: SI of each of its mentions, in ent_id order) to a
+    datasets.Dataset with input_ids / ent_start / ent_end columns, with the current `model`
+    (Sec. 3.4: important entities are identified over the corpus before pre-training). Batched,
+    cached by the dataset's fingerprint and `fingerprint` (name the model and the settings there),
+    with a progress bar; num_proc > 1 forks workers that share the model."""
+    from datasets.fingerprint import Hasher
+
+    def add(rows):
+        n = [len(x) for x in rows["input_ids"]]
+        B, T = len(n), max(n)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        attn = torch.zeros(B, T, dtype=torch.long)
+        for i, x in enumerate(rows["input_ids"]):
+            ids[i, :n[i]] = torch.tensor(x)
+            attn[i, :n[i]] = 1
+        counts = [len(x) for x in rows["ent_start"]]
+        eb = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))  # (M,)
+        es = torch.tensor([v for x in rows["ent_start"] for v in x], dtype=torch.long)
+        ee = torch.tensor([v for x in rows["ent_end"] for v in x], dtype=torch.long)
+        si = semantic_importance(model, ids, attn, eb, es, ee, mask_token_id, window=window,
+                                 chunk=4 * batch_size).tolist()
+        out, at = [], 0
+        for c in counts:
+            out.append(si[at:at + c])
+            at += c
+        return {"ent_si": out}
+    from datasets.utils import logging as ds_logging
+    key = Hasher.hash((ds._fingerprint, fingerprint, window, mask_token_id))
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.enable_progress_bar()
+    try:
+        return ds.map(add, batched=True, batch_size=batch_size, num_proc=num_proc, new_fingerprint=key,
+                      desc="SI(e) over the corpus")
+    finally:
+        if not bars:
+            ds_logging.disable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- h_e and injection
@@ -268,6 +335,14 @@ class KnowledgeInjector:
         return (_mean_embedding(word_embeddings, tail_tok[t_rows], tail_len[t_rows])
                 - _mean_embedding(word_embeddings, rel_tok[r_rows], rel_len[r_rows]))
 
+    def relation_embed(self, word_embeddings, ent_id):
+        """E(r) of each entity's chosen triple -> (M, H), differentiable w.r.t. word_embeddings."""
+        _, triple, _, _, _, rel_tok, rel_len = self._tables(word_embeddings.device)
+        r_rows = triple[ent_id.to(word_embeddings.device), 1]  # (M,)
+        if bool((r_rows < 0).any()):
+            raise ValueError("entity_importance.KnowledgeInjector.relation_embed: an entity has no KG triple")
+        return _mean_embedding(word_embeddings, rel_tok[r_rows], rel_len[r_rows])
+
 
 def _mean_embedding(W, tok, lens):
     """Mean of W rows over the first lens[i] ids of tok[i]: W (V, H), tok (M, L), lens (M,) -> (M, H)."""
@@ -305,23 +380,3 @@ def span_positions(ent_batch, ent_start, ent_end, selected=None):
             raise ValueError("entity_importance.span_positions: selected mention spans overlap; "
                              "select at most one mention per token")
     return row, col, mention, offset
-
-
-def inject(inputs_embeds, ent_batch, ent_start, ent_end, h_e, selected):
-    """Put h_e at every token of each selected span -> new (B, T, H); other positions are the input
-    bitwise. Out of place and differentiable w.r.t. inputs_embeds and h_e.
-
-    h_e: (M, H) one row per mention (rows of unselected mentions are ignored) or (S, H) one row per
-    selected mention in mention order (S = selected.sum(); when S == M both readings coincide).
-    """
-    selected = selected.to(torch.bool)
-    row, col, mention, _ = span_positions(ent_batch, ent_start, ent_end, selected)
-    S, M = int(selected.sum()), selected.numel()
-    if h_e.shape[0] == S:
-        h_rows = (torch.cumsum(selected.long(), 0) - 1)[mention]  # (P,) rank among selected
-    elif h_e.shape[0] == M:
-        h_rows = mention
-    else:
-        raise ValueError(f"entity_importance.inject: h_e has {h_e.shape[0]} rows, expected M={M} mentions "
-                         f"or S={S} selected mentions")
-    return inputs_embeds.index_put((row, col), h_e[h_rows].to(inputs_embeds.dtype))  # (B, T, H)

@@ -370,7 +370,8 @@ def curve(args, run_dir):
         step = int(d.split("_")[1])
         points.append({"step": step, "elapsed": at[step], **probe(args, os.path.join(run_dir, d),
                                                                   os.path.join(run_dir, f"probe_{d}"))})
-    return {"loss": [{"step": r["step"], "elapsed": r["elapsed"], "l_mlm": r["l_mlm"], "loss": r["loss"]}
+    return {"loss": [{"step": r["step"], "elapsed": r["elapsed"], "l_mlm": r["l_mlm"], "loss": r["loss"],
+                      "l_cka": r.get("l_cka"), "l_dec": r.get("l_dec")}
                      for r in rows], "snapshots": points}
 
 

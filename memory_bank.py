@@ -2,8 +2,8 @@
 
 For every key (a KG entity index; any int64 id works) the bank holds two vectors:
   local memory  = an exponential moving average of the mean last-layer output in a window of k
-                  tokens around each mention of the key (Eq. 4-5), initialised from the mean input
-                  embedding of the key's label tokens;
+                  tokens around each mention of the key (Eq. 4-5), initialised from the row given
+                  to ensure() (pretrain.py: the key's knowledge embedding h_e, see below);
   global memory = the exact running mean of the last-layer [CLS] output over all contexts that
                   contain the key (Eq. 6).
 Before the forward pass the input at a mention is mixed with both memories (Eq. 7), with a weight
@@ -12,11 +12,12 @@ or through them) and updated after the forward pass.
 
 One training step (what pretrain.py does for --method trelm):
 
-    bank.ensure(ent_id, init)                      # (M,), (M,H): add unseen keys
-    local, glob = bank.read(ent_id)                # (M,H), (M,H) on ent_id's device
-    h = mix(h_e, local, glob, lambda_at(q, lambda0, beta))   # Eq. (7), (8): injected at the span
-    out = model(...)                               # forward/backward as usual
-    bank.observe(last_hidden, attention_mask, ent_batch, ent_start, ent_end, ent_id)  # Eq. (4)-(6)
+    bank.ensure(ent_id, h_e)                       # (S,), (S,H): add the injected keys not yet seen
+    local, glob = bank.read(ent_id)                # (S,H), (S,H) on ent_id's device
+    x = span_input(E, rows, cols, mention, h_e, (local, glob), lambda_at(q, lambda0, beta))  # Eq. (7), (8)
+    out = model(inputs_embeds=x, ...)              # forward/backward as usual
+    seen = bank.contains(all_ent_id)               # every mention of a key, injected or not (Sec. 3.2)
+    bank.observe(last_hidden, attention_mask, ent_batch[seen], ent_start[seen], ent_end[seen], all_ent_id[seen])
 
 Run the tests: python -m pytest tests/test_memory_bank.py -q
 
@@ -46,9 +47,23 @@ Decisions (the paper gives the mechanisms, not these details):
   mention of each (row, key) pair; update() takes the flags as new_context).
 - A key with no context yet (count 0) reads its global memory as its local memory, so Eq. (7) is
   always defined and a fresh key mixes h_e with its initial local memory only.
-- Eq. (8): the exact printed form was not found in any stored copy of the paper; this file uses
-  lambda(q) = lambda0 * exp(-beta * q), q = fractional epoch (0.5 at q = 0, 0.184 at q = 0.5,
-  0.068 at q = 1 with the defaults; below 0.01 from q = 2).
+- Eq. (8) as printed: lambda_q = lambda_0 / beta^q, q the pre-training epoch (Sec. 4.8: beta = 1
+  "corresponds to no decay"). q is the integer epoch by default (the paper's q = 0, 1, 2, ...);
+  pretrain.py's --lambda-q fraction uses the fractional epoch instead (smooth decay, same values at
+  whole epochs). beta >= 1 (beta < 1 would make lambda grow).
+- Scale of the memory in the input (Eq. 7). The memories hold last-layer outputs (mean norm about
+  6.5 for tokens, 7.4 for [CLS] on MiniLM) but Eq. 7 writes them into the word-embedding slot (mean
+  norm about 1.1). Unscaled, at lambda = 0.5 the mixed input had cosine 0.86 with the [CLS] average
+  and 0.34 with h_e: every injected span saw a near-generic vector. mix(..., match_norm=True) (the
+  default; pretrain.py --memory-scale raw turns it off) rescales each memory vector to the norm of
+  the h_e row it is mixed with, so Eq. 7 mixes directions at the embedding's scale.
+- Initial local memory (what ensure() is given): pretrain.py passes h_e, the key's knowledge
+  embedding E(t) - E(r) built from the pre-trained embeddings, not the embedding of the key's own
+  tokens: those are the CKA targets, and a memory that starts as E(answer) lets L_CKA fall by
+  copying its input (measured in README "Departures").
+- Eq. (4) window without the span: with context_only=True (what pretrain.py uses, --memory-window
+  context) the span's own positions are left out of the mean, so the local memory holds the "contextual representations of its surrounding words" (Sec. 3.2)
+  and never the span outputs that CKA trains to predict the entity's tokens.
 - Several mentions of one key in a step (also across DDP ranks) are applied one after the other
   in gathered order: rank 0's mentions in their given order, then rank 1's, and so on. The result
   is bitwise equal to a Python loop over the mentions in that order in float32 (rounded to `dtype`
@@ -78,17 +93,33 @@ import torch.distributed as dist
 
 
 def lambda_at(q, lambda0=0.5, beta=2.0):
-    """Eq. (8): mixing weight at fractional epoch q, lambda0 * exp(-beta * q) (form assumed, see
-    the module docstring)."""
+    """Eq. (8): lambda_q = lambda0 / beta^q at pre-training epoch q >= 0 (integer or fractional)."""
     if q < 0:
-        raise ValueError(f"memory_bank.lambda_at: q (fractional epoch) must be >= 0, got {q}")
-    return lambda0 * math.exp(-beta * q)
+        raise ValueError(f"memory_bank.lambda_at: q (pre-training epoch) must be >= 0, got {q}")
+    if beta < 1:
+        raise ValueError(f"memory_bank.lambda_at: beta (--beta) must be >= 1 (1 = no decay), got {beta}")
+    return lambda0 / beta ** q  # Eq. (8)
 
 
-def mix(h_e, local, global_, lam):
-    """Eq. (7): (1 - lam) * h_e + lam / 2 * (local + global_), all (M,H); result in h_e's dtype."""
-    out = (1.0 - lam) * h_e.float() + (lam / 2.0) * (local.float() + global_.float())  # (M,H)
+def mix(h_e, local, global_, lam, match_norm=True):
+    """Eq. (7): I_p = (1 - lam) * h_e + lam / 2 * (local + global_), all (M,H); result in h_e's dtype.
+    match_norm: first rescale each memory row to the norm of its h_e row (see the module docstring)."""
+    h = h_e.float()  # (M,H)
+    local, global_ = local.float(), global_.float()
+    if match_norm:
+        target = h.norm(dim=1, keepdim=True)  # (M,1)
+        local = local * (target / local.norm(dim=1, keepdim=True).clamp(min=1e-12))
+        global_ = global_ * (target / global_.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    out = (1.0 - lam) * h + (lam / 2.0) * (local + global_)  # Eq. (7), (M,H)
     return out.to(h_e.dtype)
+
+
+def span_input(embeds, rows, cols, mention, h_e, mem=None, lam=0.0, match_norm=True):
+    """The encoder input of Sec. 3.2: I_p = Eq. (7) at the P injected positions (rows, cols) of
+    mention[p], I_p = E_p elsewhere (embeds (B,T,H), bitwise). h_e (S,H), mem = (local, global_)
+    (S,H) each or None (no memory: I_p = h_e). -> new (B,T,H), differentiable w.r.t. embeds, h_e."""
+    h = h_e if mem is None else mix(h_e, mem[0], mem[1], lam, match_norm)  # (S,H) Eq. (7)
+    return embeds.index_put((rows, cols), h[mention].to(embeds.dtype))  # (B,T,H)
 
 
 def bytes_for(num_keys, hidden, dtype=torch.float32):
@@ -126,7 +157,8 @@ class MemoryBank:
     """Local and global memory of the keys that occur (see the module docstring). hidden = H;
     capacity = rows allocated up front (pass the expected number of keys to avoid regrowth)."""
 
-    def __init__(self, hidden, window_k=16, gamma=0.1, dtype=torch.float32, device="cpu", capacity=1024):
+    def __init__(self, hidden, window_k=16, gamma=0.1, dtype=torch.float32, device="cpu", capacity=1024,
+                 context_only=False):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"memory_bank.MemoryBank: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         if not 0.0 < gamma <= 1.0:
@@ -134,6 +166,7 @@ class MemoryBank:
         if window_k < 0:
             raise ValueError(f"memory_bank.MemoryBank: window_k (--window-k) must be >= 0, got {window_k}")
         self.hidden, self.window_k, self.gamma = hidden, window_k, gamma
+        self.context_only = context_only  # Eq. (4) without the span itself (see window_mean)
         self.dtype, self.device = dtype, torch.device(device)
         capacity = max(1, capacity)
         self.local = torch.zeros(capacity, hidden, dtype=dtype, device=self.device)    # (C,H)
@@ -203,9 +236,14 @@ class MemoryBank:
                              f"got {tuple(x.shape)}")
 
     # ---- public API ----------------------------------------------------------------------------
+    def contains(self, keys):
+        """(N,) bool: which keys (N,) int64 are in the bank (on keys' device)."""
+        self._check_keys(keys, "contains")
+        return self._find(keys.to(self.device))[1].to(keys.device)
+
     def ensure(self, keys, init, process_group=None):
-        """Add the keys not yet in the bank: local memory = init row (the mean input embedding of
-        the key's label tokens), global count 0. keys (M,) int64, init (M,H). Existing keys are
+        """Add the keys not yet in the bank: local memory = init row (pretrain.py: the key's h_e,
+        see the module docstring), global count 0. keys (M,) int64, init (M,H). Existing keys are
         left unchanged. A key repeated in `keys` takes its first row. Collective under DDP."""
         self._check_keys(keys, "ensure")
         self._check_rows(init, keys.shape[0], "init", "ensure")
@@ -249,11 +287,15 @@ class MemoryBank:
         glob = torch.where((self.count[slots] > 0).unsqueeze(1), self.global_[slots].float(), local)  # (M,H)
         return local.to(keys.device), glob.to(keys.device)
 
-    def window_mean(self, hidden, attention_mask, ent_batch, ent_start, ent_end, k=None, with_special=False):
+    def window_mean(self, hidden, attention_mask, ent_batch, ent_start, ent_end, k=None, with_special=False,
+                    context_only=None):
         """Eq. (4): mean of hidden (B,T,H) over the window [start - k, end + k) of each mention,
         clipped to the real tokens of its row (attention_mask (B,T) == 1; without the first and
-        the last real token unless with_special). -> (M,H) float32. k defaults to window_k."""
+        the last real token unless with_special). context_only (default self.context_only): leave
+        the span [start, end) out; a mention whose window has no other real token then falls back
+        to its span. -> (M,H) float32. k defaults to window_k."""
         k = self.window_k if k is None else k
+        context_only = self.context_only if context_only is None else context_only
         b, t, _ = hidden.shape
         if attention_mask.shape != (b, t):
             raise ValueError(f"memory_bank.window_mean: attention_mask must have shape {(b, t)}, "
@@ -273,6 +315,12 @@ class MemoryBank:
         hi = (ent_end + k).clamp(min=0, max=t)    # (M,)
         total = csum[ent_batch, hi] - csum[ent_batch, lo]  # (M,H)
         n = ccount[ent_batch, hi] - ccount[ent_batch, lo]  # (M,)
+        if context_only:  # Eq. (4) over the surrounding words only
+            s0, e0 = ent_start.clamp(min=0, max=t), ent_end.clamp(min=0, max=t)
+            around = n - (ccount[ent_batch, e0] - ccount[ent_batch, s0])  # (M,)
+            keep = (around >= 1).unsqueeze(1)  # (M,1)
+            total = torch.where(keep, total - (csum[ent_batch, e0] - csum[ent_batch, s0]), total)
+            n = torch.where(keep[:, 0], around, n)
         bad = (ent_start < 0) | (ent_end > t) | (ent_start >= ent_end) | (n < 1)
         if bool(bad.any()):
             i = int(bad.nonzero()[0])

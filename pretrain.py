@@ -32,12 +32,15 @@ Data and divergence errors print one line (--debug: the traceback).
 """
 import argparse
 import json
+import math
 import os
 import random
 import shutil
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -49,12 +52,23 @@ import common
 import data
 import routing
 from cka import NegativeSampler, cka_loss, cka_response_prob, label_token_counts, total_loss
-from entity_importance import (KnowledgeInjector, long_tail_mask, select_mentions,
-                               semantic_importance, span_positions)
-from memory_bank import MemoryBank, mix
+from entity_importance import (STRATEGIES, KnowledgeInjector, important_threshold, kg_degree,
+                               long_tail_mask, select_mentions, si_column, span_positions)
+from memory_bank import MemoryBank
 
-METHODS = ("trelm", "dkplm", "mlm")
-INJECTIONS = ("important", "long-tail", "frequent", "all", "none")
+# --method -> what each mechanism does (a new baseline is one row):
+#   injection  default --injection strategy (entity_importance.select_mentions)
+#   decoding   what the injected spans are trained to predict: "cka" sampled softmax (Eq. 2),
+#              "relation" DKPLM's relation-conditioned full-softmax decoding, "none"
+#   loss       "theta": theta * L_MLM + (1 - theta) * L_CKA (Eq. 3); "sum": L_MLM + L_dec (DKPLM's code)
+#   sampler    negatives from Q (Eq. 2); bank  memory bank (Sec. 3.2); routing  knowledge paths (Sec. 3.3)
+METHOD_TABLE = {
+    "trelm": dict(injection="important", decoding="cka", loss="theta", sampler=True, bank=True, routing=True),
+    "dkplm": dict(injection="dkplm", decoding="relation", loss="sum", sampler=False, bank=False, routing=False),
+    "mlm": dict(injection="none", decoding="none", loss="mlm", sampler=False, bank=False, routing=False),
+}
+METHODS = tuple(METHOD_TABLE)
+INJECTIONS = STRATEGIES
 
 
 def get_parser():
@@ -89,10 +103,13 @@ def get_parser():
     a("--num-proc", type=int, default=None, help="processes for corpus preprocessing (datasets.map)")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
     # Sec. 3.1: noise-aware knowledge injection + CKA
-    a("--injection", default=None, choices=INJECTIONS, help="which mentions get h_e (default: important for trelm, long-tail for dkplm)")
-    a("--no-injection", action="store_true", help="ablation: injected spans get the mask embedding instead of h_e")
+    a("--injection", default=None, choices=INJECTIONS,
+      help="which mentions get h_e (default: important for trelm, dkplm = DKPLM's long-tail score for dkplm)")
+    a("--no-injection", action="store_true",
+      help="ablation (Table 6): the chosen spans show the mask embedding only (no h_e, no memory); CKA still trains on them")
     a("--long-tail-percentile", type=float, default=50.0, help="long-tail = occurring entities with frequency at or below this percentile")
-    a("--important-fraction", type=float, default=0.5, help="'important' = long-tail mentions with SI in this top fraction")
+    a("--important-fraction", type=float, default=0.5,
+      help="'important' = long-tail mentions whose SI is in this top fraction of the corpus's candidates")
     a("--si-window", type=int, default=8, help="SI(e) is computed on +-N tokens around the mention (0 = whole sequence)")
     a("--theta", type=float, default=0.5, help="Eq. 3: L = theta*L_MLM + (1-theta)*L_CKA")
     a("--negatives", type=int, default=16, help="K negatives per target drawn from Q (Eq. 2)")
@@ -101,7 +118,16 @@ def get_parser():
     a("--window-k", type=int, default=16, help="Eq. 4 window k")
     a("--gamma", type=float, default=0.1, help="Eq. 5 EMA discount")
     a("--lambda0", type=float, default=0.5, help="Eq. 7-8 initial mixing weight")
-    a("--beta", type=float, default=2.0, help="Eq. 8 decay per epoch")
+    a("--beta", type=float, default=2.0, help="Eq. 8: lambda_q = lambda0 / beta^q (1 = no decay)")
+    a("--lambda-q", default="epoch", choices=("epoch", "fraction"),
+      help="Eq. 8's q: the integer pre-training epoch (the paper's) or the fractional epoch")
+    a("--memory-scale", default="embedding", choices=("embedding", "raw"),
+      help="Eq. 7: rescale each memory vector to the norm of h_e (embedding) or mix it as stored (raw)")
+    a("--memory-init", default="knowledge", choices=("knowledge", "entity"),
+      help="initial local memory: h_e = E(t) - E(r) (knowledge) or the mean embedding of the entity's own tokens "
+           "(entity: the CKA targets, so CKA can copy them)")
+    a("--memory-window", default="context", choices=("context", "span"),
+      help="Eq. 4 averages the window without the span (context) or with it (span)")
     a("--memory-dtype", default="fp32", choices=("fp32", "bf16"))
     a("--memory-device", default="cpu", choices=("cpu", "cuda"))
     # Sec. 3.3: routing
@@ -147,8 +173,10 @@ def resolve_config(args):
         bad("--route-ratio", f"expected (0, 1], got {args.route_ratio}")
     if not 0.0 < args.long_tail_percentile <= 100.0:
         bad("--long-tail-percentile", f"expected (0, 100], got {args.long_tail_percentile}")
-    if min(args.negatives, args.window_k, args.beta, args.si_window, args.ig_batch) < 0:
-        bad("--negatives/--window-k/--beta/--si-window/--ig-batch", "expected non-negative values")
+    if min(args.negatives, args.window_k, args.si_window, args.ig_batch) < 0:
+        bad("--negatives/--window-k/--si-window/--ig-batch", "expected non-negative values")
+    if args.beta < 1:
+        bad("--beta", f"expected >= 1 (Eq. 8: lambda0 / beta^q; 1 = no decay), got {args.beta}")
     for flag in ("lr", "weight_decay", "grad_clip", "theta", "mlm_prob", "lambda0", "gamma", "beta",
                  "important_fraction", "long_tail_percentile", "route_ratio", "route_threshold"):
         v = getattr(args, flag)
@@ -164,91 +192,119 @@ def resolve_config(args):
         for flag in ("no_injection", "no_memory_bank", "no_routing"):
             if getattr(args, flag):
                 bad("--" + flag.replace("_", "-"), f"is a TRELM ablation; not valid with --method {args.method}")
+    row = METHOD_TABLE[args.method]
     if args.injection is None:
-        args.injection = {"trelm": "important", "dkplm": "long-tail", "mlm": "none"}[args.method]
+        args.injection = row["injection"]
     elif args.method == "mlm" and args.injection != "none":
         bad("--injection", "--method mlm injects nothing; use --method trelm or dkplm")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", args.method)
     if args.warmup_steps is None:
         args.warmup_steps = max(1, int(0.06 * args.max_steps))
-    args.memory_bank = args.method == "trelm" and not args.no_memory_bank and args.injection != "none"
-    args.routing = args.method == "trelm" and not args.no_routing
+    args.memory_bank = row["bank"] and not args.no_memory_bank and not args.no_injection and args.injection != "none"
+    args.routing = row["routing"] and not args.no_routing
     return args
 
 
 # -----------------------------------------------------------------------------
 # The model wrapper: everything that needs gradients happens inside forward(), so DDP sees it.
 
-class KnowledgeMLM(torch.nn.Module):
-    """Masked LM + knowledge injection + MLM / CKA / entity-decoding losses in one forward."""
+@dataclass
+class Plan:
+    """What one micro-batch injects: S selected mentions and their P span positions.
 
-    def __init__(self, mlm, injector=None, decoding="none"):
+    rows, cols (P,): input position of each injected token; mention (P,): which of the S mentions
+    it belongs to; targets (P,): the entity's original token there (what CKA / DKPLM decode);
+    ent_id (S,), sel (S,): the mentions' KG entities and their index among the batch's M mentions;
+    h_e (S, H) or None: the span input before Eq. 7 when fixed (--no-injection: the mask
+    embedding), None: h_e = E(t) - E(r), built in forward() so it stays differentiable;
+    negatives (P, K): CKA's draws from Q; mem (local (S, H), global (S, H)), lam, match_norm: Eq. 7.
+    """
+    rows: torch.Tensor
+    cols: torch.Tensor
+    mention: torch.Tensor
+    targets: torch.Tensor
+    ent_id: torch.Tensor
+    sel: torch.Tensor
+    h_e: Optional[torch.Tensor] = None
+    negatives: Optional[torch.Tensor] = None
+    mem: Optional[tuple] = None
+    lam: float = 0.0
+    match_norm: bool = True
+
+    def head(self, n):
+        """The plan restricted to the first n sequences (per-mention tensors stay whole)."""
+        keep = self.rows < n  # (P,)
+        return replace(self, rows=self.rows[keep], cols=self.cols[keep], mention=self.mention[keep],
+                       targets=self.targets[keep], negatives=None if self.negatives is None else self.negatives[keep])
+
+    def tile(self, c, batch_size):
+        """The plan of the batch (batch_size sequences) repeated c times along the batch dimension."""
+        if c == 1:
+            return self
+        P, S = len(self.rows), len(self.ent_id)
+        shift = torch.arange(c, device=self.rows.device).repeat_interleave(P)  # (c*P,) copy index
+        rep = lambda t: None if t is None else t.repeat(c, *([1] * (t.dim() - 1)))
+        return replace(self, rows=self.rows.repeat(c) + shift * batch_size, cols=self.cols.repeat(c),
+                       mention=self.mention.repeat(c) + shift * S, targets=self.targets.repeat(c),
+                       ent_id=self.ent_id.repeat(c), sel=self.sel.repeat(c), h_e=rep(self.h_e),
+                       negatives=rep(self.negatives), mem=None if self.mem is None else tuple(rep(m) for m in self.mem))
+
+
+def relation_decoding_loss(mlm, hidden, targets, relation):
+    """DKPLM's relation-conditioned decoding of the entity tokens: the full-softmax MLM head on
+    h * r_hat, r_hat = E(r) / rms(E(r)) (DKPLM multiplies the output by its projected relation
+    embedding; here E(r) is rescaled to unit RMS instead of learning a projection, so no new
+    parameters). hidden (P, H), targets (P,), relation (P, H) -> scalar; P = 0 gives an attached 0."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0
+    r_hat = relation * torch.rsqrt(relation.pow(2).mean(-1, keepdim=True).clamp(min=1e-12))  # (P, H)
+    return F.cross_entropy(common.mlm_logits(mlm, hidden * r_hat.to(hidden.dtype)).float(), targets)
+
+
+class KnowledgeMLM(torch.nn.Module):
+    """Masked LM + knowledge injection + MLM / CKA / entity-decoding losses in one forward.
+    decoding and loss: a row of METHOD_TABLE."""
+
+    def __init__(self, mlm, injector=None, decoding="none", loss="mlm"):
         super().__init__()
         self.mlm = mlm
         self.injector = injector
-        self.decoding = decoding  # "cka" (TRELM, sampled softmax), "full" (DKPLM), "none"
+        self.decoding, self.loss = decoding, loss
 
-    def forward(self, input_ids, attention_mask, mlm_labels, inj=None, theta=0.5, return_hidden=False):
+    def forward(self, input_ids, attention_mask, mlm_labels, plan=None, theta=0.5, return_hidden=False):
+        from memory_bank import span_input
         emb = self.mlm.get_input_embeddings()
         x = emb(input_ids)  # (B, T, H)
-        if inj is not None:
-            h = inj["h_e"] if "h_e" in inj else self.injector.embed(emb.weight, inj["ent_id"])  # (Ms, H)
-            if inj.get("mem") is not None:
-                h = mix(h, inj["mem"][0], inj["mem"][1], inj["lam"])  # Eq. (7)
-            x = x.index_put((inj["rows"], inj["cols"]), h[inj["mention"]].to(x.dtype))
+        if plan is not None:
+            h_e = plan.h_e if plan.h_e is not None else self.injector.embed(emb.weight, plan.ent_id)  # (S, H)
+            x = span_input(x, plan.rows, plan.cols, plan.mention, h_e, plan.mem, plan.lam, plan.match_norm)  # Eq. (7)
         hidden = self.mlm.base_model(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         out = {}
         sel = mlm_labels != -100
         out["l_mlm"] = F.cross_entropy(common.mlm_logits(self.mlm, hidden[sel]).float(), mlm_labels[sel]) \
             if sel.any() else hidden.sum() * 0.0
-        loss = out["l_mlm"]
-        if inj is not None and len(inj["rows"]) and self.decoding != "none":
-            h_span = hidden[inj["rows"], inj["cols"]]  # (P, H)
+        out["loss"] = out["l_mlm"]
+        if self.decoding != "none":  # every batch, with or without injected spans (an empty one adds 0)
+            rows, cols = (plan.rows, plan.cols) if plan is not None else (input_ids[:0, 0], input_ids[:0, 0])
+            h_span = hidden[rows, cols]  # (P, H)
+            targets = plan.targets if plan is not None else rows
             if self.decoding == "cka":
-                out["l_cka"] = cka_loss(self.mlm, h_span, inj["targets"], inj["negatives"])  # Eq. (2)
+                neg = plan.negatives if plan is not None else rows.new_zeros(0, 0)
+                key, l_k = "l_cka", cka_loss(self.mlm, h_span, targets, neg)  # Eq. (2)
             else:
-                out["l_cka"] = F.cross_entropy(common.mlm_logits(self.mlm, h_span).float(), inj["targets"])
-            loss = total_loss(out["l_mlm"], out["l_cka"], theta)  # Eq. (3)
-        out["loss"] = loss
+                rel = self.injector.relation_embed(emb.weight, plan.ent_id)[plan.mention] if plan is not None \
+                    else h_span
+                key, l_k = "l_dec", relation_decoding_loss(self.mlm, h_span, targets, rel)
+            out[key] = l_k
+            # Eq. (3) for TRELM, the same weighting for every batch; DKPLM's code sums its two losses
+            out["loss"] = total_loss(out["l_mlm"], l_k, theta) if self.loss == "theta" else out["l_mlm"] + l_k
         if return_hidden:
             out["hidden"] = hidden  # (B, T, H) the memory bank reads it detached; routing's P_x needs its graph
         return out
 
 
 # -----------------------------------------------------------------------------
-
-def head_of(batch, inj, n):
-    """The first n sequences of a batch and the injected positions inside them (n = 0: all)."""
-    if n == 0 or n >= batch["input_ids"].shape[0]:
-        return batch, inj
-    b = {k: batch[k][:n] for k in ("input_ids", "attention_mask", "mlm_labels")}
-    if inj is None:
-        return b, None
-    keep = inj["rows"] < n  # (P,) positions in the kept rows; per-mention tensors stay whole
-    j = dict(inj, **{k: inj[k][keep] for k in ("rows", "cols", "mention", "targets", "negatives") if k in inj})
-    return b, j
-
-
-def tile(batch, inj, c):
-    """The batch and its injection plan repeated c times along the batch dimension (IG chunks)."""
-    if c == 1:
-        return batch, inj
-    B, Ms = batch["input_ids"].shape[0], 0 if inj is None else len(inj["ent_id"])
-    b = {k: batch[k].repeat(c, 1) for k in ("input_ids", "attention_mask", "mlm_labels")}
-    if inj is None:
-        return b, None
-    P = len(inj["rows"])
-    shift = torch.arange(c, device=inj["rows"].device).repeat_interleave(P)  # (c*P,) copy index
-    j = {"rows": inj["rows"].repeat(c) + shift * B, "cols": inj["cols"].repeat(c),
-         "mention": inj["mention"].repeat(c) + shift * Ms, "targets": inj["targets"].repeat(c),
-         "ent_id": inj["ent_id"].repeat(c), "negatives": inj["negatives"].repeat(c, 1)}
-    if "h_e" in inj:
-        j["h_e"] = inj["h_e"].repeat(c, 1)
-    if inj.get("mem") is not None:
-        j["mem"], j["lam"] = tuple(m.repeat(c, 1) for m in inj["mem"]), inj["lam"]
-    return b, j
-
 
 def path_jaccard(a, b):
     """Mean over layers of |a_l & b_l| / |a_l | b_l| (path stability between two routings; 1 for two
@@ -321,18 +377,26 @@ class Trainer:
         self.collate = data.MLMCollator(tok, args.mlm_prob, args.whole_word_mask)
         self.global_batch = args.batch_size * args.grad_accum * self.world
 
+        row = METHOD_TABLE[args.method]
         self.injector = self.sampler = self.bank = None
-        decoding = {"trelm": "cka", "dkplm": "full", "mlm": "none"}[args.method]
+        self.si_threshold = self.degree = None
         if args.injection != "none":
             self.injector = KnowledgeInjector(self.kg, tok, seed=args.seed)
             self.freq = data.mention_counts(self.ds, self.kg.num_entities)  # batched pass over the Arrow column
             self.long_tail = torch.as_tensor(long_tail_mask(self.freq, args.long_tail_percentile, inclusive=True))
-        if args.method == "trelm" and args.injection != "none":
+            if args.injection in ("important", "dkplm"):  # SI once over the corpus (Sec. 3.4), initial model
+                self.ds = self.corpus_si(mlm)
+                ent, si = data.flat_column(self.ds, "ent_id", np.int64), data.flat_column(self.ds, "ent_si", np.float64)
+                cand = self.long_tail.numpy()[ent] & self.injector.has_knowledge.numpy()[ent]
+                self.si_threshold = important_threshold(si, cand, args.important_fraction)
+            if args.injection == "dkplm":
+                self.degree = kg_degree(self.kg.triples, self.kg.num_entities)
+        if row["sampler"] and args.injection != "none":
             self.sampler = NegativeSampler(label_token_counts(self.kg, tok, len(tok)))
         if args.memory_bank:
             self.bank = MemoryBank(mlm.config.hidden_size, window_k=args.window_k, gamma=args.gamma,
                                    dtype=torch.bfloat16 if args.memory_dtype == "bf16" else torch.float32,
-                                   device=args.memory_device)
+                                   device=args.memory_device, context_only=args.memory_window == "context")
         if self.master and not args.resume:  # a fresh run starts a fresh routing log
             os.makedirs(args.output_dir, exist_ok=True)
             open(os.path.join(args.output_dir, "routing.jsonl"), "w").close()
@@ -343,7 +407,7 @@ class Trainer:
                                f"routing: --model {args.model} has no trained MLM head (freshly initialised); all "
                                f"parameters train for the first {args.route_warmup} steps (--route-warmup), then "
                                f"routing starts")
-        self.net = KnowledgeMLM(mlm, self.injector, decoding).to(self.device)
+        self.net = KnowledgeMLM(mlm, self.injector, row["decoding"], row["loss"]).to(self.device)
         self.router = None
         self.paths = None
         self.step = 0
@@ -378,13 +442,16 @@ class Trainer:
         if self.router is not None:
             self.router.detach()
             self.router = None
-        batch, inj = head_of(batch, batch.get("inj"), a.ig_batch)
+        n = a.ig_batch if 0 < a.ig_batch < batch["input_ids"].shape[0] else batch["input_ids"].shape[0]
+        head = {k: batch[k][:n] for k in ("input_ids", "attention_mask", "mlm_labels")}
+        plan = None if batch["plan"] is None else batch["plan"].head(n)
 
         def run(_model, repeat=1):  # P_x: probability of the correct CKA response (Eq. 9)
-            b, j = tile(batch, inj, repeat)  # repeat > 1: alpha steps stacked in one forward
+            b = {k: v.repeat(repeat, 1) for k, v in head.items()}  # repeat > 1: --ig-chunk alpha steps stacked
+            j = None if plan is None else plan.tile(repeat, n)
             h = self.net(b["input_ids"], b["attention_mask"], b["mlm_labels"], j, return_hidden=True)["hidden"]
-            if j is not None and len(j["rows"]):
-                return cka_response_prob(self.net.mlm, h[j["rows"], j["cols"]], j["targets"], j["negatives"])
+            if j is not None and len(j.rows):
+                return cka_response_prob(self.net.mlm, h[j.rows, j.cols], j.targets, j.negatives)
             sel = b["mlm_labels"] != -100  # no injected mention: P of the masked tokens instead
             return common.mlm_logits(self.net.mlm, h[sel]).softmax(-1).gather(1, b["mlm_labels"][sel, None])[:, 0]
 
@@ -417,6 +484,20 @@ class Trainer:
 
     # -- one batch -------------------------------------------------------------------
 
+    def corpus_si(self, mlm):
+        """The dataset with SI(e) (Eq. 1) of every mention, computed once with the initial model
+        (entity_importance.si_column: batched, cached by fingerprint; rank 0 first under DDP)."""
+        a = self.args
+        W = mlm.get_input_embeddings().weight
+        key = f"{a.model}|{tuple(W.shape)}|{float(W.detach().double().sum()):.10e}"
+        if self.ddp and not self.master:
+            dist.barrier()
+        ds = si_column(self.ds, mlm.to(self.device), self.tok.mask_token_id, window=a.si_window or None,
+                       num_proc=a.num_proc, fingerprint=key)
+        if self.ddp and self.master:
+            dist.barrier()
+        return ds
+
     def get_batch(self, micro):
         a = self.args
         idx = data.micro_batch_indices(self.step, micro, self.rank, len(self.ds), a.batch_size, a.grad_accum,
@@ -428,87 +509,71 @@ class Trainer:
         seed = np.random.SeedSequence([a.seed, self.step, slot]).generate_state(1)[0]
         g = torch.Generator().manual_seed(int(seed))
         batch = self.collate(examples, g)
+        if "ent_si" in rows:  # (M,) in the collator's mention order
+            batch["ent_si"] = torch.tensor([v for e in examples for v in e["ent_si"]], dtype=torch.float32)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        inj = batch["inj"] = self.plan_injection(batch, g)
+        plan = batch["plan"] = self.plan_injection(batch, g)
         if self.bank is not None:  # collective under DDP: every rank calls it, with or without mentions
             H = self.net.mlm.config.hidden_size
-            if inj:
-                keys, init = inj["ent_id"], inj.pop("mem_init")
-            else:
-                keys, init = torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros(0, H, device=self.device)
+            keys = plan.ent_id if plan else torch.zeros(0, dtype=torch.long, device=self.device)
+            init = self.memory_init(batch, plan) if plan else torch.zeros(0, H, device=self.device)
             self.bank.ensure(keys, init, process_group=self.group)
-            if inj:
-                inj["mem"] = tuple(t.to(self.device) for t in self.bank.read(keys))
-                inj["lam"] = self.bank.lambda_at(self.epoch_fraction(), self.args.lambda0, self.args.beta)  # Eq. (8)
+            if plan:
+                plan.mem = tuple(t.to(self.device) for t in self.bank.read(keys))
+                plan.lam = self.lam()  # Eq. (8)
         return batch
 
     @torch.no_grad()
     def plan_injection(self, batch, g):
-        """Choose mentions (Sec. 3.1 / Fig. 3) and build their injection positions, CKA targets and
-        negatives, and the memory keys' initial values (the memory itself is read in get_batch)."""
+        """Choose mentions (Sec. 3.1 / Fig. 3; SI from the corpus column) -> Plan with their span
+        positions, decoding targets and CKA negatives, or None (the memory is read in get_batch)."""
         a = self.args
         if self.injector is None or len(batch["ent_id"]) == 0:
             return None
         eid = batch["ent_id"]
-        ok = self.injector.injectable(eid)
-        si = None
-        if a.injection == "important":
-            cand = ok & self.long_tail.to(eid.device)[eid]
-            si = torch.zeros(len(eid), device=eid.device)
-            if cand.any():
-                si[cand] = self.mention_importance(batch, cand.nonzero()[:, 0])
-                if not torch.isfinite(si[cand]).all():  # the model's outputs overflowed (diverged)
-                    raise self.non_finite("semantic importance SI(e) (Eq. 1)")
-        sel = select_mentions(a.injection, eid, si, self.long_tail.to(eid.device),
-                              top_fraction=a.important_fraction, eligible=ok)
+        sel = select_mentions(a.injection, eid, self.long_tail, si=batch.get("ent_si"), si_threshold=self.si_threshold,
+                              eligible=self.injector.injectable(eid), ent_batch=batch["ent_batch"], degree=self.degree)
         if not sel.any():
             return None
         m = sel.nonzero()[:, 0]
-        rows, cols, mention, _ = span_positions(batch["ent_batch"][m], batch["ent_start"][m], batch["ent_end"][m],
-                                                torch.ones(len(m), dtype=torch.bool, device=eid.device))
+        rows, cols, mention, _ = span_positions(batch["ent_batch"][m], batch["ent_start"][m], batch["ent_end"][m])
         targets = batch["orig_ids"][rows, cols]  # (P,) the entity's own tokens
-        batch["mlm_labels"][rows, cols] = -100  # injected positions are scored by L_CKA, not L_MLM
-        inj = dict(rows=rows, cols=cols, mention=mention, ent_id=eid[m], targets=targets, sel=m)
+        batch["mlm_labels"][rows, cols] = -100  # injected positions are scored by the decoding loss, not L_MLM
+        plan = Plan(rows, cols, mention, targets, ent_id=eid[m], sel=m, match_norm=a.memory_scale == "embedding")
         if a.no_injection:  # ablation: the span shows only the mask embedding
-            emb = self.net.mlm.get_input_embeddings().weight
-            inj["h_e"] = emb[self.tok.mask_token_id].expand(len(m), -1)
+            plan.h_e = self.net.mlm.get_input_embeddings().weight[self.tok.mask_token_id].expand(len(m), -1)
         if self.sampler is not None:
-            inj["negatives"] = self.sampler.sample(targets.cpu(), a.negatives, generator=g).to(self.device)
-        if self.bank is not None:  # key init: mean input embedding of the mention's own tokens
-            emb = self.net.mlm.get_input_embeddings().weight
-            inj["mem_init"] = torch.zeros(len(m), emb.shape[1], device=emb.device).index_add_(
-                0, mention, emb[targets]) / torch.bincount(mention, minlength=len(m))[:, None]
-        return inj
-
-    def mention_importance(self, batch, idx):
-        """SI(e) (Eq. 1) for mentions idx, on a window of +-si_window tokens around each mention."""
-        a = self.args
-        ids, attn = batch["orig_ids"], batch["attention_mask"]
-        b, s, e = batch["ent_batch"][idx], batch["ent_start"][idx], batch["ent_end"][idx]
-        if a.si_window == 0:
-            return semantic_importance(self.net.mlm, ids, attn, b, s, e, self.tok.mask_token_id)
-        W = int((e - s).max()) + 2 * a.si_window
-        lo = (s - a.si_window).clamp(min=0)  # (M,)
-        pos = lo[:, None] + torch.arange(W, device=ids.device)  # (M, W)
-        valid = pos < attn.sum(1)[b][:, None]
-        win_ids = torch.where(valid, ids[b[:, None], pos.clamp(max=ids.shape[1] - 1)], self.tok.pad_token_id)
-        return semantic_importance(self.net.mlm, win_ids, valid.long(), torch.arange(len(idx), device=ids.device),
-                                   s - lo, e - lo, self.tok.mask_token_id)
+            plan.negatives = self.sampler.sample(targets.cpu(), a.negatives, generator=g).to(self.device)
+        return plan
 
     @torch.no_grad()
-    def update_memory(self, batch, inj, hidden):
-        """Local (Eq. 4-5) and global (Eq. 6) memory of the injected entities from this forward."""
-        if inj is None:
-            z = torch.zeros(0, dtype=torch.long, device=hidden.device)
-            self.bank.observe(hidden, batch["attention_mask"], z, z, z, z, process_group=self.group)
-            return
-        m = inj["sel"]
-        self.bank.observe(hidden, batch["attention_mask"], batch["ent_batch"][m], batch["ent_start"][m],
-                          batch["ent_end"][m], inj["ent_id"], process_group=self.group)
+    def memory_init(self, batch, plan):
+        """(S, H) initial local memory of the plan's keys: h_e (--memory-init knowledge) or the mean
+        input embedding of the mention's own tokens, i.e. of its CKA targets (entity)."""
+        W = self.net.mlm.get_input_embeddings().weight
+        if self.args.memory_init == "knowledge":
+            return self.injector.embed(W, plan.ent_id).float()
+        S = len(plan.ent_id)
+        total = torch.zeros(S, W.shape[1], device=W.device).index_add_(0, plan.mention, W[plan.targets].float())
+        return total / torch.bincount(plan.mention, minlength=S)[:, None]
+
+    @torch.no_grad()
+    def update_memory(self, batch, hidden):
+        """Local (Eq. 4-5) and global (Eq. 6) memory from this forward, for every mention of an
+        entity in the bank ("an entity e present in both sentence x and M"), injected or not."""
+        seen = self.bank.contains(batch["ent_id"])  # (M,)
+        self.bank.observe(hidden, batch["attention_mask"], batch["ent_batch"][seen], batch["ent_start"][seen],
+                          batch["ent_end"][seen], batch["ent_id"][seen], process_group=self.group)
 
     def epoch_fraction(self):
-        """q in Eq. (8): epochs of data seen so far."""
+        """Epochs of data seen so far (fractional)."""
         return self.step * self.global_batch / len(self.ds)
+
+    def lam(self):
+        """Eq. (8): lambda_q = lambda0 / beta^q, q the integer epoch (--lambda-q epoch) or fractional."""
+        q = self.epoch_fraction()
+        return MemoryBank.lambda_at(math.floor(q) if self.args.lambda_q == "epoch" else q,
+                                    self.args.lambda0, self.args.beta)
 
     # -- training --------------------------------------------------------------------
 
@@ -523,24 +588,26 @@ class Trainer:
         lr = lr_at(self.step, a)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        stats = {"l_mlm": 0.0, "l_cka": 0.0, "loss": 0.0, "injected": 0, "mentions": 0, "tokens": 0}
+        dec = {"cka": ("l_cka",), "relation": ("l_dec",), "none": ()}[self.net.decoding]
+        stats = {"l_mlm": 0.0, **{k: 0.0 for k in dec}, "loss": 0.0, "injected": 0, "mentions": 0, "tokens": 0,
+                 "lambda": self.lam() if self.bank is not None else 0.0}  # Eq. (8) weight used this step
         for micro in range(a.grad_accum):
             batch = first if micro == 0 and first is not None else self.get_batch(micro)
-            inj = batch["inj"]
+            plan = batch["plan"]
             sync = micro == a.grad_accum - 1
             ddp_wrapped = isinstance(self.model, DDP)
             with (self.model.no_sync() if ddp_wrapped and not sync else nullcontext()), self.autocast:
-                out = self.model(batch["input_ids"], batch["attention_mask"], batch["mlm_labels"], inj,
+                out = self.model(batch["input_ids"], batch["attention_mask"], batch["mlm_labels"], plan,
                                  theta=a.theta, return_hidden=self.bank is not None)
             if not torch.isfinite(out["loss"]):
                 raise self.non_finite(f"loss {out['loss'].item()} (micro-batch {micro})")
             (out["loss"] / a.grad_accum).backward()
             if self.bank is not None:  # Eq. (4)-(6), after the forward pass; every rank joins the gather
-                self.update_memory(batch, inj, out["hidden"].detach().float())
-            for k in ("l_mlm", "l_cka", "loss"):
-                stats[k] += float(out[k].detach()) / a.grad_accum if k in out else 0.0
+                self.update_memory(batch, out["hidden"].detach().float())
+            for k in ("l_mlm", *dec, "loss"):
+                stats[k] += float(out[k].detach()) / a.grad_accum
             stats["tokens"] += int(batch["attention_mask"].sum()) * self.world
-            stats["injected"] += 0 if inj is None else len(inj["sel"])
+            stats["injected"] += 0 if plan is None else len(plan.sel)
             stats["mentions"] += len(batch["ent_id"])
         if self.router is not None:
             self.router.all_reduce_grads()  # no-op without DDP
@@ -836,7 +903,7 @@ def train(args):
                        "tokens_per_s": round(stats["tokens"] / dt, 1), "elapsed": round(t.elapsed, 3)}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", cka=f"{stats['l_cka']:.3f}")
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", mlm=f"{stats['l_mlm']:.3f}")
             if a.save_every and t.step % a.save_every == 0 and t.step < a.max_steps:
                 t.save("checkpoint")
             if a.snapshot_every and t.step % a.snapshot_every == 0:

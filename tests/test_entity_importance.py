@@ -30,18 +30,21 @@ def encode_batch(tok, sentences, entities):
     return enc["input_ids"], enc["attention_mask"], torch.tensor(b), torch.tensor(s), torch.tensor(e)
 
 
-def reference_si(model, input_ids, attention_mask, ent_batch, ent_start, ent_end, mask_id):
-    """SI per mention, one mention at a time, each sentence without its padding: (SI, cos) lists."""
+def reference_si(model, input_ids, attention_mask, ent_batch, ent_start, ent_end, mask_id, window=None):
+    """SI per mention, one mention at a time, each window cut out by hand without padding and
+    pooled over its positions outside the span: (SI, cos) lists."""
     si, cos = [], []
     for j in range(ent_batch.numel()):
-        r = int(ent_batch[j])
+        r, s, e = int(ent_batch[j]), int(ent_start[j]), int(ent_end[j])
         n = int(attention_mask[r].sum())
-        ids = input_ids[r, :n].clone().unsqueeze(0)  # (1, n) unpadded
+        lo, hi = (0, n) if window is None else (max(0, s - window), min(n, e + window))
+        ids = input_ids[r, lo:hi].clone().unsqueeze(0)  # (1, hi - lo) unpadded window
         rep = ids.clone()
-        rep[0, int(ent_start[j]):int(ent_end[j])] = mask_id
+        rep[0, s - lo:e - lo] = mask_id
+        keep = [i for i in range(hi - lo) if not s - lo <= i < e - lo]
         with torch.no_grad():
-            h_o = model.base_model(input_ids=ids).last_hidden_state.mean(1)
-            h_r = model.base_model(input_ids=rep).last_hidden_state.mean(1)
+            h_o = model.base_model(input_ids=ids).last_hidden_state[:, keep].mean(1)
+            h_r = model.base_model(input_ids=rep).last_hidden_state[:, keep].mean(1)
         c = float(F.cosine_similarity(h_o, h_r)[0])
         si.append(1 - c), cos.append(c)
     return si, cos
@@ -91,16 +94,40 @@ def test_si_batched_equals_one_at_a_time_unpadded(tiny_mlm):
     for chunk in (1, 4):
         torch.testing.assert_close(ei.semantic_importance(model, ids, am, b, s, e, tok.mask_token_id, chunk=chunk),
                                    si, atol=1e-5, rtol=0)
-    with torch.no_grad():
-        h_orig = ei.mean_pool(model.base_model(input_ids=ids, attention_mask=am).last_hidden_state, am)
-    torch.testing.assert_close(ei.semantic_importance(model, ids, am, b, s, e, tok.mask_token_id, h_orig=h_orig),
-                               si, atol=1e-5, rtol=0)
+    assert ei.semantic_importance(model, ids, am, b, s, e, tok.mask_token_id, window=0).abs().max() == 0  # no context
+    for w in (1, 3):  # symmetric windows of +-w tokens, clipped to the row
+        ref_w, _ = reference_si(model, ids, am, b, s, e, tok.mask_token_id, window=w)
+        torch.testing.assert_close(ei.semantic_importance(model, ids, am, b, s, e, tok.mask_token_id, window=w),
+                                   torch.tensor(ref_w), atol=1e-5, rtol=0)
     for j in range(6):  # a single mention alone gives the same value
         one = ei.semantic_importance(model, ids, am, b[j:j + 1], s[j:j + 1], e[j:j + 1], tok.mask_token_id)
         assert abs(float(one[0]) - ref[j]) < 1e-5
     # Eq. 1 as printed (1/cos) ranks the mentions the same way whenever cos > 0
     assert min(cos) > 0 and len(set(np.round(ref, 7))) == 6
-    assert torch.argsort(si).tolist() == np.argsort(1.0 / np.array(cos)).tolist()
+    assert np.argsort(ref).tolist() == np.argsort(1.0 / np.array(cos)).tolist()
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_si_does_not_grow_with_span_length_when_context_is_unaffected(kind, tmp_path):
+    """Hand-made case: an encoder without attention layers (each output depends on its own token
+    only) cannot let the entity affect its context, so SI is exactly 0 for spans of 1, 2 and 3
+    tokens; pooling the replaced positions too (the old definition) gave SI growing with length."""
+    tok = make_bert_tokenizer(tmp_path) if kind == "bert" else make_roberta_tokenizer(tmp_path)
+    model = make_model(kind, tok, layers=0)
+    ids, am, b, s, e = encode_batch(tok, ["Paris is the capital of France.", "New York is in the United States."],
+                                    [["Paris", "France"], ["New York", "United States"]])
+    assert sorted(set((e - s).tolist())) and int((e - s).max()) >= 2
+    for w in (None, 2):
+        si = ei.semantic_importance(model, ids, am, b, s, e, tok.mask_token_id, window=w)
+        assert si.abs().max() < 1e-6, si
+    with torch.no_grad():  # the old pooling over every real token, span included
+        pool = lambda x: (model.base_model(input_ids=x, attention_mask=am).last_hidden_state * am[..., None]).sum(1)
+        old = []
+        for j in range(len(b)):
+            rep = ids.clone()
+            rep[b[j], s[j]:e[j]] = tok.mask_token_id
+            old.append(1 - float(F.cosine_similarity(pool(ids)[b[j]], pool(rep)[b[j]], dim=0)))
+    assert min(old) > 1e-3
 
 
 def test_si_zero_when_span_is_already_masked(tiny_mlm):
@@ -109,7 +136,7 @@ def test_si_zero_when_span_is_already_masked(tiny_mlm):
     ids[0, int(s[1]):int(e[1])] = tok.mask_token_id  # "France" already masked
     si = ei.semantic_importance(model, ids, am, b, s, e, tok.mask_token_id)
     assert abs(float(si[1])) < 1e-6
-    assert float(si[0]) > 1e-4  # replacing "Paris" does change the representation
+    assert float(si[0]) > 1e-6  # replacing "Paris" does change its context (a small effect in a random tiny model)
 
 
 def test_si_larger_for_the_entity_whose_replacement_changes_more(bert_tok):
@@ -150,17 +177,45 @@ def test_select_mentions_strategies():
     long_tail = np.array([True, False, True, True, False])  # (E,)
     ent_id = torch.tensor([0, 1, 2, 3, 4, 0, 2])  # (M,) long-tail mentions: 0, 2, 3, 5, 6
     si = torch.tensor([0.1, 9.0, 0.3, 0.3, 9.0, 0.05, 0.3])
-    sel = lambda strat, **kw: ei.select_mentions(strat, ent_id, si, long_tail, **kw).tolist()
+    sel = lambda strat, **kw: ei.select_mentions(strat, ent_id, long_tail, si=si, **kw).tolist()
     assert sel("none") == [False] * 7
     assert sel("all") == [True] * 7
     assert sel("long-tail") == [True, False, True, True, False, True, True]
     assert sel("frequent") == [False, True, False, False, True, False, False]
-    # 5 candidates, ceil(0.5 * 5) = 3, all three 0.3's (mentions 2, 3, 6); frequent SI 9.0 ignored
-    assert sel("important") == [False, False, True, True, False, False, True]
-    # k = ceil(0.4 * 5) = 2: tie among 0.3's broken by mention order -> mentions 2 and 3
-    assert sel("important", top_fraction=0.4) == [False, False, True, True, False, False, False]
-    assert sel("important", top_fraction=1.0) == sel("long-tail")
-    assert sel("important", top_fraction=0.1) == [False, False, True, False, False, False, False]
+    # a corpus-level threshold, not a share of this batch: frequent SI 9.0 is ignored
+    assert sel("important", si_threshold=0.3) == [False, False, True, True, False, False, True]
+    assert sel("important", si_threshold=0.31) == [False] * 7  # a batch of unimportant entities injects nothing
+    assert sel("important", si_threshold=0.0) == sel("long-tail")
+    assert sel("important", si_threshold=None) == [False] * 7
+
+
+def test_important_threshold_is_corpus_level():
+    si = np.array([0.1, 9.0, 0.3, 0.2, 9.0, 0.05, 0.4])
+    cand = np.array([True, False, True, True, False, True, True])  # 5 candidates: .1 .3 .2 .05 .4
+    assert ei.important_threshold(si, cand, 0.5) == 0.2   # k = ceil(2.5) = 3 -> .4 .3 .2
+    assert ei.important_threshold(si, cand, 0.2) == 0.4   # k = 1
+    assert ei.important_threshold(si, cand, 1.0) == 0.05
+    assert ei.important_threshold(si, np.zeros(7, bool), 0.5) is None
+    with pytest.raises(ValueError, match="--important-fraction"):
+        ei.important_threshold(si, cand, 0.0)
+
+
+def test_select_mentions_dkplm_score_and_degree():
+    """DKPLM's KLT(e) = 1[long-tail] * SI * KC, above the mean KLT of its sequence (hand values)."""
+    triples = np.array([[0, 0, 1], [0, 1, 2], [3, 0, 0], [2, 0, 1]])
+    deg = ei.kg_degree(triples, 5)
+    assert deg.tolist() == [3, 2, 2, 1, 0]
+    long_tail = np.array([True, True, True, True, False])
+    ent_id = torch.tensor([0, 1, 2, 4, 3, 2])
+    ent_batch = torch.tensor([0, 0, 0, 0, 1, 1])
+    si = torch.tensor([0.5, 0.5, 1.0, 9.0, 0.1, 0.2])
+    # row 0: KLT = .5*3=1.5, .5*2=1.0, 1.0*2=2.0, 0 (frequent) -> mean 1.125 -> mentions 0 and 2
+    # row 1: KLT = .1*1=.1, .2*2=.4 -> mean .25 -> mention 5
+    out = ei.select_mentions("dkplm", ent_id, long_tail, si=si, ent_batch=ent_batch, degree=deg)
+    assert out.tolist() == [True, False, True, False, False, True]
+    eligible = torch.tensor([True, True, False, True, True, True])  # mention 2 cannot be injected
+    out = ei.select_mentions("dkplm", ent_id, long_tail, si=si, ent_batch=ent_batch, degree=deg, eligible=eligible)
+    assert out.tolist() == [True, True, False, False, False, True]  # row 0 mean (1.5+1+0)/3 = .83 < 1.0
 
 
 def test_select_mentions_eligible_and_errors():
@@ -168,16 +223,30 @@ def test_select_mentions_eligible_and_errors():
     ent_id = torch.tensor([0, 1, 0, 2])
     si = torch.tensor([5.0, 1.0, 4.0, 0.0])
     eligible = torch.tensor([False, True, True, True])  # mention 0 (highest SI) has no triple
-    out = ei.select_mentions("important", ent_id, si, long_tail, top_fraction=0.5, eligible=eligible)
-    assert out.tolist() == [False, False, True, False]  # ranked among eligible candidates 1, 2 -> k = 1
-    assert ei.select_mentions("all", ent_id, None, long_tail, eligible=eligible).tolist() == eligible.tolist()
-    assert ei.select_mentions("frequent", ent_id, None, long_tail, eligible=eligible).tolist() == [False, False, False, True]
+    out = ei.select_mentions("important", ent_id, long_tail, si=si, si_threshold=1.0, eligible=eligible)
+    assert out.tolist() == [False, True, True, False]
+    assert ei.select_mentions("all", ent_id, long_tail, eligible=eligible).tolist() == eligible.tolist()
+    assert ei.select_mentions("frequent", ent_id, long_tail, eligible=eligible).tolist() == [False, False, False, True]
     with pytest.raises(ValueError, match="strategy must be one of"):
-        ei.select_mentions("random", ent_id, si, long_tail)
+        ei.select_mentions("random", ent_id, long_tail, si=si)
     with pytest.raises(ValueError, match="needs si"):
-        ei.select_mentions("important", ent_id, None, long_tail)
-    with pytest.raises(ValueError, match="top_fraction"):
-        ei.select_mentions("important", ent_id, si, long_tail, top_fraction=0.0)
+        ei.select_mentions("important", ent_id, long_tail)
+    with pytest.raises(ValueError, match="ent_batch and degree"):
+        ei.select_mentions("dkplm", ent_id, long_tail, si=si)
+
+
+def test_si_column_matches_semantic_importance(bert_tok, tmp_path):
+    import datasets
+    model = make_model("bert", bert_tok)
+    ids, am, b, s, e = encode_batch(bert_tok, SENTS, ENTS)
+    rows = {"input_ids": [ids[i, :int(am[i].sum())].tolist() for i in range(3)],
+            "ent_start": [s[b == i].tolist() for i in range(3)], "ent_end": [e[b == i].tolist() for i in range(3)]}
+    ds = datasets.Dataset.from_dict(rows)
+    out = ei.si_column(ds, model, bert_tok.mask_token_id, window=2, batch_size=2, fingerprint="tiny")
+    ref = ei.semantic_importance(model, ids, am, b, s, e, bert_tok.mask_token_id, window=2)
+    got = torch.tensor([v for x in out["ent_si"] for v in x])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert [len(x) for x in out["ent_si"]] == [2, 2, 2]
 
 
 # ----------------------------------------------------------------------------- KnowledgeInjector
@@ -231,7 +300,7 @@ def test_h_e_is_tail_minus_relation_mean_embeddings(kind, tmp_path):
         inj.embed(W, torch.tensor([0, 1]))
 
 
-# ----------------------------------------------------------------------------- span positions, inject
+# ----------------------------------------------------------------------------- span positions
 
 def test_span_positions_hand_case():
     b, s, e = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 2, 5, 4]), torch.tensor([3, 3, 8, 5])
@@ -244,43 +313,3 @@ def test_span_positions_hand_case():
         ei.span_positions(torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([3, 4]))
     with pytest.raises(ValueError, match="ent_start < ent_end"):
         ei.span_positions(torch.tensor([0]), torch.tensor([2]), torch.tensor([2]))
-
-
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_inject_replaces_exactly_the_entity_tokens(kind, tmp_path):
-    tok = make_bert_tokenizer(tmp_path) if kind == "bert" else make_roberta_tokenizer(tmp_path)
-    ids, am, b, s, e = encode_batch(tok, SENTS, ENTS)  # "Paris" and "Berlin" start their sentences
-    assert int(s[0]) == 1 and int(s[4]) == 1  # first token after [CLS] / <s>
-    W = torch.randn(len(tok), 16, dtype=torch.float64)
-    x = W[ids]  # (B, T, H)
-    h_e = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
-    selected = torch.tensor([True, True, True, False, True, False])
-    out = ei.inject(x, b, s, e, h_e, selected)
-    changed = (out != x).any(-1)  # (B, T)
-    for j, (row, surface) in enumerate([(0, "Paris"), (0, "France"), (1, "United States"), (1, "New York"),
-                                        (2, "Berlin"), (2, "Germany")]):
-        cols = [c for c in range(ids.shape[1]) if bool(changed[row, c]) and torch.equal(out[row, c], h_e[j])]
-        if selected[j]:
-            assert tok.decode(ids[row, cols]).strip().lower() == surface.lower()
-            assert cols == list(range(int(s[j]), int(e[j])))
-        else:
-            assert cols == []
-    n_span = int(sum(e[j] - s[j] for j in range(6) if selected[j]))
-    assert int(changed.sum()) == n_span
-    assert torch.equal(out[~changed], x[~changed])  # everything else bitwise unchanged
-    # h_e given only for the selected mentions (S, H) gives the same result
-    assert torch.equal(ei.inject(x, b, s, e, h_e[selected], selected), out)
-    out.sum().backward()
-    assert h_e.grad[selected].abs().sum() > 0 and h_e.grad[~selected].abs().sum() == 0
-    with pytest.raises(ValueError, match="rows"):
-        ei.inject(x, b, s, e, h_e[:3], selected)
-
-
-def test_inject_gradient_reaches_inputs_outside_spans_only():
-    x = torch.randn(2, 5, 3, requires_grad=True)
-    h_e = torch.randn(1, 3)
-    out = ei.inject(x, torch.tensor([1]), torch.tensor([2]), torch.tensor([4]), h_e, torch.tensor([True]))
-    out.sum().backward()
-    g = x.grad.abs().sum(-1)  # (B, T)
-    assert g[1, 2:4].tolist() == [0.0, 0.0] and (g[0] > 0).all() and g[1, [0, 1, 4]].gt(0).all()
-    assert torch.equal(out[1, 2], h_e[0]) and torch.equal(out[1, 3], h_e[0])

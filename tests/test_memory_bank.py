@@ -180,19 +180,56 @@ def test_mix_endpoints():
     g = torch.Generator().manual_seed(1)
     h_e, local, glob = (torch.randn(3, 5, generator=g) for _ in range(3))
     assert torch.equal(mix(h_e, local, glob, 0.0), h_e)
-    torch.testing.assert_close(mix(h_e, local, glob, 1.0), (local + glob) / 2, rtol=0, atol=1e-7)
-    torch.testing.assert_close(mix(h_e, local, glob, 0.5), 0.5 * h_e + 0.25 * (local + glob), rtol=0, atol=1e-6)
+    raw = dict(match_norm=False)
+    torch.testing.assert_close(mix(h_e, local, glob, 1.0, **raw), (local + glob) / 2, rtol=0, atol=1e-7)
+    torch.testing.assert_close(mix(h_e, local, glob, 0.5, **raw), 0.5 * h_e + 0.25 * (local + glob), rtol=0, atol=1e-6)
     assert mix(h_e.bfloat16(), local, glob, 0.3).dtype == torch.bfloat16
 
 
-def test_lambda_schedule():
-    assert lambda_at(0.0) == 0.5
-    assert lambda_at(0.5) == pytest.approx(0.5 * math.exp(-1.0))
-    assert lambda_at(1.0) == pytest.approx(0.5 * math.exp(-2.0))
-    assert lambda_at(1.0, lambda0=0.2, beta=1.0) == pytest.approx(0.2 * math.exp(-1.0))
-    assert lambda_at(3.0) < 0.002
-    with pytest.raises(ValueError):
+def test_lambda_schedule_is_eq8_as_printed():
+    """Eq. (8): lambda_q = lambda / beta^q; beta = 1 is no decay (Sec. 4.8)."""
+    for q in (0, 1, 2, 5, 0.5):
+        assert lambda_at(q, lambda0=0.5, beta=1.0) == 0.5
+    assert lambda_at(0, 0.5, 2.0) == 0.5
+    assert lambda_at(1, 0.5, 2.0) == 0.25
+    assert lambda_at(2, 0.5, 2.0) == 0.125
+    assert lambda_at(1, 0.4, 4.0) == pytest.approx(0.1)
+    assert lambda_at(0.5, 0.5, 4.0) == pytest.approx(0.25)  # fractional q: 0.5 / sqrt(4)
+    with pytest.raises(ValueError, match="q"):
         lambda_at(-0.1)
+    with pytest.raises(ValueError, match="beta"):
+        lambda_at(1, 0.5, 0.5)
+
+
+def test_mix_rescales_memory_to_the_norm_of_h_e():
+    """Eq. (7) with match_norm: each memory row is brought to |h_e| before mixing (hand values)."""
+    h_e = torch.tensor([[3.0, 4.0]])            # |h_e| = 5
+    local = torch.tensor([[0.0, 70.0]])         # -> (0, 5)
+    glob = torch.tensor([[-20.0, 0.0]])         # -> (-5, 0)
+    out = mix(h_e, local, glob, 0.5)
+    torch.testing.assert_close(out, torch.tensor([[0.5 * 3 + 0.25 * (0 - 5), 0.5 * 4 + 0.25 * (5 + 0)]]))
+    torch.testing.assert_close(mix(h_e, local, glob, 0.5, match_norm=False),
+                               torch.tensor([[0.5 * 3 - 5.0, 0.5 * 4 + 17.5]]))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 8, generator=g)
+    big = 7.0 * torch.randn(50, 8, generator=g)
+    ratio = mix(h, big, big.flip(0), 0.5).norm(dim=1) / h.norm(dim=1)
+    assert bool((ratio <= 1.0 + 1e-6).all()) and bool((ratio > 0.0).all())  # never above |h_e|
+
+
+def test_window_mean_context_only_leaves_the_span_out():
+    hidden = torch.arange(8, dtype=torch.float32).view(1, 8, 1).expand(1, 8, 2).clone()  # h_i = i
+    mask = torch.ones(1, 8, dtype=torch.long)
+    bank = MemoryBank(2, window_k=2, context_only=True)
+    b, s, e = torch.tensor([0, 0]), torch.tensor([3, 1]), torch.tensor([5, 7])
+    out = bank.window_mean(hidden, mask, b, s, e)
+    # mention 0: window [1, 7) minus span [3, 5) -> positions 1, 2, 5, 6 -> mean 3.5
+    # mention 1: window [0, 8) minus [CLS]/last -> 1..6, minus span 1..6 -> nothing left: the span, mean 3.5
+    torch.testing.assert_close(out, torch.tensor([[3.5, 3.5], [3.5, 3.5]]))
+    b, s, e = torch.tensor([0]), torch.tensor([2]), torch.tensor([3])
+    torch.testing.assert_close(bank.window_mean(hidden, mask, b, s, e), torch.tensor([[(1 + 3 + 4) / 3] * 2]))
+    torch.testing.assert_close(bank.window_mean(hidden, mask, b, s, e, context_only=False),
+                               torch.tensor([[(1 + 2 + 3 + 4) / 4] * 2]))
 
 
 # ---- storage, growth, checkpoint --------------------------------------------------------------------

@@ -6,10 +6,13 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import data
 import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +162,7 @@ def test_chunked_attribution_equals_sequential(tiny_model_dir, tmp_path, extra, 
          "--seq-len", "32", "--ig-steps", "6", "--ig-batch", "2", *extra]))
     t = pretrain.Trainer(args)
     batch = t.get_batch(0)
-    assert batch["inj"] is not None and len(batch["inj"]["rows"]) > 0
+    assert batch["plan"] is not None and len(batch["plan"].rows) > 0
     got = {}
     real = routing.ffn_attributions
 
@@ -204,3 +207,186 @@ def test_cka_loss_falls_on_the_embedded_default(tmp_path):
     assert len(cka) >= 40
     first, last = sum(cka[:10]) / 10, sum(cka[-10:]) / 10
     assert last < 0.7 * first, (first, last)
+
+
+# ----------------------------------------------------------------------------- issue 11: one step by hand
+
+def _model_dir(kind, tmp_path):
+    from conftest import make_bert_tokenizer, make_model, make_roberta_tokenizer
+    tok = make_bert_tokenizer(tmp_path) if kind == "bert" else make_roberta_tokenizer(tmp_path)
+    d = os.path.join(tmp_path, f"tiny_{kind}")
+    make_model(kind, tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def _grab(seen, name, get):
+    """A forward (pre-)hook that keeps a detached copy of the first tensor `get` picks out."""
+    def hook(module, first, second):
+        seen.setdefault(name, get(first, second).detach().clone())
+    return hook
+
+
+def _trainer(model_dir, out, *extra):
+    argv = ["--model", model_dir, "--data", FIX, "--output-dir", str(out), "--batch-size", "8", "--seq-len", "32",
+            "--seed", "1", "--no-routing", "--injection", "long-tail", "--window-k", "2", *extra]
+    return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_one_trelm_step_position_by_position(kind, tmp_path):
+    """Eq. 7 input at the injected spans and E_p elsewhere; MLM labels -100 exactly there; lambda =
+    Eq. 8; the memory after the step = Eq. 4-6 applied by hand to every mention of a key."""
+    t = _trainer(_model_dir(kind, tmp_path), tmp_path / "r")
+    tok, mlm, a = t.tok, t.net.mlm, t.args
+    W = mlm.get_input_embeddings().weight
+    with torch.no_grad():  # hand-set embeddings: row i = a fixed pattern scaled by (1 + i / V)
+        V, H = W.shape
+        W.copy_(torch.sin(torch.arange(V)[:, None] * 0.37 + torch.arange(H)[None] * 1.3) * (1 + torch.arange(V)[:, None] / V))
+    t.step = len(t.ds) // t.global_batch + 1  # in epoch q = 1: lambda = 0.5 / 2
+    peek = t.get_batch(0)
+    plan = peek["plan"]
+    assert plan is not None and len(plan.rows) > 0
+    keys = torch.unique(plan.ent_id)
+    slots = t.bank._find(keys)[0]
+    g = torch.Generator().manual_seed(5)
+    A, G = 9 * torch.randn(len(keys), H, generator=g), 7 * torch.randn(len(keys), H, generator=g)
+    t.bank.local[slots], t.bank.global_[slots], t.bank.count[slots] = A, G, 1  # a known memory
+    mem_before = {int(k): (A[i].clone(), G[i].clone(), 1) for i, k in enumerate(keys)}
+    W0 = W.detach().clone()
+
+    seen = {}
+    h1 = mlm.base_model.register_forward_pre_hook(_grab(seen, "x", lambda a, kw: kw["inputs_embeds"]), with_kwargs=True)
+    h2 = mlm.base_model.register_forward_hook(_grab(seen, "h", lambda i, o: o.last_hidden_state))
+    orig_forward = t.net.forward
+    t.net.forward = lambda *args, **kw: (seen.setdefault("labels", args[2].clone()), orig_forward(*args, **kw))[1]
+    stats = t.train_step()
+    h1.remove(), h2.remove()
+    assert stats["lambda"] == 0.25
+    lam = 0.25
+
+    ids = peek["input_ids"]
+    x, hid, labels = seen["x"], seen["h"], seen["labels"]
+    inj = {(int(r), int(c)): int(m) for r, c, m in zip(plan.rows, plan.cols, plan.mention)}
+    emb = lambda label: W0[tok(" " + label, add_special_tokens=False)["input_ids"][:16]].mean(0)
+    unit = lambda v, n: v * (n / v.norm())
+    g2 = torch.Generator().manual_seed(int(np.random.SeedSequence([a.seed, t.step - 1, 0]).generate_state(1)[0]))
+    rows = t.ds[data.micro_batch_indices(t.step - 1, 0, 0, len(t.ds), a.batch_size, 1, 1, a.seed)]
+    ref = t.collate([dict(zip(rows, v)) for v in zip(*rows.values())], g2)
+    for r in range(ids.shape[0]):
+        for c in range(ids.shape[1]):
+            if (r, c) in inj:
+                e = int(plan.ent_id[inj[r, c]])
+                _, rel, tail = t.injector.triple[e].tolist()
+                h_e = emb(t.kg.entity_labels[tail]) - emb(t.kg.relation_labels[rel])
+                loc, glo, _ = mem_before[e]
+                want = (1 - lam) * h_e + lam / 2 * (unit(loc, h_e.norm()) + unit(glo, h_e.norm()))  # Eq. (7)
+                torch.testing.assert_close(x[r, c], want, rtol=0, atol=1e-5)
+                assert int(labels[r, c]) == -100
+            else:
+                assert torch.equal(x[r, c], W0[ids[r, c]])  # I_p = E_p
+                assert int(labels[r, c]) == int(ref["mlm_labels"][r, c])
+
+    # Eq. 4-6 by hand over every mention of a key, injected or not, in mention order
+    mem = {k: [v[0].clone(), v[1].clone(), v[2]] for k, v in mem_before.items()}
+    counted = set()
+    am = peek["attention_mask"]
+    for j in range(len(peek["ent_id"])):
+        e = int(peek["ent_id"][j])
+        if e not in mem:
+            continue
+        r, s, en = int(peek["ent_batch"][j]), int(peek["ent_start"][j]), int(peek["ent_end"][j])
+        n = int(am[r].sum())
+        ctx = [i for i in range(max(1, s - 2), min(n - 1, en + 2)) if not s <= i < en]  # no [CLS]/last, no span
+        obs = hid[r, ctx].mean(0) if ctx else hid[r, s:en].mean(0)  # Eq. (4)
+        mem[e][0] = 0.9 * mem[e][0] + 0.1 * obs  # Eq. (5), gamma = 0.1
+        if (r, e) not in counted:  # Eq. (6): running mean of [CLS] over contexts
+            counted.add((r, e))
+            mem[e][2] += 1
+            mem[e][1] = mem[e][1] + (hid[r, 0] - mem[e][1]) / mem[e][2]
+    for e, (loc, glo, cnt) in mem.items():
+        slot = t.bank._find(torch.tensor([e]))[0]
+        torch.testing.assert_close(t.bank.local[slot][0], loc, rtol=0, atol=1e-5)
+        torch.testing.assert_close(t.bank.global_[slot][0], glo, rtol=0, atol=1e-5)
+        assert int(t.bank.count[slot]) == cnt
+    assert len(counted) > 0
+
+
+def test_eq3_weighting_is_the_same_with_and_without_injected_spans(tiny_model_dir, tmp_path):
+    """L = theta L_MLM + (1 - theta) L_CKA for every batch: a batch without injected spans trains on
+    theta * L_MLM, not on L_MLM at weight 1."""
+    t = _trainer(tiny_model_dir, tmp_path / "r", "--theta", "0.3")
+    b = t.get_batch(0)
+    out = t.net(b["input_ids"], b["attention_mask"], b["mlm_labels"], None, theta=0.3)
+    assert float(out["l_cka"]) == 0.0
+    torch.testing.assert_close(out["loss"], 0.3 * out["l_mlm"])
+    out = t.net(b["input_ids"], b["attention_mask"], b["mlm_labels"], b["plan"], theta=0.3)
+    torch.testing.assert_close(out["loss"], 0.3 * out["l_mlm"] + 0.7 * out["l_cka"])
+    assert float(out["l_cka"]) > 0
+
+
+def test_lambda_logged_and_constant_under_beta_1(tiny_model_dir, tmp_path):
+    run(tiny_model_dir, tmp_path / "b1", "--beta", "1", "--no-routing", method="trelm", steps=6)
+    rows = [json.loads(l) for l in open(tmp_path / "b1" / "metrics.jsonl")]
+    assert [r["lambda"] for r in rows] == [0.5] * 6
+    run(tiny_model_dir, tmp_path / "b2", "--beta", "2", "--no-routing", "--lambda-q", "fraction",
+        method="trelm", steps=6)
+    rows = [json.loads(l) for l in open(tmp_path / "b2" / "metrics.jsonl")]
+    cfg = json.load(open(tmp_path / "b2" / "config.json"))
+    per_step = cfg["global_batch"] / cfg["sequences"]  # epochs per step
+    for r in rows:  # logged before the step's update: q = (step - 1) epochs-per-step
+        assert r["lambda"] == pytest.approx(0.5 / 2 ** ((r["step"] - 1) * per_step), rel=1e-5)
+    with pytest.raises(SystemExit, match="--beta"):
+        run(tiny_model_dir, tmp_path / "b3", "--beta", "0.5", method="trelm", steps=1)
+
+
+def test_dkplm_logs_l_dec_and_sums_its_losses(tiny_model_dir, tmp_path):
+    run(tiny_model_dir, tmp_path / "d", "--injection", "long-tail", method="dkplm", steps=3)
+    rows = [json.loads(l) for l in open(tmp_path / "d" / "metrics.jsonl")]
+    assert all("l_dec" in r and "l_cka" not in r for r in rows)
+    assert all(r["loss"] == pytest.approx(r["l_mlm"] + r["l_dec"], abs=2e-6) for r in rows)
+    assert any(r["l_dec"] > 0 for r in rows)
+
+
+def test_relation_decoding_loss_hand_case():
+    """DKPLM's decoding: full-softmax head on h * E(r)/rms(E(r)); checked against a hand-built head."""
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=11, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
+                                     intermediate_size=8)).eval()
+    h = torch.randn(3, 4)
+    rel = torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, -1.0, 1.0, -1.0], [0.0, 0.0, 0.0, 3.0]])
+    r_hat = torch.tensor([[1.0] * 4, [1.0, -1.0, 1.0, -1.0], [0.0, 0.0, 0.0, 2.0]])  # rms 2, 1, 1.5
+    y = torch.tensor([1, 5, 7])
+    want = F.cross_entropy(mlm.cls(h * r_hat), y)
+    torch.testing.assert_close(pretrain.relation_decoding_loss(mlm, h, y, rel), want)
+    assert float(pretrain.relation_decoding_loss(mlm, h[:0], y[:0], rel[:0])) == 0.0
+
+
+def test_no_injection_shows_only_the_mask_embedding(tiny_model_dir, tmp_path):
+    """--no-injection (Table 6): the chosen spans get the mask embedding, no h_e and no memory."""
+    t = _trainer(tiny_model_dir, tmp_path / "r", "--no-injection")
+    assert t.bank is None
+    b = t.get_batch(0)
+    plan = b["plan"]
+    W = t.net.mlm.get_input_embeddings().weight
+    seen = {}
+    h = t.net.mlm.base_model.register_forward_pre_hook(_grab(seen, "x", lambda a, kw: kw["inputs_embeds"]),
+                                                       with_kwargs=True)
+    t.net(b["input_ids"], b["attention_mask"], b["mlm_labels"], plan)
+    h.remove()
+    assert plan.mem is None
+    for r, c in zip(plan.rows, plan.cols):
+        assert torch.equal(seen["x"][r, c], W[t.tok.mask_token_id])
+
+
+def test_plan_head_and_tile():
+    P = pretrain.Plan(rows=torch.tensor([0, 0, 2]), cols=torch.tensor([1, 2, 3]), mention=torch.tensor([0, 0, 1]),
+                      targets=torch.tensor([7, 8, 9]), ent_id=torch.tensor([4, 5]), sel=torch.tensor([0, 3]),
+                      negatives=torch.tensor([[1], [2], [3]]), mem=(torch.ones(2, 2), torch.zeros(2, 2)))
+    h = P.head(2)
+    assert h.rows.tolist() == [0, 0] and h.targets.tolist() == [7, 8] and h.negatives.tolist() == [[1], [2]]
+    assert h.ent_id.tolist() == [4, 5]
+    t2 = P.tile(2, batch_size=3)
+    assert t2.rows.tolist() == [0, 0, 2, 3, 3, 5] and t2.mention.tolist() == [0, 0, 1, 2, 2, 3]
+    assert t2.ent_id.tolist() == [4, 5, 4, 5] and t2.mem[0].shape == (4, 2)
