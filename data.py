@@ -561,27 +561,24 @@ def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None)
     return ds
 
 
-def flat_column(ds, name, dtype=None):
+def flat_column(ds, name, dtype=np.int64):
     """(N,) numpy array of a build_dataset list column (e.g. ent_id, ent_si) flattened over all rows, in
     row order, read in Arrow batches (nothing per row in Python)."""
     import pyarrow.compute as pc
     parts = [pc.list_flatten(b[name]).to_numpy(zero_copy_only=False)
              for b in ds.with_format("arrow").iter(batch_size=1 << 16)]
-    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype or np.int64)
+    parts = [p.astype(dtype) for p in parts if p.size]  # an all-empty batch flattens to a null-typed array
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def mention_counts(ds, num_entities):
     """Entity frequency (Sec. 3.1): (E,) int64 linked mentions per entity over a build_dataset
-    dataset, one vectorised pass over its Arrow ent_id column in batches (nothing per row in Python)."""
-    import pyarrow.compute as pc
-    counts = np.zeros(num_entities, np.int64)
-    for batch in ds.with_format("arrow").iter(batch_size=1 << 16):
-        ids = pc.list_flatten(batch["ent_id"]).to_numpy()
-        if ids.size and (ids.min() < 0 or ids.max() >= num_entities):
-            raise DataError(f"dataset ent_id out of range [0, {num_entities}): found [{ids.min()}, {ids.max()}] "
-                            "(a dataset built for another KG?)")
-        counts += np.bincount(ids, minlength=num_entities)
-    return counts
+    dataset, one vectorised pass over its Arrow ent_id column (nothing per row in Python)."""
+    ids = flat_column(ds, "ent_id")
+    if ids.size and (ids.min() < 0 or ids.max() >= num_entities):
+        raise DataError(f"dataset ent_id out of range [0, {num_entities}): found [{ids.min()}, {ids.max()}] "
+                        "(a dataset built for another KG?)")
+    return np.bincount(ids, minlength=num_entities).astype(np.int64)
 
 
 MINI_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")  # where --data mini is built

@@ -740,7 +740,7 @@ class Trainer:
         freq = torch.as_tensor(self.freq)  # (N_e,) linked mentions per entity
         ok = self.injector.injectable(torch.arange(len(freq)))
         lt = self.long_tail
-        ok &= {"important": lt, "long-tail": lt, "frequent": ~lt, "all": torch.ones_like(lt)}[a.injection]
+        ok &= {"important": lt, "long-tail": lt, "dkplm": lt, "frequent": ~lt, "all": torch.ones_like(lt)}[a.injection]
         c.update(mentions=int(freq.sum()), entities_linked=int((freq > 0).sum()), entities=len(freq),
                  injectable_mentions=int(freq[ok].sum()))
         return c

@@ -167,11 +167,11 @@ def test_non_finite_and_negative_flags(argv, msg, tiny_model_dir, tmp_path):
 
 
 def test_divergence_stops_with_one_true_message(tiny_model_dir, tmp_path):
-    """--lr 1e6 diverges after step 1: the run stops at step 2 as metrics.jsonl counts, whichever
-    check (SI or loss) sees it first, and says no checkpoint exists when none does."""
-    with pytest.raises(SystemExit, match=r"non-finite .* at step 2; no checkpoint was written \(--save-every 100\)"):
+    """--lr 1e6 diverges: the loss is huge at step 2 and NaN at step 3, where the run stops (counted as
+    metrics.jsonl counts) and says no checkpoint exists when none does."""
+    with pytest.raises(SystemExit, match=r"non-finite loss .* at step 3; no checkpoint was written \(--save-every 100\)"):
         run(tiny_model_dir, tmp_path / "r", "--no-routing", "--lr", "1e6", "--grad-clip", "0", method="trelm", steps=4)
-    assert [r["step"] for r in metrics(tmp_path / "r")] == [1]
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2]
     with pytest.raises(SystemExit, match=r"non-finite .* at step 3; the last good checkpoint \(step 2\) is kept"):
         run(tiny_model_dir, tmp_path / "s", "--lr", "1e6", "--grad-clip", "0", "--save-every", "2", "--warmup-steps", "2",
             method="mlm", steps=6)
