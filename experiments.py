@@ -254,8 +254,7 @@ def base_checkpoint(args):
                 "--seed", "0", "--max-steps", str(args.base_steps), "--seq-len", str(args.seq_len),
                 "--batch-size", str(args.train_batch_size), "--log-every", "1",
                 "--save-every", str(max(1, args.base_steps // 10))]
-        if os.path.exists(os.path.join(run_dir, "checkpoint", "training_state.pt")):
-            argv.append("--resume")
+        argv += resume_flag(run_dir)
         pretrain.main(argv)
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
     tenth = max(1, len(rows) // 10)
@@ -355,9 +354,7 @@ def pretrain_variant(args, name, flags, seed, steps, model):
     argv = [*flags, "--model", model(), "--data", args.data, "--output-dir", run_dir, "--seed", str(seed),
             "--max-steps", str(steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.train_batch_size),
             "--snapshot-every", str(every), "--save-every", str(every), "--log-every", "1", *args.pretrain_args.split()]
-    if os.path.exists(os.path.join(run_dir, "checkpoint", "training_state.pt")):
-        argv.append("--resume")
-    pretrain.main(argv)
+    pretrain.main(argv + resume_flag(run_dir))
     return run_dir
 
 
@@ -373,6 +370,14 @@ def curve(args, run_dir):
     return {"loss": [{"step": r["step"], "elapsed": r["elapsed"], "l_mlm": r["l_mlm"], "loss": r["loss"],
                       "l_cka": r.get("l_cka"), "l_dec": r.get("l_dec")}
                      for r in rows], "snapshots": points}
+
+
+def resume_flag(run_dir):
+    """["--resume"] when run_dir holds a checkpoint pretrain.py can resume from (checkpoint/, or the
+    .checkpoint.tmp/.old pair a crash inside save() leaves), else []."""
+    names = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old")
+    found = any(os.path.exists(os.path.join(run_dir, n, "training_state.pt")) for n in names)
+    return ["--resume"] if found else []
 
 
 def data_id(args):
