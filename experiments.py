@@ -787,7 +787,6 @@ def write_report(args):
         return verdict(values(m[task], a, key), values(m[task], b, key))
 
     if "efficiency" in m:
-        e = m["efficiency"]
         P = PAPER
         for other, paper in (("mlm", f"T-REx P@1 BERT {P['table2_trex_p1']['BERT']} vs TRELM_BERT "
                                      f"{P['table2_trex_p1']['TRELM_BERT']} (Table 2)"),
