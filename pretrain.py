@@ -139,7 +139,9 @@ def get_parser():
     a("--ig-chunk", type=int, default=0, help="alpha steps stacked per IG forward (0: as many as --ig-memory-mb allows)")
     a("--ig-memory-mb", type=float, default=1024.0, help="activation memory bound of one stacked IG forward (estimate)")
     a("--ig-batch", type=int, default=8, help="sequences of the micro-batch the attribution runs on (0 = all)")
-    a("--route-every", type=int, default=100)
+    a("--route-every", type=int, default=100,
+      help="re-route every N steps (measured, README: successive path sets overlap at the batch-to-batch level, "
+           "Jaccard about 0.1, at N = 10, 25 and 100 alike, while IG's share of the time grows from 18%% to 62%%)")
     a("--route-warmup", type=int, default=None,
       help="steps of full-parameter training before the first routing (default: 0, or --route-every when the "
            "model's MLM head is freshly initialised, e.g. MiniLM: routing freezes the head, so it must learn first)")
