@@ -383,7 +383,7 @@ class AliasLinker:
     _word = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
     def __init__(self, kg, min_len=3):
-        self.by_first = {}  # first word -> [(alias, entity index)] longest first
+        self.by_first = {}  # first word -> {alias: entity index}
         for e, aliases in enumerate(kg.entity_aliases):
             for a in aliases:
                 if len(a) < min_len:
@@ -391,18 +391,22 @@ class AliasLinker:
                 first = self._word.match(a)  # the same tokens link() scans ("Port-au-Prince" -> "Port")
                 if first is not None:
                     self.by_first.setdefault(first.group(), {}).setdefault(a, e)
-        self.by_first = {w: sorted(d.items(), key=lambda x: -len(x[0])) for w, d in self.by_first.items()}
+        # first word -> (alias lengths longest first, {alias: entity}): a position costs one dict lookup
+        # per distinct length, not one comparison per alias (Wikidata has thousands of "John ..." aliases)
+        self.by_first = {w: (sorted({len(a) for a in d}, reverse=True), d) for w, d in self.by_first.items()}
         self.kg = kg
 
     def link(self, text):
         """-> [{"id": QID, "start", "end"}] non-overlapping, sorted by start."""
         out, pos = [], 0
         for m in self._word.finditer(text):
-            if m.start() < pos:
+            if m.start() < pos or m.group() not in self.by_first:
                 continue
-            for alias, e in self.by_first.get(m.group(), ()):
-                end = m.start() + len(alias)
-                if text.startswith(alias, m.start()) and (end == len(text) or not text[end].isalnum()):
+            lengths, aliases = self.by_first[m.group()]
+            for n in lengths:
+                end = m.start() + n
+                e = aliases.get(text[m.start():end])
+                if e is not None and (end == len(text) or not text[end].isalnum()):
                     out.append({"id": self.kg.entity_ids[e], "start": m.start(), "end": end})
                     pos = end
                     break
