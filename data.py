@@ -466,12 +466,27 @@ def char_to_token_spans(offsets, entities):
     return out
 
 
-def tokenize_and_pack(batch, tokenizer, entity_index, max_len):
-    """datasets.map function (batched): tokenize, map spans, pack whole documents greedily into
-    sequences of at most max_len tokens with the model's special tokens. A document longer than a
-    sequence is cut into pieces; a mention crossing a cut is dropped, never half-kept."""
+def tokenize_docs(batch, tokenizer, entity_index):
+    """Tokenize documents and map their mentions to token spans: batch {"text", "entities"} ->
+    per document ids, ws (1 where a token starts a word), es/ee (token span [start, end) of each
+    mention), ei (KG entity index); no special tokens."""
     enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True)
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    out = {"ids": [], "ws": [], "es": [], "ee": [], "ei": []}
+    for ids, offs, text, ents in zip(enc["input_ids"], enc["offset_mapping"], batch["text"], batch["entities"]):
+        # a token starts a word if whitespace (or the text start) precedes it
+        out["ws"].append([1 if (s == 0 or text[s - 1].isspace()) else 0 for s, _ in offs])
+        spans = char_to_token_spans(offs, ents)
+        out["ids"].append(ids)
+        out["es"].append([s for s, _, _ in spans])
+        out["ee"].append([e for _, e, _ in spans])
+        out["ei"].append([entity_index[ents[i]["id"]] for _, _, i in spans])
+    return out
+
+
+def pack_docs(batch, cls, sep, max_len):
+    """datasets.map function (batched): pack tokenized documents (tokenize_docs) greedily into
+    sequences of at most max_len tokens with the model's special tokens cls and sep. A document
+    longer than a sequence is cut into pieces; a mention crossing a cut is dropped, never half-kept."""
     room = max_len - 2
     out = {"input_ids": [], "word_start": [], "ent_start": [], "ent_end": [], "ent_id": []}
     cur = {"ids": [], "ws": [], "es": [], "ee": [], "ei": []}
@@ -486,12 +501,7 @@ def tokenize_and_pack(batch, tokenizer, entity_index, max_len):
             for v in cur.values():
                 v.clear()
 
-    for ids, offs, text, ents in zip(enc["input_ids"], enc["offset_mapping"], batch["text"], batch["entities"]):
-        if not ids:
-            continue
-        # a token starts a word if whitespace (or the text start) precedes it
-        ws = [1 if (s == 0 or text[s - 1].isspace()) else 0 for s, _ in offs]
-        spans = char_to_token_spans(offs, ents)
+    for ids, ws, es, ee, ei in zip(batch["ids"], batch["ws"], batch["es"], batch["ee"], batch["ei"]):
         for lo in range(0, len(ids), room):
             hi = min(lo + room, len(ids))
             if len(cur["ids"]) + (hi - lo) > room:
@@ -499,11 +509,11 @@ def tokenize_and_pack(batch, tokenizer, entity_index, max_len):
             base = len(cur["ids"])
             cur["ids"] += ids[lo:hi]
             cur["ws"] += ws[lo:hi]
-            for s, e, i in spans:
+            for s, e, i in zip(es, ee, ei):
                 if lo <= s and e <= hi:
                     cur["es"].append(base + s - lo)
                     cur["ee"].append(base + e - lo)
-                    cur["ei"].append(entity_index[ents[i]["id"]])
+                    cur["ei"].append(i)
     flush()
     return out
 
@@ -523,25 +533,26 @@ def _corpus_lines(path, stamp):
 _LINKERS = {}  # KG key -> AliasLinker, built once per process (each datasets.map worker builds its own)
 
 
-def _preprocess(batch, tokenizer, kg, max_len, path):
-    """datasets.map function (batched): validate and link the lines (parse_record), then tokenize and
-    pack them (tokenize_and_pack)."""
+def _link_and_tokenize(batch, tokenizer, kg, path):
+    """datasets.map function (batched, num_proc workers): validate and link the lines (parse_record),
+    then tokenize them and map their spans (tokenize_docs)."""
     if kg.key not in _LINKERS:
         _LINKERS[kg.key] = AliasLinker(kg)
     recs = [parse_record(raw, n, path, kg, _LINKERS[kg.key]) for raw, n in zip(batch["raw"], batch["line"])]
-    return tokenize_and_pack({"text": [r["text"] for r in recs], "entities": [r["entities"] for r in recs]},
-                             tokenizer, kg.entity_index, max_len)
+    return tokenize_docs({"text": [r["text"] for r in recs], "entities": [r["entities"] for r in recs]},
+                         tokenizer, kg.entity_index)
 
 
 def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None):
     """Linked, tokenized, packed Arrow dataset under cache_dir. kg: a KG from load_kg.
 
-    Two datasets passes, both cached: the corpus lines (keyed by the file's real path, size and
-    mtime), then one datasets.map that validates, links, tokenizes and packs, in num_proc processes
-    (each builds its own AliasLinker once). The map's cache key is the hash of the corpus file's
-    stamp, the KG's key (its files and parser version), the tokenizer (datasets' own hash of it),
-    max_len and the source code of every function that shapes the rows: changing any of them
-    re-links and re-tokenizes, nothing else does."""
+    Three datasets passes, all cached: the corpus lines (keyed by the file's real path, size and
+    mtime); a map that validates, links and tokenizes, in num_proc processes (each builds its own
+    AliasLinker once); a map that packs documents into sequences. The second pass's cache key is the
+    hash of the corpus file's stamp, the KG's key (its files and parser version), the tokenizer
+    (datasets' own hash of it) and the source code of every function that shapes its rows; the
+    third adds max_len and pack_docs' source. Changing any input re-links; a new --seq-len only
+    re-packs. The result does not depend on num_proc."""
     import datasets
     from datasets.fingerprint import Hasher
     datasets.disable_progress_bars()
@@ -551,14 +562,19 @@ def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None)
         if not any(line.strip() for line in f):  # stops at the first non-blank line
             raise DataError(f"{corpus_path}: empty corpus (no non-blank lines)")
     stamp = file_stamp(corpus_path)
-    lines = datasets.Dataset.from_generator(
-        _corpus_lines, gen_kwargs=dict(path=corpus_path, stamp=json.dumps(stamp)),  # a list would be read as shards cache_dir=os.path.join(cache_dir, "hf"),
+    lines = datasets.Dataset.from_generator(  # stamp as a string: a list in gen_kwargs is read as shards
+        _corpus_lines, gen_kwargs=dict(path=corpus_path, stamp=json.dumps(stamp)), cache_dir=os.path.join(cache_dir, "hf"),
         features=datasets.Features({"line": datasets.Value("int64"), "raw": datasets.Value("string")}))
-    key = _key([stamp, kg.key, Hasher.hash(tokenizer), max_len,
-                code_version(parse_record, AliasLinker, char_to_token_spans, tokenize_and_pack, _preprocess)])
-    ds = lines.map(_preprocess, batched=True, batch_size=1000, remove_columns=lines.column_names,
-                   fn_kwargs=dict(tokenizer=tokenizer, kg=kg, max_len=max_len, path=corpus_path),
-                   num_proc=num_proc, new_fingerprint=key, desc="link+tokenize+pack")
+    key = _key([stamp, kg.key, Hasher.hash(tokenizer),
+                code_version(parse_record, AliasLinker, char_to_token_spans, tokenize_docs, _link_and_tokenize)])
+    docs = lines.map(_link_and_tokenize, batched=True, batch_size=1000, remove_columns=lines.column_names,
+                     fn_kwargs=dict(tokenizer=tokenizer, kg=kg, path=corpus_path),
+                     num_proc=num_proc, new_fingerprint=key, desc="link+tokenize")
+    # packing in one process, in batches of 1000 documents counted from the corpus start, so the
+    # sequences do not depend on num_proc (its shards would cut the batches elsewhere)
+    ds = docs.map(pack_docs, batched=True, batch_size=1000, remove_columns=docs.column_names,
+                  fn_kwargs=dict(cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id, max_len=max_len),
+                  new_fingerprint=_key([key, max_len, code_version(pack_docs)]), desc="pack")
     _LINKERS.pop(kg.key, None)  # a Wikidata5M-sized linker is GBs; training does not need it
     if len(ds) == 0:
         raise DataError(f"{corpus_path}: no sequences after tokenization (empty texts?)")

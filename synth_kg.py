@@ -183,7 +183,7 @@ def measure(out, num_proc=None, model=None, seq_len=128):
     import data
     import common
     kg_dir, corpus = data.resolve_data(out)
-    cache = os.path.join(out, "measure_cache")
+    cache = os.path.join(os.path.dirname(os.path.abspath(kg_dir)), "measure_cache")
     shutil.rmtree(cache, ignore_errors=True)
     res = dict(kg_first_load=kg_load_growth(kg_dir, os.path.join(cache, "kg")),
                kg_cached_load=kg_load_growth(kg_dir, os.path.join(cache, "kg")))
