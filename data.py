@@ -12,8 +12,16 @@ Inputs (a --data DIR holds both):
 `--data mini` builds the embedded default from real facts and text that pip packages ship
 (data_mini.py), cached under the output directory.
 
-Preprocessing goes through `datasets` (Arrow files, memory-mapped, cached by fingerprint, num_proc)
-so the same code serves the embedded default and a 26M-sequence Wikipedia corpus.
+Scale (Wikidata5M: 3.09M entities, 21M triples; Wikipedia: 26M sequences):
+- load_kg parses the KG once with a columnar numpy reader (4 MiB of lines at a time, no Python
+  object per triple) in a child process, into .npy files under a cache keyed by the files' stamps
+  and the parser's source; every later load (each rank, each run) memory-maps them. Ids are looked
+  up by binary search over fixed-width bytes (IdIndex), aliases are one UTF-8 buffer + offsets.
+- build_dataset goes through `datasets` (Arrow files, memory-mapped): linking and tokenization run
+  in one map with num_proc workers, packing in a second map; each cache is keyed by every input
+  (corpus stamp, KG key, tokenizer hash, max_len) and the source of the code that shapes it.
+- mention_counts (entity frequency) is one vectorised pass over the Arrow column.
+Measured figures and the generator for synthetic Wikidata5M-shaped data: synth_kg.py, README "Scale".
 
 A training batch (see MLMCollator) is a dict of tensors:
     input_ids (B,T), attention_mask (B,T), mlm_labels (B,T) (-100 = not predicted),
