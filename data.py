@@ -17,9 +17,10 @@ Scale (Wikidata5M: 3.09M entities, 21M triples; Wikipedia: 26M sequences):
   object per triple) in a child process, into .npy files under a cache keyed by the files' stamps
   and the parser's source; every later load (each rank, each run) memory-maps them. Ids are looked
   up by binary search over fixed-width bytes (IdIndex), aliases are one UTF-8 buffer + offsets.
-- build_dataset goes through `datasets` (Arrow files, memory-mapped): linking and tokenization run
-  in one map with num_proc workers, packing in a second map; each cache is keyed by every input
-  (corpus stamp, KG key, tokenizer hash, max_len) and the source of the code that shapes it.
+- build_dataset goes through `datasets` (Arrow files, memory-mapped): linking, tokenization and
+  packing run in one map over blocks of 1000 lines with num_proc workers; each cache is keyed by
+  every input (corpus stamp, KG key, tokenizer hash, max_len) and the source of the code that
+  shapes it.
 - mention_counts (entity frequency) is one vectorised pass over the Arrow column.
 Measured figures and the generator for synthetic Wikidata5M-shaped data: synth_kg.py, README "Scale".
 
@@ -492,7 +493,7 @@ def tokenize_docs(batch, tokenizer, entity_index):
 
 
 def pack_docs(batch, cls, sep, max_len):
-    """datasets.map function (batched): pack tokenized documents (tokenize_docs) greedily into
+    """Pack tokenized documents (tokenize_docs) greedily into
     sequences of at most max_len tokens with the model's special tokens cls and sep. A document
     longer than a sequence is cut into pieces; a mention crossing a cut is dropped, never half-kept."""
     room = max_len - 2
@@ -526,41 +527,58 @@ def pack_docs(batch, cls, sep, max_len):
     return out
 
 
+PACK_BLOCK = 1000  # corpus lines per block; sequences are packed within a block
+
+
 def _corpus_lines(path, stamp):
-    """datasets generator: the non-blank lines of a corpus file and their 1-based numbers (stamp,
-    the file's size and mtime, is an argument only so that datasets' cache key changes with it)."""
+    """datasets generator: the non-blank lines of a corpus file and their 1-based numbers, in blocks
+    of PACK_BLOCK lines, one block per row (stamp, the file's size and mtime, is an argument only
+    so that datasets' cache key changes with it)."""
+    block = {"line": [], "raw": []}
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield {"line": n, "raw": line.decode("utf-8")}
+                    raw = line.decode("utf-8")
                 except UnicodeDecodeError:
-                    yield {"line": n, "raw": None}  # parse_record names the line
+                    raw = None  # parse_record names the line
+                block["line"].append(n)
+                block["raw"].append(raw)
+                if len(block["line"]) == PACK_BLOCK:
+                    yield block
+                    block = {"line": [], "raw": []}
+    if block["line"]:
+        yield block
 
 
 _LINKERS = {}  # KG key -> AliasLinker, built once per process (each datasets.map worker builds its own)
 
 
-def _link_and_tokenize(batch, tokenizer, kg, path):
-    """datasets.map function (batched, num_proc workers): validate and link the lines (parse_record),
-    then tokenize them and map their spans (tokenize_docs)."""
+def _preprocess(batch, tokenizer, kg, max_len, path):
+    """datasets.map function (batched, num_proc workers): per block of lines, validate and link them
+    (parse_record), tokenize them (tokenize_docs) and pack them into sequences (pack_docs)."""
     if kg.key not in _LINKERS:
         _LINKERS[kg.key] = AliasLinker(kg)
-    recs = [parse_record(raw, n, path, kg, _LINKERS[kg.key]) for raw, n in zip(batch["raw"], batch["line"])]
-    return tokenize_docs({"text": [r["text"] for r in recs], "entities": [r["entities"] for r in recs]},
-                         tokenizer, kg.entity_index)
+    out = {}
+    for lines, raws in zip(batch["line"], batch["raw"]):
+        recs = [parse_record(raw, n, path, kg, _LINKERS[kg.key]) for raw, n in zip(raws, lines)]
+        docs = tokenize_docs({"text": [r["text"] for r in recs], "entities": [r["entities"] for r in recs]},
+                             tokenizer, kg.entity_index)
+        for k, v in pack_docs(docs, tokenizer.cls_token_id, tokenizer.sep_token_id, max_len).items():
+            out.setdefault(k, []).extend(v)
+    return out
 
 
 def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None):
     """Linked, tokenized, packed Arrow dataset under cache_dir. kg: a KG from load_kg.
 
-    Three datasets passes, all cached: the corpus lines (keyed by the file's real path, size and
-    mtime); a map that validates, links and tokenizes, in num_proc processes (each builds its own
-    AliasLinker once); a map that packs documents into sequences. The second pass's cache key is the
-    hash of the corpus file's stamp, the KG's key (its files and parser version), the tokenizer
-    (datasets' own hash of it) and the source code of every function that shapes its rows; the
-    third adds max_len and pack_docs' source. Changing any input re-links; a new --seq-len only
-    re-packs. The result does not depend on num_proc."""
+    Two datasets passes, both cached: the corpus lines in blocks of PACK_BLOCK (keyed by the file's
+    real path, size and mtime), then one map that validates, links, tokenizes and packs each block,
+    in num_proc processes (each builds its own AliasLinker once). Documents are packed within their
+    block, and datasets shards between rows (= blocks), so the sequences do not depend on num_proc.
+    The map's cache key is the hash of the corpus file's stamp, the KG's key (its files and parser
+    version), the tokenizer (datasets' own hash of it), max_len and the source code of every
+    function that shapes the rows: changing any of them re-links, nothing else does."""
     import datasets
     from datasets.fingerprint import Hasher
     datasets.disable_progress_bars()
@@ -572,17 +590,14 @@ def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None)
     stamp = file_stamp(corpus_path)
     lines = datasets.Dataset.from_generator(  # stamp as a string: a list in gen_kwargs is read as shards
         _corpus_lines, gen_kwargs=dict(path=corpus_path, stamp=json.dumps(stamp)), cache_dir=os.path.join(cache_dir, "hf"),
-        features=datasets.Features({"line": datasets.Value("int64"), "raw": datasets.Value("string")}))
-    key = _key([stamp, kg.key, Hasher.hash(tokenizer),
-                code_version(parse_record, AliasLinker, char_to_token_spans, tokenize_docs, _link_and_tokenize)])
-    docs = lines.map(_link_and_tokenize, batched=True, batch_size=1000, remove_columns=lines.column_names,
-                     fn_kwargs=dict(tokenizer=tokenizer, kg=kg, path=corpus_path),
-                     num_proc=num_proc, new_fingerprint=key, desc="link+tokenize")
-    # packing in one process, in batches of 1000 documents counted from the corpus start, so the
-    # sequences do not depend on num_proc (its shards would cut the batches elsewhere)
-    ds = docs.map(pack_docs, batched=True, batch_size=1000, remove_columns=docs.column_names,
-                  fn_kwargs=dict(cls=tokenizer.cls_token_id, sep=tokenizer.sep_token_id, max_len=max_len),
-                  new_fingerprint=_key([key, max_len, code_version(pack_docs)]), desc="pack")
+        features=datasets.Features({"line": datasets.List(datasets.Value("int64")),
+                                    "raw": datasets.List(datasets.Value("string"))}))
+    key = _key([stamp, kg.key, Hasher.hash(tokenizer), max_len, PACK_BLOCK,
+                code_version(_corpus_lines, parse_record, AliasLinker, char_to_token_spans, tokenize_docs, pack_docs,
+                             _preprocess)])
+    ds = lines.map(_preprocess, batched=True, batch_size=1, remove_columns=lines.column_names,
+                   fn_kwargs=dict(tokenizer=tokenizer, kg=kg, max_len=max_len, path=corpus_path),
+                   num_proc=num_proc, new_fingerprint=key, desc="link+tokenize+pack")
     _LINKERS.pop(kg.key, None)  # a Wikidata5M-sized linker is GBs; training does not need it
     if len(ds) == 0:
         raise DataError(f"{corpus_path}: no sequences after tokenization (empty texts?)")
