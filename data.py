@@ -12,8 +12,17 @@ Inputs (a --data DIR holds both):
 `--data mini` builds the embedded default from real facts and text that pip packages ship
 (data_mini.py), cached under the output directory.
 
-Preprocessing goes through `datasets` (Arrow files, memory-mapped, cached by fingerprint, num_proc)
-so the same code serves the embedded default and a 26M-sequence Wikipedia corpus.
+Scale (Wikidata5M: 3.09M entities, 21M triples; Wikipedia: 26M sequences):
+- load_kg parses the KG once with a columnar numpy reader (4 MiB of lines at a time, no Python
+  object per triple) in a child process, into .npy files under a cache keyed by the files' stamps
+  and the parser's source; every later load (each rank, each run) memory-maps them. Ids are looked
+  up by binary search over fixed-width bytes (IdIndex), aliases are one UTF-8 buffer + offsets.
+- build_dataset goes through `datasets` (Arrow files, memory-mapped): linking, tokenization and
+  packing run in one map over blocks of 1000 lines with num_proc workers; each cache is keyed by
+  every input (corpus stamp, KG key, tokenizer hash, max_len) and the source of the code that
+  shapes it.
+- mention_counts (entity frequency) is one vectorised pass over the Arrow column.
+Measured figures and the generator for synthetic Wikidata5M-shaped data: synth_kg.py, README "Scale".
 
 A training batch (see MLMCollator) is a dict of tensors:
     input_ids (B,T), attention_mask (B,T), mlm_labels (B,T) (-100 = not predicted),
@@ -383,7 +392,7 @@ class AliasLinker:
     _word = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
     def __init__(self, kg, min_len=3):
-        self.by_first = {}  # first word -> [(alias, entity index)] longest first
+        self.by_first = {}  # first word -> {alias: entity index}
         for e, aliases in enumerate(kg.entity_aliases):
             for a in aliases:
                 if len(a) < min_len:
@@ -391,18 +400,22 @@ class AliasLinker:
                 first = self._word.match(a)  # the same tokens link() scans ("Port-au-Prince" -> "Port")
                 if first is not None:
                     self.by_first.setdefault(first.group(), {}).setdefault(a, e)
-        self.by_first = {w: sorted(d.items(), key=lambda x: -len(x[0])) for w, d in self.by_first.items()}
+        # first word -> (alias lengths longest first, {alias: entity}): a position costs one dict lookup
+        # per distinct length, not one comparison per alias (Wikidata has thousands of "John ..." aliases)
+        self.by_first = {w: (sorted({len(a) for a in d}, reverse=True), d) for w, d in self.by_first.items()}
         self.kg = kg
 
     def link(self, text):
         """-> [{"id": QID, "start", "end"}] non-overlapping, sorted by start."""
         out, pos = [], 0
         for m in self._word.finditer(text):
-            if m.start() < pos:
+            if m.start() < pos or m.group() not in self.by_first:
                 continue
-            for alias, e in self.by_first.get(m.group(), ()):
-                end = m.start() + len(alias)
-                if text.startswith(alias, m.start()) and (end == len(text) or not text[end].isalnum()):
+            lengths, aliases = self.by_first[m.group()]
+            for n in lengths:
+                end = m.start() + n
+                e = aliases.get(text[m.start():end])
+                if e is not None and (end == len(text) or not text[end].isalnum()):
                     out.append({"id": self.kg.entity_ids[e], "start": m.start(), "end": end})
                     pos = end
                     break
@@ -462,12 +475,27 @@ def char_to_token_spans(offsets, entities):
     return out
 
 
-def tokenize_and_pack(batch, tokenizer, entity_index, max_len):
-    """datasets.map function (batched): tokenize, map spans, pack whole documents greedily into
-    sequences of at most max_len tokens with the model's special tokens. A document longer than a
-    sequence is cut into pieces; a mention crossing a cut is dropped, never half-kept."""
+def tokenize_docs(batch, tokenizer, entity_index):
+    """Tokenize documents and map their mentions to token spans: batch {"text", "entities"} ->
+    per document ids, ws (1 where a token starts a word), es/ee (token span [start, end) of each
+    mention), ei (KG entity index); no special tokens."""
     enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True)
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    out = {"ids": [], "ws": [], "es": [], "ee": [], "ei": []}
+    for ids, offs, text, ents in zip(enc["input_ids"], enc["offset_mapping"], batch["text"], batch["entities"]):
+        # a token starts a word if whitespace (or the text start) precedes it
+        out["ws"].append([1 if (s == 0 or text[s - 1].isspace()) else 0 for s, _ in offs])
+        spans = char_to_token_spans(offs, ents)
+        out["ids"].append(ids)
+        out["es"].append([s for s, _, _ in spans])
+        out["ee"].append([e for _, e, _ in spans])
+        out["ei"].append([entity_index[ents[i]["id"]] for _, _, i in spans])
+    return out
+
+
+def pack_docs(batch, cls, sep, max_len):
+    """Pack tokenized documents (tokenize_docs) greedily into
+    sequences of at most max_len tokens with the model's special tokens cls and sep. A document
+    longer than a sequence is cut into pieces; a mention crossing a cut is dropped, never half-kept."""
     room = max_len - 2
     out = {"input_ids": [], "word_start": [], "ent_start": [], "ent_end": [], "ent_id": []}
     cur = {"ids": [], "ws": [], "es": [], "ee": [], "ei": []}
@@ -482,12 +510,7 @@ def tokenize_and_pack(batch, tokenizer, entity_index, max_len):
             for v in cur.values():
                 v.clear()
 
-    for ids, offs, text, ents in zip(enc["input_ids"], enc["offset_mapping"], batch["text"], batch["entities"]):
-        if not ids:
-            continue
-        # a token starts a word if whitespace (or the text start) precedes it
-        ws = [1 if (s == 0 or text[s - 1].isspace()) else 0 for s, _ in offs]
-        spans = char_to_token_spans(offs, ents)
+    for ids, ws, es, ee, ei in zip(batch["ids"], batch["ws"], batch["es"], batch["ee"], batch["ei"]):
         for lo in range(0, len(ids), room):
             hi = min(lo + room, len(ids))
             if len(cur["ids"]) + (hi - lo) > room:
@@ -495,49 +518,67 @@ def tokenize_and_pack(batch, tokenizer, entity_index, max_len):
             base = len(cur["ids"])
             cur["ids"] += ids[lo:hi]
             cur["ws"] += ws[lo:hi]
-            for s, e, i in spans:
+            for s, e, i in zip(es, ee, ei):
                 if lo <= s and e <= hi:
                     cur["es"].append(base + s - lo)
                     cur["ee"].append(base + e - lo)
-                    cur["ei"].append(entity_index[ents[i]["id"]])
+                    cur["ei"].append(i)
     flush()
     return out
 
 
+PACK_BLOCK = 1000  # corpus lines per block; sequences are packed within a block
+
+
 def _corpus_lines(path, stamp):
-    """datasets generator: the non-blank lines of a corpus file and their 1-based numbers (stamp,
-    the file's size and mtime, is an argument only so that datasets' cache key changes with it)."""
+    """datasets generator: the non-blank lines of a corpus file and their 1-based numbers, in blocks
+    of PACK_BLOCK lines, one block per row (stamp, the file's size and mtime, is an argument only
+    so that datasets' cache key changes with it)."""
+    block = {"line": [], "raw": []}
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield {"line": n, "raw": line.decode("utf-8")}
+                    raw = line.decode("utf-8")
                 except UnicodeDecodeError:
-                    yield {"line": n, "raw": None}  # parse_record names the line
+                    raw = None  # parse_record names the line
+                block["line"].append(n)
+                block["raw"].append(raw)
+                if len(block["line"]) == PACK_BLOCK:
+                    yield block
+                    block = {"line": [], "raw": []}
+    if block["line"]:
+        yield block
 
 
 _LINKERS = {}  # KG key -> AliasLinker, built once per process (each datasets.map worker builds its own)
 
 
 def _preprocess(batch, tokenizer, kg, max_len, path):
-    """datasets.map function (batched): validate and link the lines (parse_record), then tokenize and
-    pack them (tokenize_and_pack)."""
+    """datasets.map function (batched, num_proc workers): per block of lines, validate and link them
+    (parse_record), tokenize them (tokenize_docs) and pack them into sequences (pack_docs)."""
     if kg.key not in _LINKERS:
         _LINKERS[kg.key] = AliasLinker(kg)
-    recs = [parse_record(raw, n, path, kg, _LINKERS[kg.key]) for raw, n in zip(batch["raw"], batch["line"])]
-    return tokenize_and_pack({"text": [r["text"] for r in recs], "entities": [r["entities"] for r in recs]},
-                             tokenizer, kg.entity_index, max_len)
+    out = {}
+    for lines, raws in zip(batch["line"], batch["raw"]):
+        recs = [parse_record(raw, n, path, kg, _LINKERS[kg.key]) for raw, n in zip(raws, lines)]
+        docs = tokenize_docs({"text": [r["text"] for r in recs], "entities": [r["entities"] for r in recs]},
+                             tokenizer, kg.entity_index)
+        for k, v in pack_docs(docs, tokenizer.cls_token_id, tokenizer.sep_token_id, max_len).items():
+            out.setdefault(k, []).extend(v)
+    return out
 
 
 def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None):
     """Linked, tokenized, packed Arrow dataset under cache_dir. kg: a KG from load_kg.
 
-    Two datasets passes, both cached: the corpus lines (keyed by the file's real path, size and
-    mtime), then one datasets.map that validates, links, tokenizes and packs, in num_proc processes
-    (each builds its own AliasLinker once). The map's cache key is the hash of the corpus file's
-    stamp, the KG's key (its files and parser version), the tokenizer (datasets' own hash of it),
-    max_len and the source code of every function that shapes the rows: changing any of them
-    re-links and re-tokenizes, nothing else does."""
+    Two datasets passes, both cached: the corpus lines in blocks of PACK_BLOCK (keyed by the file's
+    real path, size and mtime), then one map that validates, links, tokenizes and packs each block,
+    in num_proc processes (each builds its own AliasLinker once). Documents are packed within their
+    block, and datasets shards between rows (= blocks), so the sequences do not depend on num_proc.
+    The map's cache key is the hash of the corpus file's stamp, the KG's key (its files and parser
+    version), the tokenizer (datasets' own hash of it), max_len and the source code of every
+    function that shapes the rows: changing any of them re-links, nothing else does."""
     import datasets
     from datasets.fingerprint import Hasher
     datasets.disable_progress_bars()
@@ -547,12 +588,14 @@ def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None)
         if not any(line.strip() for line in f):  # stops at the first non-blank line
             raise DataError(f"{corpus_path}: empty corpus (no non-blank lines)")
     stamp = file_stamp(corpus_path)
-    lines = datasets.Dataset.from_generator(
-        _corpus_lines, gen_kwargs=dict(path=corpus_path, stamp=json.dumps(stamp)),  # a list would be read as shards cache_dir=os.path.join(cache_dir, "hf"),
-        features=datasets.Features({"line": datasets.Value("int64"), "raw": datasets.Value("string")}))
-    key = _key([stamp, kg.key, Hasher.hash(tokenizer), max_len,
-                code_version(parse_record, AliasLinker, char_to_token_spans, tokenize_and_pack, _preprocess)])
-    ds = lines.map(_preprocess, batched=True, batch_size=1000, remove_columns=lines.column_names,
+    lines = datasets.Dataset.from_generator(  # stamp as a string: a list in gen_kwargs is read as shards
+        _corpus_lines, gen_kwargs=dict(path=corpus_path, stamp=json.dumps(stamp)), cache_dir=os.path.join(cache_dir, "hf"),
+        features=datasets.Features({"line": datasets.List(datasets.Value("int64")),
+                                    "raw": datasets.List(datasets.Value("string"))}))
+    key = _key([stamp, kg.key, Hasher.hash(tokenizer), max_len, PACK_BLOCK,
+                code_version(_corpus_lines, parse_record, AliasLinker, char_to_token_spans, tokenize_docs, pack_docs,
+                             _preprocess)])
+    ds = lines.map(_preprocess, batched=True, batch_size=1, remove_columns=lines.column_names,
                    fn_kwargs=dict(tokenizer=tokenizer, kg=kg, max_len=max_len, path=corpus_path),
                    num_proc=num_proc, new_fingerprint=key, desc="link+tokenize+pack")
     _LINKERS.pop(kg.key, None)  # a Wikidata5M-sized linker is GBs; training does not need it

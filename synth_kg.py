@@ -5,6 +5,8 @@ without the real files (TRELM Sec. 4.1 uses Wikidata5M and 26M Wikipedia sequenc
     python synth_kg.py --out runs/synth100 --scale 0.01 --docs 20000   # 1/100, with a 20k-document corpus
     python synth_kg.py --out D --scale 0.01 --linked                   # corpus.jsonl with given spans, not corpus.txt
     python pretrain.py --data runs/synth100 ...                        # any DIR it writes is a --data DIR
+    python synth_kg.py --out runs/synth10 --scale 0.1 --docs 20000 --measure --num-proc 2
+    python synth_kg.py --out DIR --measure-only                        # measure any --data DIR (mini, Wikidata5M)
 
 Writes DIR/kg/{entities,relations,triples}.txt in Wikidata5M's layout (see data.py) and DIR/corpus.txt
 (raw text, linked by data.AliasLinker) or DIR/corpus.jsonl (spans given), plus DIR/synth.json (the
@@ -23,6 +25,10 @@ Shape (what is Wikidata5M-like, what is not):
 - corpus: documents of `--words` words (default 120) of lower-case filler words, with an entity
   alias every ~12 words, the entity drawn Zipf(1.0) over a random order of the entities, so mention
   frequencies are long-tailed. It is not natural text: it measures speed and memory, not learning.
+
+--measure prints one JSON object (README "Scale"): KG load RSS growth of a fresh process, parsing and
+then memory-mapping (kg_load_growth); corpus preprocessing time and documents/s per process; the
+memory-bank keys TRELM's selection rule can create on the corpus and their bytes (memory_bank_keys).
 """
 import argparse
 import json
@@ -129,6 +135,73 @@ def write_corpus(out, rng, ids, aliases, first_alias, n_alias, docs, words, link
     return dict(docs=docs, words_per_doc=words, mentions_written=mentions, corpus=os.path.basename(path))
 
 
+RSS_SNIPPET = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import data
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+before, t = rss(), time.time()
+kg = data.load_kg(sys.argv[2], cache_dir=sys.argv[3])
+print(json.dumps(dict(growth_mb=round(rss() - before, 1), seconds=round(time.time() - t, 2),
+                      entities=kg.num_entities, triples=len(kg.triples))))
+"""
+
+
+def kg_load_growth(kg_dir, cache_dir):
+    """RSS growth (MB) of a fresh Python process over data.load_kg(kg_dir): JSON dict."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", RSS_SNIPPET, os.path.dirname(os.path.abspath(__file__)), kg_dir, cache_dir],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode != 0:
+        raise RuntimeError(f"kg_load_growth({kg_dir}) failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def memory_bank_keys(freq, triples, percentile=50.0, fraction=0.5, hidden=768):
+    """Keys TRELM's memory bank can create with pretrain.py's selection rule (--injection important):
+    a key is an entity of an injected mention, i.e. a long-tail entity (long_tail_mask, inclusive,
+    `percentile`) with a triple (approximating KnowledgeInjector.injectable), whose mention's SI is in
+    the batch's top `fraction`. upper = such entities that occur; expected = sum over them of
+    1 - (1 - fraction)^freq (SI rank independent of the entity). bytes = memory_bank.bytes_for."""
+    import torch
+    from entity_importance import long_tail_mask
+    from memory_bank import bytes_for
+    has_triple = np.bincount(np.asarray(triples)[:, 0], minlength=len(freq)) > 0
+    cand = long_tail_mask(freq, percentile, inclusive=True) & has_triple
+    upper = int(cand.sum())
+    expected = float((1 - (1 - fraction) ** freq[cand].astype(np.float64)).sum())
+    return dict(occurring_entities=int((freq > 0).sum()), long_tail_injectable=upper, expected_keys=round(expected),
+                upper_bytes_fp32=bytes_for(upper, hidden), upper_bytes_bf16=bytes_for(upper, hidden, torch.bfloat16))
+
+
+def measure(out, num_proc=None, model=None, seq_len=128):
+    """The README's scale figures for a --data DIR: KG load memory, preprocessing speed, memory-bank keys."""
+    import shutil
+    import time
+    import data
+    import common
+    kg_dir, corpus = data.resolve_data(out)
+    cache = os.path.join(os.path.dirname(os.path.abspath(kg_dir)), "measure_cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    res = dict(kg_first_load=kg_load_growth(kg_dir, os.path.join(cache, "kg")),
+               kg_cached_load=kg_load_growth(kg_dir, os.path.join(cache, "kg")))
+    kg = data.load_kg(kg_dir, cache_dir=os.path.join(cache, "kg"))
+    _, tok = common.load_mlm(model or common.default_model_path())
+    t = time.time()
+    ds = data.build_dataset(corpus, kg, tok, seq_len, cache, num_proc=num_proc)
+    dt = time.time() - t
+    t = time.time()
+    freq = data.mention_counts(ds, kg.num_entities)
+    docs = sum(1 for line in open(corpus, "rb") if line.strip())
+    res.update(num_proc=num_proc or 1, seq_len=seq_len, docs=docs, sequences=len(ds), preprocess_s=round(dt, 1),
+               docs_per_s_per_process=round(docs / dt / (num_proc or 1)), mention_counts_s=round(time.time() - t, 2),
+               mentions=int(freq.sum()), memory_bank=memory_bank_keys(freq, kg.triples))
+    shutil.rmtree(cache, ignore_errors=True)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory to write (kg/, corpus.*, synth.json)")
@@ -137,7 +210,15 @@ def main(argv=None):
     p.add_argument("--words", type=int, default=120, help="words per document")
     p.add_argument("--linked", action="store_true", help="write corpus.jsonl with entity spans instead of corpus.txt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", action="store_true", help="after writing, print the scale measurements (see above)")
+    p.add_argument("--measure-only", action="store_true", help="measure the existing --data DIR given as --out")
+    p.add_argument("--num-proc", type=int, default=None, help="preprocessing processes for --measure")
+    p.add_argument("--model", default=None, help="tokenizer for --measure (default: the embedded MiniLM)")
     args = p.parse_args(argv)
+    if args.measure_only:
+        res = measure(args.out, args.num_proc, args.model)
+        print(json.dumps(res))
+        return res
     if not 0 < args.scale <= 1:
         p.error(f"--scale {args.scale}: expected a fraction in (0, 1]")
     if args.docs < 0 or args.words < 12:
@@ -150,6 +231,8 @@ def main(argv=None):
     info["args"] = vars(args)
     with open(os.path.join(args.out, "synth.json"), "w") as f:
         json.dump(info, f, indent=1)
+    if args.measure:
+        info["measured"] = measure(args.out, args.num_proc, args.model)
     print(json.dumps(info))
     return info
 

@@ -118,7 +118,9 @@ def test_span_mapping_both_tokenizers(which, bert_tok, roberta_tok, kg):
 def test_pack_drops_mentions_cut_by_truncation(bert_tok, kg):
     text = "the capital of france is paris the capital of germany is berlin"
     ents = [{"id": "Q142", "start": 15, "end": 21}, {"id": "Q64", "start": 57, "end": 63}]
-    out = data.tokenize_and_pack({"text": [text], "entities": [ents]}, bert_tok, kg.entity_index, max_len=8)
+    pack = lambda ents: data.pack_docs(data.tokenize_docs({"text": [text], "entities": [ents]}, bert_tok, kg.entity_index),
+                                       bert_tok.cls_token_id, bert_tok.sep_token_id, max_len=8)
+    out = pack(ents)
     # 12 tokens, room 6 per sequence: "france" (token 3) in the first piece, "berlin" (token 11) in the second
     assert [len(x) for x in out["input_ids"]] == [8, 8]
     assert out["input_ids"][0][0] == bert_tok.cls_token_id and out["input_ids"][0][-1] == bert_tok.sep_token_id
@@ -126,7 +128,7 @@ def test_pack_drops_mentions_cut_by_truncation(bert_tok, kg):
     assert bert_tok.convert_ids_to_tokens(out["input_ids"][1][6]) == "berlin"
     # a mention crossing the cut is dropped, not half-kept
     long_ent = [{"id": "Q145", "start": 25, "end": 41}]  # "paris the capital" spans tokens 5..7, cut at 6
-    out = data.tokenize_and_pack({"text": [text], "entities": [long_ent]}, bert_tok, kg.entity_index, max_len=8)
+    out = pack(long_ent)
     assert out["ent_id"] == [[], []]
 
 
@@ -238,6 +240,7 @@ def test_editing_the_kg_relinks_and_drops_removed_entities(tmp_path, bert_tok):
     linked = lambda kg, ds: sorted(kg.entity_ids[e] for row in ds["ent_id"] for e in row)
     kg1 = data.load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc"))
     ds1 = build(kg1)
+    assert all(f["filename"].startswith(str(tmp_path / "cache")) for f in ds1.cache_files)
     assert linked(kg1, ds1) == sorted(["Q64", "Q183", "Q90"] * 3)
     again = build(data.load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc")))
     assert again.cache_files == ds1.cache_files  # unchanged inputs: the cache is reused
@@ -276,3 +279,11 @@ def test_synth_kg_is_seeded_and_wikidata5m_shaped(tmp_path):
     text = [json.loads(l) for l in (tmp_path / "a" / "corpus.jsonl").read_text().splitlines()]
     alias = {c[0]: set(c[1:]) for c in ents}
     assert all(r["text"][e["start"]:e["end"]] in alias[e["id"]] for r in text for e in r["entities"])
+
+
+def test_linking_under_num_proc_gives_the_same_dataset(tmp_path, bert_tok, kg):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Berlin is in Germany . The United Kingdom and Paris , France .\n" * 2500)
+    one = data.build_dataset(str(corpus), kg, bert_tok, 64, str(tmp_path / "a"))
+    two = data.build_dataset(str(corpus), kg, bert_tok, 64, str(tmp_path / "b"), num_proc=2)
+    assert one.to_dict() == two.to_dict() and sum(len(x) for x in one["ent_id"]) == 5 * 2500
