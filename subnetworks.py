@@ -121,11 +121,12 @@ def layer_of(name):
     return int(name.split(".")[2])
 
 
-def gumbel_sigmoid_st(logits, tau=1.0, generator=None):
+def gumbel_sigmoid_st(logits, tau=1.0, generator=None, noise=1.0):
     """Bayazit Eq. 1: hard 0/1 sample in the forward pass, gradient of the soft sample in the backward.
-    logits (...) -> m (...), 1 = weight belongs to the removed subnetwork."""
+    logits (...) -> m (...), 1 = weight belongs to the removed subnetwork. noise scales the logistic
+    noise (1 = the paper; 0 = the deterministic mask 1[l > 0] with a straight-through gradient)."""
     u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.logit(u)) / tau)  # logit(u) = log u - log(1-u): a Gumbel difference
+    soft = torch.sigmoid((logits + noise * torch.logit(u)) / tau)  # logit(u) = log u - log(1-u): a Gumbel difference
     hard = (soft > 0.5).to(logits.dtype)
     return hard + (soft - soft.detach())  # exactly `hard` in value; d/dlogits = d soft/d logits
 
@@ -141,9 +142,9 @@ class WeightMasks(torch.nn.Module):
         self.logits = torch.nn.ParameterList(
             [torch.nn.Parameter(torch.full_like(params[n], init)) for n in self.names])
 
-    def sample(self, tau=1.0, generator=None):
+    def sample(self, tau=1.0, generator=None, noise=1.0):
         """Training masks (Bayazit Eq. 1), one per masked matrix, 1 = removed."""
-        return [gumbel_sigmoid_st(l, tau, generator) for l in self.logits]
+        return [gumbel_sigmoid_st(l, tau, generator, noise) for l in self.logits]
 
     @torch.no_grad()
     def hard(self):
@@ -252,6 +253,15 @@ def sparse_weight(step, steps, start=2.0, end=3.0, hold=0.5):
     if step < t0 or steps - 1 <= t0:
         return start
     return start + (end - start) * (step - t0) / (steps - 1 - t0)
+
+
+def noise_scale(step, steps, anneal=0.0):
+    """Scale of the Gumbel noise at `step`: 1 until the last `anneal` fraction of steps, then linear to
+    0 at the last step, so the final steps train the deterministic mask that the evaluation uses."""
+    t0 = steps - round(anneal * steps)
+    if step < t0:
+        return 1.0
+    return 1.0 - (step - t0 + 1) / (steps - t0)
 
 
 def mask_lr(step, steps, lr, warmup=0.1):
@@ -440,7 +450,7 @@ def sub_batch(batch, idx):
 # -----------------------------------------------------------------------------
 # Training and evaluation
 
-TRAIN_KEYS = ("steps", "lr", "warmup", "tau", "batch_size", "lm_batch_size", "w_suppress", "w_maintain",
+TRAIN_KEYS = ("steps", "lr", "warmup", "anneal", "tau", "batch_size", "lm_batch_size", "w_suppress", "w_maintain",
               "w_sparse", "w_sparse_max", "sparse_hold")
 
 
@@ -478,7 +488,7 @@ def train_masks(model, masks, target, control, lm, cfg, seed, state=None, save=N
         for group in opt.param_groups:
             group["lr"] = lr
         tb, cb, lb = draw(target, cfg.batch_size), draw(control, cfg.batch_size), draw(lm, cfg.lm_batch_size)
-        params = remaining_params(model, masks.names, masks.sample(cfg.tau, g))
+        params = remaining_params(model, masks.names, masks.sample(cfg.tau, g, noise_scale(step, steps, cfg.anneal)))
         with torch.no_grad():
             ref_c, ref_l = common.mlm_logits(model, cb["ref"]), common.mlm_logits(model, lb["ref"])  # (N, V)
         l_sup = kl_uniform(top_logits(model, params, tb))  # Bayazit Eq. 2
@@ -737,6 +747,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=300, help="mask-training steps per seed")
     p.add_argument("--lr", type=float, default=0.2, help="Adam learning rate of the mask logits (the paper's released default)")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear learning-rate warm-up from 0")
+    p.add_argument("--anneal", type=float, default=0.0, help="last fraction of steps over which the Gumbel noise "
+                   "falls linearly to 0 (0 = the paper: full noise throughout)")
     p.add_argument("--batch-size", type=int, default=16, help="TargetKG and ControlKG queries per step")
     p.add_argument("--lm-batch-size", type=int, default=4, help="ControlLM sequences per step")
     p.add_argument("--top-layers", type=int, default=None, help="mask the top N layers (default: half of them)")
