@@ -187,21 +187,29 @@ def fig7_8(results, out):
 
 
 def fig_subnetworks(results, out):
+    """Per layer, Jaccard of the subnetwork's FFN neurons with (a) TRELM's saved paths and (b) IG paths of
+    the TargetKG queries (means over seeds), each next to its exact random expectation."""
     doc = load(results, "subnetworks")
-    if doc is None or "overlap" not in doc["metrics"]:
+    m = None if doc is None else doc["metrics"]
+    if m is None or "overlap" not in m:
         return
-    ov = doc["metrics"]["overlap"]
-    layers = ov["per_layer"]
-    xs = [p["layer"] for p in layers]
+    names = {"trelm_paths": "(a) TRELM's saved paths", "ig_paths": "(b) IG paths of TargetKG"}
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(xs, [p["jaccard"] for p in layers], color="0", marker="o", label="subnetwork vs routing paths")
-    ax.plot(xs, [p["expected_jaccard"] for p in layers], color="0.5", ls="--", marker="s", label="random expectation")
-    ax.set_xticks(xs)
-    ax.set_ylim(0, max(0.1, 1.2 * max(p["jaccard"] for p in layers)))
+    top = 0.1
+    for i, (key, ov) in enumerate(sorted(m["overlap"].items())):
+        layers = ov["per_layer"]
+        xs = [p["layer"] for p in layers]
+        style = STYLES[i % len(STYLES)]
+        ax.plot(xs, [p["jaccard"] for p in layers], **style, label=names.get(key, key))
+        ax.plot(xs, [p["expected_jaccard"] for p in layers], color=style["color"], ls=":", marker="x",
+                label=f"{names.get(key, key)}: random expectation")
+        top = max(top, 1.2 * max(p["jaccard"] for p in layers))
+        ax.set_xticks(xs)
+    ax.set_ylim(0, top)
     ax.set_xlabel("Transformer layer")
     ax.set_ylabel("Jaccard of FFN neuron sets")
     ax.set_title("Knowledge-critical subnetwork vs knowledge paths")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     save(fig, out, "fig_subnetwork_overlap")
 
 

@@ -1,28 +1,31 @@
 """Knowledge-critical subnetworks (Bayazit et al. 2023, arXiv 2310.03084) as a check on TRELM's routing.
 
 A knowledge-critical subnetwork is a sparse set of weights whose removal makes a frozen masked LM
-lose a chosen set of facts (TargetKG) while it keeps other facts (ControlKG) and its language
-modelling (ControlLM). It is found by differentiable weight masking (Sec. 3 of the paper): every
-weight theta_i of the masked matrices gets a logit l_i; a Gumbel-sigmoid sample with a
+lose a chosen set of facts it knows (TargetKG) while it keeps other facts (ControlKG) and its
+language modelling (ControlLM). It is found by differentiable weight masking (Sec. 3 of the paper):
+every weight theta_i of the masked matrices gets a logit l_i; a Gumbel-sigmoid sample with a
 straight-through hard threshold decides whether theta_i belongs to the subnetwork (m_i = 1) and
 the *remaining* model runs with (1 - m) * theta, i.e. the removed subnetwork is exactly what the
 applied mask turns off. Only the logits train; the model is never copied or changed (the masked
 weights are passed to torch.func.functional_call).
 
-We then compare the FFN neurons the subnetwork touches with the knowledge paths that TRELM's
-routing (routing.py, integrated gradients, TRELM Eq. 9-12) selects for the same target facts.
+We then compare the FFN neurons the subnetwork touches with the knowledge paths of TRELM's routing
+(routing.py, integrated gradients, TRELM Eq. 9-12): (a) the paths pre-training last selected
+(saved in <run>/checkpoint/training_state.pt) and (b) IG paths of the same TargetKG queries.
 
-    python subnetworks.py                                   # MiniLM + embedded default probes/corpus
+    python subnetworks.py --seeds 0 1 2 --resume      # runs/trelm/final (python pretrain.py), embedded facts
     python subnetworks.py --model runs/trelm/final --facts-dir ../shared/data/lama/TREx_labels \
-        --target-relation P36 --lm-text ../shared/data/wikitext-2 --steps 300
+        --target-relation P36 --steps 300
 
-The packaged MiniLM has no trained MLM head (common.load_mlm ties a fresh one), so on `--model
-minilm` itself the "facts" are at chance and the run only exercises the pipeline; point --model at
-a pretrain.py output (<out>/final) for a meaningful TargetKG. Results go to <output-dir>/subnetworks.json
-(metrics plus `curves` and `sizes` for plots.py). The lower (unmasked) layers run once per fixed
-batch and are cached, so a training step costs only the masked top layers' forward and backward.
+Results: <output-dir>/subnetworks/seed_<s>.json per seed (reused by --resume when its config
+matches) and <output-dir>/subnetworks.json: metrics as means over seeds, metrics.per_seed, the
+criteria below, the command and the checkpoint's provenance. Mask training state (logits, Adam,
+RNG) is saved every --save-every steps to <work-dir>/seed_<s>.pt (atomic writes), so an interrupted
+run resumes mid-seed with --resume and continues exactly (N steps + resume + N steps = 2N steps).
+The lower (unmasked) layers run once per fixed batch and are cached, so a training step costs only
+the masked top layers' forward and backward.
 
-Paper symbol -> variable:
+Paper symbol -> variable (equation markers below read "Bayazit Eq. n", never TRELM's numbers):
     l (mask logits, one per masked weight)   WeightMasks.logits
     m = Gumbel-sigmoid_ST(l, tau)            gumbel_sigmoid_st(...)  (1 = in the removed subnetwork)
     m~ = 1 - m, f(x; m~ * theta)             remaining_params(...)   (the model without the subnetwork)
@@ -32,45 +35,64 @@ Paper symbol -> variable:
     lambda_3 (sparsity, 2 held then -> 3)    --w-sparse, --w-sparse-max, --sparse-hold
     U (uniform over the vocabulary)          kl_uniform(...)
 
-Equations (numbered here; the paper's Sec. 3):
-    Eq. (1) m_i = 1[s_i > 0.5] + s_i - sg(s_i),  s_i = sigmoid((l_i + log u - log(1 - u)) / tau), u ~ U(0,1)
-    Eq. (2) L_suppress = KL(U || p(. | x; m~ * theta)) at the object's [MASK] of TargetKG queries
-    Eq. (3) L_maintain_KG = KL(p(. | x; theta) || p(. | x; m~ * theta)) at ControlKG objects
-    Eq. (4) L_maintain_LM = the same KL at the masked-LM positions of real text (ControlLM)
-    Eq. (5) L_sparse = mean_i sigmoid(l_i): the expected density of the *removed* subnetwork, so
-            minimising it keeps the subnetwork small (removes little); the paper's sparsity = 1 - density
-    Eq. (6) L = lambda_1 L_suppress + lambda_2 (L_maintain_KG + L_maintain_LM) + lambda_3(t) L_sparse
+Equations (numbered here, after the paper's Sec. 3):
+    Bayazit Eq. 1  m_i = 1[s_i > 0.5] + s_i - sg(s_i),  s_i = sigmoid((l_i + log u - log(1 - u)) / tau), u ~ U(0,1)
+    Bayazit Eq. 2  L_suppress = KL(U || p(. | x; m~ * theta)) at the object's [MASK] of TargetKG queries
+    Bayazit Eq. 3  L_maintain_KG = KL(p(. | x; theta) || p(. | x; m~ * theta)) at ControlKG objects
+    Bayazit Eq. 4  L_maintain_LM = the same KL at the masked-LM positions of real text (ControlLM)
+    Bayazit Eq. 5  L_sparse = mean_i sigmoid(l_i): the expected density of the *removed* subnetwork, so
+                   minimising it keeps the subnetwork small; the paper's sparsity = 1 - density
+    Bayazit Eq. 6  L = lambda_1 L_suppress + lambda_2 (L_maintain_KG + L_maintain_LM) + lambda_3(t) L_sparse
 
 Choices (flags where it matters):
+- TargetKG = facts the full model answers: the object at rank <= --known-k (default 1, i.e. P@1 = 1
+  on TargetKG before removal), so suppression is measurable; drawn by --split-seed, the same for every
+  mask seed (the paper also trains several seeds per TargetKG). With --target-relation, only facts
+  of that relation.
+- ControlKG = the other facts (any rank: the paper's ControlKG is the rest of the KG) that share no
+  entity with TargetKG, as subject or object, in either role: this drops facts with the same subject,
+  the same object, and inverse or symmetric restatements (P36/P1376, P47) of a target. Split into a
+  training half (Bayazit Eq. 3) and a held-out half that all ControlKG results use.
+- ControlLM = text that states none of the TargetKG facts (a line is dropped if it names both the
+  subject and the object of a target, whole words, any case): --lm-text if given, else WikiText-2
+  from --data-dir (valid.txt trains, test.txt evaluates), else the embedded default's held-out
+  generic text (Lee / Wikipedia lines of data_mini's text pool that pre-training never saw), split in
+  alternate lines. A fixed seeded 15% of the tokens of each sequence become [MASK]; the KL and the
+  pseudo-perplexity are taken there (unmasked positions of a BERT input are copy tasks).
 - Masked weights: the weight matrices of every nn.Linear in the top --top-layers Transformer layers
-  (attention Q, K, V, output; FFN in, out). Biases, LayerNorms, embeddings and the MLM head stay
-  unmasked, as in the paper (which follows Csordas et al. 2021 / Cao et al. 2021 weight masking).
-- Init: sigmoid(l) = --init-prob 0.45, so the deterministic mask at init removes nothing while the
-  Gumbel samples start near the decision boundary (45% of the masked weights dropped per sample).
-- Optimiser: Adam on the logits, --lr 0.01 (the learning rate and step count are ours, chosen for
-  the CPU budget). Each step's Gumbel sample makes the straight-through gradient noisy, and Adam
-  moves a noise-dominated logit by roughly lr * sqrt(steps); with lr 0.1 a fifth of all masked
-  weights crossed 0.5 within 3 steps on MiniLM, so the final sparsity depends on lr and --steps.
-- Evaluation and the final subnetwork use the noise-free mask 1[sigmoid(l) > 0.5].
-- lambda_3 is held at --w-sparse for the first --sparse-hold fraction of steps, then raised
-  linearly to --w-sparse-max at the last step.
-- ControlLM for a masked LM: a fixed seeded 15% of the tokens of each sequence replaced by [MASK];
-  KL and pseudo-perplexity are taken there (unmasked positions of a BERT input are copy tasks).
-- TargetKG is trained on and evaluated (the goal is to remove exactly those facts); ControlKG and
-  ControlLM are split into a training half and a held-out half, and results use the held-out half.
+  (default half, as the paper masks the upper half of GPT-2): attention Q, K, V, output; FFN in, out.
+  Biases, LayerNorms, embeddings and the MLM head stay unmasked.
+- Schedule. The paper's released code trains with Adam at lr 0.2 after a linear warm-up over 10% of
+  the steps, initial removal probability 0.45, lambda_3 = 2 for half the steps then linear to 3, for
+  thousands of steps. We keep the warm-up (--warmup) and the lambda_3 schedule but, for a 150-step CPU
+  budget, default to --lr 0.1, --init-prob 0.05 and --anneal 0.3: measured on the TRELM checkpoint with
+  the paper's 0.2 / 0.45, a third of all masked weights were hard-removed by step 20-30 (sigmoid(l)
+  random-walks across 0.5 from 0.45), far from the >= 97% kept the paper reaches only after long
+  training. --anneal lowers the Gumbel noise linearly to 0 over the last 30% of the steps, so the
+  final steps train, with the straight-through gradient, exactly the deterministic mask
+  1[sigmoid(l) > 0.5] that the evaluation removes (a departure: the paper keeps full noise).
+  metrics.convergence says how close a full-noise sample is to that mask: the expected removed
+  fraction of a sample, the hard removed fraction, and flip_ratio = expected number of weights on
+  which a sample differs from the hard mask / number of hard-removed weights.
 - The random baseline removes, in every masked matrix, as many uniformly chosen weights as the
   subnetwork does (so its per-matrix and per-layer sizes are equal), averaged over --random-seeds.
-- FFN neurons of the subnetwork (for the overlap with routing): intermediate neuron j of a layer
-  is touched by row j of W_in and column j of W_out (2H weights). --neuron-rule any: any of them
-  removed (at ~1% sparsity nearly every neuron qualifies); frac: at least --neuron-frac of them
-  removed; top (default): the neurons with the most removed weights, as many per layer as routing
-  selects (only neurons with at least one removed weight), so both sets have equal size.
+- FFN neurons of the subnetwork (for the overlaps): intermediate neuron j of a layer is touched by
+  row j of W_in and column j of W_out (2H weights). --neuron-rule top (default): the neurons with the
+  most removed weights, as many per layer as the routing set has (only neurons with at least one
+  removed weight), so both sets have equal size; any: any weight removed; frac: at least --neuron-frac
+  of them. Each layer's Jaccard is compared with its exact expectation for independent uniform sets of
+  the same sizes (hypergeometric), with the one-sided p-value P(intersection >= observed).
+- Done-when criteria (metrics.criteria, on the seed means): kept fraction >= 0.97; TargetKG P@1
+  relative drop >= 0.5; ControlKG and ControlLM P@1 and perplexity relative change within 0.1.
 """
 import argparse
 import glob
 import json
 import math
 import os
+import random
+import re
+import sys
 import time
 
 import numpy as np
@@ -104,11 +126,12 @@ def layer_of(name):
     return int(name.split(".")[2])
 
 
-def gumbel_sigmoid_st(logits, tau=1.0, generator=None):
-    """Eq. (1): hard 0/1 sample in the forward pass, gradient of the soft sample in the backward.
-    logits (...) -> m (...), 1 = weight belongs to the removed subnetwork."""
+def gumbel_sigmoid_st(logits, tau=1.0, generator=None, noise=1.0):
+    """Bayazit Eq. 1: hard 0/1 sample in the forward pass, gradient of the soft sample in the backward.
+    logits (...) -> m (...), 1 = weight belongs to the removed subnetwork. noise scales the logistic
+    noise (1 = the paper; 0 = the deterministic mask 1[l > 0] with a straight-through gradient)."""
     u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).clamp(1e-6, 1 - 1e-6)
-    soft = torch.sigmoid((logits + torch.logit(u)) / tau)  # logit(u) = log u - log(1-u): a Gumbel difference
+    soft = torch.sigmoid((logits + noise * torch.logit(u)) / tau)  # logit(u) = log u - log(1-u): a Gumbel difference
     hard = (soft > 0.5).to(logits.dtype)
     return hard + (soft - soft.detach())  # exactly `hard` in value; d/dlogits = d soft/d logits
 
@@ -124,9 +147,9 @@ class WeightMasks(torch.nn.Module):
         self.logits = torch.nn.ParameterList(
             [torch.nn.Parameter(torch.full_like(params[n], init)) for n in self.names])
 
-    def sample(self, tau=1.0, generator=None):
-        """Training masks (Eq. 1), one per masked matrix, 1 = removed."""
-        return [gumbel_sigmoid_st(l, tau, generator) for l in self.logits]
+    def sample(self, tau=1.0, generator=None, noise=1.0):
+        """Training masks (Bayazit Eq. 1), one per masked matrix, 1 = removed."""
+        return [gumbel_sigmoid_st(l, tau, generator, noise) for l in self.logits]
 
     @torch.no_grad()
     def hard(self):
@@ -134,9 +157,20 @@ class WeightMasks(torch.nn.Module):
         return [(torch.sigmoid(l) > 0.5).float() for l in self.logits]
 
     def density(self):
-        """Eq. (5): mean over all masked weights of sigmoid(l), the expected removed fraction."""
+        """Bayazit Eq. 5: mean over all masked weights of sigmoid(l), the expected removed fraction."""
         total = sum(l.numel() for l in self.logits)
         return sum(torch.sigmoid(l).sum() for l in self.logits) / total
+
+    @torch.no_grad()
+    def convergence(self):
+        """How far a training sample is from the evaluated hard mask. With s = sigmoid(l), a sample
+        differs from 1[s > 0.5] on weight i with probability min(s_i, 1 - s_i)."""
+        total = sum(l.numel() for l in self.logits)
+        s = [torch.sigmoid(l) for l in self.logits]
+        hard = sum((x > 0.5).sum().item() for x in s)
+        flips = sum(torch.minimum(x, 1 - x).sum().item() for x in s)
+        return dict(expected_removed=sum(x.sum().item() for x in s) / total, hard_removed=hard / total,
+                    flip_ratio=flips / max(hard, 1))
 
 
 def remaining_params(model, names, removed):
@@ -206,13 +240,13 @@ def top_logits(model, params, cached):
 
 
 def kl_uniform(logits):
-    """Eq. (2): KL(U || softmax(logits)) = -log V - mean_v log p_v, averaged over rows. (N, V) -> ()"""
+    """Bayazit Eq. 2: KL(U || softmax(logits)) = -log V - mean_v log p_v, averaged over rows. (N, V) -> ()"""
     logp = F.log_softmax(logits.float(), dim=-1)
     return (-math.log(logits.shape[-1]) - logp.mean(-1)).mean()
 
 
 def kl_ref(ref_logits, logits):
-    """Eq. (3)/(4): KL(p_ref || p) = sum_v p_ref (log p_ref - log p), averaged over rows."""
+    """Bayazit Eq. 3/4: KL(p_ref || p) = sum_v p_ref (log p_ref - log p), averaged over rows."""
     ref = F.log_softmax(ref_logits.float(), dim=-1)
     logp = F.log_softmax(logits.float(), dim=-1)
     return (ref.exp() * (ref - logp)).sum(-1).mean()
@@ -224,6 +258,22 @@ def sparse_weight(step, steps, start=2.0, end=3.0, hold=0.5):
     if step < t0 or steps - 1 <= t0:
         return start
     return start + (end - start) * (step - t0) / (steps - 1 - t0)
+
+
+def noise_scale(step, steps, anneal=0.0):
+    """Scale of the Gumbel noise at `step`: 1 until the last `anneal` fraction of steps, then linear to
+    0 at the last step, so the final steps train the deterministic mask that the evaluation uses."""
+    t0 = steps - round(anneal * steps)
+    if step < t0:
+        return 1.0
+    return 1.0 - (step - t0 + 1) / (steps - t0)
+
+
+def mask_lr(step, steps, lr, warmup=0.1):
+    """Adam learning rate of the logits at `step`: linear from lr / n to lr over the first
+    n = round(warmup * steps) steps, then constant (the paper's released schedule)."""
+    n = round(warmup * steps)
+    return lr * min(1.0, (step + 1) / n) if n > 0 else lr
 
 
 # -----------------------------------------------------------------------------
@@ -289,35 +339,63 @@ def fact_batch(tok, facts):
                 labels=torch.tensor([f["obj_id"] for f in facts]))
 
 
-def split_facts(facts, seed, target_relation=None, target_size=50, control_size=400):
-    """Seeded TargetKG / ControlKG split. With target_relation, TargetKG = up to target_size facts of
-    that relation, ControlKG = facts of the other relations; otherwise both are drawn from all facts.
-    ControlKG facts sharing a subject with TargetKG are dropped. Returns (target, control)."""
+def split_facts(facts, ranks, seed, target_relation=None, target_size=25, control_size=400, known_k=1):
+    """Seeded TargetKG / ControlKG split. TargetKG = up to target_size facts the full model answers
+    (ranks[i] <= known_k; of target_relation only, if given). ControlKG = up to control_size of the
+    other facts (of the other relations, with target_relation) that share no entity, as subject or
+    object, with any TargetKG fact. Returns (target, control)."""
     rng = np.random.default_rng(seed)
-    pool = [f for f in facts if target_relation is None or f["relation"] == target_relation]
+    pool = [f for f, r in zip(facts, ranks) if r <= known_k and (target_relation is None or f["relation"] == target_relation)]
     if not pool:
-        raise ValueError(f"--target-relation {target_relation}: no single-token facts of it in --facts-dir")
-    idx = rng.permutation(len(pool))[:target_size]
-    target = [pool[i] for i in idx]
+        where = f" of --target-relation {target_relation}" if target_relation else ""
+        raise ValueError(f"no single-token fact{where} has its object at rank <= --known-k {known_k} under the "
+                         f"full model: there is nothing known to suppress (train the model longer or raise --known-k)")
+    target = [pool[i] for i in rng.permutation(len(pool))[:target_size]]
     chosen = {id(f) for f in target}
-    subjects = {f["sub"] for f in target}
-    rest = [f for f in facts if id(f) not in chosen and f["sub"] not in subjects and
+    entities = {f["sub"] for f in target} | {f["obj"] for f in target}
+    rest = [f for f in facts if id(f) not in chosen and f["sub"] not in entities and f["obj"] not in entities and
             (target_relation is None or f["relation"] != target_relation)]
     control = [rest[i] for i in rng.permutation(len(rest))[:control_size]]
-    if not control:
-        raise ValueError("no ControlKG facts left after choosing TargetKG (need facts of other relations)")
+    if len(control) < 2:
+        raise ValueError(f"{len(control)} ControlKG facts left after choosing {len(target)} TargetKG facts and dropping "
+                         f"facts that share an entity with them (need >= 2: a training and a held-out half)")
     return target, control
 
 
-def read_lm_texts(lm_text, data_root):
-    """(train texts, eval texts). lm_text = a wikitext-2 dir (valid.txt trains, test.txt evaluates),
-    or None for the embedded default corpus (data.resolve_data('mini', data_root)), split in half."""
+def states_fact(text, fact):
+    """True if `text` names both the subject and the object of `fact` (whole words, any case)."""
+    return all(re.search(r"(?<!\w)" + re.escape(fact[k]) + r"(?!\w)", text, re.IGNORECASE) for k in ("sub", "obj"))
+
+
+def drop_stating(texts, facts):
+    """The texts that state none of `facts` (states_fact)."""
+    return [t for t in texts if not any(states_fact(t, f) for f in facts)]
+
+
+def heldout_generic_text(data_root):
+    """Lines of the embedded default's real-text pool (data_mini.text_pool, same seed) that its
+    corpus does not contain: generic English the pre-trained model never saw."""
+    import data
+    import data_mini
+    kg_dir, corpus = data.resolve_data("mini", data_root or data.MINI_ROOT)
+    with open(os.path.join(os.path.dirname(kg_dir), "manifest.json")) as f:
+        seed = json.load(f)["seed"]
+    with open(corpus) as f:
+        seen = "\n".join(json.loads(l)["text"] for l in f if l.strip())
+    pool = [t for _, t in data_mini.text_pool(data_mini._rng(seed)("chunks"))]
+    # a line is unseen if none of its sentences occurs in the corpus (duplicates across documents)
+    return [t for t in dict.fromkeys(pool) if not any(s in seen for s in data_mini.split_sentences(t))]
+
+
+def read_lm_texts(lm_text, data_dir, data_root):
+    """(train texts, eval texts, source). --lm-text (a WikiText-2 dir or a text file), else
+    <data-dir>/wikitext-2 when present, else the embedded default's held-out generic text; a dir has
+    valid.txt (trains) and test.txt (evaluates), a file or the generic text is split in alternate lines."""
+    if lm_text is None and data_dir is not None and os.path.isdir(os.path.join(data_dir, "wikitext-2")):
+        lm_text = os.path.join(data_dir, "wikitext-2")
     if lm_text is None:
-        import data
-        _, corpus = data.resolve_data("mini", data_root or data.MINI_ROOT)
-        with open(corpus) as f:
-            texts = [json.loads(l)["text"] if corpus.endswith(".jsonl") else l.strip() for l in f if l.strip()]
-        return texts[0::2], texts[1::2]
+        lines = heldout_generic_text(data_root)
+        return lines[0::2], lines[1::2], "embedded default: held-out generic text"
     if os.path.isdir(lm_text):
         def wiki(name):
             path = os.path.join(lm_text, name)
@@ -325,10 +403,12 @@ def read_lm_texts(lm_text, data_root):
                 raise FileNotFoundError(f"--lm-text {lm_text}: missing {name} (WikiText-2 raw layout: valid.txt, test.txt)")
             with open(path) as f:  # drop blank lines and ' = Heading = ' lines
                 return [l.strip() for l in f if l.strip() and not l.strip().startswith("=")]
-        return wiki("valid.txt"), wiki("test.txt")
+        return wiki("valid.txt"), wiki("test.txt"), lm_text
+    if not os.path.exists(lm_text):
+        raise FileNotFoundError(f"--lm-text {lm_text}: no such file or directory")
     with open(lm_text) as f:
         lines = [l.strip() for l in f if l.strip()]
-    return lines[0::2], lines[1::2]
+    return lines[0::2], lines[1::2], lm_text
 
 
 def lm_batch(tok, texts, seq_len, n_seqs, mask_prob, seed):
@@ -375,65 +455,89 @@ def sub_batch(batch, idx):
 # -----------------------------------------------------------------------------
 # Training and evaluation
 
-def train_masks(model, masks, target, control, lm, steps, lr=0.01, tau=1.0, batch_size=16, lm_batch_size=4,
-                w_suppress=1.5, w_maintain=1.0, w_sparse=2.0, w_sparse_max=3.0, sparse_hold=0.5,
-                seed=0, log_every=10, log=print):
-    """Optimise the mask logits (Eq. 6) on TargetKG / ControlKG / ControlLM batches. Returns curves."""
+TRAIN_KEYS = ("steps", "lr", "warmup", "anneal", "tau", "batch_size", "lm_batch_size", "w_suppress", "w_maintain",
+              "w_sparse", "w_sparse_max", "sparse_hold")
+
+
+def train_masks(model, masks, target, control, lm, cfg, seed, state=None, save=None, log=print):
+    """Optimise the mask logits (Bayazit Eq. 6) on TargetKG / ControlKG / ControlLM batches for
+    cfg.steps steps (cfg: the TRAIN_KEYS of the command line, plus log_every and save_every).
+    state: a dict that save(state) received earlier, to continue from; save is called every
+    cfg.save_every steps and after the last. Returns the curves."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     first = min(layer_of(n) for n in masks.names)
     target, control, lm = (cache_lower(model, b, first) for b in (target, control, lm))
-    opt = torch.optim.Adam(masks.parameters(), lr=lr)
+    opt = torch.optim.Adam(masks.parameters(), lr=cfg.lr)
     g = torch.Generator().manual_seed(seed)
     curves = {k: [] for k in ("step", "loss", "suppress", "maintain_kg", "maintain_lm", "density",
-                              "removed_fraction", "w_sparse", "sec_per_step")}
+                              "removed_fraction", "flip_ratio", "lr", "w_sparse", "sec_per_step")}
+    start = 0
+    if state is not None:
+        masks.load_state_dict(state["masks"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["rng"])
+        curves, start = state["curves"], state["step"]
 
     def draw(batch, k):
         n = batch["input_ids"].shape[0]
         return sub_batch(batch, torch.randperm(n, generator=g)[:k].sort().values)
 
-    t0 = time.time()
-    for step in range(steps):
-        tb, cb, lb = draw(target, batch_size), draw(control, batch_size), draw(lm, lm_batch_size)
-        params = remaining_params(model, masks.names, masks.sample(tau, g))
+    def snapshot(step):
+        return dict(step=step, masks=masks.state_dict(), opt=opt.state_dict(), rng=g.get_state(), curves=curves)
+
+    t0, steps = time.time(), cfg.steps
+    for step in range(start, steps):
+        lr = mask_lr(step, steps, cfg.lr, cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        tb, cb, lb = draw(target, cfg.batch_size), draw(control, cfg.batch_size), draw(lm, cfg.lm_batch_size)
+        params = remaining_params(model, masks.names, masks.sample(cfg.tau, g, noise_scale(step, steps, cfg.anneal)))
         with torch.no_grad():
             ref_c, ref_l = common.mlm_logits(model, cb["ref"]), common.mlm_logits(model, lb["ref"])  # (N, V)
-        l_sup = kl_uniform(top_logits(model, params, tb))  # Eq. (2)
-        l_kg = kl_ref(ref_c, top_logits(model, params, cb))  # Eq. (3)
-        l_lm = kl_ref(ref_l, top_logits(model, params, lb))  # Eq. (4)
-        dens = masks.density()  # Eq. (5)
-        lam3 = sparse_weight(step, steps, w_sparse, w_sparse_max, sparse_hold)
-        loss = w_suppress * l_sup + w_maintain * (l_kg + l_lm) + lam3 * dens  # Eq. (6)
+        l_sup = kl_uniform(top_logits(model, params, tb))  # Bayazit Eq. 2
+        l_kg = kl_ref(ref_c, top_logits(model, params, cb))  # Bayazit Eq. 3
+        l_lm = kl_ref(ref_l, top_logits(model, params, lb))  # Bayazit Eq. 4
+        dens = masks.density()  # Bayazit Eq. 5
+        lam3 = sparse_weight(step, steps, cfg.w_sparse, cfg.w_sparse_max, cfg.sparse_hold)
+        loss = cfg.w_suppress * l_sup + cfg.w_maintain * (l_kg + l_lm) + lam3 * dens  # Bayazit Eq. 6
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            removed = sum(m.sum().item() for m in masks.hard()) / sum(l.numel() for l in masks.logits)
-            sec = (time.time() - t0) / (step + 1)
+        if step % cfg.log_every == 0 or step == steps - 1:
+            conv = masks.convergence()
+            sec = (time.time() - t0) / (step + 1 - start)
             for k, v in zip(curves, (step, loss.item(), l_sup.item(), l_kg.item(), l_lm.item(), dens.item(),
-                                     removed, lam3, sec)):
+                                     conv["hard_removed"], conv["flip_ratio"], lr, lam3, sec)):
                 curves[k].append(v)
             log(f"step {step:5d} | loss {loss.item():.4f} | supp {l_sup.item():.4f} | kg {l_kg.item():.4f} "
-                f"| lm {l_lm.item():.4f} | density {dens.item():.4f} | removed {removed:.4f} | {sec:.2f} s/step")
+                f"| lm {l_lm.item():.4f} | density {dens.item():.4f} | removed {conv['hard_removed']:.4f} "
+                f"| flips/removed {conv['flip_ratio']:.3f} | {sec:.2f} s/step")
+        if save is not None and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step == steps - 1):
+            save(snapshot(step + 1))
     return curves
 
 
 @torch.no_grad()
-def score(model, params, batch, chunk=64):
-    """P@1, mean rank (1 = top) and perplexity exp(mean NLL) of the labels at the scored positions."""
+def label_ranks(model, params, batch, chunk=64):
+    """(NLL (N,), rank (N,), 1 = top) of the labels at the scored positions."""
     n = batch["input_ids"].shape[0]
-    nll, hit, ranks = [], [], []
+    nll, ranks = [], []
     for s in range(0, n, chunk):
         b = sub_batch(batch, torch.arange(s, min(n, s + chunk)))
         logits = position_logits(model, params, b).float()  # (N, V)
         gold = logits.gather(1, b["labels"][:, None])  # (N, 1)
         nll.append(F.cross_entropy(logits, b["labels"], reduction="none"))
         ranks.append((logits > gold).sum(1) + 1)
-        hit.append(ranks[-1] == 1)
-    nll, ranks, hit = torch.cat(nll), torch.cat(ranks).float(), torch.cat(hit).float()
-    return dict(p_at_1=hit.mean().item(), mean_rank=ranks.mean().item(), ppl=math.exp(nll.mean().item()),
-                n=int(nll.numel()))
+    return torch.cat(nll), torch.cat(ranks)
+
+
+def score(model, params, batch, chunk=64):
+    """P@1, mean rank (1 = top) and perplexity exp(mean NLL) of the labels at the scored positions."""
+    nll, ranks = label_ranks(model, params, batch, chunk)
+    return dict(p_at_1=(ranks == 1).float().mean().item(), mean_rank=ranks.float().mean().item(),
+                ppl=math.exp(nll.mean().item()), n=int(nll.numel()))
 
 
 def evaluate_sets(model, params, sets):
@@ -442,6 +546,12 @@ def evaluate_sets(model, params, sets):
 
 def deltas(after, before):
     return {s: {k: after[s][k] - before[s][k] for k in ("p_at_1", "mean_rank", "ppl")} for s in before}
+
+
+def relative(after, before):
+    """(after - before) / before per set and metric (None where before is 0)."""
+    return {s: {k: (after[s][k] - before[s][k]) / before[s][k] if before[s][k] else None
+                for k in ("p_at_1", "mean_rank", "ppl")} for s in before}
 
 
 def sparsity_report(names, removed):
@@ -463,7 +573,8 @@ def sparsity_report(names, removed):
 
 def subnetwork_neurons(names, removed, rule="top", k=None, frac=0.01):
     """{layer: LongTensor of FFN intermediate neurons} touched by the removed subnetwork.
-    Neuron j: row j of W_in (intermediate.dense.weight, (I, H)) and column j of W_out (output.dense.weight, (H, I))."""
+    Neuron j: row j of W_in (intermediate.dense.weight, (I, H)) and column j of W_out (output.dense.weight, (H, I)).
+    k (rule top): neurons per layer, an int or {layer: int}."""
     counts, sizes = {}, {}
     for n, m in zip(names, removed):
         if n.endswith("intermediate.dense.weight"):
@@ -482,8 +593,9 @@ def subnetwork_neurons(names, removed, rule="top", k=None, frac=0.01):
         elif rule == "frac":
             out[l] = (c / sizes[l] >= frac).nonzero().flatten()
         elif rule == "top":
+            kl = k[l] if isinstance(k, dict) else k
             nz = int((c > 0).sum())
-            out[l] = torch.topk(c, min(k, nz)).indices.sort().values
+            out[l] = torch.topk(c, min(kl, nz)).indices.sort().values
         else:
             raise ValueError(f"--neuron-rule {rule}: expected any, frac or top")
     return out
@@ -504,16 +616,27 @@ def expected_jaccard(n, a, b):
     return expected_jaccard_overall([n], [a], [b])
 
 
-def expected_jaccard_overall(ns, as_, bs):
-    """The same for the union over layers: per layer independent uniform subsets; the total
-    intersection is the sum of per-layer hypergeometrics (pmfs convolved), union = A + B - X."""
+def _overall_pmf(ns, as_, bs):
+    """pmf of the total intersection over layers: per layer independent uniform subsets, so the sum of
+    per-layer hypergeometrics (pmfs convolved)."""
     pmf = np.ones(1)
     for n, a, b in zip(ns, as_, bs):
         pmf = np.convolve(pmf, _intersection_pmf(n, a, b))
+    return pmf
+
+
+def expected_jaccard_overall(ns, as_, bs):
+    """E[X / (A + B - X)] for the union over layers, X = total intersection."""
+    pmf = _overall_pmf(ns, as_, bs)
     x = np.arange(len(pmf))
     union = sum(as_) + sum(bs) - x
     ratio = np.divide(x, union, out=np.zeros(len(x)), where=union > 0)
     return float((pmf * ratio).sum())
+
+
+def p_at_least(ns, as_, bs, observed):
+    """P(total intersection >= observed) under independent uniform subsets (one-sided p-value)."""
+    return float(min(1.0, _overall_pmf(ns, as_, bs)[observed:].sum()))
 
 
 def routing_paths(model, batch, ratio, ig_steps):
@@ -528,19 +651,72 @@ def routing_paths(model, batch, ratio, ig_steps):
     return routing.select_paths(attr, ratio=ratio)
 
 
+def training_state_paths(path):
+    """(paths, record) from a pretrain.py training_state.pt: the list of L neuron LongTensors that
+    routing last selected, and {step, commit} of that state. paths is None if the run did not route."""
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    if "paths" not in st:
+        raise ValueError(f"--training-state {path}: no 'paths' entry (expected pretrain.py's training_state.pt)")
+    return st["paths"], dict(path=path, step=st.get("step"), commit=st.get("commit"),
+                             method=st.get("config", {}).get("method"))
+
+
 def overlap_report(subnet, paths, inter_size):
-    """Per-layer and overall Jaccard of subnetwork vs routing neuron sets, with random expectations."""
+    """Per-layer and overall Jaccard of subnetwork vs routing neuron sets, with the exact random
+    expectation and the p-value P(intersection >= observed) for independent uniform sets of the same sizes."""
     per_layer, ns, as_, bs, inter, union = [], [], [], [], 0, 0
     for l in sorted(subnet):
         a, b = subnet[l], paths[l]
         i = len(set(a.tolist()) & set(b.tolist()))
-        per_layer.append(dict(layer=l, subnet=len(a), routing=len(b), intersection=i, jaccard=jaccard(a, b),
-                              expected_jaccard=expected_jaccard(inter_size, len(a), len(b))))
+        per_layer.append(dict(layer=l, subnet=len(a), routing=len(b), intersection=i,
+                              expected_intersection=len(a) * len(b) / inter_size, jaccard=jaccard(a, b),
+                              expected_jaccard=expected_jaccard(inter_size, len(a), len(b)),
+                              p_value=p_at_least([inter_size], [len(a)], [len(b)], i)))
         ns.append(inter_size); as_.append(len(a)); bs.append(len(b))
         inter += i
         union += len(a) + len(b) - i
     return dict(per_layer=per_layer, overall=dict(jaccard=inter / union if union else 0.0,
-                                                  expected_jaccard=expected_jaccard_overall(ns, as_, bs)))
+                                                  expected_jaccard=expected_jaccard_overall(ns, as_, bs),
+                                                  intersection=inter, p_value=p_at_least(ns, as_, bs, inter)))
+
+
+def overlaps(names, removed, path_sets, rule, frac, inter_size):
+    """{name: overlap_report} of the subnetwork's FFN neurons with each routing path set ({name: paths})."""
+    out = {}
+    for name, paths in path_sets.items():
+        k = {l: len(paths[l]) for l in range(len(paths))}
+        subnet = subnetwork_neurons(names, removed, rule, k, frac)
+        out[name] = overlap_report(subnet, {l: paths[l] for l in subnet}, inter_size)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Seeds: one JSON (and one training state) per seed, means over seeds
+
+def mean_tree(records):
+    """Element-wise mean of equally shaped nested dicts / lists; numbers are averaged, None stays None
+    if any seed has None, other leaves (strings) are taken from the first record."""
+    first = records[0]
+    if isinstance(first, dict):
+        return {k: mean_tree([r[k] for r in records]) for k in first}
+    if isinstance(first, list):
+        return [mean_tree(list(xs)) for xs in zip(*records)]
+    if isinstance(first, bool) or not isinstance(first, (int, float)) or any(r is None for r in records):
+        return first if all(r == first for r in records) else None
+    return float(np.mean(records))
+
+
+def criteria(m, kept=0.97, target_drop=0.5, control_change=0.1):
+    """The Done-when checks of the issue on a metrics dict (means over seeds)."""
+    rel = m["relative_subnetwork"]
+    out = dict(kept_fraction=m["sparsity"]["kept_fraction"] >= kept,
+               target_p_at_1_drop=rel["target"]["p_at_1"] is not None and -rel["target"]["p_at_1"] >= target_drop)
+    for s in ("control_kg", "control_lm"):
+        for k in ("p_at_1", "ppl"):
+            out[f"{s}_{k}"] = rel[s][k] is not None and abs(rel[s][k]) <= control_change
+    out["random_changes_target_less"] = abs(m["relative_random"]["target"]["p_at_1"] or 0) < abs(rel["target"]["p_at_1"] or 0)
+    out["all"] = all(out.values())
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -548,54 +724,139 @@ def overlap_report(subnet, paths, inter_size):
 TRAINED_DEFAULT = os.path.join("runs", "trelm", "final")
 
 
-def main(argv=None):
+SEED_FREE = ("seeds", "resume", "output_dir", "work_dir", "log_every", "save_every", "checkpoint_commit",
+             "checkpoint_note")  # not part of a seed's config
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None,
                    help="masked-LM id or directory; default: runs/trelm/final (what `python pretrain.py` writes) if "
                         "present, else the packaged MiniLM, whose fresh MLM head knows no facts to find")
+    p.add_argument("--training-state", default=None,
+                   help="pretrain.py training_state.pt whose saved routing paths are overlap (a); default: "
+                        "<model>/../checkpoint/training_state.pt when present")
     p.add_argument("--facts-dir", default=None, help="LAMA-format facts: relations.jsonl (here or parent) + P*.jsonl "
                    "or P*/test.jsonl; default: the embedded default's probes/")
+    p.add_argument("--data-dir", default=None, help="benchmark data root; ControlLM = its wikitext-2/ when present "
+                   "(default: ../shared/data next to this repository, as evaluate.py)")
     p.add_argument("--lm-text", default=None, help="ControlLM text: a WikiText-2 dir (valid.txt/test.txt) or a text "
-                   "file; default: the embedded default corpus.jsonl")
+                   "file; overrides --data-dir")
     p.add_argument("--data-root", default=None, help="where the embedded default is built (default: data.MINI_ROOT, as pretrain.py)")
-    p.add_argument("--target-relation", default=None, help="TargetKG = facts of this relation (e.g. P36); default: random facts")
-    p.add_argument("--target-size", type=int, default=50, help="number of TargetKG facts")
+    p.add_argument("--target-relation", default=None, help="TargetKG = known facts of this relation (e.g. P36); default: any")
+    p.add_argument("--known-k", type=int, default=1, help="TargetKG facts have their object at rank <= k under the full model")
+    p.add_argument("--target-size", type=int, default=25, help="number of TargetKG facts (fewer if fewer are known)")
     p.add_argument("--control-size", type=int, default=400, help="ControlKG facts (half train, half held out)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the TargetKG / ControlKG draw (same for every --seeds)")
     p.add_argument("--lm-seqs", type=int, default=128, help="ControlLM sequences per split")
     p.add_argument("--lm-len", type=int, default=64, help="ControlLM sequence length")
-    p.add_argument("--steps", type=int, default=150, help="mask-training steps (about 0.5-1 s each on 2 idle cores with MiniLM)")
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the mask logits (not given in the parts of the paper we could read; "
-                   "with Gumbel noise, lr * sqrt(steps) sets how many logits random-walk across 0)")
+    p.add_argument("--steps", type=int, default=150, help="mask-training steps per seed")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the mask logits (paper's released code: 0.2)")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear learning-rate warm-up from 0")
+    p.add_argument("--anneal", type=float, default=0.3, help="last fraction of steps over which the Gumbel noise "
+                   "falls linearly to 0 (0 = the paper: full noise throughout)")
     p.add_argument("--batch-size", type=int, default=16, help="TargetKG and ControlKG queries per step")
     p.add_argument("--lm-batch-size", type=int, default=4, help="ControlLM sequences per step")
     p.add_argument("--top-layers", type=int, default=None, help="mask the top N layers (default: half of them)")
-    p.add_argument("--init-prob", type=float, default=0.45, help="initial sigmoid(l): probability of being removed")
+    p.add_argument("--init-prob", type=float, default=0.05, help="initial sigmoid(l): probability of being removed "
+                   "(paper's released code: 0.45)")
     p.add_argument("--tau", type=float, default=1.0, help="Gumbel-sigmoid temperature")
-    p.add_argument("--w-suppress", type=float, default=1.5)
-    p.add_argument("--w-maintain", type=float, default=1.0)
+    p.add_argument("--w-suppress", type=float, default=1.5, help="lambda_1")
+    p.add_argument("--w-maintain", type=float, default=1.0, help="lambda_2")
     p.add_argument("--w-sparse", type=float, default=2.0, help="lambda_3 while held")
     p.add_argument("--w-sparse-max", type=float, default=3.0, help="lambda_3 at the last step")
     p.add_argument("--sparse-hold", type=float, default=0.5, help="fraction of steps lambda_3 is held")
     p.add_argument("--random-seeds", type=int, default=3, help="random subnetworks averaged for the baseline")
     p.add_argument("--routing", choices=["on", "off"], default="on", help="compare with routing.py's knowledge paths")
-    p.add_argument("--route-ratio", type=float, default=0.1)
+    p.add_argument("--route-ratio", type=float, default=0.1, help="IG paths (b): top fraction of neurons per layer")
     p.add_argument("--ig-steps", type=int, default=20)
     p.add_argument("--neuron-rule", choices=["top", "any", "frac"], default="top")
     p.add_argument("--neuron-frac", type=float, default=0.01, help="--neuron-rule frac: removed fraction of a neuron's 2H weights")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="mask-training seeds")
+    p.add_argument("--resume", action="store_true", help="reuse <output-dir>/subnetworks/seed_<s>.json when its config "
+                   "matches, and continue an interrupted seed from <work-dir>/seed_<s>.pt")
+    p.add_argument("--checkpoint-commit", default=None, help="provenance: the commit whose pretrain.py wrote --model "
+                   "(default: the commit in --training-state, i.e. the checkout's HEAD when it was saved)")
+    p.add_argument("--checkpoint-note", default="", help="provenance: free text on how --model was made")
     p.add_argument("--output-dir", default="results")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=os.path.join("runs", "subnetworks"), help="mask training states")
+    p.add_argument("--save-every", type=int, default=50, help="write the training state every N steps (0: only at the end)")
     p.add_argument("--log-every", type=int, default=10)
-    args = p.parse_args(argv)
+    return p
 
-    common.seed_everything(args.seed)
+
+def check_config(path, stored, config):
+    diff = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+    if diff:
+        raise SystemExit(f"--resume: {path} was made with other flags: " +
+                         ", ".join(f"--{k.replace('_', '-')} {stored.get(k)} -> {config.get(k)}" for k in diff) +
+                         " (use another --output-dir / --work-dir, or delete it)")
+
+
+def run_seed(model, args, config, seed, sets_train, sets_eval, full, path_sets, log=print):
+    """Train (or resume) one seed's masks, evaluate the subnetwork, its random counterpart and the
+    overlaps; write <output-dir>/subnetworks/seed_<seed>.json. Returns that record."""
+    out = os.path.join(args.output_dir, "subnetworks", f"seed_{seed}.json")
+    if args.resume and os.path.exists(out):
+        with open(out) as f:
+            rec = json.load(f)
+        check_config(out, rec["config"], config)
+        log(f"seed {seed}: reusing {out}")
+        return rec
+    t0 = time.time()
+    state_path = os.path.join(args.work_dir, f"seed_{seed}.pt")
+    state = None
+    if args.resume and os.path.exists(state_path):
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        check_config(state_path, state["config"], config)
+        log(f"seed {seed}: resuming from {state_path} at step {state['step']}")
+    spent = state["seconds"] if state else 0.0
+
+    def save(snap):
+        common.atomic_torch_save(dict(snap, config=config, seconds=spent + time.time() - t0), state_path)
+
+    masks = WeightMasks(model, args.top_layers, args.init_prob)
+    curves = train_masks(model, masks, sets_train["target"], sets_train["control_kg"], sets_train["control_lm"],
+                         args, seed, state, save, log)
+    removed = masks.hard()
+    sub = evaluate_sets(model, remaining_params(model, masks.names, removed), sets_eval)
+    g = torch.Generator().manual_seed(seed + 1000)
+    rand_runs = [evaluate_sets(model, remaining_params(model, masks.names, random_removal_like(removed, g)), sets_eval)
+                 for _ in range(args.random_seeds)]
+    rand = {s: {k: float(np.mean([r[s][k] for r in rand_runs])) for k in full[s]} for s in full}
+    metrics = dict(sparsity=sparsity_report(masks.names, removed), convergence=masks.convergence(), full=full,
+                   subnetwork_removed=sub, random_removed=rand, delta_subnetwork=deltas(sub, full),
+                   delta_random=deltas(rand, full), relative_subnetwork=relative(sub, full),
+                   relative_random=relative(rand, full))
+    if path_sets:
+        metrics["overlap"] = overlaps(masks.names, removed, path_sets, args.neuron_rule, args.neuron_frac,
+                                      model.config.intermediate_size)
+    rec = dict(seed=seed, config=config, commit=common.git_commit(), metrics=metrics, curves=curves,
+               seconds=spent + time.time() - t0)
+    common.atomic_write_json(out, rec)
+    log(f"seed {seed}: wrote {out} ({rec['seconds']:.0f} s)")
+    return rec
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    command = "python subnetworks.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.model is None:
         args.model = TRAINED_DEFAULT if os.path.isdir(TRAINED_DEFAULT) else common.DEFAULT_MODEL
         if args.model == common.DEFAULT_MODEL:
             print(f"note: {TRAINED_DEFAULT} not found; using the packaged MiniLM, whose MLM head is untrained: "
                   "its fact numbers are meaningless (run `python pretrain.py` first)")
+    if args.data_dir is None:
+        import evaluate
+        args.data_dir = evaluate.default_data_dir()
+    model_dir = common.resolve_model(args.model)
+    if args.training_state is None:
+        guess = os.path.join(os.path.dirname(os.path.normpath(model_dir)), "checkpoint", "training_state.pt")
+        args.training_state = guess if os.path.exists(guess) else None
+    common.seed_everything(args.split_seed)
     model, tok = common.load_mlm(args.model)
     model.eval()
-    top = args.top_layers or max(1, model.config.num_hidden_layers // 2)
+    args.top_layers = args.top_layers or max(1, model.config.num_hidden_layers // 2)
 
     facts_dir = args.facts_dir
     if facts_dir is None:
@@ -603,51 +864,54 @@ def main(argv=None):
         kg_dir, _ = data.resolve_data("mini", args.data_root or data.MINI_ROOT)
         facts_dir = os.path.join(os.path.dirname(kg_dir), "probes")
     facts = single_token_facts(read_facts(facts_dir), tok)
-    target, control = split_facts(facts, args.seed, args.target_relation, args.target_size, args.control_size)
+    _, ranks = label_ranks(model, None, fact_batch(tok, facts))  # full model, every fact
+    target, control = split_facts(facts, ranks.tolist(), args.split_seed, args.target_relation, args.target_size,
+                                  args.control_size, args.known_k)
     control_train, control_eval = control[0::2], control[1::2]
-    lm_train_txt, lm_eval_txt = read_lm_texts(args.lm_text, args.data_root)
+    lm_train_txt, lm_eval_txt, lm_source = read_lm_texts(args.lm_text, args.data_dir, args.data_root)
+    lm_train, lm_eval = drop_stating(lm_train_txt, target), drop_stating(lm_eval_txt, target)
     sets_train = dict(target=fact_batch(tok, target), control_kg=fact_batch(tok, control_train),
-                      control_lm=lm_batch(tok, lm_train_txt, args.lm_len, args.lm_seqs, 0.15, args.seed))
+                      control_lm=lm_batch(tok, lm_train, args.lm_len, args.lm_seqs, 0.15, args.split_seed))
     sets_eval = dict(target=sets_train["target"], control_kg=fact_batch(tok, control_eval),
-                     control_lm=lm_batch(tok, lm_eval_txt, args.lm_len, args.lm_seqs, 0.15, args.seed + 1))
+                     control_lm=lm_batch(tok, lm_eval, args.lm_len, args.lm_seqs, 0.15, args.split_seed + 1))
     sizes = {k: int(v["labels"].numel()) for k, v in sets_eval.items()}
-    sizes["control_kg_train"] = int(sets_train["control_kg"]["labels"].numel())
-    print(f"{len(facts)} single-token facts | TargetKG {len(target)} | ControlKG {len(control_train)} train / "
-          f"{len(control_eval)} eval | ControlLM positions {sizes['control_lm']} eval | top {top} layers masked")
+    sizes.update(facts=len(facts), known_facts=int((ranks <= args.known_k).sum()),
+                 control_kg_train=int(sets_train["control_kg"]["labels"].numel()),
+                 control_lm_lines_dropped=len(lm_train_txt) + len(lm_eval_txt) - len(lm_train) - len(lm_eval))
+    print(f"{len(facts)} single-token facts, {sizes['known_facts']} at rank <= {args.known_k} | TargetKG {len(target)} | "
+          f"ControlKG {len(control_train)} train / {len(control_eval)} eval | ControlLM ({lm_source}) "
+          f"{sizes['control_lm']} eval positions, {sizes['control_lm_lines_dropped']} lines dropped as stating a target "
+          f"| top {args.top_layers} layers masked")
 
-    masks = WeightMasks(model, top, args.init_prob)
-    curves = train_masks(model, masks, sets_train["target"], sets_train["control_kg"], sets_train["control_lm"],
-                         args.steps, args.lr, args.tau, args.batch_size, args.lm_batch_size, args.w_suppress,
-                         args.w_maintain, args.w_sparse, args.w_sparse_max, args.sparse_hold, args.seed,
-                         args.log_every)
-
-    removed = masks.hard()
     full = evaluate_sets(model, None, sets_eval)
-    sub = evaluate_sets(model, remaining_params(model, masks.names, removed), sets_eval)
-    g = torch.Generator().manual_seed(args.seed + 1000)
-    rand_runs = [evaluate_sets(model, remaining_params(model, masks.names, random_removal_like(removed, g)), sets_eval)
-                 for _ in range(args.random_seeds)]
-    rand = {s: {k: float(np.mean([r[s][k] for r in rand_runs])) for k in full[s]} for s in full}
-    metrics = dict(sparsity=sparsity_report(masks.names, removed), full=full, subnetwork_removed=sub,
-                   random_removed=rand, delta_subnetwork=deltas(sub, full), delta_random=deltas(rand, full))
-
+    path_sets, provenance = {}, dict(model_dir=model_dir, command=command, checkpoint_note=args.checkpoint_note)
+    if args.training_state is not None:
+        paths, provenance["training_state"] = training_state_paths(args.training_state)
+        provenance["checkpoint_commit"] = args.checkpoint_commit or provenance["training_state"]["commit"]
+        if paths is not None and args.routing == "on":
+            path_sets["trelm_paths"] = paths
     if args.routing == "on":
-        paths = routing_paths(model, sets_eval["target"], args.route_ratio, args.ig_steps)
-        inter_size = model.config.intermediate_size
-        k = max(len(paths[l]) for l in range(len(paths)))
-        subnet = subnetwork_neurons(masks.names, removed, args.neuron_rule, k, args.neuron_frac)
-        metrics["overlap"] = overlap_report(subnet, {l: paths[l] for l in subnet}, inter_size)
-        metrics["overlap"]["rule"] = args.neuron_rule
+        path_sets["ig_paths"] = routing_paths(model, sets_eval["target"], args.route_ratio, args.ig_steps)
+
+    config = {k: v for k, v in vars(args).items() if k not in SEED_FREE}
+    records = [run_seed(model, args, config, s, sets_train, sets_eval, full, path_sets) for s in args.seeds]
+    per_seed = [dict(r["metrics"], seed=r["seed"], seconds=r["seconds"]) for r in records]
+    metrics = mean_tree([r["metrics"] for r in records])
+    metrics["per_seed"] = per_seed
+    metrics["criteria"] = criteria(metrics)
+    metrics["seconds_per_seed"] = float(np.mean([r["seconds"] for r in records]))
 
     for s in ("target", "control_kg", "control_lm"):
-        print(f"{s:10s} P@1 full {full[s]['p_at_1']:.3f} -> removed {sub[s]['p_at_1']:.3f} (random {rand[s]['p_at_1']:.3f}) "
-              f"| PPL {full[s]['ppl']:.2f} -> {sub[s]['ppl']:.2f} (random {rand[s]['ppl']:.2f})")
-    print(f"kept fraction {metrics['sparsity']['kept_fraction']:.4f}")
-    if "overlap" in metrics:
-        o = metrics["overlap"]["overall"]
-        print(f"FFN neuron overlap with routing: Jaccard {o['jaccard']:.4f} (random {o['expected_jaccard']:.4f})")
-    path = common.write_result(args.output_dir, "subnetworks", common.resolve_model(args.model), vars(args) | {"top_layers": top},
-                               args.seed, metrics, curves=curves, sizes=sizes)
+        sub, rand = metrics["subnetwork_removed"][s], metrics["random_removed"][s]
+        print(f"{s:10s} P@1 full {full[s]['p_at_1']:.3f} -> removed {sub['p_at_1']:.3f} (random {rand['p_at_1']:.3f}) "
+              f"| PPL {full[s]['ppl']:.2f} -> {sub['ppl']:.2f} (random {rand['ppl']:.2f})")
+    print(f"kept fraction {metrics['sparsity']['kept_fraction']:.4f} | flips/removed "
+          f"{metrics['convergence']['flip_ratio']:.4f} | criteria {metrics['criteria']}")
+    for name, o in metrics.get("overlap", {}).items():
+        print(f"FFN neuron overlap with {name}: Jaccard {o['overall']['jaccard']:.4f} "
+              f"(random {o['overall']['expected_jaccard']:.4f})")
+    path = common.write_result(args.output_dir, "subnetworks", model_dir, vars(args), args.seeds, metrics,
+                               provenance=provenance, sizes=sizes, curves={str(r["seed"]): r["curves"] for r in records})
     print(f"wrote {path}")
 
 

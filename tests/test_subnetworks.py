@@ -1,4 +1,5 @@
 """Tests for subnetworks.py (knowledge-critical subnetworks, Bayazit et al. 2023)."""
+import copy
 import json
 import math
 
@@ -108,6 +109,35 @@ def test_sparsity_loss_is_removed_density_and_schedule():
     assert [S.sparse_weight(t, 10, 2.0, 3.0, 0.5) for t in (0, 4, 5, 7, 9)] == [2.0, 2.0, 2.0, 2.5, 3.0]
 
 
+def test_noise_anneal_schedule_and_deterministic_end():
+    # 10 steps, last 40% annealed: 1 for steps 0-5, then 0.75, 0.5, 0.25, 0
+    assert [S.noise_scale(t, 10, 0.4) for t in range(10)] == pytest.approx([1] * 6 + [0.75, 0.5, 0.25, 0.0])
+    assert S.noise_scale(9, 10, 0.0) == 1.0
+    logits = torch.tensor([-0.3, 0.2, -2.0, 4.0])
+    m = S.gumbel_sigmoid_st(logits, generator=torch.Generator().manual_seed(0), noise=0.0)
+    assert m.tolist() == [0.0, 1.0, 0.0, 1.0]  # no noise: exactly the evaluated mask 1[l > 0]
+
+
+def test_mask_lr_linear_warmup_then_constant():
+    # 100 steps, 10% warm-up: lr * (t + 1) / 10 for t < 10, then lr
+    assert [S.mask_lr(t, 100, 0.2, 0.1) for t in (0, 4, 9, 10, 99)] == pytest.approx([0.02, 0.1, 0.2, 0.2, 0.2])
+    assert S.mask_lr(0, 100, 0.2, 0.0) == 0.2
+
+
+def test_convergence_hand_computed():
+    model = make_model("bert", make_bert_tokenizer(None))
+    masks = S.WeightMasks(model, 1)
+    total = sum(l.numel() for l in masks.logits)
+    with torch.no_grad():
+        for l in masks.logits:
+            l.fill_(math.log(0.1 / 0.9))  # s = 0.1 everywhere: kept, flips with p = 0.1
+        masks.logits[0].view(-1)[:10] = math.log(0.8 / 0.2)  # 10 weights at s = 0.8: removed, flip p = 0.2
+    c = masks.convergence()
+    assert c["hard_removed"] == pytest.approx(10 / total)
+    assert c["expected_removed"] == pytest.approx((10 * 0.8 + (total - 10) * 0.1) / total, rel=1e-4)
+    assert c["flip_ratio"] == pytest.approx((10 * 0.2 + (total - 10) * 0.1) / 10, rel=1e-4)
+
+
 def test_random_baseline_has_same_size_per_matrix_and_layer(tiny_mlm):
     model, _ = tiny_mlm
     masks = S.WeightMasks(model, 2)
@@ -140,6 +170,36 @@ def test_expected_jaccard_matches_simulation():
         sim.append(i / u)
     assert S.expected_jaccard_overall([10, 30], [3, 6], [4, 2]) == pytest.approx(np.mean(sim), abs=0.004)
     assert S.expected_jaccard(10, 10, 10) == pytest.approx(1.0)
+    # p-value: n = 4, two sets of 2; P(|A & B| >= 2) = 1 / C(4, 2); P(>= 1) = 1 - P(0) = 1 - 1/6
+    assert S.p_at_least([4], [2], [2], 2) == pytest.approx(1 / 6)
+    assert S.p_at_least([4], [2], [2], 1) == pytest.approx(5 / 6)
+    assert S.p_at_least([4, 4], [2, 2], [2, 2], 4) == pytest.approx(1 / 36)  # both layers identical
+
+
+def test_overlap_report_hand_case():
+    subnet = {4: torch.tensor([0, 1]), 5: torch.tensor([2, 3])}
+    paths = {4: torch.tensor([0, 1]), 5: torch.tensor([0, 1])}
+    rep = S.overlap_report(subnet, paths, inter_size=4)
+    l4, l5 = rep["per_layer"]
+    assert (l4["intersection"], l4["jaccard"], l4["expected_intersection"]) == (2, 1.0, 1.0)
+    assert l4["p_value"] == pytest.approx(1 / 6) and l5["p_value"] == pytest.approx(1.0)
+    assert rep["overall"]["jaccard"] == pytest.approx(2 / 6) and rep["overall"]["intersection"] == 2
+
+
+def test_mean_tree_and_criteria():
+    a = dict(x=1, s="r", l=[dict(v=1.0)], n=None)
+    b = dict(x=3, s="r", l=[dict(v=2.0)], n=None)
+    assert S.mean_tree([a, b]) == dict(x=2.0, s="r", l=[dict(v=1.5)], n=None)
+    rel = lambda t, ck, cl: dict(target=dict(p_at_1=t, ppl=0.0, mean_rank=0.0),
+                                 control_kg=dict(p_at_1=ck, ppl=0.05, mean_rank=0.0),
+                                 control_lm=dict(p_at_1=cl, ppl=-0.05, mean_rank=0.0))
+    m = dict(sparsity=dict(kept_fraction=0.98), relative_subnetwork=rel(-0.8, 0.05, -0.09),
+             relative_random=rel(-0.1, 0.0, 0.0))
+    c = S.criteria(m)
+    assert c["all"] and c["target_p_at_1_drop"]
+    m["relative_subnetwork"] = rel(-0.4, 0.2, 0.0)
+    c = S.criteria(m)
+    assert not c["target_p_at_1_drop"] and not c["control_kg_p_at_1"] and c["control_lm_p_at_1"] and not c["all"]
     assert S.jaccard(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4])) == pytest.approx(0.5)
 
 
@@ -180,19 +240,74 @@ def test_lama_reader_split_and_queries(tmp_path, tiny_mlm):
         assert batch["input_ids"][batch["pos"][0][i], batch["pos"][1][i]] == tok.mask_token_id
         filled = tok(f["query"].replace(tok.mask_token, " " + f["obj"] if tok.mask_token == "<mask>" else f["obj"]))
         assert f["obj_id"] in filled["input_ids"]
-    t1, c1 = S.split_facts(single, seed=3, target_size=2, control_size=100)
-    t2, c2 = S.split_facts(single, seed=3, target_size=2, control_size=100)
+    ranks = [1] * len(single)
+    t1, c1 = S.split_facts(single, ranks, seed=3, target_size=2, control_size=100)
+    t2, c2 = S.split_facts(single, ranks, seed=3, target_size=2, control_size=100)
     assert t1 == t2 and c1 == c2 and len(t1) == 2
     assert not {f["sub"] for f in t1} & {f["sub"] for f in c1}
 
 
+def test_split_targets_known_facts_and_controls_share_no_entity():
+    F = lambda r, s, o: dict(relation=r, sub=s, obj=o, template="[X] [Y]")
+    facts = [F("P36", "France", "Paris"), F("P36", "Italy", "Rome"), F("P1376", "Paris", "France"),  # inverse of 0
+             F("P30", "France", "Europe"), F("P30", "Spain", "Europe"), F("P30", "Japan", "Asia"),
+             F("P36", "Japan", "Tokyo"), F("P47", "Rome", "Milan")]
+    ranks = [1, 4, 1, 2, 1, 1, 7, 1]
+    # known (rank 1): 0, 2, 4, 5, 7; all five as TargetKG name France, Paris, Spain, Europe, Japan, Asia,
+    # Rome, Milan, and every other fact (1, 3, 6) shares one of them: no ControlKG is left
+    with pytest.raises(ValueError, match="ControlKG"):
+        S.split_facts(facts, ranks, seed=0, target_size=10, known_k=1)
+    target, control = S.split_facts(facts, ranks, seed=0, target_size=1, known_k=1)
+    ents = {target[0]["sub"], target[0]["obj"]}
+    assert control and all(f["sub"] not in ents and f["obj"] not in ents for f in control)
+    assert all(f is not target[0] for f in control)
+    t3, _ = S.split_facts(facts + [F("P30", "Peru", "America"), F("P30", "Chile", "America")], ranks + [9, 9],
+                          seed=0, target_size=10, known_k=2)
+    assert facts[3] in t3 and facts[1] not in t3 and len(t3) == 6  # rank 2 is known at k = 2, rank 4 is not
+    with pytest.raises(ValueError, match="--known-k"):
+        S.split_facts(facts, [5] * len(facts), seed=0)
+
+
+def test_split_inverse_fact_is_not_a_control():
+    F = lambda r, s, o: dict(relation=r, sub=s, obj=o, template="[X] [Y]")
+    facts = [F("P36", "France", "Paris"), F("P1376", "Paris", "France"), F("P36", "Italy", "Rome"),
+             F("P30", "Japan", "Asia"), F("P30", "Spain", "Europe")]
+    target, control = S.split_facts(facts, [1, 9, 9, 9, 9], seed=0, target_size=1)
+    assert target == [facts[0]] and sorted(facts.index(f) for f in control) == [2, 3, 4]
+
+
 def test_split_by_relation(tmp_path):
-    facts = [dict(relation=r, sub=f"s{r}{i}", obj="o", template="[X] [Y]") for r in ("P1", "P2") for i in range(5)]
-    target, control = S.split_facts(facts, seed=0, target_relation="P1", target_size=3)
+    facts = [dict(relation=r, sub=f"s{r}{i}", obj=f"o{r}{i}", template="[X] [Y]") for r in ("P1", "P2") for i in range(5)]
+    ranks = [1] * len(facts)
+    target, control = S.split_facts(facts, ranks, seed=0, target_relation="P1", target_size=3)
     assert len(target) == 3 and all(f["relation"] == "P1" for f in target)
     assert control and all(f["relation"] == "P2" for f in control)
-    with pytest.raises(ValueError, match="--target-relation"):
-        S.split_facts(facts, seed=0, target_relation="P9")
+    with pytest.raises(ValueError, match="--target-relation P9"):
+        S.split_facts(facts, ranks, seed=0, target_relation="P9")
+
+
+def test_states_fact_whole_words_any_case():
+    fact = dict(sub="France", obj="Paris")
+    assert S.states_fact("The capital of france is PARIS.", fact)
+    assert S.states_fact("Paris lies in France", fact)  # either order
+    assert not S.states_fact("Parisian food in France", fact)  # not the whole word
+    assert not S.states_fact("Paris is large.", fact)  # object alone
+    texts = ["Paris, France.", "Rome is old.", "Berlin and Germany"]
+    assert S.drop_stating(texts, [fact, dict(sub="Germany", obj="Berlin")]) == ["Rome is old."]
+
+
+def test_read_lm_texts_sources(tmp_path):
+    wiki = tmp_path / "data" / "wikitext-2"
+    wiki.mkdir(parents=True)
+    (wiki / "valid.txt").write_text(" = Head = \n\n a valid line\n")
+    (wiki / "test.txt").write_text(" a test line\n")
+    tr, ev, src = S.read_lm_texts(None, str(tmp_path / "data"), None)  # --data-dir with wikitext-2/
+    assert tr == ["a valid line"] and ev == ["a test line"] and src.endswith("wikitext-2")
+    f = tmp_path / "t.txt"
+    f.write_text("one\ntwo\nthree\n")
+    assert S.read_lm_texts(str(f), str(tmp_path / "data"), None) == (["one", "three"], ["two"], str(f))  # --lm-text wins
+    with pytest.raises(FileNotFoundError, match="--lm-text"):
+        S.read_lm_texts(str(tmp_path / "nope.txt"), None, None)
 
 
 def test_lm_batch_masks_real_tokens(bert_tok):
@@ -231,6 +346,10 @@ def _finetune_capitals(tok, steps=80):
     return model.eval()
 
 
+def _cfg(*flags):
+    return S.build_parser().parse_args(list(flags))
+
+
 @pytest.mark.slow
 def test_suppresses_target_fact_keeps_controls(bert_tok):
     """A tiny BERT taught 7 capitals; the subnetwork for france -> paris removes that fact only."""
@@ -240,18 +359,43 @@ def test_suppresses_target_fact_keeps_controls(bert_tok):
     assert S.score(model, None, target)["p_at_1"] == 1.0 and S.score(model, None, control)["p_at_1"] == 1.0
     lm = S.lm_batch(bert_tok, [TEXT], 16, 8, 0.15, 0)
     masks = S.WeightMasks(model, 2)
-    curves = S.train_masks(model, masks, target, control, lm, steps=100, lr=0.03, batch_size=8,
-                           lm_batch_size=8, log=lambda s: None)
+    cfg = _cfg("--steps", "200", "--batch-size", "8", "--lm-batch-size", "8", "--anneal", "0.3")
+    curves = S.train_masks(model, masks, target, control, lm, cfg, seed=0, log=lambda s: None)
     assert curves["suppress"][-1] < curves["suppress"][0]
     params = S.remaining_params(model, masks.names, masks.hard())
+    before_t = S.score(model, None, target)
     after_t, after_c = S.score(model, params, target), S.score(model, params, control)
-    assert after_t["mean_rank"] > 5  # paris falls from rank 1
-    assert after_c["p_at_1"] == 1.0  # every control capital stays at rank 1
+    # the KL to uniform flattens p(. | france capital [MASK]): paris' perplexity rises tenfold (on a
+    # 130-word vocabulary a flat distribution may still rank it first), the controls keep rank 1
+    assert after_t["ppl"] > 10 * before_t["ppl"]
+    assert after_c["p_at_1"] == 1.0
     assert 0.5 < S.sparsity_report(masks.names, masks.hard())["kept_fraction"] < 1.0
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def test_main_end_to_end(tmp_path, tiny_model_dir):
+def test_training_resume_is_exact(bert_tok):
+    """N steps + save + resume in a fresh WeightMasks + N steps == 2N steps (logits, Adam, RNG, curves)."""
+    model, tok = make_model("bert", bert_tok), bert_tok
+    facts = capital_facts(tok)
+    target, control = S.fact_batch(tok, facts[:2]), S.fact_batch(tok, facts[2:])
+    lm = S.lm_batch(tok, [TEXT], 16, 4, 0.15, 0)
+    cfg = _cfg("--steps", "6", "--batch-size", "2", "--lm-batch-size", "2", "--log-every", "1", "--save-every", "3")
+    full = S.WeightMasks(model, 2)
+    S.train_masks(model, full, target, control, lm, cfg, seed=5, log=lambda s: None)
+    saved = []
+    part = S.WeightMasks(model, 2)
+    S.train_masks(model, part, target, control, lm, cfg, seed=5, save=lambda s: saved.append(copy.deepcopy(s)),
+                  log=lambda s: None)  # deepcopy: what went to disk (the state holds live tensors)
+    assert [s["step"] for s in saved] == [3, 6]
+    state = saved[0]
+    resumed = S.WeightMasks(model, 2)
+    curves = S.train_masks(model, resumed, target, control, lm, cfg, seed=5, state=state, log=lambda s: None)
+    assert all(torch.equal(a, b) for a, b in zip(full.logits, resumed.logits))
+    assert curves["step"] == list(range(6)) and curves["loss"] == saved[1]["curves"]["loss"]
+    assert not torch.equal(full.logits[0], S.WeightMasks(model, 2).logits[0])  # training moved the logits
+
+
+def _facts_dir(tmp_path):
     d = tmp_path / "facts"
     d.mkdir()
     (d / "relations.jsonl").write_text(
@@ -260,16 +404,40 @@ def test_main_end_to_end(tmp_path, tiny_model_dir):
     (d / "P36.jsonl").write_text("".join(json.dumps({"sub_label": s, "obj_label": o}) + "\n" for s, o in CAPITALS))
     (d / "P30.jsonl").write_text("".join(json.dumps({"sub_label": s, "obj_label": c}) + "\n" for s, c in
                                          [("france", "europe"), ("japan", "asia"), ("china", "asia"), ("italy", "europe")]))
+    return d
+
+
+def test_main_end_to_end_seeds_resume(tmp_path, tiny_model_dir, capsys):
+    d = _facts_dir(tmp_path)
     text = tmp_path / "text.txt"
-    text.write_text("\n".join([TEXT] * 6))
-    out = tmp_path / "results"
-    S.main(["--model", tiny_model_dir, "--facts-dir", str(d), "--lm-text", str(text), "--target-relation", "P36",
-            "--target-size", "3", "--steps", "3", "--lm-seqs", "2", "--lm-len", "16", "--random-seeds", "2",
-            "--ig-steps", "2", "--output-dir", str(out), "--log-every", "1"])
+    neutral = "a river and a city on the river , a language of a country , born in a city by a river ."
+    text.write_text("\n".join([TEXT, TEXT, neutral, neutral] * 3))  # TEXT states every capital: its 6 lines are dropped
+    state = tmp_path / "training_state.pt"  # pretrain.py's layout: routing's last paths, one LongTensor per layer
+    torch.save({"paths": [torch.arange(6), torch.arange(10, 16)], "step": 7, "commit": "abc",
+                "config": {"method": "trelm"}}, state)
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = ["--model", tiny_model_dir, "--facts-dir", str(d), "--lm-text", str(text), "--target-relation", "P36",
+            "--known-k", "100000", "--target-size", "3", "--steps", "3", "--lm-seqs", "2", "--lm-len", "16",
+            "--random-seeds", "2", "--ig-steps", "2", "--output-dir", str(out), "--work-dir", str(work),
+            "--training-state", str(state), "--seeds", "0", "1", "--log-every", "1"]
+    S.main(argv)
     res = json.loads((out / "subnetworks.json").read_text())
     m = res["metrics"]
-    assert res["task"] == "subnetworks" and res["config"]["top_layers"] == 1
+    assert res["task"] == "subnetworks" and res["config"]["top_layers"] == 1 and res["seed"] == [0, 1]
     assert set(m["full"]) == {"target", "control_kg", "control_lm"} and m["full"]["target"]["n"] == 3
     assert 0.0 <= m["sparsity"]["kept_fraction"] <= 1.0 and set(m["sparsity"]["per_layer"]) == {"1"}
-    assert len(res["curves"]["step"]) == 3 and len(m["overlap"]["per_layer"]) == 1
-    assert m["overlap"]["per_layer"][0]["routing"] == round(0.1 * 64)
+    assert [p["seed"] for p in m["per_seed"]] == [0, 1]
+    assert m["sparsity"]["kept_fraction"] == pytest.approx(np.mean([p["sparsity"]["kept_fraction"] for p in m["per_seed"]]))
+    assert set(m["overlap"]) == {"trelm_paths", "ig_paths"}
+    assert m["overlap"]["trelm_paths"]["per_layer"][0]["routing"] == 6  # layer 1 of the saved paths
+    assert m["overlap"]["ig_paths"]["per_layer"][0]["routing"] == round(0.1 * 64)
+    assert res["provenance"]["training_state"]["commit"] == "abc" and "--seeds 0 1" in res["provenance"]["command"]
+    assert res["sizes"]["control_lm_lines_dropped"] == 6 and isinstance(m["criteria"]["all"], bool)
+    assert (out / "subnetworks" / "seed_1.json").exists() and (work / "seed_1.pt").exists()
+    # --resume reuses both seed files (no training: no step lines printed) and gives the same means
+    capsys.readouterr()
+    S.main(argv + ["--resume"])
+    assert "step " not in capsys.readouterr().out
+    assert json.loads((out / "subnetworks.json").read_text())["metrics"]["sparsity"] == m["sparsity"]
+    with pytest.raises(SystemExit, match="--steps 3 -> 4"):
+        S.main(argv + ["--resume", "--steps", "4"])
