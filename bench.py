@@ -19,6 +19,12 @@ measured in this one process, with the variants interleaved repeat by repeat.
                          profiler memory events above the live baseline; RSS never goes down, so
                          it cannot separate two phases of one process)
   bank_step_over_no_bank training step with memory bank read/mix/update / the same without (issue 4)
+  (issue 11, measure_injection: pretrain.Trainer on the embedded default)
+  mix_norm_over_embedding_norm  median over injected span positions of |I_p| (Eq. 7 input) / |E_p| (the
+                         word embedding it replaces), after --inj-steps TRELM steps fill the memory;
+                         mix_norm_over_embedding_norm_raw the same with --memory-scale raw
+  si_length_corr         Pearson r of SI(e) (the corpus column) and span length over the scored mentions
+  trelm_norouting_step_over_mlm  TRELM step without routing (SI from the corpus column) / plain MLM step
   trelm_step_over_mlm    amortised TRELM step (injection + SI + CKA + memory bank + routed update +
                          IG every --route-every steps) / plain MLM step, same model and batch
 """
@@ -199,6 +205,47 @@ def measure_routing(args):
             "ig_batch": routed.args.ig_batch, "ig_steps": routed.args.ig_steps}
 
 
+def measure_injection(args):
+    """Issue 11's three measurements (see the module docstring) -> dict."""
+    import numpy as np
+    from memory_bank import span_input
+    mlm, trelm = trainer(["--method", "mlm"], args), trainer(["--method", "trelm", "--no-routing"], args)
+    starts = np.fromiter((v for r in trelm.ds["ent_start"] for v in r), dtype=np.float64)
+    ends = np.fromiter((v for r in trelm.ds["ent_end"] for v in r), dtype=np.float64)
+    si = np.fromiter((v for r in trelm.ds["ent_si"] for v in r), dtype=np.float64)
+    scored = ~np.isnan(si)  # SI is computed for the candidate mentions (long-tail, with a triple)
+    out = {"si_length_corr": round(float(np.corrcoef(si[scored], (ends - starts)[scored])[0, 1]), 3),
+           "si_mentions": int(scored.sum())}
+    for _ in range(args.inj_steps):  # fill the memory with last-layer outputs
+        trelm.train_step()
+    W = trelm.net.mlm.get_input_embeddings().weight.detach()
+    ratios = {True: [], False: []}
+    for step in range(trelm.step, trelm.step + 4):
+        trelm.step = step
+        b = trelm.get_batch(0)
+        p = b["plan"]
+        if p is None:
+            continue
+        with torch.no_grad():
+            h_e = trelm.injector.embed(W, p.ent_id)
+            for match in (True, False):
+                x = span_input(W[b["input_ids"]], p.rows, p.cols, p.mention, h_e, p.mem, p.lam, match)
+                ratios[match] += (x[p.rows, p.cols].norm(dim=1) / W[b["orig_ids"][p.rows, p.cols]].norm(dim=1)).tolist()
+    out["mix_norm_over_embedding_norm"] = round(statistics.median(ratios[True]), 3)
+    out["mix_norm_over_embedding_norm_raw"] = round(statistics.median(ratios[False]), 3)
+    out["inj_lambda"] = p.lam if p is not None else None
+
+    def step_fn(t, at):
+        def f():
+            t.step = at  # the same batch every time
+            t.train_step()
+        return f
+    med = interleaved({"mlm": step_fn(mlm, 1), "trelm": step_fn(trelm, trelm.step)}, args.repeats)
+    out["trelm_norouting_step_s"], out["mlm_trainer_step_s"] = round(med["trelm"], 4), round(med["mlm"], 4)
+    out["trelm_norouting_step_over_mlm"] = round(med["trelm"] / med["mlm"], 3)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=6)
@@ -207,13 +254,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--only", default=None, help="comma list of measurement groups: plain,trelm,routing")
+    p.add_argument("--only", default=None, help="comma list of measurement groups: plain,trelm,routing,injection")
     p.add_argument("--model", default=common.DEFAULT_MODEL, help="trelm group: the model (default MiniLM-L6-H384)")
     p.add_argument("--data", default="mini", help="trelm group: pre-training data")
     p.add_argument("--route-every", type=int, default=100, help="IG amortised over this many steps")
     p.add_argument("--workdir", default="runs/bench")
+    p.add_argument("--inj-steps", type=int, default=10, help="injection group: TRELM steps before measuring Eq. 7")
     args = p.parse_args(argv)
-    groups = set((args.only or "plain,trelm,routing").split(","))
+    groups = set((args.only or "plain,trelm,routing,injection").split(","))
     res = {"shape": {k: getattr(args, k) for k in ("layers", "hidden", "vocab", "batch", "seq")},
            "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": common.git_commit()}
     peak = matmul_gflops()
@@ -228,6 +276,8 @@ def main(argv=None):
         res.update(trelm_ratios(args))
     if "routing" in groups:
         res.update(measure_routing(args))
+    if "injection" in groups:
+        res.update(measure_injection(args))
     print(json.dumps(res, indent=1))
     return res
 

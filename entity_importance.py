@@ -176,7 +176,8 @@ def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eli
       KLT(e) = 1[e long-tail] * SI(e) * KC(e) (KC = `degree`, the entity's KG degree), selecting the
       mentions whose KLT is positive and above the mean KLT of the eligible mentions of their
       sequence (ent_batch).
-    si: (M,) SI per mention ("important", "dkplm"). long_tail: (E,) bool over KG entities.
+    si: (M,) SI per mention ("important", "dkplm"; only long-tail eligible mentions are read, others
+      may be NaN). long_tail: (E,) bool over KG entities.
     eligible: optional (M,) bool, mentions that can be injected at all (see
       KnowledgeInjector.injectable); the result is ANDed with it.
     """
@@ -204,20 +205,24 @@ def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eli
     if ent_batch is None or degree is None:
         raise ValueError("entity_importance.select_mentions: strategy 'dkplm' needs ent_batch and degree")
     deg = torch.as_tensor(np.asarray(degree), dtype=torch.float32, device=dev)[ent_id]  # (M,)
-    klt = torch.where(ok, lt.float() * si * deg, torch.zeros_like(si))  # (M,) KLT(e)
+    klt = torch.where(ok & lt, si * deg, torch.zeros_like(si))  # (M,) KLT(e); SI of other mentions unused
     rows = int(ent_batch.max()) + 1 if ent_batch.numel() else 0
     total = torch.zeros(rows, device=dev).index_add_(0, ent_batch, klt)  # (rows,)
     count = torch.zeros(rows, device=dev).index_add_(0, ent_batch, ok.float()).clamp(min=1)
     return ok & (klt > 0) & (klt > (total / count)[ent_batch])
 
 
-def si_column(ds, model, mask_token_id, window=None, batch_size=64, num_proc=None, fingerprint=""):
+def si_column(ds, model, mask_token_id, window=None, batch_size=64, num_proc=None, fingerprint="", only=None):
     """Add the column "ent_si" (per row: SI of each of its mentions, in ent_id order) to a
-    datasets.Dataset with input_ids / ent_start / ent_end columns, with the current `model`
-    (Sec. 3.4: important entities are identified over the corpus before pre-training). Batched,
-    cached by the dataset's fingerprint and `fingerprint` (name the model and the settings there),
-    with a progress bar; num_proc > 1 forks workers that share the model."""
+    datasets.Dataset with input_ids / ent_start / ent_end / ent_id columns, with the current `model`
+    (Sec. 3.4: important entities are identified over the corpus before pre-training). only: (E,)
+    bool over entities, score only their mentions (the others get NaN; "important" and DKPLM's
+    score use the SI of long-tail mentions with a triple only, half the cost). Batched, cached by
+    the dataset's fingerprint and `fingerprint` (name the model and the settings there), with a
+    progress bar; num_proc > 1 forks workers that share the model."""
     from datasets.fingerprint import Hasher
+    dev = next(model.parameters()).device
+    table = None if only is None else torch.as_tensor(np.asarray(only, dtype=bool))
 
     def add(rows):
         n = [len(x) for x in rows["input_ids"]]
@@ -231,15 +236,20 @@ def si_column(ds, model, mask_token_id, window=None, batch_size=64, num_proc=Non
         eb = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))  # (M,)
         es = torch.tensor([v for x in rows["ent_start"] for v in x], dtype=torch.long)
         ee = torch.tensor([v for x in rows["ent_end"] for v in x], dtype=torch.long)
-        si = semantic_importance(model, ids, attn, eb, es, ee, mask_token_id, window=window,
-                                 chunk=4 * batch_size).tolist()
+        keep = torch.ones(len(eb), dtype=torch.bool) if table is None else \
+            table[torch.tensor([v for x in rows["ent_id"] for v in x], dtype=torch.long)]  # (M,)
+        si = torch.full((len(eb),), float("nan"))
+        si[keep] = semantic_importance(model, ids.to(dev), attn.to(dev), eb[keep].to(dev), es[keep].to(dev),
+                                       ee[keep].to(dev), mask_token_id, window=window, chunk=4 * batch_size).cpu()
+        si = si.tolist()
         out, at = [], 0
         for c in counts:
             out.append(si[at:at + c])
             at += c
         return {"ent_si": out}
     from datasets.utils import logging as ds_logging
-    key = Hasher.hash((ds._fingerprint, fingerprint, window, mask_token_id))
+    key = Hasher.hash((ds._fingerprint, fingerprint, window, mask_token_id,
+                       None if table is None else np.packbits(table.numpy()).tobytes()))
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.enable_progress_bar()
     try:

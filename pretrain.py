@@ -6,23 +6,29 @@
 
 Methods (--method):
   mlm    plain continued MLM pre-training (the paper's RoBERTa / BERT rows)
-  dkplm  every long-tail entity injected (DKPLM pseudo token), full-softmax entity decoding,
-         all parameters train
+  dkplm  DKPLM (alibaba/EasyNLP's released code, see README): long-tail mentions by KLT =
+         long-tail * SI * KG degree, pseudo token E(t) - E(r), relation-conditioned full-softmax
+         decoding of the entity's tokens, L_MLM + L_dec, all parameters train
   trelm  noise-aware injection of important entities + Contrastive Knowledge Assessing (Sec. 3.1),
          Knowledge-augmented Memory Bank (Sec. 3.2), Dynamic Knowledge Routing (Sec. 3.3);
          ablations --no-injection, --no-memory-bank, --no-routing (Table 6)
 
 One optimizer step (Sec. 3.4):
+  0. once, before training: SI(e) (Eq. 1) of every corpus mention with the initial model (a dataset
+     column) and the corpus-level threshold of "important"
   1. collate a micro-batch (dynamic 15% MLM masking, 80/10/10) with its linked entity mentions
-  2. choose mentions to inject (--injection; "important" ranks long-tail mentions by SI, Eq. 1)
-  3. input embedding of each injected span = h_e (Eq. 1 section), mixed with memory (Eq. 7)
+  2. choose mentions to inject (--injection; "important" = long-tail mentions above the threshold)
+     -> one Plan (span positions, targets, negatives, memory)
+  3. input embedding of each injected span = h_e (Eq. 1 section), mixed with memory (Eq. 7, 8)
   4. forward; L = theta * L_MLM + (1 - theta) * L_CKA (Eq. 2-3); MLM head only at masked positions
-  5. memory bank update from the detached outputs (Eq. 4-6), identical on every rank
+  5. memory bank update from the detached outputs at every mention of a key (Eq. 4-6), identical
+     on every rank
   6. every --route-every steps: re-attribute FFN neurons (Eq. 9-11) and train only the knowledge
      paths (Eq. 12) until the next re-routing
 
-Paper symbol -> flag: theta --theta, k --window-k, gamma --gamma, lambda_0 --lambda0, beta --beta,
-m --ig-steps, Q exponent 0.75 (cka.py), K --negatives.
+Paper symbol -> flag: theta --theta, k --window-k, gamma --gamma, lambda_0 --lambda0, beta --beta
+(q: --lambda-q), m --ig-steps, Q exponent 0.75 (cka.py), K --negatives. Decisions where the paper
+is ambiguous (--memory-scale, --memory-init, --memory-window, --si-window): README "Departures".
 Outputs in --output-dir: checkpoint/ (latest, with training_state.pt, for --resume), final/
 (model + tokenizer, loadable with AutoModelForMaskedLM / AutoTokenizer), metrics.jsonl, config.json.
 A previous run there is continued (--resume: every flag but Trainer.OPERATIONAL, the world size and
@@ -82,7 +88,7 @@ def get_parser():
     a("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (gradient sync on the last only)")
     a("--seq-len", type=int, default=128)
-    a("--lr", type=float, default=3e-4, help="peak learning rate (3e-4 beat 1e-4 on the default, DESIGN.md)")
+    a("--lr", type=float, default=3e-4, help="peak learning rate (3e-4 beat 1e-4 on the default MiniLM, measured)")
     a("--warmup-steps", type=int, default=None, help="linear warm-up; default 6%% of --max-steps")
     a("--weight-decay", type=float, default=0.01)
     a("--grad-clip", type=float, default=1.0)
@@ -387,9 +393,10 @@ class Trainer:
             self.freq = data.mention_counts(self.ds, self.kg.num_entities)  # batched pass over the Arrow column
             self.long_tail = torch.as_tensor(long_tail_mask(self.freq, args.long_tail_percentile, inclusive=True))
             if args.injection in ("important", "dkplm"):  # SI once over the corpus (Sec. 3.4), initial model
-                self.ds = self.corpus_si(mlm)
+                candidate = self.long_tail.numpy() & self.injector.has_knowledge.numpy()  # (E,)
+                self.ds = self.corpus_si(mlm, candidate)
                 ent, si = data.flat_column(self.ds, "ent_id", np.int64), data.flat_column(self.ds, "ent_si", np.float64)
-                cand = self.long_tail.numpy()[ent] & self.injector.has_knowledge.numpy()[ent]
+                cand = candidate[ent]
                 self.si_threshold = important_threshold(si, cand, args.important_fraction)
             if args.injection == "dkplm":
                 self.degree = kg_degree(self.kg.triples, self.kg.num_entities)
@@ -486,7 +493,7 @@ class Trainer:
 
     # -- one batch -------------------------------------------------------------------
 
-    def corpus_si(self, mlm):
+    def corpus_si(self, mlm, candidate):
         """The dataset with SI(e) (Eq. 1) of every mention, computed once with the initial model
         (entity_importance.si_column: batched, cached by fingerprint; rank 0 first under DDP)."""
         a = self.args
@@ -495,7 +502,7 @@ class Trainer:
         if self.ddp and not self.master:
             dist.barrier()
         ds = si_column(self.ds, mlm.to(self.device), self.tok.mask_token_id, window=a.si_window or None,
-                       num_proc=a.num_proc, fingerprint=key)
+                       num_proc=a.num_proc, fingerprint=key, only=candidate)
         if self.ddp and self.master:
             dist.barrier()
         return ds

@@ -208,7 +208,7 @@ def test_select_mentions_dkplm_score_and_degree():
     long_tail = np.array([True, True, True, True, False])
     ent_id = torch.tensor([0, 1, 2, 4, 3, 2])
     ent_batch = torch.tensor([0, 0, 0, 0, 1, 1])
-    si = torch.tensor([0.5, 0.5, 1.0, 9.0, 0.1, 0.2])
+    si = torch.tensor([0.5, 0.5, 1.0, float("nan"), 0.1, 0.2])  # the frequent mention is not scored
     # row 0: KLT = .5*3=1.5, .5*2=1.0, 1.0*2=2.0, 0 (frequent) -> mean 1.125 -> mentions 0 and 2
     # row 1: KLT = .1*1=.1, .2*2=.4 -> mean .25 -> mention 5
     out = ei.select_mentions("dkplm", ent_id, long_tail, si=si, ent_batch=ent_batch, degree=deg)
@@ -239,7 +239,7 @@ def test_si_column_matches_semantic_importance(bert_tok, tmp_path):
     import datasets
     model = make_model("bert", bert_tok)
     ids, am, b, s, e = encode_batch(bert_tok, SENTS, ENTS)
-    rows = {"input_ids": [ids[i, :int(am[i].sum())].tolist() for i in range(3)],
+    rows = {"input_ids": [ids[i, :int(am[i].sum())].tolist() for i in range(3)], "ent_id": [[0, 0]] * 3,
             "ent_start": [s[b == i].tolist() for i in range(3)], "ent_end": [e[b == i].tolist() for i in range(3)]}
     ds = datasets.Dataset.from_dict(rows)
     out = ei.si_column(ds, model, bert_tok.mask_token_id, window=2, batch_size=2, fingerprint="tiny")
@@ -247,6 +247,14 @@ def test_si_column_matches_semantic_importance(bert_tok, tmp_path):
     got = torch.tensor([v for x in out["ent_si"] for v in x])
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     assert [len(x) for x in out["ent_si"]] == [2, 2, 2]
+    rows["ent_id"] = [[0, 1], [2, 3], [0, 4]]
+    only = np.array([True, False, False, True, False])
+    part = ei.si_column(datasets.Dataset.from_dict(rows), model, bert_tok.mask_token_id, window=2, batch_size=2,
+                        fingerprint="tiny", only=only)
+    got = torch.tensor([v for x in part["ent_si"] for v in x])
+    scored = torch.tensor([True, False, False, True, True, False])
+    torch.testing.assert_close(got[scored], ref[scored], atol=1e-5, rtol=0)
+    assert torch.isnan(got[~scored]).all()
 
 
 # ----------------------------------------------------------------------------- KnowledgeInjector
