@@ -31,7 +31,7 @@ Keys (the ratios below run pretrain.Trainer on the embedded default: real batche
                          6 * tokens * N_enc + 12 * L * T * H * tokens (attention scores and values)
                          + 6 * masked_tokens * (H * H + H * V) (the MLM head on masked positions)
   <variant>_s            seconds of one step of each Trainer variant (mlm, trelm_full_no_bank,
-                         trelm_full, trelm_routed) and of one re-routing (ig)
+                         trelm_full, trelm_routed) and of one re-routing on a built batch (ig)
   routed_step_over_full  routed TRELM step (route-ratio 0.1) / the same step with all parameters training
   ig_over_step           one attribution pass (m = --ig-steps) / one full training step
   bank_step_over_no_bank training step with memory bank read/mix/update / the same without (issue 4)
@@ -49,7 +49,8 @@ to MEASUREMENTS, and bounds for its keys to BOUNDS; `--only x` runs it alone.
 --profile (profile_step): one torch-profiler pass over --profile-steps routed TRELM steps and one
 re-routing per config, with bench-local record_function labels wrapped around the functions in
 PROFILE_SPANS (nothing in pretrain.py or routing.py is edited; a function that no longer exists is
-listed as "not found"). Rows: ms per step and percent of the amortised TRELM step (routed step +
+listed as "not found"), and around routing's custom autograd Function (its forward and backward split
+by aten op: the index work). Rows: ms per step and percent of the amortised TRELM step (routed step +
 re-routing / route-every), and how much of each row is spent outside torch ops (Python, Arrow,
 autograd engine). The profiler adds a few microseconds per op: shares are what to compare.
 """
@@ -242,11 +243,12 @@ def fixed_step(t, step=1):
     return f
 
 
-def reroute(t):
-    """One re-routing of trainer t on batch 0 (Eq. 9-12), as train_step does it."""
+def reroute(t, batch=None):
+    """One re-routing of trainer t (Eq. 9-12) on `batch` (default: a fresh batch 0), as train_step
+    does it (train_step reuses the batch it built for re-routing, so its cost is not re-routing's)."""
     t.step = 1
     t.net.eval()
-    t.reroute(t.get_batch(0))
+    t.reroute(t.get_batch(0) if batch is None else batch)
 
 
 def measure_trelm(args):
@@ -255,7 +257,7 @@ def measure_trelm(args):
     from routing import peak_memory
     ts = trelm_trainers(args)
     fns = {f"{k}_s": fixed_step(t) for k, t in ts.items()}
-    fns["ig_s"] = functools.partial(reroute, ts["trelm_routed"])
+    fns["ig_s"] = functools.partial(reroute, ts["trelm_routed"], ts["trelm_routed"].get_batch(0))
     s = interleaved(fns, args.repeats, model_shapes(args))
     rounds = list(zip(*(s[k] for k in ("mlm_s", "trelm_full_no_bank_s", "trelm_full_s", "trelm_routed_s", "ig_s"))))
     out = dict(s)
@@ -298,6 +300,8 @@ PROFILE_SPANS = [
     ("grad clip", "torch.nn.utils:clip_grad_norm_"),
 ]
 STEP, IG, BACKWARD = "TRELM step (routed)", "re-routing (IG, Eq. 9-11)", "backward"
+SLICE_OPS = ("_SliceLinear", "_SliceLinearBackward")  # routing's custom Function: rows per aten op inside
+MIN_ROW_PCT = 0.5  # backward nodes below this share of the step go to their parent's (rest)
 
 
 def _resolve(target):
@@ -352,9 +356,10 @@ def _label(e, labels):
     return None
 
 
-def profile_tree(events, labels):
+def profile_tree(events, labels, detail=()):
     """Profiler events -> {row path (tuple of labels): [inclusive us, us inside torch ops]}. A row's
-    path is the labels of its labelled ancestors; 'inside torch ops' sums its outermost aten:: ops."""
+    path is the labels of its labelled ancestors; 'inside torch ops' sums its outermost aten:: ops.
+    Rows labelled in `detail` get one child row per outermost aten:: op name."""
     rows = {}
 
     def path_of(e):
@@ -377,6 +382,10 @@ def profile_tree(events, labels):
             p = path_of(e)
             for i in range(1, len(p) + 1):  # counted in every enclosing row
                 rows.setdefault(p[:i], [0.0, 0.0])[1] += e.cpu_time_total
+            if p and p[-1] in detail:
+                r = rows.setdefault(p + (e.name,), [0.0, 0.0])
+                r[0] += e.cpu_time_total
+                r[1] += e.cpu_time_total
     return rows
 
 
@@ -388,18 +397,18 @@ def profile_step(args, steps=3):
     routed, mlm = ts["trelm_routed"], ts["mlm"]
     fixed_step(routed)()  # warm-up (allocator, first-call caches)
     fixed_step(mlm)()
-    labels = {STEP, IG, "MLM step"} | {label for label, _ in PROFILE_SPANS}
+    named = {label for label, _ in PROFILE_SPANS} | set(SLICE_OPS)  # rows shown even when small
+    labels = {STEP, IG, "MLM step"} | named
     with labelled(PROFILE_SPANS) as missing, profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             with record_function(STEP):
                 fixed_step(routed, step=1 + i)()
             with record_function("MLM step"):
                 fixed_step(mlm, step=1 + i)()
-        routed.net.eval()
         batch = routed.get_batch(0)
         with record_function(IG):
-            routed.reroute(batch)
-    tree = profile_tree(prof.events(), labels)
+            reroute(routed, batch)
+    tree = profile_tree(prof.events(), labels, detail=SLICE_OPS)
     per = {p: (v[0] / 1e3 / steps, v[1] / 1e3 / steps) for p, v in tree.items()}
     ig_ms = tree[(IG,)][0] / 1e3
     ig_ops = tree[(IG,)][1] / 1e3
@@ -409,7 +418,9 @@ def profile_step(args, steps=3):
     def add(path, depth):
         ms, ops = per[path]
         table.append((depth, path[-1], ms, 100 * ms / amortised, ms - ops))
-        kids = sorted((p for p in per if len(p) == len(path) + 1 and p[:len(path)] == path), key=lambda p: -per[p][0])
+        kids = sorted((p for p in per if len(p) == len(path) + 1 and p[:len(path)] == path and
+                       (p[-1] in named or path[-1] in SLICE_OPS or 100 * per[p][0] / amortised >= MIN_ROW_PCT)),
+                      key=lambda p: -per[p][0])
         if kids:
             for k in kids:
                 add(k, depth + 1)
@@ -431,6 +442,7 @@ def format_profile(name, args, prof):
              f"(ratio {prof['amortised_ms'] / prof['mlm_ms']:.3f} under the profiler); one re-routing {prof['ig_ms']:.1f} ms",
              "", "| part | ms / step | % of step | outside torch ops (ms) |", "|---|---:|---:|---:|"]
     for depth, label, ms, pct, py in prof["rows"]:
+        ms, pct, py = (max(0.0, x) for x in (ms, pct, py))  # a (rest) of ~0 can come out at -0.0
         lines.append(f"| {'&nbsp;&nbsp;' * depth}{label} | {ms:.1f} | {pct:.1f} | {py:.1f} |")
     if prof["missing"]:
         lines.append("\nnot found (renamed or removed; add the new name to PROFILE_SPANS): " + ", ".join(prof["missing"]))

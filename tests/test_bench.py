@@ -128,8 +128,10 @@ def test_profile_step_tiny_rows_add_up(tiny_model_dir, tmp_path):
     rows = {label: (depth, ms, pct) for depth, label, ms, pct, _ in prof["rows"]}
     assert rows[bench.STEP][0] == 0 and prof["missing"] == []
     for label in ("get_batch", "forward", bench.BACKWARD, "SI forward (Eq. 1)", "CKA loss (Eq. 2)",
-                  "bank observe (Eq. 4-6)", "slice sync (Eq. 12)"):
+                  "bank observe (Eq. 4-6)", "slice sync (Eq. 12)", "_SliceLinear", "_SliceLinearBackward"):
         assert label in rows, label
+    slice_ops = [label for depth, label, ms, pct, _ in prof["rows"] if label.startswith("aten::")]
+    assert slice_ops  # the custom Function's forward / backward split by aten op
     top = [pct for depth, label, ms, pct, _ in prof["rows"] if depth == 0]
     assert sum(top) == pytest.approx(100.0)  # routed step + amortised re-routing = the amortised step
     kids = [pct for depth, label, ms, pct, _ in prof["rows"] if depth == 1]
