@@ -398,7 +398,8 @@ def profile_step(args, steps=3):
     fixed_step(routed)()  # warm-up (allocator, first-call caches)
     fixed_step(mlm)()
     named = {label for label, _ in PROFILE_SPANS} | set(SLICE_OPS)  # rows shown even when small
-    labels = {STEP, IG, "MLM step"} | named
+    labels = {STEP, IG, "MLM step", SLICE_OPS[0]} | {label for label, _ in PROFILE_SPANS}  # the backward
+    # node is labelled through its autograd::engine::evaluate_function event, not a second time
     with labelled(PROFILE_SPANS) as missing, profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             with record_function(STEP):

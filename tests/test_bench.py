@@ -132,6 +132,7 @@ def test_profile_step_tiny_rows_add_up(tiny_model_dir, tmp_path):
         assert label in rows, label
     slice_ops = [label for depth, label, ms, pct, _ in prof["rows"] if label.startswith("aten::")]
     assert slice_ops  # the custom Function's forward / backward split by aten op
+    assert [label for _, label, *_ in prof["rows"]].count("_SliceLinearBackward") == 1  # not nested in itself
     top = [pct for depth, label, ms, pct, _ in prof["rows"] if depth == 0]
     assert sum(top) == pytest.approx(100.0)  # routed step + amortised re-routing = the amortised step
     kids = [pct for depth, label, ms, pct, _ in prof["rows"] if depth == 1]
