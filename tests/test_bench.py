@@ -58,13 +58,23 @@ def test_more_work_measured_faster_breaks_an_invariant_beyond_the_tie():
     assert routed["routed_step_over_full"] is None and routed["reliable"] is False
 
 
-def test_interleaved_returns_one_value_per_repeat_and_a_peak_per_round():
+def test_interleaved_returns_one_value_per_repeat_and_a_peak_per_round(monkeypatch):
+    clock = [0.0]
+
+    def now():  # a fake clock: each read advances 1 us, fn "a" takes 2 ms and "b" 6 ms, whatever the load
+        clock[0] += 1e-6
+        return clock[0]
+    monkeypatch.setattr(bench.time, "perf_counter", now)
     calls = []
-    fns = {"a": lambda: (calls.append("a"), time.sleep(0.002)), "b": lambda: (calls.append("b"), time.sleep(0.006))}
-    out = bench.interleaved(fns, repeats=4, peak_shapes=[(64, 64, 64)], warmup=1)
+
+    def work(name, dt):
+        calls.append(name)
+        clock[0] += dt
+    out = bench.interleaved({"a": lambda: work("a", 0.002), "b": lambda: work("b", 0.006)},
+                            repeats=4, peak_shapes=[(64, 64, 64)], warmup=1)
     assert set(out) == {"a", "b", "matmul_gflops"} and all(len(v) == 4 for v in out.values())
     assert calls.count("a") == 5 and calls.count("b") == 5  # 1 warm-up + 4 timed
-    assert all(tb > ta for ta, tb in zip(out["a"], out["b"]))  # 6 ms vs 2 ms sleeps, per round
+    assert out["a"] == pytest.approx([0.002 + 1e-6] * 4) and out["b"] == pytest.approx([0.006 + 1e-6] * 4)
     assert min(out["matmul_gflops"]) > 0
 
 
