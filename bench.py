@@ -1,74 +1,182 @@
-"""Speed measurements (TRELM Sec. 4.4, 4.7), printed as one JSON object.
+"""Speed measurements (TRELM Sec. 4.4, 4.7), printed as one JSON object, with a verdict on whether
+the machine was quiet enough for the numbers to mean anything.
 
-    python bench.py                          # MiniLM-L6-H384 shape, batch 16 x 128, CPU
-    python bench.py --layers 4 --hidden 256 --batch 16 --seq 128 --repeats 5
+    python bench.py                          # MiniLM-L6-H384, batch 16 x 128, route-every 100, CPU
+    python bench.py --config study           # also the study's shape (evaluate.py --task reproduce)
+    python bench.py --profile                # where a TRELM step's time goes (torch profiler), a table
+    python bench.py --layers 4 --hidden 256 --batch 16 --seq 128 --repeats 5 --only plain
 
-Absolute times on a shared machine are noise; every figure that matters is a ratio of medians
-measured in this one process, with the variants interleaved repeat by repeat.
+How a number is made (the harness):
+- Every measurement group (MEASUREMENTS below) times its variants round-robin, the start of the
+  round rotating, with a matmul-peak probe as one more member of every round, so that load hits
+  the steps and the peak that divides them alike. A group returns {key: [one value per repeat]};
+  each ratio is taken inside one round (numerator and denominator measured seconds apart).
+- Reported value: the median over repeats; matmul_gflops: the best repeat (a peak can only be
+  measured too low, never too high). "spread": {key: [min, max]} over repeats.
+- Reliability: a ratio (any key not ending in _s, _per_s or _bytes) or the matmul peak whose
+  spread (max - min) exceeds --max-spread (default 10%) of its value says the machine's load
+  changed during the run: a warning is printed and "reliable" is false. Invariants (BOUNDS): mfu
+  <= 1 in every repeat (a step cannot beat the best measured matmul peak); a step with more work is
+  not faster than one with less (median ratio >= 1 - TIE). A key that breaks its bound is reported
+  as null (its spread too; the warning carries the measured numbers) and "reliable" is false.
+- --config study adds the study's own shape (batch, sequence length and pretrain flags read from
+  experiments.py's defaults: 16 x 64, --route-every 40) as "study": {...} beside the default's keys.
 
-  matmul_gflops          measured fp32 matmul peak (median of repeats)
-  mlm_step_s             one plain MLM training step (forward, backward, AdamW), median
+Keys (the ratios below run pretrain.Trainer on the embedded default: real batches, mentions, SI):
+  matmul_gflops          fp32 matmul peak, best round (the best of the probe shapes in a round)
+  mlm_step_s             one plain MLM training step (forward, backward, AdamW) of a random BERT
+                         of the --layers/--hidden/--vocab shape
   mlm_tokens_per_s       batch * seq / mlm_step_s
   mfu_plain              model FLOP/s of that step / matmul_gflops, with model FLOPs per step =
                          6 * tokens * N_enc + 12 * L * T * H * tokens (attention scores and values)
                          + 6 * masked_tokens * (H * H + H * V) (the MLM head on masked positions)
-  (the ratios below run pretrain.Trainer on the embedded default: real batches, mentions, SI)
+  <variant>_s            seconds of one step of each Trainer variant (mlm, trelm_full_no_bank,
+                         trelm_full, trelm_routed) and of one re-routing on a built batch (ig)
   routed_step_over_full  routed TRELM step (route-ratio 0.1) / the same step with all parameters training
   ig_over_step           one attribution pass (m = --ig-steps) / one full training step
-  ig_peak_rss_over_step  peak tensor memory of one attribution / of one training step (torch
-                         profiler memory events above the live baseline; RSS never goes down, so
-                         it cannot separate two phases of one process)
   bank_step_over_no_bank training step with memory bank read/mix/update / the same without (issue 4)
-  (issue 11, measure_injection: pretrain.Trainer on the embedded default)
-  mix_norm_over_embedding_norm  median over injected span positions of |I_p| (Eq. 7 input) / |E_p| (the
-                         word embedding it replaces), after --inj-steps TRELM steps fill the memory;
-                         mix_norm_over_embedding_norm_raw the same with --memory-scale raw
-  si_length_corr         Pearson r of SI(e) (the corpus column) and span length over the scored mentions
-  trelm_norouting_step_over_mlm  TRELM step without routing (SI from the corpus column) / plain MLM step
   trelm_step_over_mlm    amortised TRELM step (injection + SI + CKA + memory bank + routed update +
                          IG every --route-every steps) / plain MLM step, same model and batch
+  trelm_full_step_over_mlm  the same TRELM step without routing / plain MLM step
+  ig_peak_bytes, step_peak_bytes, ig_peak_rss_over_step  peak tensor memory of one attribution and
+                         of one training step (torch profiler memory events above the live
+                         baseline; RSS never goes down, so it cannot separate two phases), and
+                         their ratio (one measurement, no spread)
+  routing group (measure_routing):
+  ig_topk_jaccard_vs_exact  per-layer Jaccard of the top --route-ratio FFN neurons picked by the joint IG
+                         form (all layers scaled together) and by Eq. 11 (one layer at a time, the
+                         default), mean over layers, same micro-batch (one value)
+  ig_joint_over_layer    the joint form's attribution time / Eq. 11's
+  injection group (measure_injection):
+  si_length_corr         Pearson r of corpus-level SI(e) (Eq. 1) and span length over scored mentions
+  mix_norm_over_embedding_norm  median |I_p| (Eq. 7) / |E_p| over injected span positions after
+                         --inj-steps steps (memory rescaled to |h_e|); _raw: memory mixed as stored
+  trelm_norouting_step_over_mlm  TRELM step without routing / plain MLM step (both pretrain.Trainer)
+
+Adding a measurement: write `measure_x(args) -> {key: [values]}` (time with `interleaved`), add it
+to MEASUREMENTS, and bounds for its keys to BOUNDS; `--only x` runs it alone.
+
+--profile (profile_step): one torch-profiler pass over --profile-steps routed TRELM steps and one
+re-routing per config, with bench-local record_function labels wrapped around the functions in
+PROFILE_SPANS (nothing in pretrain.py or routing.py is edited; a function that no longer exists is
+listed as "not found"), and around routing's custom autograd Function (its forward and backward split
+by aten op: the index work). Rows: ms per step and percent of the amortised TRELM step (routed step +
+re-routing / route-every), and how much of each row is spent outside torch ops (Python, Arrow,
+autograd engine). The profiler adds a few microseconds per op: shares are what to compare.
 """
 import argparse
+import contextlib
+import copy
+import functools
+import importlib
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 import common
 
+TIE = 0.02  # two steps whose work differs by less than this can measure either way on a quiet machine
+# key -> (lo, hi, every_repeat, why): the bound holds for the median (with TIE slack) or, when
+# every_repeat, for every repeat with no slack (a physical limit, not an ordering of two noisy times)
+BOUNDS = {
+    "mfu_plain": (0.0, 1.0, True, "model FLOP/s above the measured matmul peak"),
+    "routed_step_over_full": (None, 1.0, False, "the routed step skips work the full step does"),
+    "ig_over_step": (1.0, None, False, "m IG passes are more work than one training step"),
+    "bank_step_over_no_bank": (1.0, None, False, "the memory bank adds work to a step"),
+    "trelm_full_step_over_mlm": (1.0, None, False, "an unrouted TRELM step does an MLM step and more"),
+    "ig_topk_jaccard_vs_exact": (0.0, 1.0, True, "a Jaccard index lies in [0, 1]"),
+}
+BEST_OF = {"matmul_gflops"}  # reported as the best repeat, not the median
+UNCHECKED_SUFFIXES = ("_s", "_per_s", "_bytes")  # absolute times drift with load; only ratios must agree
 
-def median_time(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+
+# ----------------------------------------------------------------------------- the harness
+
+def matmul_probe(shapes, tries=3):
+    """() -> GFLOP/s of the best of `tries` fp32 matmuls over the (m, k, n) shapes."""
+    mats = [(torch.randn(m, k), torch.randn(k, n)) for m, k, n in shapes]
+
+    def probe():
+        best = 0.0
+        for a, b in mats:
+            for _ in range(tries):
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                best = max(best, 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9)
+        return best
+    return probe
 
 
-def interleaved(fns, repeats, warmup=1):
-    """Median seconds of each fn, timed round-robin so machine noise hits all alike."""
+def interleaved(fns, repeats, peak_shapes, warmup=1):
+    """Seconds of each fn per repeat, timed round-robin (start rotating by one each round) together
+    with a matmul probe. -> {name: [seconds] * repeats, "matmul_gflops": [GFLOP/s] * repeats}."""
+    probe = matmul_probe(peak_shapes)
     for f in fns.values():
         for _ in range(warmup):
             f()
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    probe()
+    order = ["matmul_gflops", *fns]
+    out = {k: [] for k in order}
+    for r in range(repeats):
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            if k == "matmul_gflops":
+                out[k].append(probe())
+                continue
             t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in ts.items()}
+            fns[k]()
+            out[k].append(time.perf_counter() - t0)
+    return out
 
 
-def matmul_gflops(n=1024, repeats=10):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = median_time(lambda: torch.mm(a, b), repeats, warmup=3)
-    return 2 * n ** 3 / t / 1e9
+def model_shapes(args):
+    """Probe shapes: a square 1024 matmul and the step's own largest one (tokens x H x 4H)."""
+    return [(1024, 1024, 1024), (args.batch * args.seq, args.hidden, 4 * args.hidden)]
 
+
+def summarise(samples, max_spread):
+    """{key: [values]} -> (values, spread, warnings). Median (BEST_OF: max) per key; a key outside
+    its BOUNDS is None; a checked key whose (max - min) / value > max_spread gives a warning."""
+    values, spread, warnings = {}, {}, []
+    for k, v in samples.items():
+        if not v:
+            raise ValueError(f"bench.py: measurement {k!r} returned no values")
+        val = max(v) if k in BEST_OF else statistics.median(v)
+        lo, hi, every, why = BOUNDS.get(k, (None, None, False, ""))
+        tested, slack = (v, 0.0) if every else ([val], TIE)
+        if any((lo is not None and x < lo - slack) or (hi is not None and x > hi + slack) for x in tested):
+            warnings.append(f"{k}: measured {_fmt(val)} (repeats {[_fmt(x) for x in v]}) breaks its bound "
+                            f"[{lo}, {hi}] ({why}): reported as null")
+            values[k] = None
+            continue
+        values[k] = val
+        if len(v) > 1:
+            spread[k] = [min(v), max(v)]
+            rel = (max(v) - min(v)) / abs(val) if val else 0.0
+            if not k.endswith(UNCHECKED_SUFFIXES) and rel > max_spread:
+                warnings.append(f"{k}: spread [{_fmt(min(v))}, {_fmt(max(v))}] is {rel:.0%} of its value "
+                                f"{_fmt(val)} (> --max-spread {max_spread:.0%}): the machine is loaded")
+    return values, spread, warnings
+
+
+def _fmt(x):
+    return x if isinstance(x, int) else float(f"{x:.4g}")
+
+
+def report(samples, max_spread):
+    """The JSON object of one config: rounded values, spread, reliable, warnings."""
+    values, spread, warnings = summarise(samples, max_spread)
+    out = {k: None if v is None else _fmt(v) for k, v in values.items()}
+    out["spread"] = {k: [_fmt(a), _fmt(b)] for k, (a, b) in spread.items()}
+    out["reliable"] = not warnings
+    out["warnings"] = warnings
+    return out
+
+
+# ----------------------------------------------------------------------------- measurements
 
 def make_model(args):
     """A BERT masked LM of the benchmark shape (default: MiniLM-L6-H384's config), random init."""
@@ -82,11 +190,11 @@ def make_model(args):
 
 def make_batch(args, mask_id=103):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, args.vocab, (args.batch, args.seq), generator=g)
+    ids = torch.randint(min(1000, args.vocab - 1), args.vocab, (args.batch, args.seq), generator=g)
     attn = torch.ones_like(ids)
     chosen = torch.rand(ids.shape, generator=g) < 0.15
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    ids = torch.where(chosen, torch.full_like(ids, mask_id), ids)
+    ids = torch.where(chosen, torch.full_like(ids, mask_id % args.vocab), ids)
     return ids, attn, labels
 
 
@@ -98,124 +206,125 @@ def model_flops(model, args, masked):
             + 6 * masked * (cfg.hidden_size ** 2 + cfg.hidden_size * cfg.vocab_size))
 
 
-def plain_step_fn(args):
-    """A plain MLM step through pretrain.py's own model wrapper and optimizer."""
+def measure_plain(args):
+    """A plain MLM step through pretrain.py's own model wrapper and optimizer; its MFU."""
     import pretrain
     model = make_model(args)
     net = pretrain.KnowledgeMLM(model).train()
-    opt_args = argparse.Namespace(lr=1e-4, weight_decay=0.01)
-    opt = pretrain.make_optimizer(net.parameters(), opt_args)
+    opt = pretrain.make_optimizer(net.parameters(), argparse.Namespace(lr=1e-4, weight_decay=0.01))
     ids, attn, labels = make_batch(args)
 
     def step():
-        out = net(ids, attn, labels)
-        out["loss"].backward()
+        net(ids, attn, labels)["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return model, step, int((labels != -100).sum())
+    ts = interleaved({"mlm_step_s": step}, args.repeats, model_shapes(args))
+    peak = max(ts["matmul_gflops"])
+    flops = model_flops(model, args, int((labels != -100).sum()))
+    return {"matmul_gflops": ts["matmul_gflops"], "mlm_step_s": ts["mlm_step_s"],
+            "mlm_tokens_per_s": [args.batch * args.seq / t for t in ts["mlm_step_s"]],
+            "mfu_plain": [flops / t / 1e9 / peak for t in ts["mlm_step_s"]]}
 
 
 def trainer(method_flags, args):
-    """A pretrain.Trainer on the embedded default with the benchmark batch shape."""
+    """A pretrain.Trainer on the embedded default with the benchmark batch shape. All trainers of one
+    config share one output dir, so the corpus is linked and tokenized once (nothing else is written)."""
     import pretrain
     argv = [*method_flags, "--model", args.model, "--data", args.data, "--batch-size", str(args.batch),
-            "--seq-len", str(args.seq), "--output-dir", os.path.join(args.workdir, "_".join(method_flags)),
-            "--route-every", str(args.route_every)]
+            "--seq-len", str(args.seq), "--output-dir", args.workdir, "--route-every", str(args.route_every),
+            *args.pretrain_flags]
     return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
 
 
-def trelm_ratios(args):
-    """TRELM's step costs against plain MLM on the real pipeline (pretrain.Trainer, embedded data):
-    every variant trains on the same batch (step index fixed), timed round-robin."""
-    from routing import peak_memory
+def trelm_trainers(args):
+    """The four Trainer variants, the routed one already routed on batch 0."""
     ts = {"mlm": trainer(["--method", "mlm"], args),
           "trelm_full_no_bank": trainer(["--method", "trelm", "--no-routing", "--no-memory-bank"], args),
           "trelm_full": trainer(["--method", "trelm", "--no-routing"], args),
           "trelm_routed": trainer(["--method", "trelm"], args)}
-    routed = ts["trelm_routed"]
-    routed.net.eval()
-    routed.reroute(routed.get_batch(0))
+    reroute(ts["trelm_routed"])
+    return ts
 
-    def step_fn(t):
-        def f():
-            t.step = 1  # the same batch every time; step 1 never re-routes
-            t.train_step()
-        return f
-    fns = {k: step_fn(t) for k, t in ts.items()}
 
-    def ig():
-        routed.step = 1
-        routed.net.eval()
-        routed.reroute(routed.get_batch(0))
-    fns["ig"] = ig
-    med = interleaved(fns, args.repeats)
-    full = med["trelm_full"]
-    out = {f"{k}_s": round(v, 4) for k, v in med.items()}
-    out["routed_step_over_full"] = round(med["trelm_routed"] / full, 3)
-    out["ig_over_step"] = round(med["ig"] / full, 2)
-    out["bank_step_over_no_bank"] = round(full / med["trelm_full_no_bank"], 3)
-    amortised = med["trelm_routed"] + med["ig"] / args.route_every
-    out["trelm_step_over_mlm"] = round(amortised / med["mlm"], 3)
-    out["trelm_full_step_over_mlm"] = round(full / med["mlm"], 3)
-    step_peak = peak_memory(step_fn(ts["trelm_full"]))
-    ig_peak = peak_memory(ig)
-    out["ig_peak_bytes"], out["step_peak_bytes"] = ig_peak, step_peak
-    out["ig_peak_rss_over_step"] = round(ig_peak / step_peak, 3)
+def fixed_step(t, step=1):
+    """() -> one training step of trainer t on the batch of `step` (a step that never re-routes)."""
+    def f():
+        t.step = step
+        t.train_step()
+    return f
+
+
+def reroute(t, batch=None):
+    """One re-routing of trainer t (Eq. 9-12) on `batch` (default: a fresh batch 0), as train_step
+    does it (train_step reuses the batch it built for re-routing, so its cost is not re-routing's)."""
+    t.step = 1
+    t.net.eval()
+    t.reroute(t.get_batch(0) if batch is None else batch)
+
+
+def measure_trelm(args):
+    """TRELM's step costs against plain MLM on the real pipeline (pretrain.Trainer, embedded data):
+    every variant trains on the same batch (step index fixed)."""
+    from routing import peak_memory
+    ts = trelm_trainers(args)
+    fns = {f"{k}_s": fixed_step(t) for k, t in ts.items()}
+    fns["ig_s"] = functools.partial(reroute, ts["trelm_routed"], ts["trelm_routed"].get_batch(0))
+    s = interleaved(fns, args.repeats, model_shapes(args))
+    rounds = list(zip(*(s[k] for k in ("mlm_s", "trelm_full_no_bank_s", "trelm_full_s", "trelm_routed_s", "ig_s"))))
+    out = dict(s)
+    out["routed_step_over_full"] = [routed / full for _, _, full, routed, _ in rounds]
+    out["ig_over_step"] = [ig / full for _, _, full, _, ig in rounds]
+    out["bank_step_over_no_bank"] = [full / no_bank for _, no_bank, full, _, _ in rounds]
+    out["trelm_step_over_mlm"] = [(routed + ig / args.route_every) / mlm for mlm, _, _, routed, ig in rounds]
+    out["trelm_full_step_over_mlm"] = [full / mlm for mlm, _, full, _, _ in rounds]
+    step_peak = peak_memory(fixed_step(ts["trelm_full"]))
+    ig_peak = peak_memory(fns["ig_s"])
+    out["ig_peak_bytes"], out["step_peak_bytes"] = [ig_peak], [step_peak]
+    out["ig_peak_rss_over_step"] = [ig_peak / step_peak]
     return out
 
 
 def measure_routing(args):
-    """Dynamic knowledge routing's costs and the IG form check (routing.py) on the embedded default:
-      routed_step_over_full     routed TRELM step / the same step with every parameter training
-      ig_over_step              one Eq. 11 attribution (--ig-form layer, the default) / one full step
-      ig_joint_over_step        the same for the joint form (all layers scaled together)
-      ig_topk_jaccard_vs_exact  per-layer Jaccard of the top --route-ratio neuron sets, joint vs
-                                Eq. 11, mean over layers, on the same micro-batch
-    Steps and both attributions are timed round-robin, args.repeats rounds (medians)."""
+    """Eq. 11 against the joint IG form (all layers scaled together) on one micro-batch of the
+    embedded default: ig_topk_jaccard_vs_exact = per-layer Jaccard of their top --route-ratio neuron
+    sets, mean over layers (random sets: about ratio / (2 - ratio)); ig_joint_over_layer = the joint
+    form's time over Eq. 11's (timed round-robin)."""
     import pretrain
-    full = trainer(["--method", "trelm", "--no-routing"], args)
-    routed = trainer(["--method", "trelm"], args)
-    batch = routed.get_batch(0)
+    t = trainer(["--method", "trelm"], args)
+    batch = t.get_batch(0)
     paths = {}
 
-    def step_fn(t):
+    def ig(form):
         def f():
-            t.step = 1  # the same batch every time; step 1 never re-routes
-            t.train_step()
+            t.args.ig_form = form
+            t.step = 1
+            t.net.eval()
+            t.reroute(batch)
+            paths[form] = t.paths
         return f
-
-    def ig_fn(form):
-        def f():
-            routed.args.ig_form = form
-            routed.step = 1
-            routed.net.eval()
-            routed.reroute(batch)
-            paths[form] = routed.paths
-        return f
-    for f in (ig_fn("layer"), step_fn(routed), step_fn(full)):  # warm-up (and the first routing)
-        f()
-    med = interleaved({"full": step_fn(full), "routed": step_fn(routed), "ig_layer": ig_fn("layer"),
-                       "ig_joint": ig_fn("joint")}, args.repeats, warmup=0)
-    return {"routing_full_step_s": round(med["full"], 4), "routing_routed_step_s": round(med["routed"], 4),
-            "ig_layer_s": round(med["ig_layer"], 3), "ig_joint_s": round(med["ig_joint"], 3),
-            "routed_step_over_full": round(med["routed"] / med["full"], 3),
-            "ig_over_step": round(med["ig_layer"] / med["full"], 2),
-            "ig_joint_over_step": round(med["ig_joint"] / med["full"], 2),
-            "ig_topk_jaccard_vs_exact": round(pretrain.path_jaccard(paths["joint"], paths["layer"]), 3),
-            "ig_batch": routed.args.ig_batch, "ig_steps": routed.args.ig_steps}
+    s = interleaved({"ig_layer_s": ig("layer"), "ig_joint_s": ig("joint")}, args.repeats, model_shapes(args))
+    t.args.ig_form = "layer"
+    return {**s, "ig_joint_over_layer": [j / l for l, j in zip(s["ig_layer_s"], s["ig_joint_s"])],
+            "ig_topk_jaccard_vs_exact": [pretrain.path_jaccard(paths["joint"], paths["layer"])]}
 
 
 def measure_injection(args):
-    """Issue 11's three measurements (see the module docstring) -> dict."""
+    """Issue 11's checks on the embedded default:
+      si_length_corr                 Pearson r of corpus-level SI(e) and span length (tokens) over the
+                                     scored mentions (long-tail, with a triple)
+      mix_norm_over_embedding_norm   median over injected span positions of |I_p| (Eq. 7, memory
+                                     rescaled to |h_e|) / |E_p| after --inj-steps steps fill the memory;
+                                     ..._raw: the same with the memory mixed as stored
+      trelm_norouting_step_over_mlm  a TRELM step without routing / a plain MLM step (Trainer, same batch)"""
     import numpy as np
+
+    import data
     from memory_bank import span_input
     mlm, trelm = trainer(["--method", "mlm"], args), trainer(["--method", "trelm", "--no-routing"], args)
-    starts = np.fromiter((v for r in trelm.ds["ent_start"] for v in r), dtype=np.float64)
-    ends = np.fromiter((v for r in trelm.ds["ent_end"] for v in r), dtype=np.float64)
-    si = np.fromiter((v for r in trelm.ds["ent_si"] for v in r), dtype=np.float64)
+    length = data.flat_column(trelm.ds, "ent_end") - data.flat_column(trelm.ds, "ent_start")
+    si = data.flat_column(trelm.ds, "ent_si", np.float64)
     scored = ~np.isnan(si)  # SI is computed for the candidate mentions (long-tail, with a triple)
-    out = {"si_length_corr": round(float(np.corrcoef(si[scored], (ends - starts)[scored])[0, 1]), 3),
-           "si_mentions": int(scored.sum())}
+    out = {"si_length_corr": [float(np.corrcoef(si[scored], length[scored])[0, 1])], "si_mentions": [int(scored.sum())]}
     for _ in range(args.inj_steps):  # fill the memory with last-layer outputs
         trelm.train_step()
     W = trelm.net.mlm.get_input_embeddings().weight.detach()
@@ -231,53 +340,269 @@ def measure_injection(args):
             for match in (True, False):
                 x = span_input(W[b["input_ids"]], p.rows, p.cols, p.mention, h_e, p.mem, p.lam, match)
                 ratios[match] += (x[p.rows, p.cols].norm(dim=1) / W[b["orig_ids"][p.rows, p.cols]].norm(dim=1)).tolist()
-    out["mix_norm_over_embedding_norm"] = round(statistics.median(ratios[True]), 3)
-    out["mix_norm_over_embedding_norm_raw"] = round(statistics.median(ratios[False]), 3)
-    out["inj_lambda"] = p.lam if p is not None else None
-
-    def step_fn(t, at):
-        def f():
-            t.step = at  # the same batch every time
-            t.train_step()
-        return f
-    med = interleaved({"mlm": step_fn(mlm, 1), "trelm": step_fn(trelm, trelm.step)}, args.repeats)
-    out["trelm_norouting_step_s"], out["mlm_trainer_step_s"] = round(med["trelm"], 4), round(med["mlm"], 4)
-    out["trelm_norouting_step_over_mlm"] = round(med["trelm"] / med["mlm"], 3)
+    out["mix_norm_over_embedding_norm"] = [statistics.median(ratios[True])]  # one value: a median over spans
+    out["mix_norm_over_embedding_norm_raw"] = [statistics.median(ratios[False])]
+    s = interleaved({"mlm_trainer_step_s": fixed_step(mlm, 1), "trelm_norouting_step_s": fixed_step(trelm, trelm.step)},
+                    args.repeats, model_shapes(args))
+    out.update(s)
+    out["trelm_norouting_step_over_mlm"] = [t / m for m, t in zip(s["mlm_trainer_step_s"], s["trelm_norouting_step_s"])]
     return out
 
 
-def main(argv=None):
+# name -> measure(args) -> {key: [values]}; the order is the run order
+MEASUREMENTS = {"plain": measure_plain, "trelm": measure_trelm, "routing": measure_routing,
+                "injection": measure_injection}
+
+
+# ----------------------------------------------------------------------------- profile
+
+# (row label, "module:attribute path") wrapped in record_function while profiling; the table nests a
+# row under the nearest labelled caller, so the order here does not matter
+PROFILE_SPANS = [
+    ("get_batch", "pretrain:Trainer.get_batch"),
+    ("collate (masking)", "data:MLMCollator.__call__"),
+    ("plan_injection", "pretrain:Trainer.plan_injection"),
+    ("SI forward (Eq. 1)", "pretrain:Trainer.mention_importance"),
+    ("negative sampling (Q)", "cka:NegativeSampler.sample"),
+    ("bank ensure", "memory_bank:MemoryBank.ensure"),
+    ("bank read", "memory_bank:MemoryBank.read"),
+    ("forward", "pretrain:KnowledgeMLM.forward"),
+    ("h_e embed", "entity_importance:KnowledgeInjector.embed"),
+    ("bank mix (Eq. 7)", "pretrain:mix"),
+    ("slice sync (Eq. 12)", "routing:_SlicePatch.sync"),
+    ("MLM head", "common:mlm_logits"),
+    ("CKA loss (Eq. 2)", "pretrain:cka_loss"),
+    ("CKA gathers", "cka:sampled_logits"),
+    ("bank observe (Eq. 4-6)", "pretrain:Trainer.update_memory"),
+    ("grad clip", "torch.nn.utils:clip_grad_norm_"),
+]
+STEP, IG, BACKWARD = "TRELM step (routed)", "re-routing (IG, Eq. 9-11)", "backward"
+SLICE_OPS = ("_SliceLinear", "_SliceLinearBackward")  # routing's custom Function: rows per aten op inside
+MIN_ROW_PCT = 0.5  # backward nodes below this share of the step go to their parent's (rest)
+
+
+def _resolve(target):
+    """'module:A.b' -> (owner object, attribute name), or None when it does not exist (any more)."""
+    mod, path = target.split(":")
+    try:
+        owner = importlib.import_module(mod)
+        *parents, attr = path.split(".")
+        for p in parents:
+            owner = getattr(owner, p)
+        getattr(owner, attr)
+    except (ImportError, AttributeError):
+        return None
+    return owner, attr
+
+
+@contextlib.contextmanager
+def labelled(spans):
+    """Wrap each span's function in torch.profiler.record_function(label); yields the missing ones."""
+    from torch.profiler import record_function
+    saved, missing = [], []
+    for label, target in spans:
+        r = _resolve(target)
+        if r is None:
+            missing.append(f"{label} ({target})")
+            continue
+        owner, attr = r
+        own = attr in vars(owner)  # False: inherited (a class) -- restored by deleting the wrapper
+        orig = getattr(owner, attr)
+
+        def wrapped(*a, _orig=orig, _label=label, **kw):
+            with record_function(_label):
+                return _orig(*a, **kw)
+        saved.append((owner, attr, vars(owner)[attr] if own else None))
+        setattr(owner, attr, functools.wraps(orig)(wrapped))
+    try:
+        yield missing
+    finally:
+        for owner, attr, orig in reversed(saved):
+            if orig is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, orig)
+
+
+def _label(e, labels):
+    """The table label(s) of a profiler event, or None for an unlabelled event."""
+    if e.name in labels or e.name.startswith("Optimizer."):
+        return (e.name,)
+    if e.name.startswith("autograd::engine::evaluate_function: "):
+        return (BACKWARD, e.name.split(": ", 1)[1])
+    return None
+
+
+def profile_tree(events, labels, detail=()):
+    """Profiler events -> {row path (tuple of labels): [inclusive us, us inside torch ops]}. A row's
+    path is the labels of its labelled ancestors; 'inside torch ops' sums its outermost aten:: ops.
+    Rows labelled in `detail` get one child row per outermost aten:: op name."""
+    rows = {}
+
+    def path_of(e):
+        p = []
+        while e is not None:
+            lab = _label(e, labels)
+            if lab is not None:
+                p[:0] = lab
+            e = e.cpu_parent
+        return tuple(p)
+
+    for e in events:
+        lab = _label(e, labels)
+        if lab is not None:
+            p = path_of(e)
+            for i in range(len(lab)):  # (backward, node): the backward row gets the node's time too
+                r = rows.setdefault(p[:len(p) - len(lab) + i + 1], [0.0, 0.0])
+                r[0] += e.cpu_time_total
+        elif e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")):
+            p = path_of(e)
+            for i in range(1, len(p) + 1):  # counted in every enclosing row
+                rows.setdefault(p[:i], [0.0, 0.0])[1] += e.cpu_time_total
+            if p and p[-1] in detail:
+                r = rows.setdefault(p + (e.name,), [0.0, 0.0])
+                r[0] += e.cpu_time_total
+                r[1] += e.cpu_time_total
+    return rows
+
+
+def profile_step(args, steps=3):
+    """Where a routed TRELM step's time goes: [(indent, label, ms per step, % of the amortised TRELM
+    step, ms outside torch ops)], plus the plain MLM step's ms under the same profiler; missing spans."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    ts = trelm_trainers(args)
+    routed, mlm = ts["trelm_routed"], ts["mlm"]
+    fixed_step(routed)()  # warm-up (allocator, first-call caches)
+    fixed_step(mlm)()
+    named = {label for label, _ in PROFILE_SPANS} | set(SLICE_OPS)  # rows shown even when small
+    labels = {STEP, IG, "MLM step", SLICE_OPS[0]} | {label for label, _ in PROFILE_SPANS}  # the backward
+    # node is labelled through its autograd::engine::evaluate_function event, not a second time
+    with labelled(PROFILE_SPANS) as missing, profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            with record_function(STEP):
+                fixed_step(routed, step=1 + i)()
+            with record_function("MLM step"):
+                fixed_step(mlm, step=1 + i)()
+        batch = routed.get_batch(0)
+        with record_function(IG):
+            reroute(routed, batch)
+    tree = profile_tree(prof.events(), labels, detail=SLICE_OPS)
+    per = {p: (v[0] / 1e3 / steps, v[1] / 1e3 / steps) for p, v in tree.items()}
+    ig_ms = tree[(IG,)][0] / 1e3
+    ig_ops = tree[(IG,)][1] / 1e3
+    amortised = per[(STEP,)][0] + ig_ms / args.route_every
+    table = []
+
+    def add(path, depth):
+        ms, ops = per[path]
+        table.append((depth, path[-1], ms, 100 * ms / amortised, ms - ops))
+        kids = sorted((p for p in per if len(p) == len(path) + 1 and p[:len(path)] == path and
+                       (p[-1] in named or path[-1] in SLICE_OPS or 100 * per[p][0] / amortised >= MIN_ROW_PCT)),
+                      key=lambda p: -per[p][0])
+        if kids:
+            for k in kids:
+                add(k, depth + 1)
+            rest = ms - sum(per[k][0] for k in kids)
+            rest_ops = ops - sum(per[k][1] for k in kids)
+            table.append((depth + 1, "(rest)", rest, 100 * rest / amortised, rest - rest_ops))
+    add((STEP,), 0)
+    table.append((0, f"{IG} / {args.route_every}", ig_ms / args.route_every,
+                  100 * ig_ms / args.route_every / amortised, (ig_ms - ig_ops) / args.route_every))
+    return {"rows": table, "amortised_ms": amortised, "mlm_ms": per[("MLM step",)][0], "ig_ms": ig_ms,
+            "missing": missing, "steps": steps}
+
+
+def format_profile(name, args, prof):
+    """A markdown table of profile_step's result."""
+    lines = [f"### {name}: batch {args.batch} x {args.seq}, route-every {args.route_every}, "
+             f"{torch.get_num_threads()} threads, {prof['steps']} steps profiled (loaded machine: shares, not ms, compare)",
+             "", f"amortised TRELM step {prof['amortised_ms']:.1f} ms; plain MLM step {prof['mlm_ms']:.1f} ms "
+             f"(ratio {prof['amortised_ms'] / prof['mlm_ms']:.3f} under the profiler); one re-routing {prof['ig_ms']:.1f} ms",
+             "", "| part | ms / step | % of step | outside torch ops (ms) |", "|---|---:|---:|---:|"]
+    for depth, label, ms, pct, py in prof["rows"]:
+        ms, pct, py = (max(0.0, x) for x in (ms, pct, py))  # a (rest) of ~0 can come out at -0.0
+        lines.append(f"| {'&nbsp;&nbsp;' * depth}{label} | {ms:.1f} | {pct:.1f} | {py:.1f} |")
+    if prof["missing"]:
+        lines.append("\nnot found (renamed or removed; add the new name to PROFILE_SPANS): " + ", ".join(prof["missing"]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def configs(args):
+    """[(name, args)]: the default shape, and with --config study the study's (experiments.py defaults)."""
+    out = [("default", args)]
+    if args.config == "study":
+        import experiments
+        import pretrain
+        p = argparse.ArgumentParser()
+        experiments.add_args(p)
+        ex = p.parse_args([])
+        flags = ex.pretrain_args.split()
+        study = copy.copy(args)
+        study.batch, study.seq = ex.train_batch_size, ex.seq_len
+        study.route_every = pretrain.get_parser().parse_args(flags).route_every
+        study.pretrain_flags = flags
+        study.workdir = os.path.join(args.workdir, "study")
+        out.append(("study", study))
+    return out
+
+
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=int, default=6, help="plain group: random BERT shape")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--only", default=None, help="comma list of measurement groups: plain,trelm,routing,injection")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved timing (>= 2 for a spread)")
+    p.add_argument("--only", default=None, help=f"comma list of measurement groups: {','.join(MEASUREMENTS)}")
+    p.add_argument("--config", default="default", choices=("default", "study"),
+                   help="study: also time the study's shape (batch 16 x 64, its --route-every) beside the default")
+    p.add_argument("--max-spread", type=float, default=0.10,
+                   help="a ratio whose (max - min) over repeats exceeds this fraction of its value marks the run unreliable")
+    p.add_argument("--profile", action="store_true", help="print the torch-profiler table of a TRELM step instead")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--model", default=common.DEFAULT_MODEL, help="trelm group: the model (default MiniLM-L6-H384)")
     p.add_argument("--data", default="mini", help="trelm group: pre-training data")
     p.add_argument("--route-every", type=int, default=100, help="IG amortised over this many steps")
+    p.add_argument("--inj-steps", type=int, default=20, help="injection group: steps that fill the memory bank first")
     p.add_argument("--workdir", default="runs/bench")
-    p.add_argument("--inj-steps", type=int, default=10, help="injection group: TRELM steps before measuring Eq. 7")
-    args = p.parse_args(argv)
-    groups = set((args.only or "plain,trelm,routing,injection").split(","))
-    res = {"shape": {k: getattr(args, k) for k in ("layers", "hidden", "vocab", "batch", "seq")},
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": common.git_commit()}
-    peak = matmul_gflops()
-    res["matmul_gflops"] = round(peak, 1)
-    if "plain" in groups:
-        model, step, masked = plain_step_fn(args)
-        t = median_time(step, args.repeats)
-        res["mlm_step_s"] = round(t, 4)
-        res["mlm_tokens_per_s"] = round(args.batch * args.seq / t, 1)
-        res["mfu_plain"] = round(model_flops(model, args, masked) / t / 1e9 / peak, 3)
-    if "trelm" in groups:
-        res.update(trelm_ratios(args))
-    if "routing" in groups:
-        res.update(measure_routing(args))
-    if "injection" in groups:
-        res.update(measure_injection(args))
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    groups = (args.only or ",".join(MEASUREMENTS)).split(",")
+    for g in groups:
+        if g not in MEASUREMENTS:
+            raise SystemExit(f"bench.py: --only {args.only}: unknown group {g!r}; expected some of {','.join(MEASUREMENTS)}")
+    if args.repeats < 1 or args.profile_steps < 1:
+        raise SystemExit(f"bench.py: --repeats and --profile-steps must be >= 1, got {args.repeats}, {args.profile_steps}")
+    if not 0 < args.max_spread < 1:
+        raise SystemExit(f"bench.py: --max-spread: expected a fraction in (0, 1), got {args.max_spread}")
+    args.pretrain_flags = []
+    if args.profile:
+        for name, a in configs(args):
+            print(format_profile(name, a, profile_step(a, args.profile_steps)), end="\n\n", flush=True)
+        return None
+    runs = configs(args)
+    res = {"threads": torch.get_num_threads(), "torch": torch.__version__, "commit": common.git_commit(),
+           "loadavg_1min": round(os.getloadavg()[0], 2)}
+    for name, a in runs:
+        samples = {}
+        for g in groups:
+            for k, v in MEASUREMENTS[g](a).items():
+                samples.setdefault(k, []).extend(v)
+        out = {"shape": {k: getattr(a, k) for k in ("layers", "hidden", "vocab", "batch", "seq", "route_every")},
+               **report(samples, args.max_spread)}
+        for w in out["warnings"]:
+            print(f"bench.py [{name}] WARNING: {w}", file=sys.stderr)
+        if name == "default":
+            res.update(out)
+        else:
+            res[name] = out
+    res["reliable"] = res["reliable"] and all(res[n]["reliable"] for n, _ in runs[1:])  # every config's verdict
     print(json.dumps(res, indent=1))
     return res
 
