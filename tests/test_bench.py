@@ -137,7 +137,7 @@ def test_profile_step_tiny_rows_add_up(tiny_model_dir, tmp_path):
     prof = bench.profile_step(args, steps=1)
     rows = {label: (depth, ms, pct) for depth, label, ms, pct, _ in prof["rows"]}
     assert rows[bench.STEP][0] == 0 and prof["missing"] == []
-    for label in ("get_batch", "forward", bench.BACKWARD, "SI forward (Eq. 1)", "CKA loss (Eq. 2)",
+    for label in ("get_batch", "forward", bench.BACKWARD, "CKA loss (Eq. 2)",
                   "bank observe (Eq. 4-6)", "slice sync (Eq. 12)", "_SliceLinear", "_SliceLinearBackward"):
         assert label in rows, label
     slice_ops = [label for depth, label, ms, pct, _ in prof["rows"] if label.startswith("aten::")]
@@ -148,7 +148,7 @@ def test_profile_step_tiny_rows_add_up(tiny_model_dir, tmp_path):
     kids = [pct for depth, label, ms, pct, _ in prof["rows"] if depth == 1]
     assert sum(kids) == pytest.approx(rows[bench.STEP][2])  # the step's parts (with its rest) add up to it
     text = bench.format_profile("tiny", args, prof)
-    assert "| part | ms / step |" in text and "SI forward (Eq. 1)" in text
+    assert "| part | ms / step |" in text and "CKA loss (Eq. 2)" in text
 
 
 def test_bad_flags_name_the_flag(tiny_model_dir, tmp_path):
