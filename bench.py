@@ -523,7 +523,8 @@ def profile_step(args, steps=3):
 def format_profile(name, args, prof):
     """A markdown table of profile_step's result."""
     lines = [f"### {name}: batch {args.batch} x {args.seq}, route-every {args.route_every}, "
-             f"{torch.get_num_threads()} threads, {prof['steps']} steps profiled (loaded machine: shares, not ms, compare)",
+             f"{torch.get_num_threads()} threads, {prof['steps']} steps profiled, load average {os.getloadavg()[0]:.1f} "
+             f"(on a loaded machine compare shares, not ms)",
              "", f"amortised TRELM step {prof['amortised_ms']:.1f} ms; plain MLM step {prof['mlm_ms']:.1f} ms "
              f"(ratio {prof['amortised_ms'] / prof['mlm_ms']:.3f} under the profiler); one re-routing {prof['ig_ms']:.1f} ms",
              "", "| part | ms / step | % of step | outside torch ops (ms) |", "|---|---:|---:|---:|"]
