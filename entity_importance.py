@@ -26,6 +26,7 @@ ent_end (M,) token span [start, end), ent_id (M,) KG entity index. Typical use i
 
 Tests: `python -m pytest tests/test_entity_importance.py`.
 """
+import inspect
 import math
 
 import numpy as np
@@ -70,9 +71,10 @@ def long_tail_mask(freq, percentile=50.0, inclusive=False):
 
 # ----------------------------------------------------------------------------- semantic importance
 
-def _encode(model, input_ids, attention_mask):
+def _encode(model, input_ids, attention_mask, position_ids):
     """Last hidden state (B, T, H) of the encoder under the MLM head (BERT or RoBERTa)."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids).last_hidden_state
 
 
 def semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, ent_end, mask_token_id,
@@ -86,11 +88,15 @@ def semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, 
     right padding; window None: the whole row), cut out as a sequence of its own, so every
     mention gets the same symmetric context whatever the other mentions of the batch. h_o is the
     last hidden state of that window mean-pooled over its *context* positions (the window without
-    the span), h_rep the same for a copy whose span tokens are mask tokens, pooled over the same
-    positions. So SI measures how much the entity changes the representation of its context, not
-    how many of the pooled positions were replaced (pooling the span too made SI rank entities by
-    length). A window with no context position gets SI 0. All 2M windows go through ONE no-grad
-    forward, split into chunks of at most `chunk` rows (None: one piece).
+    the span); h_rep the same for the sentence "with e being replaced": the whole span replaced by
+    ONE mask token (the entity is one unit whatever its length), every context token keeping its
+    original position id, pooled over the same context tokens. So SI measures how much the entity
+    changes the representation of its context. Both earlier forms ranked entities by length:
+    pooling the span too (Pearson r with span length 0.68 on the embedded default), and one mask
+    token per span token (r 0.55: more masks disturb the context more); one mask gives r 0.19
+    (measured on 802 mentions with the packaged MiniLM, +-8 tokens; shifting the right context's
+    positions instead gave 0.20). A window with no context position gets SI 0. All 2M windows go
+    through ONE no-grad forward, split into chunks of at most `chunk` rows (None: one piece).
 
     Relation to the printed Eq. 1: both are strictly decreasing in cos, so they rank mentions
     identically whenever cos > 0; 1 - cos is also defined (and still ordered) when cos <= 0, and it
@@ -120,9 +126,20 @@ def semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, 
     valid = pos < hi[:, None]  # (M, W) real tokens of the window
     orig = input_ids[ent_batch[:, None], pos.clamp(max=input_ids.shape[1] - 1)]  # (M, W)
     span = (pos >= ent_start[:, None]) & (pos < ent_end[:, None])  # (M, W)
-    rep = torch.where(span, torch.full_like(orig, mask_token_id), orig)  # (M, W)
-    ctx = (valid & ~span).float()  # (M, W) pooled positions, the same in both copies
-    ids, attn = torch.cat([orig, rep]), valid.long().repeat(2, 1)  # (2M, W)
+    ctx = valid & ~span  # (M, W) context positions, pooled in both copies
+    # h_rep's input: the context tokens and one mask token at the span's first position, left-aligned
+    # (stable sort: kept tokens first, in order), each with its position id in the original window
+    keep = ctx | (pos == ent_start[:, None])  # (M, W)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # (M, W)
+    rep = torch.where(span, torch.full_like(orig, mask_token_id), orig).gather(1, order)  # (M, W)
+    rep_valid = torch.arange(W, device=dev) < keep.sum(1, keepdim=True)  # (M, W)
+    rep_ctx = ctx.gather(1, order) & rep_valid  # (M, W) the same context tokens as ctx
+    off = getattr(model.base_model.embeddings, "padding_idx", None)  # RoBERTa counts positions from pad + 1
+    off = 0 if off is None else off + 1
+    at = off + torch.arange(W, device=dev).expand(M, W)  # (M, W) position ids of the original window
+    ids, attn = torch.cat([orig, rep]), torch.cat([valid, rep_valid]).long()  # (2M, W)
+    pos_ids = torch.cat([at, at.gather(1, order)])  # (2M, W)
+    weight = torch.cat([ctx, rep_ctx]).float()  # (2M, W)
     step = ids.shape[0] if chunk is None else int(chunk)
     if step < 1:
         raise ValueError(f"entity_importance.semantic_importance: chunk must be >= 1 or None, got {chunk}")
@@ -131,11 +148,11 @@ def semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, 
         model.eval()
     try:
         with torch.no_grad():
-            hidden = torch.cat([_encode(model, ids[i:i + step], attn[i:i + step]).float()
+            hidden = torch.cat([_encode(model, ids[i:i + step], attn[i:i + step], pos_ids[i:i + step]).float()
                                 for i in range(0, ids.shape[0], step)])  # (2M, W, H)
     finally:
         model.train(was_training)
-    pooled = (hidden * ctx.repeat(2, 1).unsqueeze(-1)).sum(1)  # (2M, H); sums, the count cancels in cos
+    pooled = (hidden * weight.unsqueeze(-1)).sum(1)  # (2M, H); sums, the count cancels in cos
     h_o, h_rep = pooled[:M], pooled[M:]
     si = 1.0 - F.cosine_similarity(h_o, h_rep, dim=-1)  # Eq. (1), see docstring; (M,)
     return torch.where(ctx.sum(1) > 0, si, torch.zeros_like(si))
@@ -218,7 +235,8 @@ def si_column(ds, model, mask_token_id, window=None, batch_size=64, num_proc=Non
     (Sec. 3.4: important entities are identified over the corpus before pre-training). only: (E,)
     bool over entities, score only their mentions (the others get NaN; "important" and DKPLM's
     score use the SI of long-tail mentions with a triple only, half the cost). Batched, cached by
-    the dataset's fingerprint and `fingerprint` (name the model and the settings there), with a
+    the dataset's fingerprint, the source of semantic_importance and `fingerprint` (name the model
+    and the settings there), with a
     progress bar; num_proc > 1 forks workers that share the model."""
     from datasets.fingerprint import Hasher
     dev = next(model.parameters()).device
@@ -248,8 +266,8 @@ def si_column(ds, model, mask_token_id, window=None, batch_size=64, num_proc=Non
             at += c
         return {"ent_si": out}
     from datasets.utils import logging as ds_logging
-    key = Hasher.hash((ds._fingerprint, fingerprint, window, mask_token_id,
-                       None if table is None else np.packbits(table.numpy()).tobytes()))
+    key = Hasher.hash((ds._fingerprint, fingerprint, window, mask_token_id, inspect.getsource(semantic_importance),
+                       None if table is None else np.packbits(table.numpy()).tobytes()))  # SI's code too
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.enable_progress_bar()
     try:

@@ -31,21 +31,27 @@ def encode_batch(tok, sentences, entities):
 
 
 def reference_si(model, input_ids, attention_mask, ent_batch, ent_start, ent_end, mask_id, window=None):
-    """SI per mention, one mention at a time, each window cut out by hand without padding and
-    pooled over its positions outside the span: (SI, cos) lists."""
+    """SI per mention, one mention at a time, each window cut out by hand without padding: h_o
+    pooled over its positions outside the span, h_rep over the same tokens of the window with the
+    span replaced by ONE mask token, every token keeping its window position id: (SI, cos) lists."""
     si, cos = [], []
+    off = getattr(model.base_model.embeddings, "padding_idx", None)
+    off = 0 if off is None else off + 1  # RoBERTa's first position id
     for j in range(ent_batch.numel()):
         r, s, e = int(ent_batch[j]), int(ent_start[j]), int(ent_end[j])
         n = int(attention_mask[r].sum())
         lo, hi = (0, n) if window is None else (max(0, s - window), min(n, e + window))
-        ids = input_ids[r, lo:hi].clone().unsqueeze(0)  # (1, hi - lo) unpadded window
-        rep = ids.clone()
-        rep[0, s - lo:e - lo] = mask_id
-        keep = [i for i in range(hi - lo) if not s - lo <= i < e - lo]
+        x = input_ids[r, lo:hi].tolist()
+        left, right = x[:s - lo], x[e - lo:]
+        ids = torch.tensor([x])
+        rep = torch.tensor([left + [mask_id] + right])
+        rep_pos = torch.tensor([[off + i for i in range(s - lo + 1)] + [off + i for i in range(e - lo, hi - lo)]])
         with torch.no_grad():
-            h_o = model.base_model(input_ids=ids).last_hidden_state[:, keep].mean(1)
-            h_r = model.base_model(input_ids=rep).last_hidden_state[:, keep].mean(1)
-        c = float(F.cosine_similarity(h_o, h_r)[0])
+            h = model.base_model(input_ids=ids).last_hidden_state[0]
+            hr = model.base_model(input_ids=rep, position_ids=rep_pos).last_hidden_state[0]
+        h_o = torch.cat([h[:len(left)], h[e - lo:]]).mean(0)
+        h_r = torch.cat([hr[:len(left)], hr[len(left) + 1:]]).mean(0)
+        c = float(F.cosine_similarity(h_o, h_r, dim=0))
         si.append(1 - c), cos.append(c)
     return si, cos
 
@@ -321,3 +327,31 @@ def test_span_positions_hand_case():
         ei.span_positions(torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([3, 4]))
     with pytest.raises(ValueError, match="ent_start < ent_end"):
         ei.span_positions(torch.tensor([0]), torch.tensor([2]), torch.tensor([2]))
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_si_replaces_the_span_by_one_mask_keeping_positions(kind, tmp_path):
+    """h_rep is the window with the whole span replaced by one mask token, every context token at
+    its original position id (RoBERTa's ids start at padding_idx + 1): matches the by-hand
+    reference for spans of 1-3 tokens, and disturbs less than one mask per span token."""
+    tok = make_bert_tokenizer(tmp_path) if kind == "bert" else make_roberta_tokenizer(tmp_path)
+    model = make_model(kind, tok)
+    ids, am, b, s, e = encode_batch(tok, ["New York is in the United States of America.", "Paris is in France."],
+                                    [["New York", "United States of America"], ["Paris", "France"]])
+    assert int((e - s).max()) >= 3 and int((e - s).min()) == 1
+    for w in (None, 2):
+        ref, _ = reference_si(model, ids, am, b, s, e, tok.mask_token_id, window=w)
+        si = ei.semantic_importance(model, ids, am, b, s, e, tok.mask_token_id, window=w)
+        torch.testing.assert_close(si, torch.tensor(ref), atol=1e-5, rtol=0)
+    si = ei.semantic_importance(model, ids, am, b, s, e, tok.mask_token_id)  # whole rows
+    j = int(torch.argmax(e - s))  # the longest span: one mask per token gives another value
+    rep = ids.clone()
+    rep[b[j], s[j]:e[j]] = tok.mask_token_id
+    ctx = torch.ones(ids.shape[1], dtype=torch.bool)
+    ctx[s[j]:e[j]] = False
+    ctx &= am[b[j]].bool()
+    with torch.no_grad():
+        h = model.base_model(input_ids=ids[b[j]:b[j] + 1]).last_hidden_state[0, ctx].mean(0)
+        hr = model.base_model(input_ids=rep[b[j]:b[j] + 1]).last_hidden_state[0, ctx].mean(0)
+    multi = 1 - float(F.cosine_similarity(h, hr, dim=0))
+    assert multi > float(si[j]) > 0 and multi - float(si[j]) > 0.25 * multi  # more masks, more change
