@@ -97,6 +97,7 @@ TASK_MODULES = {  # task -> module exposing add_args(parser) and TASKS; imported
     "hparams": "experiments",
     "efficiency": "experiments",
     "reproduce": "experiments",
+    "report": "experiments",
 }
 
 

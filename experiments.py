@@ -7,6 +7,7 @@
     python evaluate.py --task hparams     # Figs. 7-8: theta (0.25, 0.5, 0.75), k (4, 8, 16, 32), beta (1-4)
     python evaluate.py --task efficiency  # Figs. 4-6: L_MLM and score against in-process pre-training time
     python evaluate.py --task reproduce   # base + pilot + all four + plots.py + REPORT.md (one command)
+    python evaluate.py --task report      # plots.py + REPORT.md from the results present (no training)
 
 Base PLM (issue #15, point 1). The paper continues pre-training BERT/RoBERTa, whose MLM head is trained.
 The packaged MiniLM has none, so `base_checkpoint` trains the encoder and a fresh tied head by plain
@@ -720,10 +721,11 @@ def pending_reasons(args, res):
     runs = os.path.join(args.output_dir, "runs")
     commits = {json.load(open(os.path.join(runs, f))).get("commit") for f in sorted(os.listdir(runs))
                if f"-n{args.steps}-s" in f and f.endswith(".json")} if os.path.isdir(runs) else set()
-    head = common.git_commit()
-    if any(c is None or c.endswith("-dirty") or c != head for c in commits):
-        short = sorted(str(c)[:12] + ("-dirty" if str(c).endswith("-dirty") else "") for c in commits)
-        why.append(f"runs made at {', '.join(short)}, not at the clean HEAD {head[:12]}")
+    for c in sorted(commits, key=str):
+        changed = code_changed_since(c)
+        if changed:
+            why.append(f"runs made at {str(c)[:12]}{'-dirty' if str(c).endswith('-dirty') else ''}; the code differs "
+                       f"at HEAD {common.git_commit()[:12]} ({changed})")
     if args.model == "base" and "base" in res and not plateaued(res["base"]["metrics"]):
         why.append(f"the base PLM's L_MLM still fell {fmt(res['base']['metrics']['relative_drop_last_tenth'])}% "
                    "over its last tenth (raise --base-steps)")
@@ -733,6 +735,20 @@ def pending_reasons(args, res):
     elif rec["steps"] > args.steps or not rec["resolves"]:
         why.append(f"the pilot recommends --steps {rec['steps']} (resolves: {rec['resolves']}); this run used {args.steps}")
     return why
+
+
+def code_changed_since(commit, repo=None):
+    """'' if no tracked .py file differs between `commit` and the working tree of `repo` (default: this
+    checkout; results, figures and docs committed after a run leave it current), else the changed
+    files or why it cannot tell."""
+    import subprocess
+    if not commit or commit == "unknown" or commit.endswith("-dirty"):
+        return "unknown or uncommitted code"
+    repo = repo or os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run(["git", "diff", "--name-only", commit, "--", "*.py"], cwd=repo, capture_output=True, text=True)
+    if r.returncode:
+        return f"commit {commit[:12]} not in this clone"
+    return ", ".join(r.stdout.split())
 
 
 def effect(v, scale=100):
@@ -863,12 +879,17 @@ def run_reproduce(args):
     the figures, REPORT.md (pending while the pilot recommends a larger budget than --steps)."""
     run_base(args)
     run_pilot(args)
-    for task in ("ablation", "injection", "hparams", "efficiency"):
+    for task in ("ablation", "efficiency", "injection", "hparams"):  # the tables' claims first, sweeps last
         TASKS[task](args)
+    return run_report(args)
+
+
+def run_report(args):
+    """plots.py and REPORT.md from the results in --output-dir (e.g. a study continued elsewhere)."""
     import plots
     plots.main(["--results", args.output_dir, "--out", args.figures])
     return write_report(args)
 
 
 TASKS = {"base": run_base, "pilot": run_pilot, "ablation": run_ablation, "injection": run_injection,
-         "hparams": run_hparams, "efficiency": run_efficiency, "reproduce": run_reproduce}
+         "hparams": run_hparams, "efficiency": run_efficiency, "reproduce": run_reproduce, "report": run_report}

@@ -174,6 +174,7 @@ def test_band_is_mean_and_std_over_seeds():
 def test_report_status_pending_until_final(tmp_path, monkeypatch):
     import common
     monkeypatch.setattr(common, "git_commit", lambda: "c0ffee")
+    monkeypatch.setattr(ex, "code_changed_since", lambda c: "" if c == "c0ffee" else "pretrain.py")
     out = tmp_path / "results"
     (out / "runs").mkdir(parents=True)
     args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out), "--steps", "300"])
@@ -188,3 +189,22 @@ def test_report_status_pending_until_final(tmp_path, monkeypatch):
     (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 600, "resolves": True}}))
     why = ex.pending_reasons(args, ex.load_results(str(out)))
     assert any("c0ffee-dirty" in w for w in why) and any("recommends --steps 600" in w for w in why)
+
+
+def test_code_changed_since_looks_at_python_files_only(tmp_path):
+    import subprocess
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                                    check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "REPORT.md").write_text("old\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    c = git("rev-parse", "HEAD")
+    (tmp_path / "REPORT.md").write_text("new results\n")  # results committed after the run: still current
+    git("commit", "-qam", "results")
+    assert ex.code_changed_since(c, repo=tmp_path) == ""
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert ex.code_changed_since(c, repo=tmp_path) == "a.py"
+    assert ex.code_changed_since(c + "-dirty", repo=tmp_path) == "unknown or uncommitted code"
+    assert "not in this clone" in ex.code_changed_since("f" * 40, repo=tmp_path)
