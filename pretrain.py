@@ -42,6 +42,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -117,6 +118,8 @@ def get_parser():
     a("--important-fraction", type=float, default=0.5,
       help="'important' = long-tail mentions whose SI is in this top fraction of the corpus's candidates")
     a("--si-window", type=int, default=8, help="SI(e) is computed on +-N tokens around the mention (0 = whole sequence)")
+    a("--si-refresh", type=int, default=0,
+      help="recompute SI(e) over the corpus with the current model every N epochs (0 = never: SI of the initial model)")
     a("--theta", type=float, default=0.5, help="Eq. 3: L = theta*L_MLM + (1-theta)*L_CKA")
     a("--negatives", type=int, default=16, help="K negatives per target drawn from Q (Eq. 2)")
     # Sec. 3.2: memory bank
@@ -181,8 +184,8 @@ def resolve_config(args):
         bad("--route-ratio", f"expected (0, 1], got {args.route_ratio}")
     if not 0.0 < args.long_tail_percentile <= 100.0:
         bad("--long-tail-percentile", f"expected (0, 100], got {args.long_tail_percentile}")
-    if min(args.negatives, args.window_k, args.si_window, args.ig_batch) < 0:
-        bad("--negatives/--window-k/--si-window/--ig-batch", "expected non-negative values")
+    if min(args.negatives, args.window_k, args.si_window, args.ig_batch, args.si_refresh) < 0:
+        bad("--negatives/--window-k/--si-window/--ig-batch/--si-refresh", "expected non-negative values")
     if args.beta < 1:
         bad("--beta", f"expected >= 1 (Eq. 8: lambda0 / beta^q; 1 = no decay), got {args.beta}")
     for flag in ("lr", "weight_decay", "grad_clip", "theta", "mlm_prob", "lambda0", "gamma", "beta",
@@ -387,17 +390,15 @@ class Trainer:
 
         row = METHOD_TABLE[args.method]
         self.injector = self.sampler = self.bank = None
-        self.si_threshold = self.degree = None
+        self.si_threshold = self.degree = self.si_candidate = None
+        self.si_epoch = 0  # the epoch whose model scored SI (0: the initial model; --si-refresh moves it)
         if args.injection != "none":
             self.injector = KnowledgeInjector(self.kg, tok, seed=args.seed)
             self.freq = data.mention_counts(self.ds, self.kg.num_entities)  # batched pass over the Arrow column
             self.long_tail = torch.as_tensor(long_tail_mask(self.freq, args.long_tail_percentile, inclusive=True))
             if args.injection in ("important", "dkplm"):  # SI once over the corpus (Sec. 3.4), initial model
-                candidate = self.long_tail.numpy() & self.injector.has_knowledge.numpy()  # (E,)
-                self.ds = self.corpus_si(mlm, candidate)
-                ent, si = data.flat_column(self.ds, "ent_id", np.int64), data.flat_column(self.ds, "ent_si", np.float64)
-                cand = candidate[ent]
-                self.si_threshold = important_threshold(si, cand, args.important_fraction)
+                self.si_candidate = self.long_tail.numpy() & self.injector.has_knowledge.numpy()  # (E,)
+                self.set_si(self.corpus_si(mlm, self.si_candidate))
             if args.injection == "dkplm":
                 self.degree = kg_degree(self.kg.triples, self.kg.num_entities)
         if row["sampler"] and args.injection != "none":
@@ -493,19 +494,53 @@ class Trainer:
 
     # -- one batch -------------------------------------------------------------------
 
-    def corpus_si(self, mlm, candidate):
-        """The dataset with SI(e) (Eq. 1) of every mention, computed once with the initial model
-        (entity_importance.si_column: batched, cached by fingerprint; rank 0 first under DDP)."""
+    def corpus_si(self, mlm, candidate, ds=None):
+        """ds (default self.ds) with SI(e) (Eq. 1) of every candidate mention by mlm (the initial model,
+        or the current one under --si-refresh; entity_importance.si_column: batched, cached by
+        fingerprint; rank 0 first under DDP)."""
         a = self.args
         W = mlm.get_input_embeddings().weight
         key = f"{a.model}|{tuple(W.shape)}|{float(W.detach().double().sum()):.10e}"
         if self.ddp and not self.master:
             dist.barrier()
-        ds = si_column(self.ds, mlm.to(self.device), self.tok.mask_token_id, window=a.si_window or None,
+        ds = si_column(self.ds if ds is None else ds, mlm.to(self.device), self.tok.mask_token_id, window=a.si_window or None,
                        num_proc=a.num_proc, fingerprint=key, only=candidate)
         if self.ddp and self.master:
             dist.barrier()
         return ds
+
+    def set_si(self, ds):
+        """Take ds (self.ds with an ent_si column) and the corpus-level "important" threshold of its SI."""
+        self.ds = ds
+        ent, si = data.flat_column(ds, "ent_id", np.int64), data.flat_column(ds, "ent_si", np.float64)
+        self.si_threshold = important_threshold(si, self.si_candidate[ent], self.args.important_fraction)
+
+    def refresh_si(self):
+        """--si-refresh N: at the start of every N-th epoch, SI(e) of the corpus's candidates again with
+        the current model, and a new threshold (Sec. 3.4 identifies important entities once, "throughout
+        the corpus"; whether the initial model's ranking should be kept is our decision, see README)."""
+        n, q = self.args.si_refresh, math.floor(self.epoch_fraction())
+        if not n or self.si_candidate is None or q < self.si_epoch + n:
+            return
+        if self.router is not None:
+            self.router.sync_to_model()  # the routed slices into the full weights SI's forward reads
+        before = data.flat_column(self.ds, "ent_si", np.float64) >= self.si_threshold
+        self.set_si(self.corpus_si(self.net.mlm, self.si_candidate, self.ds.remove_columns("ent_si")))
+        self.si_epoch = q - q % n
+        after = data.flat_column(self.ds, "ent_si", np.float64) >= self.si_threshold
+        if self.master:
+            print(f"SI refreshed at epoch {self.si_epoch} (step {self.step}): {int(after.sum())} important mentions, "
+                  f"Jaccard {(before & after).sum() / max(1, (before | after).sum()):.3f} with the previous set",
+                  file=sys.stderr, flush=True)
+
+    def restore_si(self, st):
+        """The SI column a refresh before the checkpoint computed (its model is gone), from training_state."""
+        import pyarrow.compute as pc
+        self.si_epoch = st["epoch"]
+        counts = np.concatenate([pc.list_value_length(b["ent_id"]).to_numpy(zero_copy_only=False)
+                                 for b in self.ds.with_format("arrow").iter(batch_size=1 << 16)])  # (rows,)
+        rows = [x.tolist() for x in np.split(st["values"].astype(np.float64), np.cumsum(counts)[:-1])]
+        self.set_si(self.ds.remove_columns("ent_si").add_column("ent_si", rows))
 
     def get_batch(self, micro):
         a = self.args
@@ -588,6 +623,7 @@ class Trainer:
 
     def train_step(self):
         a = self.args
+        self.refresh_si()
         first = None  # micro-batch 0, when re-routing already built it (its SI forward is not repeated)
         if a.routing and self.step >= a.route_warmup and (self.router is None or self.step % a.route_every == 0):
             self.net.eval()
@@ -658,7 +694,9 @@ class Trainer:
             torch.save({"step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
                         "rng": rngs, "config": vars(self.args), "commit": common.git_commit(),
                         "world": self.world, "global_batch": self.global_batch, "threads": torch.get_num_threads(),
-                        "paths": self.paths, "bank": self.bank.state_dict() if self.bank is not None else None},
+                        "paths": self.paths, "bank": self.bank.state_dict() if self.bank is not None else None,
+                        "si": None if not self.si_epoch else
+                        {"epoch": self.si_epoch, "values": data.flat_column(self.ds, "ent_si", np.float32)}},
                        os.path.join(tmp, "training_state.pt"))
         if os.path.exists(final):
             os.replace(final, old)
@@ -710,6 +748,8 @@ class Trainer:
         self.saved_step = self.step
         if self.bank is not None:
             self.bank.load_state_dict(st["bank"])
+        if st.get("si"):
+            self.restore_si(st["si"])
         if self.paths is not None:
             self.attach_paths()
         else:

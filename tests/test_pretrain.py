@@ -391,3 +391,78 @@ def test_plan_head_and_tile():
     t2 = P.tile(2, batch_size=3)
     assert t2.rows.tolist() == [0, 0, 2, 3, 3, 5] and t2.mention.tolist() == [0, 0, 1, 2, 2, 3]
     assert t2.ent_id.tolist() == [4, 5, 4, 5] and t2.mem[0].shape == (4, 2)
+
+
+def test_si_refresh_rescores_with_the_current_model(tiny_model_dir, tmp_path):
+    """--si-refresh 1: at the first step of epoch 1 (20 sequences / batch 4 = step 5) SI(e) of every
+    candidate is Eq. 1 under the weights of that moment, and the threshold is the corpus-level one
+    of the new values; before it, the initial model's SI."""
+    import entity_importance as ei
+    argv = ["--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "o"), "--batch-size", "4",
+            "--seq-len", "32", "--seed", "1", "--no-routing", "--si-refresh", "1", "--lr", "1e-2"]
+    t = pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+    assert len(t.ds) == 20 and t.global_batch == 4
+    initial = data.flat_column(t.ds, "ent_si", np.float64)
+    for _ in range(5):
+        t.train_step()
+    assert t.si_epoch == 0 and np.array_equal(data.flat_column(t.ds, "ent_si", np.float64), initial, equal_nan=True)
+    t.train_step()  # step 6 starts epoch 1: refresh first
+    assert t.si_epoch == 1
+    si = data.flat_column(t.ds, "ent_si", np.float64)
+    scored = ~np.isnan(si)
+    assert scored.sum() > 3 and np.array_equal(scored, ~np.isnan(initial))
+    assert np.abs(si[scored] - initial[scored]).max() > 1e-6  # another model scored them
+    row = next(i for i in range(len(t.ds)) if t.ds[i]["ent_id"])
+    r = t.ds[row]
+    ids = torch.tensor([r["input_ids"]])
+    n = len(r["ent_start"])
+    # the weights SI saw are those of step 5's end; step 6 has changed them since: recompute from a copy
+    # of the state before step 6 by re-running steps 1-5 in a fresh trainer
+    t2 = pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(
+        [*argv[:5], str(tmp_path / "o2"), *argv[6:]])))
+    for _ in range(5):
+        t2.train_step()
+    ref = ei.semantic_importance(t2.net.mlm, ids, torch.ones_like(ids), torch.zeros(n, dtype=torch.long),
+                                 torch.tensor(r["ent_start"]), torch.tensor(r["ent_end"]), t2.tok.mask_token_id,
+                                 window=8)
+    got = torch.tensor(r["ent_si"])
+    ok = ~torch.isnan(got)
+    assert got[ok].abs().max() > 2e-6  # the tiny random model's SI is small: compare to a few float32 ulps of cos
+    torch.testing.assert_close(got[ok], ref[ok].float(), atol=3e-7, rtol=0)
+    cand = t.si_candidate[data.flat_column(t.ds, "ent_id", np.int64)]
+    assert t.si_threshold == ei.important_threshold(si, cand, 0.5)
+
+
+def test_si_refresh_resumes_exactly_across_the_refresh(tiny_model_dir, tmp_path, monkeypatch):
+    """The refresh at step 6 lies before the step-6 checkpoint: the resumed run must restore the
+    refreshed SI from training_state.pt (its model is gone), and end bitwise equal."""
+    extra = ("--no-routing", "--si-refresh", "1", "--lr", "1e-2")
+    run(tiny_model_dir, tmp_path / "full", *extra, method="trelm", steps=8)
+    orig = pretrain.Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return orig(self)
+    monkeypatch.setattr(pretrain.Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, tmp_path / "split", "--save-every", "3", *extra, method="trelm", steps=8)
+    st = torch.load(tmp_path / "split" / "checkpoint" / "training_state.pt", weights_only=False)
+    assert st["step"] == 6 and st["si"]["epoch"] == 1
+    argv = ["--method", "trelm", "--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "split"),
+            "--max-steps", "8", "--batch-size", "4", "--seq-len", "32", "--log-every", "1", "--seed", "3",
+            "--save-every", "3", "--resume", *extra]
+    t = pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+    initial = data.flat_column(t.ds, "ent_si", np.float32)
+    t.resume()  # the refreshed values come back, not the initial model's
+    restored = data.flat_column(t.ds, "ent_si", np.float32)
+    assert t.si_epoch == 1 and np.array_equal(restored, st["si"]["values"], equal_nan=True)
+    assert not np.array_equal(restored, initial, equal_nan=True)
+    monkeypatch.setattr(pretrain.Trainer, "train_step", orig)
+    run(tiny_model_dir, tmp_path / "split", "--resume", *extra, method="trelm", steps=8)
+    a, b = weights(tmp_path / "full" / "final"), weights(tmp_path / "split" / "final")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+    split = [json.loads(l) for l in open(tmp_path / "split" / "metrics.jsonl")]
+    assert [r["loss"] for r in full] == [r["loss"] for r in split]
