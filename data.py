@@ -650,6 +650,17 @@ def whole_words(ids, word_start, plain):
     return p & start & end
 
 
+def span_mask(ent_batch, ent_start, ent_end, shape):
+    """(B,T) bool: positions inside any mention span [start, end) of row ent_batch (spans may
+    overlap). ent_batch, ent_start, ent_end (M,) int64; shape = (B, T)."""
+    import torch
+    b, t = shape
+    edge = torch.zeros(b, t + 1, dtype=torch.int64, device=ent_start.device)  # +1 at a start, -1 at an end
+    edge.index_put_((ent_batch, ent_start), torch.ones_like(ent_start), accumulate=True)
+    edge.index_put_((ent_batch, ent_end), -torch.ones_like(ent_end), accumulate=True)
+    return edge.cumsum(dim=1)[:, :t] > 0
+
+
 def word_counts(ds, plain):
     """Long-tail word frequency (Sec. 3.4): (V,) int64 occurrences of each token id as a whole word
     (whole_words) outside every linked mention span, over a build_dataset dataset, one vectorised
@@ -662,12 +673,11 @@ def word_counts(ds, plain):
         ids, ws = flat(b["input_ids"]), flat(b["word_start"]).astype(bool)  # (N,) rows end to end
         lens = pc.list_value_length(b["input_ids"]).to_numpy().astype(np.int64)
         row0 = np.repeat(np.cumsum(lens) - lens, pc.list_value_length(b["ent_id"]).to_numpy().astype(np.int64))
-        edge = np.zeros(ids.size + 1, dtype=np.int64)  # +1 at each span start, -1 at its end
-        np.add.at(edge, flat(b["ent_start"]) + row0, 1)
-        np.add.at(edge, flat(b["ent_end"]) + row0, -1)
-        in_span = np.cumsum(edge)[:-1] > 0  # (N,)
+        start, end = torch.from_numpy(flat(b["ent_start"]) + row0), torch.from_numpy(flat(b["ent_end"]) + row0)
+        in_span = span_mask(torch.zeros_like(start), start, end, (1, ids.size))  # (1,N)
         # rows start with [CLS] and end with [SEP], so a row's neighbours never leak into the next
-        word = whole_words(torch.from_numpy(ids)[None], torch.from_numpy(ws)[None], plain)[0].numpy() & ~in_span
+        word = whole_words(torch.from_numpy(ids)[None], torch.from_numpy(ws)[None], plain) & ~in_span  # (1,N)
+        word = word[0].numpy()
         counts += np.bincount(ids[word], minlength=len(plain))
     return counts
 

@@ -139,7 +139,8 @@ def get_parser():
       help="Eq. 4 averages the window without the span (context) or with it (span)")
     a("--long-tail-words", action="store_true",
       help="memory-bank keys also for long-tail words (Sec. 3.2, 3.4; Wu et al. 2020's notes): whole-word tokens "
-           "outside entity spans whose corpus frequency is in [--word-min-count, the --word-percentile-th percentile]")
+           "outside entity spans whose corpus frequency is in [--word-min-count, the --word-percentile-th percentile] "
+           "(keys of the bank: none under --no-memory-bank or --no-injection)")
     a("--word-percentile", type=float, default=75.0,
       help="long-tail word = a whole-word token type at or below this percentile of the corpus's word frequencies")
     a("--word-min-count", type=int, default=2,
@@ -633,8 +634,8 @@ class Trainer:
         ids = batch["orig_ids"]  # (B, T)
         word = data.whole_words(ids, batch["word_start"], self.plain) & self.long_tail_word[ids]
         word &= batch["attention_mask"].bool()
-        rows, cols, _, _ = span_positions(batch["ent_batch"], batch["ent_start"], batch["ent_end"])
-        word[rows, cols] = False  # an entity's tokens are its own key's, never a word's
+        # an entity's tokens are its own key's, never a word's
+        word &= ~data.span_mask(batch["ent_batch"], batch["ent_start"], batch["ent_end"], ids.shape)
         r, c = word.nonzero(as_tuple=True)  # (N,)
         if len(r) == 0:
             return plan

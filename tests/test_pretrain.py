@@ -547,3 +547,8 @@ def test_plan_tile_and_head_carry_the_words():
     t2 = P.tile(2, batch_size=3).words
     assert t2.rows.tolist() == [0, 2, 3, 5] and t2.key.tolist() == [20, 21, 20, 21]
     assert t2.shown.tolist() == [True, False, True, False] and t2.mem[1].shape == (4, 2)
+
+
+def test_span_mask_hand_case_with_overlap():
+    m = data.span_mask(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 0]), torch.tensor([3, 4, 1]), (2, 5))
+    assert m.tolist() == [[False, True, True, True, False], [True, False, False, False, False]]
