@@ -89,8 +89,8 @@ each occurrence of a rare word, mixed into that word's input embedding. Here:
   percentile (default 75) of the occurring words' frequencies and at least --word-min-count (2)
   times: a word seen once would only ever read back its own sentence.
 - key = num_entities + token id (never an entity's key), the same tables and the same rules: the
-  local memory starts as the word's pre-trained embedding (Sec. 3.2: "We initialize M_local using
-  the pre-trained embeddings"); every occurrence updates Eq. 4-6 as a span of one token, with the
+  local memory starts as the word's input embedding when the key is first seen (Sec. 3.2: "We
+  initialize M_local using the pre-trained embeddings"); every occurrence updates Eq. 4-6 as a span of one token, with the
   window rule of entities (shown or masked; --memory-window context leaves the word's own
   position out);
   Eq. 7 mixes at the positions where the input shows the word, with h_e = E_p (its own

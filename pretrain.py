@@ -589,7 +589,7 @@ class Trainer:
             keys = plan.ent_id if plan else torch.zeros(0, dtype=torch.long, device=self.device)
             init = self.memory_init(batch, plan) if plan else torch.zeros(0, H, device=self.device)
             words = plan.words if plan else None
-            if words is not None:  # a word's local memory starts as its pre-trained embedding (Sec. 3.2)
+            if words is not None:  # a word's local memory starts as its input embedding (Sec. 3.2)
                 W = self.net.mlm.get_input_embeddings().weight
                 keys = torch.cat([keys, words.key])
                 init = torch.cat([init, W.detach()[words.key - self.kg.num_entities].float()])
