@@ -139,18 +139,21 @@ def test_torchrun_two_processes_equals_one_process_global_batch(tiny_model_dir, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_torchrun_trelm_ranks_hold_identical_memory_paths_and_weights(tiny_model_dir, tmp_path):
-    """Memory bank (Eq. 4-6 updates gathered in rank order), knowledge paths (attributions
-    all-reduced) and weights are bitwise equal on both ranks after several TRELM steps."""
+@pytest.mark.parametrize("extra", [(), ("--long-tail-words",)])
+def test_torchrun_trelm_ranks_hold_identical_memory_paths_and_weights(tiny_model_dir, tmp_path, extra):
+    """Memory bank (Eq. 4-6 updates gathered in rank order; word keys too), knowledge paths
+    (attributions all-reduced) and weights are bitwise equal on both ranks after several TRELM steps."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            os.path.join(ROOT, "tests", "ddp_trelm_worker.py"), str(tmp_path), "--method", "trelm",
            "--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "run"), "--max-steps", "5",
-           "--batch-size", "2", "--seq-len", "32", "--route-every", "2", "--seed", "2"]
+           "--batch-size", "2", "--seq-len", "32", "--route-every", "2", "--seed", "2", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
     assert len(a["bank"]["sorted_keys"]) > 0
+    num_entities = data.load_kg(os.path.join(FIX, "kg")).num_entities
+    assert (int(a["bank"]["sorted_keys"].max()) >= num_entities) == bool(extra)  # word keys iff the flag
     for k, v in a["bank"].items():
         assert (torch.equal(v, b["bank"][k]) if torch.is_tensor(v) else v == b["bank"][k]), k
     assert all(torch.equal(x, y) for x, y in zip(a["paths"], b["paths"]))
