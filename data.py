@@ -624,6 +624,64 @@ def mention_counts(ds, num_entities):
     return np.bincount(ids, minlength=num_entities).astype(np.int64)
 
 
+def plain_tokens(tokenizer):
+    """(V,) bool over the vocabulary: tokens that may be a word, i.e. not special and with a letter
+    or digit once the subword markers (WordPiece "##", byte-level BPE "\u0120", SentencePiece
+    "\u2581") are stripped; punctuation-only tokens are not plain."""
+    import torch
+    special = set(tokenizer.all_special_ids)
+    names = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([i not in special and any(ch.isalnum() for ch in (n or "").lstrip("#\u0120\u2581"))
+                         for i, n in enumerate(names)], dtype=torch.bool)
+
+
+def whole_words(ids, word_start, plain):
+    """(B,T) bool: tokens that are a whole word by themselves (the long-tail word candidates of
+    Sec. 3.4): a plain token (plain (V,), plain_tokens) that starts a word (word_start, or a non-plain
+    token before it, e.g. "(") and is not continued (the next token starts a word or is not plain,
+    e.g. "," or [SEP]). A word split into several pieces is not a candidate. ids, word_start (B,T)."""
+    import torch
+    p = plain[ids]  # (B,T)
+    cut = word_start | ~p  # (B,T) a word boundary lies before this token
+    start = torch.ones_like(p)
+    start[:, 1:] = word_start[:, 1:] | ~p[:, :-1]
+    end = torch.ones_like(p)
+    end[:, :-1] = cut[:, 1:]
+    return p & start & end
+
+
+def span_mask(ent_batch, ent_start, ent_end, shape):
+    """(B,T) bool: positions inside any mention span [start, end) of row ent_batch (spans may
+    overlap). ent_batch, ent_start, ent_end (M,) int64; shape = (B, T)."""
+    import torch
+    b, t = shape
+    edge = torch.zeros(b, t + 1, dtype=torch.int64, device=ent_start.device)  # +1 at a start, -1 at an end
+    edge.index_put_((ent_batch, ent_start), torch.ones_like(ent_start), accumulate=True)
+    edge.index_put_((ent_batch, ent_end), -torch.ones_like(ent_end), accumulate=True)
+    return edge.cumsum(dim=1)[:, :t] > 0
+
+
+def word_counts(ds, plain):
+    """Long-tail word frequency (Sec. 3.4): (V,) int64 occurrences of each token id as a whole word
+    (whole_words) outside every linked mention span, over a build_dataset dataset, one vectorised
+    pass per Arrow batch (nothing per row in Python)."""
+    import pyarrow.compute as pc
+    import torch
+    counts = np.zeros(len(plain), dtype=np.int64)
+    flat = lambda col: pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
+    for b in ds.with_format("arrow").iter(batch_size=1 << 14):
+        ids, ws = flat(b["input_ids"]), flat(b["word_start"]).astype(bool)  # (N,) rows end to end
+        lens = pc.list_value_length(b["input_ids"]).to_numpy().astype(np.int64)
+        row0 = np.repeat(np.cumsum(lens) - lens, pc.list_value_length(b["ent_id"]).to_numpy().astype(np.int64))
+        start, end = torch.from_numpy(flat(b["ent_start"]) + row0), torch.from_numpy(flat(b["ent_end"]) + row0)
+        in_span = span_mask(torch.zeros_like(start), start, end, (1, ids.size))  # (1,N)
+        # rows start with [CLS] and end with [SEP], so a row's neighbours never leak into the next
+        word = whole_words(torch.from_numpy(ids)[None], torch.from_numpy(ws)[None], plain) & ~in_span  # (1,N)
+        word = word[0].numpy()
+        counts += np.bincount(ids[word], minlength=len(plain))
+    return counts
+
+
 MINI_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")  # where --data mini is built
 
 
@@ -713,7 +771,7 @@ class MLMCollator:
         ids[rand_pos] = torch.randint(len(self.tok), (int(rand_pos.sum()),), generator=generator)
         t = lambda x: torch.tensor(x, dtype=torch.long)
         return dict(input_ids=ids, attention_mask=attn, mlm_labels=labels, orig_ids=labels.where(chosen, ids),
-                    ent_batch=t(eb), ent_start=t(es), ent_end=t(ee), ent_id=t(ei))
+                    word_start=ws, ent_batch=t(eb), ent_start=t(es), ent_end=t(ee), ent_id=t(ei))
 
 
 if __name__ == "__main__":

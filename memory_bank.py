@@ -1,6 +1,7 @@
 """Knowledge-augmented Memory Bank (TRELM, Sec. 3.2, Eq. 4-8).
 
-For every key (a KG entity index; any int64 id works) the bank holds two vectors:
+For every key (a KG entity index, or num_entities + token id for a long-tail word; any int64 id
+works) the bank holds two vectors:
   local memory  = an exponential moving average of the mean last-layer output in a window of k
                   tokens around each mention of the key (Eq. 4-5), initialised from the row given
                   to ensure() (pretrain.py: the key's knowledge embedding h_e, see below);
@@ -73,6 +74,30 @@ Decisions (the paper gives the mechanisms, not these details):
   arguments (sizes first, then padded tensors), concatenates them in rank order and applies the
   same operations, so all ranks hold bitwise-identical memory. A key new to several ranks in the
   same ensure() takes the init of its first occurrence in rank order. gloo (CPU) and nccl (GPU).
+
+Long-tail words as keys (pretrain.py --long-tail-words, off by default). The paper: "We identify
+important entities and long-tail words throughout the corpus. [...] Embeddings of important
+entities and long-tail words are then updated in the Knowledge-augmented Memory Bank" (Sec. 3.4),
+a "cheat sheet" of "semantic information of entities and words" (Fig. 2), after Wu et al. 2020,
+"Taking Notes on the Fly", whose notes are the running average of the contextual outputs around
+each occurrence of a rare word, mixed into that word's input embedding. Here:
+- a word is a token that is a whole word by itself (data.whole_words: it starts a word and the
+  next token does not continue it); a word split into several pieces is not a key (its pieces are
+  shared with other words). Special tokens, punctuation-only tokens and every token inside a linked
+  mention span are not words. Frequency: occurrences in the corpus outside mention spans
+  (data.word_counts, once, like entity frequency); long-tail = at or below the --word-percentile-th
+  percentile (default 75) of the occurring words' frequencies and at least --word-min-count (2)
+  times: a word seen once would only ever read back its own sentence.
+- key = num_entities + token id (never an entity's key), the same tables and the same rules: the
+  local memory starts as the word's input embedding when the key is first seen (Sec. 3.2: "We
+  initialize M_local using the pre-trained embeddings"); every occurrence updates Eq. 4-6 as a span of one token, with the
+  window rule of entities (shown or masked; --memory-window context leaves the word's own
+  position out);
+  Eq. 7 mixes at the positions where the input shows the word, with h_e = E_p (its own
+  embedding), the same lambda_q (Eq. 8) and the same rescaling to |E_p|. Where MLM masks or
+  replaces the word nothing is mixed: the key would tell the answer. Words stay MLM targets (the
+  note is there to help learn them) and are not CKA targets (CKA is over entity tail tokens).
+  A fresh key (memory = E(w), no context yet) mixes to E_p (up to rounding).
 
 Storage: only keys that occur. Tables local (C,H), global_ (C,H) in `dtype` (float32 or bfloat16)
 and count (C,) int64 on `device`, C = capacity (doubles when full); a sorted key array (S,) and

@@ -22,13 +22,16 @@ One optimizer step (Sec. 3.4):
   3. input embedding of each injected span = h_e (Eq. 1 section), mixed with memory (Eq. 7, 8)
   4. forward; L = theta * L_MLM + (1 - theta) * L_CKA (Eq. 2-3); MLM head only at masked positions
   5. memory bank update from the detached outputs at every mention of a key (Eq. 4-6), identical
-     on every rank
+     on every rank; with --long-tail-words also at every long-tail word (memory_bank.py docstring),
+     whose shown occurrences step 3 mixed with Eq. 7 ("important entities and long-tail words",
+     Sec. 3.4)
   6. every --route-every steps: re-attribute FFN neurons (Eq. 9-11) and train only the knowledge
      paths (Eq. 12) until the next re-routing
 
 Paper symbol -> flag: theta --theta, k --window-k, gamma --gamma, lambda_0 --lambda0, beta --beta
 (q: --lambda-q), m --ig-steps, Q exponent 0.75 (cka.py), K --negatives. Decisions where the paper
-is ambiguous (--memory-scale, --memory-init, --memory-window, --si-window): README "Departures".
+is ambiguous (--memory-scale, --memory-init, --memory-window, --si-window, --long-tail-words):
+README "Departures".
 Outputs in --output-dir: checkpoint/ (latest, with training_state.pt, for --resume), final/
 (model + tokenizer, loadable with AutoModelForMaskedLM / AutoTokenizer), metrics.jsonl, config.json.
 A previous run there is continued (--resume: every flag but Trainer.OPERATIONAL, the world size and
@@ -137,6 +140,14 @@ def get_parser():
            "(entity: the CKA targets, so CKA can copy them)")
     a("--memory-window", default="context", choices=("context", "span"),
       help="Eq. 4 averages the window without the span (context) or with it (span)")
+    a("--long-tail-words", action="store_true",
+      help="memory-bank keys also for long-tail words (Sec. 3.2, 3.4; Wu et al. 2020's notes): whole-word tokens "
+           "outside entity spans whose corpus frequency is in [--word-min-count, the --word-percentile-th percentile] "
+           "(keys of the bank: none under --no-memory-bank or --no-injection)")
+    a("--word-percentile", type=float, default=75.0,
+      help="long-tail word = a whole-word token type at or below this percentile of the corpus's word frequencies")
+    a("--word-min-count", type=int, default=2,
+      help="and occurring at least this often (a word seen once would read back its own sentence)")
     a("--memory-dtype", default="fp32", choices=("fp32", "bf16"))
     a("--memory-device", default="cpu", choices=("cpu", "cuda"))
     # Sec. 3.3: routing
@@ -184,12 +195,16 @@ def resolve_config(args):
         bad("--route-ratio", f"expected (0, 1], got {args.route_ratio}")
     if not 0.0 < args.long_tail_percentile <= 100.0:
         bad("--long-tail-percentile", f"expected (0, 100], got {args.long_tail_percentile}")
+    if not 0.0 < args.word_percentile <= 100.0:
+        bad("--word-percentile", f"expected (0, 100], got {args.word_percentile}")
+    if args.word_min_count < 1:
+        bad("--word-min-count", f"expected a positive integer, got {args.word_min_count}")
     if min(args.negatives, args.window_k, args.si_window, args.ig_batch, args.si_refresh) < 0:
         bad("--negatives/--window-k/--si-window/--ig-batch/--si-refresh", "expected non-negative values")
     if args.beta < 1:
         bad("--beta", f"expected >= 1 (Eq. 8: lambda0 / beta^q; 1 = no decay), got {args.beta}")
     for flag in ("lr", "weight_decay", "grad_clip", "theta", "mlm_prob", "lambda0", "gamma", "beta",
-                 "important_fraction", "long_tail_percentile", "route_ratio", "route_threshold"):
+                 "important_fraction", "long_tail_percentile", "word_percentile", "route_ratio", "route_threshold"):
         v = getattr(args, flag)
         if v is not None and not np.isfinite(v):  # nan passes every comparison below
             bad("--" + flag.replace("_", "-"), f"expected a finite number, got {v}")
@@ -203,6 +218,8 @@ def resolve_config(args):
         for flag in ("no_injection", "no_memory_bank", "no_routing"):
             if getattr(args, flag):
                 bad("--" + flag.replace("_", "-"), f"is a TRELM ablation; not valid with --method {args.method}")
+        if args.long_tail_words:
+            bad("--long-tail-words", f"adds memory-bank keys (TRELM only); not valid with --method {args.method}")
     row = METHOD_TABLE[args.method]
     if args.injection is None:
         args.injection = row["injection"]
@@ -221,6 +238,33 @@ def resolve_config(args):
 # The model wrapper: everything that needs gradients happens inside forward(), so DDP sees it.
 
 @dataclass
+class WordNotes:
+    """The long-tail words of one micro-batch (--long-tail-words; Sec. 3.2, 3.4): N occurrences.
+
+    rows, cols (N,): every position of a long-tail word in the original text, outside linked mention
+    spans; key (N,): its memory-bank key, num_entities + token id (never an entity's key);
+    shown (N,) bool: the word is visible in the input (not masked or replaced by MLM), where Eq. 7
+    mixes its memory into E_p; mem (local (N, H), global (N, H)): the memory read before the step.
+    Every occurrence updates the memory after the forward (Eq. 4-6), shown or not."""
+    rows: torch.Tensor
+    cols: torch.Tensor
+    key: torch.Tensor
+    shown: torch.Tensor
+    mem: Optional[tuple] = None
+
+    def head(self, n):
+        keep = self.rows < n  # (N,)
+        return WordNotes(self.rows[keep], self.cols[keep], self.key[keep], self.shown[keep],
+                         None if self.mem is None else tuple(m[keep] for m in self.mem))
+
+    def tile(self, c, batch_size):
+        shift = torch.arange(c, device=self.rows.device).repeat_interleave(len(self.rows))  # (c*N,)
+        rep = lambda t: t.repeat(c, *([1] * (t.dim() - 1)))
+        return WordNotes(self.rows.repeat(c) + shift * batch_size, rep(self.cols), rep(self.key), rep(self.shown),
+                         None if self.mem is None else tuple(rep(m) for m in self.mem))
+
+
+@dataclass
 class Plan:
     """What one micro-batch injects: S selected mentions and their P span positions.
 
@@ -229,7 +273,9 @@ class Plan:
     ent_id (S,), sel (S,): the mentions' KG entities and their index among the batch's M mentions;
     h_e (S, H) or None: the span input before Eq. 7 when fixed (--no-injection: the mask
     embedding), None: h_e = E(t) - E(r), built in forward() so it stays differentiable;
-    negatives (P, K): CKA's draws from Q; mem (local (S, H), global (S, H)), lam, match_norm: Eq. 7.
+    negatives (P, K): CKA's draws from Q; mem (local (S, H), global (S, H)), lam, match_norm: Eq. 7;
+    words: the long-tail words (--long-tail-words), mixed with the same lam and match_norm. A batch
+    with long-tail words and no injected entity has a plan with S = P = 0.
     """
     rows: torch.Tensor
     cols: torch.Tensor
@@ -242,12 +288,14 @@ class Plan:
     mem: Optional[tuple] = None
     lam: float = 0.0
     match_norm: bool = True
+    words: Optional[WordNotes] = None
 
     def head(self, n):
         """The plan restricted to the first n sequences (per-mention tensors stay whole)."""
         keep = self.rows < n  # (P,)
         return replace(self, rows=self.rows[keep], cols=self.cols[keep], mention=self.mention[keep],
-                       targets=self.targets[keep], negatives=None if self.negatives is None else self.negatives[keep])
+                       targets=self.targets[keep], negatives=None if self.negatives is None else self.negatives[keep],
+                       words=None if self.words is None else self.words.head(n))
 
     def tile(self, c, batch_size):
         """The plan of the batch (batch_size sequences) repeated c times along the batch dimension."""
@@ -259,7 +307,8 @@ class Plan:
         return replace(self, rows=self.rows.repeat(c) + shift * batch_size, cols=self.cols.repeat(c),
                        mention=self.mention.repeat(c) + shift * S, targets=self.targets.repeat(c),
                        ent_id=self.ent_id.repeat(c), sel=self.sel.repeat(c), h_e=rep(self.h_e),
-                       negatives=rep(self.negatives), mem=None if self.mem is None else tuple(rep(m) for m in self.mem))
+                       negatives=rep(self.negatives), mem=None if self.mem is None else tuple(rep(m) for m in self.mem),
+                       words=None if self.words is None else self.words.tile(c, batch_size))
 
 
 def relation_decoding_loss(mlm, hidden, targets, relation):
@@ -290,6 +339,11 @@ class KnowledgeMLM(torch.nn.Module):
         if plan is not None:
             h_e = plan.h_e if plan.h_e is not None else self.injector.embed(emb.weight, plan.ent_id)  # (S, H)
             x = span_input(x, plan.rows, plan.cols, plan.mention, h_e, plan.mem, plan.lam, plan.match_norm)  # Eq. (7)
+            w = plan.words
+            if w is not None:  # Eq. (7) at the shown long-tail words, their own embedding E_p in the place of h_e
+                r, c = w.rows[w.shown], w.cols[w.shown]
+                mem = (w.mem[0][w.shown], w.mem[1][w.shown])
+                x = span_input(x, r, c, torch.arange(len(r), device=x.device), x[r, c], mem, plan.lam, plan.match_norm)
         hidden = self.mlm.base_model(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         out = {}
         sel = mlm_labels != -100
@@ -407,6 +461,12 @@ class Trainer:
             self.bank = MemoryBank(mlm.config.hidden_size, window_k=args.window_k, gamma=args.gamma,
                                    dtype=torch.bfloat16 if args.memory_dtype == "bf16" else torch.float32,
                                    device=args.memory_device, context_only=args.memory_window == "context")
+        self.plain = self.long_tail_word = None
+        if args.long_tail_words and args.memory_bank:  # once over the corpus (Sec. 3.4), like entity frequency
+            self.plain = data.plain_tokens(tok).to(self.device)  # (V,)
+            self.word_freq = data.word_counts(self.ds, self.plain.cpu())  # (V,)
+            lt = long_tail_mask(self.word_freq, args.word_percentile, inclusive=True) & (self.word_freq >= args.word_min_count)
+            self.long_tail_word = torch.as_tensor(lt).to(self.device)  # (V,) bool
         if self.master and not args.resume:  # a fresh run starts a fresh routing log
             os.makedirs(args.output_dir, exist_ok=True)
             open(os.path.join(args.output_dir, "routing.jsonl"), "w").close()
@@ -557,13 +617,24 @@ class Trainer:
             batch["ent_si"] = torch.tensor([v for e in examples for v in e["ent_si"]], dtype=torch.float32)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         plan = batch["plan"] = self.plan_injection(batch, g)
+        if self.long_tail_word is not None:
+            plan = batch["plan"] = self.plan_words(batch, plan)
         if self.bank is not None:  # collective under DDP: every rank calls it, with or without mentions
             H = self.net.mlm.config.hidden_size
             keys = plan.ent_id if plan else torch.zeros(0, dtype=torch.long, device=self.device)
             init = self.memory_init(batch, plan) if plan else torch.zeros(0, H, device=self.device)
+            words = plan.words if plan else None
+            if words is not None:  # a word's local memory starts as its input embedding (Sec. 3.2)
+                W = self.net.mlm.get_input_embeddings().weight
+                keys = torch.cat([keys, words.key])
+                init = torch.cat([init, W.detach()[words.key - self.kg.num_entities].float()])
             self.bank.ensure(keys, init, process_group=self.group)
             if plan:
-                plan.mem = tuple(t.to(self.device) for t in self.bank.read(keys))
+                mem = tuple(t.to(self.device) for t in self.bank.read(keys))
+                S = len(plan.ent_id)
+                plan.mem = mem if words is None else tuple(m[:S] for m in mem)
+                if words is not None:
+                    words.mem = tuple(m[S:] for m in mem)
                 plan.lam = self.lam()  # Eq. (8)
         return batch
 
@@ -591,6 +662,27 @@ class Trainer:
         return plan
 
     @torch.no_grad()
+    def plan_words(self, batch, plan):
+        """The batch's long-tail words (--long-tail-words) -> plan with .words, or plan unchanged when
+        there are none (an empty entity plan is made for a batch with words and no injected entity).
+        Words are read from the original text (orig_ids), outside every linked mention span."""
+        ids = batch["orig_ids"]  # (B, T)
+        word = data.whole_words(ids, batch["word_start"], self.plain) & self.long_tail_word[ids]
+        word &= batch["attention_mask"].bool()
+        # an entity's tokens are its own key's, never a word's
+        word &= ~data.span_mask(batch["ent_batch"], batch["ent_start"], batch["ent_end"], ids.shape)
+        r, c = word.nonzero(as_tuple=True)  # (N,)
+        if len(r) == 0:
+            return plan
+        words = WordNotes(r, c, ids[r, c] + self.kg.num_entities, batch["input_ids"][r, c] == ids[r, c])
+        if plan is None:
+            z = torch.zeros(0, dtype=torch.long, device=self.device)
+            plan = Plan(z, z, z, z, ent_id=z, sel=z, match_norm=self.args.memory_scale == "embedding",
+                        negatives=None if self.sampler is None else z.new_zeros(0, self.args.negatives))
+        plan.words = words
+        return plan
+
+    @torch.no_grad()
     def memory_init(self, batch, plan):
         """(S, H) initial local memory of the plan's keys: h_e (--memory-init knowledge) or the mean
         input embedding of the mention's own tokens, i.e. of its CKA targets (entity)."""
@@ -606,8 +698,12 @@ class Trainer:
         """Local (Eq. 4-5) and global (Eq. 6) memory from this forward, for every mention of an
         entity in the bank ("an entity e present in both sentence x and M"), injected or not."""
         seen = self.bank.contains(batch["ent_id"])  # (M,)
-        self.bank.observe(hidden, batch["attention_mask"], batch["ent_batch"][seen], batch["ent_start"][seen],
-                          batch["ent_end"][seen], batch["ent_id"][seen], process_group=self.group)
+        rows, start, end, keys = (batch[k][seen] for k in ("ent_batch", "ent_start", "ent_end", "ent_id"))
+        words = batch["plan"].words if batch["plan"] is not None else None
+        if words is not None:  # every occurrence of a long-tail word, shown or masked: a span of one token
+            rows, start = torch.cat([rows, words.rows]), torch.cat([start, words.cols])
+            end, keys = torch.cat([end, words.cols + 1]), torch.cat([keys, words.key])
+        self.bank.observe(hidden, batch["attention_mask"], rows, start, end, keys, process_group=self.group)
 
     def epoch_fraction(self):
         """Epochs of data seen so far (fractional)."""
@@ -636,6 +732,8 @@ class Trainer:
         dec = {"cka": ("l_cka",), "relation": ("l_dec",), "none": ()}[self.net.decoding]
         stats = {"l_mlm": 0.0, **{k: 0.0 for k in dec}, "loss": 0.0, "injected": 0, "mentions": 0, "tokens": 0,
                  "lambda": self.lam() if self.bank is not None else 0.0}  # Eq. (8) weight used this step
+        if self.long_tail_word is not None:
+            stats["words_mixed"] = 0  # long-tail word positions whose input Eq. 7 mixed (--long-tail-words)
         for micro in range(a.grad_accum):
             batch = first if micro == 0 and first is not None else self.get_batch(micro)
             plan = batch["plan"]
@@ -653,6 +751,8 @@ class Trainer:
                 stats[k] += float(out[k].detach()) / a.grad_accum
             stats["tokens"] += int(batch["attention_mask"].sum()) * self.world
             stats["injected"] += 0 if plan is None else len(plan.sel)
+            if self.long_tail_word is not None:
+                stats["words_mixed"] += 0 if plan is None or plan.words is None else int(plan.words.shown.sum())
             stats["mentions"] += len(batch["ent_id"])
         if self.router is not None:
             self.router.all_reduce_grads()  # no-op without DDP
@@ -792,6 +892,9 @@ class Trainer:
         ok &= {"important": lt, "long-tail": lt, "dkplm": lt, "frequent": ~lt, "all": torch.ones_like(lt)}[a.injection]
         c.update(mentions=int(freq.sum()), entities_linked=int((freq > 0).sum()), entities=len(freq),
                  injectable_mentions=int(freq[ok].sum()))
+        if self.long_tail_word is not None:  # --long-tail-words: word keys and their occurrences
+            lt = self.long_tail_word.cpu().numpy()
+            c.update(long_tail_words=int(lt.sum()), long_tail_word_occurrences=int(self.word_freq[lt].sum()))
         return c
 
 
@@ -937,6 +1040,9 @@ def train(args):
                   f"{c['entities_linked']} of {c['entities']} KG entities linked; --injection {a.injection} may "
                   f"inject {c['injectable_mentions']} mentions ({100 * c['injectable_mentions'] / max(1, c['mentions']):.1f}%)",
                   flush=True)
+        if "long_tail_words" in census:
+            print(f"{a.method}: --long-tail-words: {census['long_tail_words']} word keys, "
+                  f"{census['long_tail_word_occurrences']} occurrences in the corpus", flush=True)
     from tqdm import tqdm
     bar = tqdm(total=a.max_steps, initial=t.step, disable=not t.master, desc=a.method, dynamic_ncols=True)
     t0 = time.time()
