@@ -417,7 +417,8 @@ def test_main_end_to_end_seeds_resume(tmp_path, tiny_model_dir, capsys):
                 "config": {"method": "trelm"}}, state)
     out, work = tmp_path / "results", tmp_path / "work"
     argv = ["--model", tiny_model_dir, "--facts-dir", str(d), "--lm-text", str(text), "--target-relation", "P36",
-            "--known-k", "100000", "--target-size", "3", "--steps", "3", "--lm-seqs", "2", "--lm-len", "16",
+            "--known-k", "100000", "--control-known-k", "100000", "--target-size", "3", "--steps", "3",
+            "--lm-seqs", "2", "--lm-len", "16",
             "--random-seeds", "2", "--ig-steps", "2", "--output-dir", str(out), "--work-dir", str(work),
             "--training-state", str(state), "--seeds", "0", "1", "--log-every", "1"]
     S.main(argv)
@@ -441,3 +442,16 @@ def test_main_end_to_end_seeds_resume(tmp_path, tiny_model_dir, capsys):
     assert json.loads((out / "subnetworks.json").read_text())["metrics"]["sparsity"] == m["sparsity"]
     with pytest.raises(SystemExit, match="--steps 3 -> 4"):
         S.main(argv + ["--resume", "--steps", "4"])
+
+
+def test_split_control_known_k_keeps_only_facts_the_model_nearly_knows():
+    F = lambda r, s, o: dict(relation=r, sub=s, obj=o, template="[X] [Y]")
+    facts = [F("P36", "France", "Paris"), F("P30", "Spain", "Europe"), F("P30", "Japan", "Asia"),
+             F("P36", "Italy", "Rome"), F("P36", "Peru", "Lima")]
+    ranks = [1, 3, 40, 10, 11]
+    target, control = S.split_facts(facts, ranks, seed=0, target_size=1, control_known_k=10)
+    assert target == [facts[0]] and sorted(facts.index(f) for f in control) == [1, 3]  # ranks 3 and 10, not 40, 11
+    _, anyrank = S.split_facts(facts, ranks, seed=0, target_size=1)
+    assert sorted(facts.index(f) for f in anyrank) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="--control-known-k 2"):
+        S.split_facts(facts, ranks, seed=0, target_size=1, control_known_k=2)
