@@ -706,10 +706,16 @@ def run_pilot(args):
 # REPORT.md
 
 def load_results(out_dir):
-    """{task: results JSON} for the study's tasks present in out_dir."""
-    tasks = ("base", "pilot", "ablation", "injection", "hparams", "efficiency")
-    return {t: json.load(open(os.path.join(out_dir, f"{t}.json"))) for t in tasks
-            if os.path.exists(os.path.join(out_dir, f"{t}.json"))}
+    """{task: results JSON} for the study's tasks present in out_dir; an experiment's JSON in an older
+    format (no per-seed prior-free score) is skipped with plots.py's message, i.e. reported as not run."""
+    import plots
+    out = {t: json.load(open(os.path.join(out_dir, f"{t}.json"))) for t in ("base", "pilot")
+           if os.path.exists(os.path.join(out_dir, f"{t}.json"))}
+    for t in ("ablation", "injection", "hparams", "efficiency"):
+        doc = plots.load(out_dir, t) if os.path.exists(os.path.join(out_dir, f"{t}.json")) else None
+        if doc is not None:
+            out[t] = doc
+    return out
 
 
 def pending_reasons(args, res):

@@ -26,7 +26,7 @@ HATCHES = ["", "//", "..", "xx", "\\\\"]
 LABELS = {"mlm": "MLM (no knowledge)", "dkplm": "DKPLM", "trelm": "TRELM",
           "trelm_no-memory-bank": "TRELM w/o memory bank", "trelm_no-routing": "TRELM w/o routing",
           "trelm_inj-long-tail": "long-tail", "trelm_inj-frequent": "frequent", "trelm_inj-all": "all"}
-MAKES = {"injection": "python evaluate.py --task injection", "efficiency": "python evaluate.py --task efficiency",
+MAKES = {"ablation": "python evaluate.py --task ablation", "injection": "python evaluate.py --task injection", "efficiency": "python evaluate.py --task efficiency",
          "hparams": "python evaluate.py --task hparams", "subnetworks": "python subnetworks.py"}
 SCORE_LABEL = "score: seen - held-out MRR (x 100)"
 
