@@ -180,7 +180,7 @@ def test_report_status_pending_until_final(tmp_path, monkeypatch):
     args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out), "--steps", "300"])
     seeds = {str(s): {"score_MRR": 0.1} for s in range(3)}
     for t in ("ablation", "injection", "hparams", "efficiency"):
-        (out / f"{t}.json").write_text(json.dumps({"metrics": {"trelm": {"seeds": seeds}}}))
+        (out / f"{t}.json").write_text(json.dumps({"metrics": {"trelm": {"seeds": seeds, "mean": {"score_MRR": 0.1}}}}))
     for s in range(3):
         (out / "runs" / f"trelm-n300-s{s}.json").write_text(json.dumps({"commit": "c0ffee"}))
     (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 300, "resolves": True}}))
@@ -189,6 +189,8 @@ def test_report_status_pending_until_final(tmp_path, monkeypatch):
     (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 600, "resolves": True}}))
     why = ex.pending_reasons(args, ex.load_results(str(out)))
     assert any("c0ffee-dirty" in w for w in why) and any("recommends --steps 600" in w for w in why)
+    (out / "hparams.json").write_text(json.dumps({"metrics": {"trelm": {"score": 0.1}}}))  # an older format
+    assert "hparams not run" in ex.pending_reasons(args, ex.load_results(str(out)))
 
 
 def test_code_changed_since_looks_at_python_files_only(tmp_path):
