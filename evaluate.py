@@ -98,6 +98,7 @@ TASK_MODULES = {  # task -> module exposing add_args(parser) and TASKS; imported
     "efficiency": "experiments",
     "reproduce": "experiments",
     "report": "experiments",
+    "same-code": "experiments",
 }
 
 

@@ -136,6 +136,10 @@ def add_args(parser):
     g.add_argument("--target-effect", type=float, default=0.2, help="pilot: relative difference to resolve")
     g.add_argument("--figures", default="figures", help="reproduce: where plots.py writes")
     g.add_argument("--report", default="REPORT.md", help="reproduce: the report written")
+    g.add_argument("--against", default=None, help="same-code: the commit whose runs are checked against this code")
+    g.add_argument("--check-variants", default=None,
+                   help="same-code: comma-separated variants (default: every variant of the tasks in --output-dir)")
+    g.add_argument("--check-steps", type=int, default=4, help="same-code: steps of each deterministic run")
 
 
 def int_list(flag, value):
@@ -727,9 +731,12 @@ def pending_reasons(args, res):
     runs = os.path.join(args.output_dir, "runs")
     commits = {json.load(open(os.path.join(runs, f))).get("commit") for f in sorted(os.listdir(runs))
                if f"-n{args.steps}-s" in f and f.endswith(".json")} if os.path.isdir(runs) else set()
+    checks = code_checks(args.output_dir)
     for c in sorted(commits, key=str):
         changed = code_changed_since(c)
-        if changed:
+        variants = {f.rsplit("-n", 1)[0] for f in os.listdir(runs) if f.endswith(".json")
+                    and json.load(open(os.path.join(runs, f))).get("commit") == c}
+        if changed and not still_current(c, variants, checks):
             why.append(f"runs made at {str(c)[:12]}{'-dirty' if str(c).endswith('-dirty') else ''}; the code differs "
                        f"at HEAD {common.git_commit()[:12]} ({changed})")
     if args.model == "base" and "base" in res and not plateaued(res["base"]["metrics"]):
@@ -755,6 +762,82 @@ def code_changed_since(commit, repo=None):
     if r.returncode:
         return f"commit {commit[:12]} not in this clone"
     return ", ".join(r.stdout.split())
+
+
+def code_checks(out_dir):
+    """The same-code checks recorded in <output-dir>/code_checks.json (a list, oldest first)."""
+    path = os.path.join(out_dir, "code_checks.json")
+    return json.load(open(path)) if os.path.exists(path) else []
+
+
+def still_current(commit, variants, checks):
+    """True if a recorded same-code check found every one of `variants` bitwise identical between
+    `commit` and code equal to this checkout's (a .py-identical commit)."""
+    return any(str(commit).startswith(c["from"]) and not code_changed_since(c["to"]) and
+               all(c["variants"].get(v) for v in variants) for c in checks)
+
+
+def run_same_code(args):
+    """Do results made at --against still describe this code? Short deterministic runs of each variant
+    (--check-steps steps, seed 0, the study's shape and initial model, re-routing every 2 steps) in a
+    checkout of --against and in this one, final weights and every logged loss compared bitwise. The
+    outcome is appended to <output-dir>/code_checks.json; REPORT.md's pending check accepts runs of a
+    commit whose every variant passed against code equal to the current."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+    if not args.against:
+        raise SystemExit("--task same-code needs --against COMMIT (the commit the results were made at)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if args.check_variants:
+        names = [n.strip() for n in args.check_variants.split(",") if n.strip()]
+    else:
+        present = load_results(args.output_dir)
+        names = sorted({n for t in ("pilot", "ablation", "injection", "hparams", "efficiency") if t in present
+                        for n, _ in VARIANTS[t]})
+    flags = {n: f for t in VARIANTS.values() for n, f in t}
+    unknown = [n for n in names if n not in flags]
+    if unknown or not names:
+        raise SystemExit(f"--check-variants: unknown {unknown} (known: {sorted(flags)})" if unknown else
+                         f"--task same-code: no study results in {args.output_dir}; name --check-variants")
+    model = os.path.abspath(study_model(args)[0]()) if args.model == "base" else args.model
+    tmp = tempfile.mkdtemp(prefix="same-code-")
+    old = os.path.join(tmp, "old")
+    r = subprocess.run(["git", "worktree", "add", "--detach", old, args.against], cwd=here, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"--against {args.against}: cannot check it out: {r.stderr.strip()}")
+    data_arg = args.data if args.data == "mini" else os.path.abspath(args.data)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    same = {}
+    try:
+        for n in names:
+            outs = []
+            for tree in (old, here):
+                out = os.path.join(tmp, f"{n}-{'old' if tree == old else 'new'}")
+                cmd = [sys.executable, "pretrain.py", *flags[n], "--model", model, "--data", data_arg, "--output-dir", out,
+                       "--max-steps", str(args.check_steps), "--seq-len", str(args.seq_len), "--batch-size",
+                       str(args.train_batch_size), "--seed", "0", "--deterministic", "--route-every", "2", "--log-every", "1",
+                       *args.pretrain_args.split()]
+                r = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+                if r.returncode:
+                    raise SystemExit(f"same-code: {n} failed in {tree}: {r.stderr.strip().splitlines()[-1:]}")
+                outs.append(out)
+            a, b = (load_file(os.path.join(o, "final", "model.safetensors")) for o in outs)
+            la, lb = ([json.loads(l)["loss"] for l in open(os.path.join(o, "metrics.jsonl"))] for o in outs)
+            same[n] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and la == lb
+            print(f"same-code {args.against[:12]} vs this checkout, {n}: {'bitwise identical' if same[n] else 'DIFFERENT'}")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", old], cwd=here, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    full = subprocess.run(["git", "rev-parse", args.against], cwd=here, capture_output=True, text=True).stdout.strip()
+    rec = {"from": full or args.against, "to": common.git_commit(), "variants": same, "steps": args.check_steps,
+           "model": model if args.model != "base" else "base", "command": "python evaluate.py --task same-code "
+           f"--against {args.against}" + (f" --check-variants {args.check_variants}" if args.check_variants else "")}
+    common.atomic_write_json(os.path.join(args.output_dir, "code_checks.json"), code_checks(args.output_dir) + [rec])
+    return rec
 
 
 def effect(v, scale=100):
@@ -898,4 +981,5 @@ def run_report(args):
 
 
 TASKS = {"base": run_base, "pilot": run_pilot, "ablation": run_ablation, "injection": run_injection,
-         "hparams": run_hparams, "efficiency": run_efficiency, "reproduce": run_reproduce, "report": run_report}
+         "hparams": run_hparams, "efficiency": run_efficiency, "reproduce": run_reproduce, "report": run_report,
+         "same-code": run_same_code}

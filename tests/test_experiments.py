@@ -210,3 +210,44 @@ def test_code_changed_since_looks_at_python_files_only(tmp_path):
     assert ex.code_changed_since(c, repo=tmp_path) == "a.py"
     assert ex.code_changed_since(c + "-dirty", repo=tmp_path) == "unknown or uncommitted code"
     assert "not in this clone" in ex.code_changed_since("f" * 40, repo=tmp_path)
+
+
+def test_pending_accepts_runs_of_a_commit_a_same_code_check_passed(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setattr(common, "git_commit", lambda: "beef")
+    monkeypatch.setattr(ex, "code_changed_since", lambda c: "" if c == "beef" else "pretrain.py")
+    out = tmp_path / "results"
+    (out / "runs").mkdir(parents=True)
+    args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out), "--steps", "300"])
+    for v in ("trelm", "mlm"):
+        (out / "runs" / f"{v}-n300-s0.json").write_text(json.dumps({"commit": "c0ffee"}))
+    reasons = lambda: [w for w in ex.pending_reasons(args, {}) if "c0ffee" in w]
+    assert reasons()  # the code changed since c0ffee
+    check = {"from": "c0ffee", "to": "beef", "variants": {"trelm": True, "mlm": False}}
+    (out / "code_checks.json").write_text(json.dumps([check]))
+    assert reasons()  # mlm differed
+    check["variants"]["mlm"] = True
+    (out / "code_checks.json").write_text(json.dumps([check]))
+    assert not reasons()  # every variant of c0ffee's runs is bitwise identical at code equal to HEAD's
+    del check["variants"]["mlm"]
+    (out / "code_checks.json").write_text(json.dumps([check]))
+    assert reasons()  # mlm was not checked
+
+
+def test_same_code_against_this_commit_is_bitwise_identical(tiny_model_dir, tmp_path):
+    import subprocess
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "results"
+    out.mkdir()
+    fixture = os.path.join(here, "tests", "fixtures", "tiny_data")
+    argv = ["--task", "same-code", "--against", head.stdout.strip(), "--check-variants", "mlm", "--check-steps", "2",
+            "--model", tiny_model_dir, "--data", fixture, "--output-dir", str(out), "--seq-len", "32",
+            "--train-batch-size", "4"]
+    evaluate.main(argv)
+    rec = json.load(open(out / "code_checks.json"))
+    assert len(rec) == 1 and rec[0]["variants"] == {"mlm": True} and rec[0]["from"] == head.stdout.strip()
+    with pytest.raises(SystemExit, match="--against"):
+        evaluate.main([*argv[:3], "f" * 40, *argv[4:]])
