@@ -833,7 +833,9 @@ def run_same_code(args):
         subprocess.run(["git", "worktree", "remove", "--force", old], cwd=here, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
     full = subprocess.run(["git", "rev-parse", args.against], cwd=here, capture_output=True, text=True).stdout.strip()
-    rec = {"from": full or args.against, "to": common.git_commit(), "variants": same, "steps": args.check_steps,
+    head = common.git_commit().removesuffix("-dirty")
+    to = head if not code_changed_since(head) else head + "-dirty"  # results or docs edited since HEAD: still HEAD's code
+    rec = {"from": full or args.against, "to": to, "variants": same, "steps": args.check_steps,
            "model": model if args.model != "base" else "base", "command": "python evaluate.py --task same-code "
            f"--against {args.against}" + (f" --check-variants {args.check_variants}" if args.check_variants else "")}
     common.atomic_write_json(os.path.join(args.output_dir, "code_checks.json"), code_checks(args.output_dir) + [rec])
