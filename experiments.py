@@ -521,11 +521,11 @@ def efficiency_ratios(res, baseline="dkplm", key=PRIMARY):
     return out
 
 
-def ratio_verdict(ratios, claim=PAPER["efficiency_ratio"]):
+def ratio_verdict(ratios, claim=PAPER["efficiency_ratio"], baseline="DKPLM"):
     """'ratio <= claim' by the rule on claim - ratio_s; an unreached seed's ratio is only a lower bound."""
     v = verdict({s: claim for s in ratios}, {s: r["ratio"] for s, r in ratios.items()})
     if v["verdict"] == "held" and not all(r["reached"] for r in ratios.values()):
-        v["verdict"] = "inconclusive (TRELM did not reach DKPLM's final score in some seeds)"
+        v["verdict"] = f"inconclusive (TRELM did not reach {baseline}'s final score in some seeds)"
     return v
 
 
@@ -634,7 +634,7 @@ def run_efficiency(args):
     modules = {n: efficiency_ratios(res, baseline=n) for n in ("trelm_no-memory-bank", "trelm_no-routing")}
     eff = {"time_to_dkplm_final": ratios, "ratio_verdict": ratio_verdict(ratios), "mean_s_per_step": step,
            "time_to_ablation_final": modules,
-           "module_verdicts": {n: ratio_verdict(r, claim=1.0) for n, r in modules.items()},
+           "module_verdicts": {n: ratio_verdict(r, claim=1.0, baseline=n) for n, r in modules.items()},
            "step_time_over_mlm": {n: t / step["mlm"] for n, t in step.items()},
            "curves": {n: {s: r["curve"] for s, r in v["records"].items()} for n, v in res.items()}}
     rows = "".join(f"| {s} | {fmt(r['dkplm_final'])} | {r['dkplm_time']:.0f} | "
@@ -750,18 +750,31 @@ def pending_reasons(args, res):
     return why
 
 
+# .py files no study run executes: the tests, the subnetwork analysis, the benchmark, the figure drawing
+# (figures are redrawn from results/); editing them leaves the study's results current
+NOT_STUDY_CODE = ("tests/", "subnetworks.py", "bench.py", "plots.py")
+
+
 def code_changed_since(commit, repo=None):
-    """'' if no tracked .py file differs between `commit` and the working tree of `repo` (default: this
-    checkout; results, figures and docs committed after a run leave it current), else the changed
-    files or why it cannot tell."""
+    """'' if no tracked .py file that study runs execute differs between `commit` and the working tree of
+    `repo` (default: this checkout; results, figures and docs committed after a run leave it current),
+    else the changed files or why it cannot tell."""
     import subprocess
     if not commit or commit == "unknown" or commit.endswith("-dirty"):
         return "unknown or uncommitted code"
     repo = repo or os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run(["git", "diff", "--name-only", commit, "--", "*.py"], cwd=repo, capture_output=True, text=True)
+    r = subprocess.run(["git", "diff", "--name-only", commit, "--", "*.py", *(f":!{p}" for p in NOT_STUDY_CODE)],
+                       cwd=repo, capture_output=True, text=True)
     if r.returncode:
         return f"commit {commit[:12]} not in this clone"
     return ", ".join(r.stdout.split())
+
+
+def code_commit():
+    """HEAD, or HEAD-dirty if study code differs from it (results, figures or docs edited since HEAD, as
+    when plots.py has just redrawn the figures, leave it HEAD's code)."""
+    head = common.git_commit().removesuffix("-dirty")
+    return head if not code_changed_since(head) else head + "-dirty"
 
 
 def code_checks(out_dir):
@@ -833,8 +846,7 @@ def run_same_code(args):
         subprocess.run(["git", "worktree", "remove", "--force", old], cwd=here, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
     full = subprocess.run(["git", "rev-parse", args.against], cwd=here, capture_output=True, text=True).stdout.strip()
-    head = common.git_commit().removesuffix("-dirty")
-    to = head if not code_changed_since(head) else head + "-dirty"  # results or docs edited since HEAD: still HEAD's code
+    to = code_commit()
     rec = {"from": full or args.against, "to": to, "variants": same, "steps": args.check_steps,
            "model": model if args.model != "base" else "base", "command": "python evaluate.py --task same-code "
            f"--against {args.against}" + (f" --check-variants {args.check_variants}" if args.check_variants else "")}
@@ -959,7 +971,7 @@ def write_report(args):
               "paper's scale; the paper's values above are for BERT/RoBERTa-base on Wikipedia + Wikidata5M, ours for "
               "a 6-layer MiniLM, a few hundred facts and minutes of CPU. A verdict here is about this scale only.",
               f"Figures: {args.figures}/; tables: {args.output_dir}/*.md; per-run JSON: {args.output_dir}/runs/. "
-              f"Commit {common.git_commit()}.", ""]
+              f"Code of commit {code_commit()}.", ""]
     common.atomic_write(args.report, lambda tmp: open(tmp, "w").write("\n".join(lines)))
     print("\n".join(lines))
     return args.report

@@ -193,7 +193,7 @@ def test_report_status_pending_until_final(tmp_path, monkeypatch):
     assert "hparams not run" in ex.pending_reasons(args, ex.load_results(str(out)))
 
 
-def test_code_changed_since_looks_at_python_files_only(tmp_path):
+def test_code_changed_since_looks_at_study_code_only(tmp_path):
     import subprocess
     git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
                                     check=True, capture_output=True, text=True).stdout.strip()
@@ -205,6 +205,12 @@ def test_code_changed_since_looks_at_python_files_only(tmp_path):
     c = git("rev-parse", "HEAD")
     (tmp_path / "REPORT.md").write_text("new results\n")  # results committed after the run: still current
     git("commit", "-qam", "results")
+    assert ex.code_changed_since(c, repo=tmp_path) == ""
+    for f in ("tests/test_a.py", "subnetworks.py"):  # code no study run executes: still current
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).write_text("y = 1\n")
+        git("add", f)
+    git("commit", "-qm", "tests and analysis")
     assert ex.code_changed_since(c, repo=tmp_path) == ""
     (tmp_path / "a.py").write_text("x = 2\n")
     assert ex.code_changed_since(c, repo=tmp_path) == "a.py"
@@ -251,3 +257,12 @@ def test_same_code_against_this_commit_is_bitwise_identical(tiny_model_dir, tmp_
     assert len(rec) == 1 and rec[0]["variants"] == {"mlm": True} and rec[0]["from"] == head.stdout.strip()
     with pytest.raises(SystemExit, match="--against"):
         evaluate.main([*argv[:3], "f" * 40, *argv[4:]])
+
+
+def test_report_names_head_when_only_results_changed(monkeypatch):
+    import common
+    monkeypatch.setattr(common, "git_commit", lambda: "c0ffee-dirty")  # plots.py has just redrawn figures/
+    monkeypatch.setattr(ex, "code_changed_since", lambda c: "")
+    assert ex.code_commit() == "c0ffee"
+    monkeypatch.setattr(ex, "code_changed_since", lambda c: "pretrain.py")
+    assert ex.code_commit() == "c0ffee-dirty"
