@@ -171,13 +171,20 @@ def test_band_is_mean_and_std_over_seeds():
     assert list(mean) == pytest.approx([1.0, 6.0, 11.0]) and list(std) == pytest.approx([math.sqrt(2)] * 3)
 
 
-def test_report_status_pending_until_final(tmp_path, monkeypatch):
+def _study_at_head(tmp_path, monkeypatch, head):
+    """An empty results/ (with runs/) for a 300-step study whose HEAD is `head`, where only `head`'s code
+    is current; returns (results dir, parsed reproduce args)."""
     import common
-    monkeypatch.setattr(common, "git_commit", lambda: "c0ffee")
-    monkeypatch.setattr(ex, "code_changed_since", lambda c: "" if c == "c0ffee" else "pretrain.py")
+    monkeypatch.setattr(common, "git_commit", lambda: head)
+    monkeypatch.setattr(ex, "code_changed_since", lambda c: "" if c == head else "pretrain.py")
     out = tmp_path / "results"
     (out / "runs").mkdir(parents=True)
-    args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out), "--steps", "300"])
+    return out, evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out),
+                                                               "--steps", "300"])
+
+
+def test_report_status_pending_until_final(tmp_path, monkeypatch):
+    out, args = _study_at_head(tmp_path, monkeypatch, "c0ffee")
     seeds = {str(s): {"score_MRR": 0.1} for s in range(3)}
     for t in ("ablation", "injection", "hparams", "efficiency"):
         (out / f"{t}.json").write_text(json.dumps({"metrics": {"trelm": {"seeds": seeds, "mean": {"score_MRR": 0.1}}}}))
@@ -219,12 +226,7 @@ def test_code_changed_since_looks_at_study_code_only(tmp_path):
 
 
 def test_pending_accepts_runs_of_a_commit_a_same_code_check_passed(tmp_path, monkeypatch):
-    import common
-    monkeypatch.setattr(common, "git_commit", lambda: "beef")
-    monkeypatch.setattr(ex, "code_changed_since", lambda c: "" if c == "beef" else "pretrain.py")
-    out = tmp_path / "results"
-    (out / "runs").mkdir(parents=True)
-    args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out), "--steps", "300"])
+    out, args = _study_at_head(tmp_path, monkeypatch, "beef")
     for v in ("trelm", "mlm"):
         (out / "runs" / f"{v}-n300-s0.json").write_text(json.dumps({"commit": "c0ffee"}))
     reasons = lambda: [w for w in ex.pending_reasons(args, {}) if "c0ffee" in w]

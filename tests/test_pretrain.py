@@ -236,6 +236,28 @@ def _grab(seen, name, get):
     return hook
 
 
+def _known_memory(t, keys, H):
+    """Write random local / global memories (count 1) for `keys` into t's bank; {key: (local, global, 1)}."""
+    slots = t.bank._find(keys)[0]
+    g = torch.Generator().manual_seed(5)
+    A, G = 9 * torch.randn(len(keys), H, generator=g), 7 * torch.randn(len(keys), H, generator=g)
+    t.bank.local[slots], t.bank.global_[slots], t.bank.count[slots] = A, G, 1
+    return {int(k): (A[i].clone(), G[i].clone(), 1) for i, k in enumerate(keys)}
+
+
+def _captured_step(t, mlm):
+    """One t.train_step(); returns its stats and the encoder's inputs_embeds ("x"), last hidden state ("h")
+    and the MLM labels ("labels") of that step."""
+    seen = {}
+    h1 = mlm.base_model.register_forward_pre_hook(_grab(seen, "x", lambda a, kw: kw["inputs_embeds"]), with_kwargs=True)
+    h2 = mlm.base_model.register_forward_hook(_grab(seen, "h", lambda i, o: o.last_hidden_state))
+    orig_forward = t.net.forward
+    t.net.forward = lambda *args, **kw: (seen.setdefault("labels", args[2].clone()), orig_forward(*args, **kw))[1]
+    stats = t.train_step()
+    h1.remove(), h2.remove()
+    return stats, seen
+
+
 def _trainer(model_dir, out, *extra):
     argv = ["--model", model_dir, "--data", FIX, "--output-dir", str(out), "--batch-size", "8", "--seq-len", "32",
             "--seed", "1", "--no-routing", "--injection", "long-tail", "--window-k", "2", *extra]
@@ -257,20 +279,10 @@ def test_one_trelm_step_position_by_position(kind, tmp_path):
     plan = peek["plan"]
     assert plan is not None and len(plan.rows) > 0
     keys = torch.unique(plan.ent_id)
-    slots = t.bank._find(keys)[0]
-    g = torch.Generator().manual_seed(5)
-    A, G = 9 * torch.randn(len(keys), H, generator=g), 7 * torch.randn(len(keys), H, generator=g)
-    t.bank.local[slots], t.bank.global_[slots], t.bank.count[slots] = A, G, 1  # a known memory
-    mem_before = {int(k): (A[i].clone(), G[i].clone(), 1) for i, k in enumerate(keys)}
+    mem_before = _known_memory(t, keys, H)
     W0 = W.detach().clone()
 
-    seen = {}
-    h1 = mlm.base_model.register_forward_pre_hook(_grab(seen, "x", lambda a, kw: kw["inputs_embeds"]), with_kwargs=True)
-    h2 = mlm.base_model.register_forward_hook(_grab(seen, "h", lambda i, o: o.last_hidden_state))
-    orig_forward = t.net.forward
-    t.net.forward = lambda *args, **kw: (seen.setdefault("labels", args[2].clone()), orig_forward(*args, **kw))[1]
-    stats = t.train_step()
-    h1.remove(), h2.remove()
+    stats, seen = _captured_step(t, mlm)
     assert stats["lambda"] == 0.25
     lam = 0.25
 
@@ -545,19 +557,9 @@ def test_long_tail_words_one_step_by_hand(kind, tmp_path):
     assert any(int(ids[p]) != int(orig[p]) for p in occ) and any(int(ids[p]) == int(orig[p]) for p in occ)
     keys = torch.unique(torch.tensor([int(orig[p]) + E for p in occ]))
     assert int(keys.min()) >= E  # never an entity's key
-    slots = t.bank._find(keys)[0]
-    g = torch.Generator().manual_seed(5)
-    A, G = 9 * torch.randn(len(keys), H, generator=g), 7 * torch.randn(len(keys), H, generator=g)
-    t.bank.local[slots], t.bank.global_[slots], t.bank.count[slots] = A, G, 1
-    mem = {int(k): [A[i].clone(), G[i].clone(), 1] for i, k in enumerate(keys)}
+    mem = {k: list(v) for k, v in _known_memory(t, keys, H).items()}
 
-    seen = {}
-    h1 = mlm.base_model.register_forward_pre_hook(_grab(seen, "x", lambda a, kw: kw["inputs_embeds"]), with_kwargs=True)
-    h2 = mlm.base_model.register_forward_hook(_grab(seen, "h", lambda i, o: o.last_hidden_state))
-    orig_forward = t.net.forward
-    t.net.forward = lambda *args, **kw: (seen.setdefault("labels", args[2].clone()), orig_forward(*args, **kw))[1]
-    stats = t.train_step()
-    h1.remove(), h2.remove()
+    stats, seen = _captured_step(t, mlm)
     lam = stats["lambda"]
     assert lam == 0.5 and stats["words_mixed"] == sum(int(ids[p]) == int(orig[p]) for p in occ)
     x, hid, labels = seen["x"], seen["h"], seen["labels"]
