@@ -455,3 +455,13 @@ def test_split_control_known_k_keeps_only_facts_the_model_nearly_knows():
     assert sorted(facts.index(f) for f in anyrank) == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="--control-known-k 2"):
         S.split_facts(facts, ranks, seed=0, target_size=1, control_known_k=2)
+
+
+def test_control_halves_hold_out_every_other_known_fact():
+    F = lambda s: dict(relation="P1", sub=s, obj="o" + s, template="[X] [Y]")
+    known = [F("a"), F("b"), F("c"), F("d"), F("e")]
+    anyrank = [F("x"), known[1], known[0], F("y"), known[3]]
+    train, held = S.control_halves(known)
+    assert train == [known[0], known[2], known[4]] and held == [known[1], known[3]]
+    train, held = S.control_halves(known, anyrank)
+    assert held == [known[1], known[3]] and train == [anyrank[0], known[0], anyrank[3]]
