@@ -729,13 +729,14 @@ def pending_reasons(args, res):
     if few:
         why.append(f"fewer than 3 seeds: {', '.join(few)}")
     runs = os.path.join(args.output_dir, "runs")
-    commits = {json.load(open(os.path.join(runs, f))).get("commit") for f in sorted(os.listdir(runs))
-               if f"-n{args.steps}-s" in f and f.endswith(".json")} if os.path.isdir(runs) else set()
+    by_commit = {}  # commit -> variants of the runs at the study's budget made there
+    for f in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        if f"-n{args.steps}-s" in f and f.endswith(".json"):
+            c = json.load(open(os.path.join(runs, f))).get("commit")
+            by_commit.setdefault(c, set()).add(f.rsplit("-n", 1)[0])
     checks = code_checks(args.output_dir)
-    for c in sorted(commits, key=str):
+    for c, variants in sorted(by_commit.items(), key=lambda kv: str(kv[0])):
         changed = code_changed_since(c)
-        variants = {f.rsplit("-n", 1)[0] for f in os.listdir(runs) if f.endswith(".json")
-                    and json.load(open(os.path.join(runs, f))).get("commit") == c}
         if changed and not still_current(c, variants, checks):
             why.append(f"runs made at {str(c)[:12]}{'-dirty' if str(c).endswith('-dirty') else ''}; the code differs "
                        f"at HEAD {common.git_commit()[:12]} ({changed})")
@@ -785,8 +786,9 @@ def code_checks(out_dir):
 
 def still_current(commit, variants, checks):
     """True if a recorded same-code check found every one of `variants` bitwise identical between
-    `commit` and code equal to this checkout's (a .py-identical commit)."""
-    return any(str(commit).startswith(c["from"]) and not code_changed_since(c["to"]) and
+    `commit` and code equal to this checkout's (a .py-identical commit). Never for a '-dirty' commit:
+    a check of the committed code says nothing of what was uncommitted."""
+    return not str(commit).endswith("-dirty") and any(str(commit).startswith(c["from"]) and not code_changed_since(c["to"]) and
                all(c["variants"].get(v) for v in variants) for c in checks)
 
 

@@ -237,6 +237,9 @@ def test_pending_accepts_runs_of_a_commit_a_same_code_check_passed(tmp_path, mon
     check["variants"]["mlm"] = True
     (out / "code_checks.json").write_text(json.dumps([check]))
     assert not reasons()  # every variant of c0ffee's runs is bitwise identical at code equal to HEAD's
+    (out / "runs" / "mlm-n300-s1.json").write_text(json.dumps({"commit": "c0ffee-dirty"}))
+    assert reasons()  # a run of uncommitted code: the check of c0ffee's committed code does not cover it
+    (out / "runs" / "mlm-n300-s1.json").unlink()
     del check["variants"]["mlm"]
     (out / "code_checks.json").write_text(json.dumps([check]))
     assert reasons()  # mlm was not checked
