@@ -140,17 +140,30 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def git_commit():
-    """The commit of this checkout (with '-dirty' when files differ), or 'unknown'."""
-    here = os.path.dirname(os.path.abspath(__file__))
+def changed_code(commit, repo=None, ignore=("tests/",)):
+    """Tracked code (.py files and requirements.txt, none under `ignore`) that differs between `commit` and
+    the working tree of `repo` (default: this checkout), as a list of paths; None if git cannot tell.
+    Results, figures and docs are not code: a run records the code it executed, not the outputs beside it."""
+    repo = repo or os.path.dirname(os.path.abspath(__file__))
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+        r = subprocess.run(["git", "diff", "--name-only", commit, "--", "*.py", "requirements.txt",
+                            *(f":!{p}" for p in ignore)], cwd=repo, capture_output=True, text=True)
+    except OSError:
+        return None
+    return None if r.returncode else r.stdout.split()
+
+
+def git_commit(repo=None):
+    """The commit of this checkout, with '-dirty' when the code it would run differs from it (changed_code:
+    an edited results/ file or test leaves a run's code that of the commit), or 'unknown'."""
+    repo = repo or os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    changed = changed_code("HEAD", repo)
+    return sha + ("-dirty" if changed is None or changed else "")
 
 
 def atomic_write(path, write):

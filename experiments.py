@@ -757,18 +757,13 @@ NOT_STUDY_CODE = ("tests/", "subnetworks.py", "bench.py", "plots.py")
 
 
 def code_changed_since(commit, repo=None):
-    """'' if no tracked .py file that study runs execute differs between `commit` and the working tree of
+    """'' if no tracked code that study runs execute differs between `commit` and the working tree of
     `repo` (default: this checkout; results, figures and docs committed after a run leave it current),
     else the changed files or why it cannot tell."""
-    import subprocess
     if not commit or commit == "unknown" or commit.endswith("-dirty"):
         return "unknown or uncommitted code"
-    repo = repo or os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run(["git", "diff", "--name-only", commit, "--", "*.py", *(f":!{p}" for p in NOT_STUDY_CODE)],
-                       cwd=repo, capture_output=True, text=True)
-    if r.returncode:
-        return f"commit {commit[:12]} not in this clone"
-    return ", ".join(r.stdout.split())
+    changed = common.changed_code(commit, repo, ignore=NOT_STUDY_CODE)
+    return f"commit {commit[:12]} not in this clone" if changed is None else ", ".join(changed)
 
 
 def code_commit():

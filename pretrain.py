@@ -1069,6 +1069,7 @@ def train(args):
     if t.master:
         print(f"done: {t.step} steps in {time.time() - t0:.1f}s; model in {os.path.join(a.output_dir, 'final')}")
     if t.ddp:
+        dist.barrier()  # no rank tears the group down while another is still saving or printing
         dist.destroy_process_group()
 
 

@@ -225,6 +225,29 @@ def test_code_changed_since_looks_at_study_code_only(tmp_path):
     assert "not in this clone" in ex.code_changed_since("f" * 40, repo=tmp_path)
 
 
+def test_git_commit_is_dirty_only_when_code_differs(tmp_path):
+    import subprocess
+    import common
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
+                                    check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    for f in ("a.py", "requirements.txt", "results/x.json", "tests/test_a.py"):
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).write_text("1\n")
+    git("add", "-A")
+    git("commit", "-qm", "code")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "results/x.json").write_text("2\n")  # an earlier run rewrote a tracked result
+    (tmp_path / "tests/test_a.py").write_text("2\n")
+    assert common.git_commit(tmp_path) == head
+    (tmp_path / "requirements.txt").write_text("2\n")
+    assert common.git_commit(tmp_path) == head + "-dirty"
+    git("checkout", "requirements.txt")
+    (tmp_path / "a.py").write_text("2\n")
+    git("add", "a.py")  # staged counts too
+    assert common.git_commit(tmp_path) == head + "-dirty"
+
+
 def test_pending_accepts_runs_of_a_commit_a_same_code_check_passed(tmp_path, monkeypatch):
     out, args = _study_at_head(tmp_path, monkeypatch, "beef")
     for v in ("trelm", "mlm"):
