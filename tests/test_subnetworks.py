@@ -251,19 +251,30 @@ def test_split_targets_known_facts_and_controls_share_no_entity():
     F = lambda r, s, o: dict(relation=r, sub=s, obj=o, template="[X] [Y]")
     facts = [F("P36", "France", "Paris"), F("P36", "Italy", "Rome"), F("P1376", "Paris", "France"),  # inverse of 0
              F("P30", "France", "Europe"), F("P30", "Spain", "Europe"), F("P30", "Japan", "Asia"),
-             F("P36", "Japan", "Tokyo"), F("P47", "Rome", "Milan")]
-    ranks = [1, 4, 1, 2, 1, 1, 7, 1]
-    # known (rank 1): 0, 2, 4, 5, 7; all five as TargetKG name France, Paris, Spain, Europe, Japan, Asia,
-    # Rome, Milan, and every other fact (1, 3, 6) shares one of them: no ControlKG is left
-    with pytest.raises(ValueError, match="ControlKG"):
-        S.split_facts(facts, ranks, seed=0, target_size=10, known_k=1)
+             F("P36", "Japan", "Tokyo"), F("P47", "Rome", "Milan"), F("P30", "Peru", "America")]
+    ranks = [1, 4, 1, 2, 1, 1, 7, 1, 9]
+    # known (rank 1): 0, 2, 4, 5, 7, in the entity components {0, 2} (France, Paris), {4}, {5}, {7}
+    assert S.entity_components([facts[i] for i in (0, 2, 4, 5, 7)]) == [[facts[0], facts[2]], [facts[4]], [facts[5]], [facts[7]]]
     target, control = S.split_facts(facts, ranks, seed=0, target_size=1, known_k=1)
     ents = {target[0]["sub"], target[0]["obj"]}
-    assert control and all(f["sub"] not in ents and f["obj"] not in ents for f in control)
+    assert len(target) == 1 and control and all(f["sub"] not in ents and f["obj"] not in ents for f in control)
     assert all(f is not target[0] for f in control)
-    t3, _ = S.split_facts(facts + [F("P30", "Peru", "America"), F("P30", "Chile", "America")], ranks + [9, 9],
-                          seed=0, target_size=10, known_k=2)
-    assert facts[3] in t3 and facts[1] not in t3 and len(t3) == 6  # rank 2 is known at k = 2, rank 4 is not
+    for seed in range(6):  # room for all five: whole components, all but one, the one left over is a control
+        target, control = S.split_facts(facts, ranks, seed=seed, target_size=10, known_k=1)
+        left = [i for i in (0, 2, 4, 5, 7) if facts[i] not in target]
+        assert left in ([0, 2], [4], [5], [7]) and all(facts[i] in control for i in left)
+        ents = {f["sub"] for f in target} | {f["obj"] for f in target}
+        assert all(f["sub"] not in ents and f["obj"] not in ents for f in control)
+    # known at k = 2: fact 3 (France, Europe) joins {0, 2} and {4} into {0, 2, 3, 4}; with room for four,
+    # either it alone (then {5} does not fit) or {5} and {7} (then it does not)
+    for seed in range(6):
+        t3, _ = S.split_facts(facts, ranks, seed=seed, target_size=4, known_k=2)
+        assert sorted(facts.index(f) for f in t3) in ([0, 2, 3, 4], [5, 7])
+        t2 = {facts.index(f) for f in S.split_facts(facts, ranks, seed=seed, target_size=3, known_k=2)[0]}
+        assert (len(t2) == 3 and t2 <= {0, 2, 3, 4}) or t2 == {5, 7}  # drawn first and sampled down, or not
+    with pytest.raises(ValueError, match="ControlKG"):  # one component of known facts names every other entity
+        S.split_facts([F("P36", "France", "Paris"), F("P1376", "Paris", "France"), F("P30", "France", "Europe")],
+                      [1, 1, 5], seed=0, target_size=10)
     with pytest.raises(ValueError, match="--known-k"):
         S.split_facts(facts, [5] * len(facts), seed=0)
 
