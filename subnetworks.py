@@ -61,10 +61,10 @@ Choices (flags where it matters):
   not be tested (a relative change of 0); facts the model nearly knows make it measurable. Every other
   such fact is held out, and all ControlKG results use that half. Bayazit Eq. 3 trains on every other
   entity-disjoint fact, at any rank (--control-train any-rank; "known": only the other half of the
-  rank <= 10 facts), with lambda_2 = 5. Measured on the README main command's checkpoint
-  (results/subnetworks_tuning/): training on the 45 known facts only, held-out ControlKG perplexity rose
-  60% / 39% / 33% at lambda_2 = 1 / 3 / 6 (seed 0); training on the 269 any-rank facts, 10.9% at
-  lambda_2 = 3 and 8.4% at 5 (3 seeds each).
+  rank <= 10 facts), with lambda_2 = 5. Measured on the README main command's checkpoint, with the
+  earlier random TargetKG draw of 25 known facts (results/subnetworks_tuning/): training on the 45
+  known facts only, held-out ControlKG perplexity rose 60% / 39% / 33% at lambda_2 = 1 / 3 / 6 (seed
+  0); training on the 269 any-rank facts, 10.9% at lambda_2 = 3 and 8.4% at 5 (3 seeds each).
 - ControlLM = text that states none of the TargetKG facts (a line is dropped if it names both the
   subject and the object of a target, whole words, any case): --lm-text if given, else WikiText-2
   from --data-dir (valid.txt trains, test.txt evaluates), else the embedded default's held-out
