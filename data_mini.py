@@ -13,7 +13,7 @@ same formats from data that installed PyPI packages ship:
 The facts are split by a seeded draw into "seen" (stated in the corpus by several natural templates,
 many times) and "heldout" (never stated: no corpus line mentions both entities of a held-out fact,
 and by default the KG holds no held-out triple either). The gap between seen and held-out P@1 on
-the LAMA-format probes is the evidence that pre-training stored facts (DESIGN.md, "Measured").
+the LAMA-format probes is the evidence that pre-training stored facts (docs/measurements.md).
 
 Layout of a built directory (Wikidata5M and LAMA formats):
 
@@ -50,11 +50,12 @@ Size flags (defaults in DEFAULTS; see build_mini) and what they control:
 | kg_heldout           | also write held-out facts to kg/triples.txt (lets KG injection see them)   |
 
 The defaults (50 units per family, 12 sentences per seen unit, 1000 text lines) give 400 facts
-(280 seen, 120 held out) over 7 LAMA relations and a corpus of 2277 lines, 61k MiniLM tokens, a third
-of them in fact sentences: about 490 packed 128-token sequences, so the README's 300 steps at batch 16
-pass over it about 10 times and state each seen fact about 120 times.
+(280 seen, 120 held out) over 7 LAMA relations and a corpus of 2277 lines; its token and
+sequence counts and how often the main command sees each fact: docs/measurements.md, "The embedded
+default".
 
 Run:  python data_mini.py --out-dir out/data/mini [--seed 0] [--text-lines 1000] ...
+Tests: python -m pytest -q tests/test_data_mini.py
 """
 import argparse
 import bz2

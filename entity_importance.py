@@ -1,30 +1,50 @@
 """Which entity mentions get knowledge injected, and what is injected (TRELM Sec. 3.1, Eq. 1).
 
 TRELM injects knowledge only for *important long-tail* entities: entities that are rare in the
-pre-training corpus (long-tail) and whose removal changes the sentence representation most
+pre-training corpus (long-tail) and whose removal changes the representation of their context most
 (semantic importance, Eq. 1). For a selected mention of entity e with a KG triple (e, r, t), the
 input embedding of every token of e's span is replaced by the pseudo token h_e = E(t) - E(r)
 (TransE-style, as in DKPLM), where E(x) is the mean input word embedding of x's label tokens.
 
-| paper                    | here                                                            |
-|--------------------------|-----------------------------------------------------------------|
-| SI(e), Eq. 1             | `semantic_importance` -> (M,) one value per mention            |
-| h_o, h_rep               | context-pooled window of each mention, original / span masked   |
-| long-tail entities       | `long_tail_mask(freq, percentile)` over `entity_frequency`     |
-| (e, r, t)                | `KnowledgeInjector.triple` (E, 3), one triple per head entity  |
-| h_e = E(t) - E(r)        | `KnowledgeInjector.embed(word_embeddings, ent_id)` -> (M, H)    |
-| injection strategy, Fig. 3 | `select_mentions(strategy, ...)`: important, long-tail, frequent, all, none |
+| paper                      | here                                                                  |
+|----------------------------|-----------------------------------------------------------------------|
+| entity frequency           | `data.mention_counts(ds, E)` -> (E,), once over the corpus             |
+| long-tail entities         | `long_tail_mask(freq, percentile, inclusive)` -> (E,) bool             |
+| SI(e), Eq. 1               | `semantic_importance(...)` -> (M,); over the corpus: `si_column` (ent_si) |
+| h_o, h_rep                 | context-pooled window of each mention, original / span replaced        |
+| "important"                | `important_threshold(si, candidate, top_fraction)`, one corpus threshold |
+| (e, r, t)                  | `KnowledgeInjector.triple` (E, 3), one triple per head entity          |
+| h_e = E(t) - E(r)          | `KnowledgeInjector.embed(word_embeddings, ent_id)` -> (M, H)           |
+| injection strategy, Fig. 3 | `select_mentions(strategy, ...)`: important, long-tail, frequent, all, none, dkplm |
+| DKPLM's KC(e)              | `kg_degree(triples, E)` -> (E,)                                        |
+
+Decisions (each explained in docs/departures.md, "Eq. 1" and "h_e"):
+- Eq. 1 as SI = 1 - cos(h_o, h_rep), not the printed 1 / cos: the same ranking when cos > 0.
+- h_rep replaces the whole span by ONE mask token; context tokens keep their position ids; both
+  vectors are pooled over the context of a +-window token window (pretrain.py --si-window 8).
+- SI is computed once over the corpus with the initial model (a dataset column, Sec. 3.4
+  "throughout the corpus"), only for candidates: long-tail mentions whose entity has a triple.
+- "important" = candidates whose SI is in the corpus-level top fraction (--important-fraction).
+- One seeded triple per head entity; E = mean input embedding of the label's tokens; no new parameters.
 
 Mentions come as flat tensors over the batch (see data.py): ent_batch (M,) row, ent_start (M,),
-ent_end (M,) token span [start, end), ent_id (M,) KG entity index. Typical use in a training step:
+ent_end (M,) token span [start, end), ent_id (M,) KG entity index, ent_si (M,) from the ent_si
+column. How pretrain.py uses it:
 
-    lt = long_tail_mask(entity_frequency(corpus_ent_ids, E))              # once, (E,)
-    ok = injector.injectable(ent_id)                                       # (M,) entity has a triple
-    si = semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, ent_end, mask_id, window=8)
-    sel = select_mentions("important", ent_id, si, lt, eligible=ok)        # (M,) bool
+    freq = data.mention_counts(ds, E)                                     # once, (E,)
+    lt = long_tail_mask(freq, 50.0, inclusive=True)                       # (E,) bool
+    injector = KnowledgeInjector(kg, tokenizer, seed=0)
+    cand = lt & injector.has_knowledge.numpy()                            # (E,) SI candidates
+    ds = si_column(ds, model, tokenizer.mask_token_id, window=8, only=cand)  # once: column ent_si
+    thr = important_threshold(data.flat_column(ds, "ent_si", np.float64),
+                              cand[data.flat_column(ds, "ent_id")], top_fraction=0.5)
+    # per batch:
+    sel = select_mentions("important", ent_id, lt, si=ent_si, si_threshold=thr,
+                          eligible=injector.injectable(ent_id))           # (M,) bool
+    row, col, mention, _ = span_positions(ent_batch, ent_start, ent_end, selected=sel)  # (P,) each
     h_e = injector.embed(model.get_input_embeddings().weight, ent_id[sel])  # (S, H), written at the spans
 
-Tests: `python -m pytest tests/test_entity_importance.py`.
+Tests: `python -m pytest -q tests/test_entity_importance.py`.
 """
 import inspect
 import math
@@ -36,17 +56,7 @@ import torch.nn.functional as F
 STRATEGIES = ("important", "long-tail", "frequent", "all", "none", "dkplm")
 
 
-# ----------------------------------------------------------------------------- frequency, long tail
-
-def entity_frequency(ent_ids, num_entities):
-    """Linked mention counts over the corpus. ent_ids: every mention's KG entity index (any 1-D
-    int array-like, e.g. all ent_id of the corpus concatenated). Returns (E,) int64."""
-    ids = np.asarray(ent_ids, dtype=np.int64).ravel()
-    if ids.size and (ids.min() < 0 or ids.max() >= num_entities):
-        raise ValueError(f"entity_importance.entity_frequency: entity ids must lie in [0, {num_entities}), "
-                         f"found range [{ids.min()}, {ids.max()}]")
-    return np.bincount(ids, minlength=num_entities).astype(np.int64)
-
+# ----------------------------------------------------------------------------- long tail
 
 def long_tail_mask(freq, percentile=50.0, inclusive=False):
     """(E,) bool: entities that occur (freq > 0) and whose frequency is below the `percentile`-th
@@ -91,12 +101,10 @@ def semantic_importance(model, input_ids, attention_mask, ent_batch, ent_start, 
     the span); h_rep the same for the sentence "with e being replaced": the whole span replaced by
     ONE mask token (the entity is one unit whatever its length), every context token keeping its
     original position id, pooled over the same context tokens. So SI measures how much the entity
-    changes the representation of its context. Both earlier forms ranked entities by length:
-    pooling the span too (Pearson r with span length 0.68 on the embedded default), and one mask
-    token per span token (r 0.55: more masks disturb the context more); one mask gives r 0.19
-    (measured on 802 mentions with the packaged MiniLM, +-8 tokens; shifting the right context's
-    positions instead gave 0.20). A window with no context position gets SI 0. All 2M windows go
-    through ONE no-grad forward, split into chunks of at most `chunk` rows (None: one piece).
+    changes the representation of its context rather than its length (the measured length
+    correlations of this and earlier forms: docs/departures.md, "Eq. 1"). A window with no context
+    position gets SI 0. All 2M windows go through ONE no-grad forward, split into chunks of at most
+    `chunk` rows (None: one piece).
 
     Relation to the printed Eq. 1: both are strictly decreasing in cos, so they rank mentions
     identically whenever cos > 0; 1 - cos is also defined (and still ordered) when cos <= 0, and it
@@ -182,6 +190,14 @@ def kg_degree(triples, num_entities):
     return np.bincount(np.concatenate([t[:, 0], t[:, 2]]), minlength=num_entities).astype(np.int64)
 
 
+def entity_pool(strategy, long_tail):
+    """(E,) bool: the entities whose mentions `strategy` may inject, before SI and eligibility: the
+    long-tail ones for "long-tail", "important" and "dkplm", the others for "frequent", all for "all"."""
+    lt = long_tail if torch.is_tensor(long_tail) else torch.from_numpy(np.asarray(long_tail, dtype=bool))
+    lt = lt.to(torch.bool)
+    return {"none": torch.zeros_like(lt), "all": torch.ones_like(lt), "frequent": ~lt}.get(strategy, lt)
+
+
 def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eligible=None, ent_batch=None,
                     degree=None):
     """(M,) bool: which mentions get knowledge injected (Fig. 3 strategies, and DKPLM's).
@@ -201,17 +217,11 @@ def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eli
     if strategy not in STRATEGIES:
         raise ValueError(f"entity_importance.select_mentions: strategy must be one of {STRATEGIES}, got {strategy!r}")
     dev = ent_id.device
-    table = long_tail if torch.is_tensor(long_tail) else torch.from_numpy(np.asarray(long_tail, dtype=bool))
-    lt = table.to(device=dev, dtype=torch.bool)[ent_id]  # (M,)
-    ok = torch.ones_like(lt) if eligible is None else eligible.to(device=dev, dtype=torch.bool)
-    if strategy == "none":
-        return torch.zeros_like(lt)
-    if strategy == "all":
-        return ok.clone()
-    if strategy == "long-tail":
-        return lt & ok
-    if strategy == "frequent":
-        return ~lt & ok
+    pool = entity_pool(strategy, long_tail).to(dev)[ent_id]  # (M,)
+    ok = torch.ones_like(pool) if eligible is None else eligible.to(device=dev, dtype=torch.bool)
+    if strategy in ("none", "all", "long-tail", "frequent"):
+        return pool & ok
+    lt = pool  # "important", "dkplm": the long-tail mentions
     if si is None:
         raise ValueError(f"entity_importance.select_mentions: strategy {strategy!r} needs si (M,), got None")
     si = si.to(dev).float()

@@ -9,7 +9,7 @@
     python evaluate.py --task reproduce   # base + pilot + all four + plots.py + REPORT.md (one command)
     python evaluate.py --task report      # plots.py + REPORT.md from the results present (no training)
 
-Base PLM (issue #15, point 1). The paper continues pre-training BERT/RoBERTa, whose MLM head is trained.
+Base PLM. The paper continues pre-training BERT/RoBERTa, whose MLM head is trained.
 The packaged MiniLM has none, so `base_checkpoint` trains the encoder and a fresh tied head by plain
 MLM (`pretrain.py --method mlm`) on the generic text of --data only: corpus lines without entity
 annotations (the embedded default's fact lines all carry them), minus any line that names both the
@@ -17,7 +17,7 @@ subject and the object of a probe fact. It is cached in <base-root>/base-<hash>/
 its inputs (base model, the generic corpus's bytes, steps, sequence length, batch size, seed, extra
 flags), and reused. Its probe scores are recorded: it has seen no fact, so seen and held-out should match.
 
-Scores (point 2). Primary, prior-free: for each probed relation r, seen minus held-out, then the macro
+Scores. Primary, prior-free: for each probed relation r, seen minus held-out, then the macro
 average over relations with both splits,
 
     score_MRR = 1/R sum_r (MRR_r(seen) - MRR_r(heldout)),   score_P@1 likewise;
@@ -30,33 +30,51 @@ fixed small budget (--ft-*: 1000 training rows, 2 epochs, 64 tokens, 700 test ro
 pre-training seed) for the Table 6 variants and mlm / dkplm / trelm (FINETUNED; --finetune-all for every
 variant). F1's test-set SE: sqrt(F1 (1 - F1) / n_test) (exact for FewRel's accuracy, approximate for OE).
 
-Verdict rule (point 3), one for every claim: d_s = a_s - b_s over the seeds both variants ran (same seed =
+Verdict rule, one for every claim: d_s = a_s - b_s over the seeds both variants ran (same seed =
 same data order and masking), mean d and SE = std(d) / sqrt(n); "held" if mean d > 2 SE in the claimed
 direction, "did not hold" if the opposite direction passes the same test, else "inconclusive" (always
 with one seed). A peak (or "best of") holds when it beats every neighbour by the rule, does not hold when
-any neighbour beats it, else inconclusive. Efficiency (point 5): per seed, the interpolated in-process
+any neighbour beats it, else inconclusive. Efficiency: per seed, the interpolated in-process
 time (metrics.jsonl `elapsed`: train-step time only, never wall time of concurrent runs) at which TRELM's
 snapshot curve first reaches DKPLM's final score, over DKPLM's time; the claim "ratio <= 0.5" is judged by
 the same rule on 0.5 - ratio_s. A seed where TRELM never reaches it gives only a lower bound
 (TRELM's total time / DKPLM's), which can refute the claim but not confirm it.
 
-Resume (point 4): every (variant, steps, seed) leaves <output-dir>/runs/<variant>-n<steps>-s<seed>.json
+Resume: every (variant, steps, seed) leaves <output-dir>/runs/<variant>-n<steps>-s<seed>.json
 (probe scores, F1, step times, curves, the code commit), reused when its key (flags, budget, model, data)
 matches, so a study can be continued on another machine from committed results. Pre-training runs live
 in --runs-dir/<variant>-n<steps>-s<seed> (a finished run is reused, an interrupted one resumes).
 Outputs: <output-dir>/<task>.json (metrics.<variant>.seeds.<seed>, mean, std; verdicts), <task>.md.
+Paths in them (flags, the base PLM's dir, run keys' --data / --model) are recorded as common.portable_path
+writes them: relative to the repository (the data root as ../shared/data), so they read the same on every
+machine. Probing and fine-tuning run lama.py's and finetune.py's tasks (task_args: the arguments the CLI
+would parse), pre-training pretrain.train. The paper's values compared against are in paper_values.py.
 """
+import argparse
 import hashlib
 import json
 import math
 import os
 import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-import common
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
 
-PRIMARY = "score_MRR"  # the prior-free probe score every probe-based claim is judged on
+import common
+import data
+import data_mini
+import finetune
+import lama
+import plots
+import pretrain
+from paper_values import PAPER, PAPER_PEAKS, PRIMARY
+
 # The base PLM has plateaued when L_MLM's mean over the last tenth of its steps is within this fraction of
 # the tenth before (a necessary check only: the linear learning-rate decay also flattens the end)
 PLATEAU_TOL = 0.02
@@ -88,23 +106,9 @@ FINETUNED = {"trelm", "trelm_no-injection", "trelm_no-memory-bank", "trelm_no-ro
 SWEEPS = {"theta": [(0.25, "trelm_theta0.25"), (0.5, "trelm"), (0.75, "trelm_theta0.75")],
           "k": [(4, "trelm_k4"), (8, "trelm_k8"), (16, "trelm"), (32, "trelm_k32")],
           "beta": [(1, "trelm_beta1"), (2, "trelm"), (3, "trelm_beta3"), (4, "trelm_beta4")]}
-PAPER_PEAKS = {"theta": 0.5, "k": 16, "beta": 2}  # Figs. 7-8: the paper's optimum of each sweep
-
-# The paper's numbers (F1 / P@1 in %). Table 6 as printed has TRELM's TACRED value of Table 5 (78.0)
-# under "Open Entity" and its Open Entity value of Table 4 (73.36) under "TACRED": its columns are swapped,
-# so they are read here as TACRED = second printed column, Open Entity = first.
-PAPER = {
-    "table5_tacred_f1": {"BERT": 73.6, "RoBERTa": 75.4, "DKPLM": 77.5, "TRELM": 78.0},
-    "table4_open_entity_f1": {"TRELM": 73.36},  # other rows' model names are scrambled in the text we have
-    "table6_tacred_f1": {"trelm": 78.0, "trelm_no-injection": 76.8, "trelm_no-memory-bank": 77.7,
-                         "trelm_no-routing": 77.6},
-    "table6_open_entity_f1": {"trelm": 73.34, "trelm_no-injection": 72.35, "trelm_no-memory-bank": 72.91,
-                              "trelm_no-routing": 73.17},
-    "table1_trex_p1": {"RoBERTa": 24.7, "DKPLM": 32.0, "TRELM": 33.0},
-    "table1_google_re_p1": {"RoBERTa": 5.3, "DKPLM": 10.8, "TRELM": 11.5},
-    "table2_trex_p1": {"BERT": 32.5, "TRELM_BERT": 36.7},
-    "efficiency_ratio": 0.5,  # Sec. 4.4: "at least 50% less pre-training time"
-}
+HERE = os.path.dirname(os.path.abspath(__file__))  # results' relative paths are relative to this repository
+PATH_FLAGS = ("data_dir", "base_root", "runs_dir", "output_dir", "probe_dir", "figures", "report",
+              "model", "base_model", "data")  # the study's flags that name a file or folder (or a keyword)
 
 
 def add_args(parser):
@@ -140,6 +144,17 @@ def add_args(parser):
     g.add_argument("--check-variants", default=None,
                    help="same-code: comma-separated variants (default: every variant of the tasks in --output-dir)")
     g.add_argument("--check-steps", type=int, default=4, help="same-code: steps of each deterministic run")
+
+
+def recorded(value):
+    """A flag value as results and run keys record it: a keyword (--data mini, --model base, minilm) or a
+    hub id as given, a path as common.portable_path writes it."""
+    return value if value in ("mini", "base", common.DEFAULT_MODEL) else common.portable_path(value)
+
+
+def recorded_config(args):
+    """The study's flags as its results files record them (PATH_FLAGS through recorded)."""
+    return {k: recorded(v) if k in PATH_FLAGS else v for k, v in vars(args).items()}
 
 
 def int_list(flag, value):
@@ -180,7 +195,6 @@ def stdev(xs):
 def generic_lines(corpus_path, probe_dir):
     """Corpus lines without entity annotations that name no probe fact's subject and object together.
     -> (kept JSONL lines, counts)."""
-    import data_mini
     if not corpus_path.endswith(".jsonl"):
         raise SystemExit(f"{corpus_path}: the base PLM needs corpus.jsonl, whose fact lines carry 'entities' "
                          "(a raw corpus.txt cannot tell fact sentences from generic text)")
@@ -190,11 +204,9 @@ def generic_lines(corpus_path, probe_dir):
     pairs, labels = set(), set()
     for name in sorted(os.listdir(probe_dir)):
         if name.startswith("P") and name.endswith(".jsonl"):
-            for line in open(os.path.join(probe_dir, name), encoding="utf-8"):
-                if line.strip():
-                    r = json.loads(line)
-                    pairs.add((r["sub_label"], r["obj_label"]))
-                    labels |= {r["sub_label"], r["obj_label"]}
+            for r in lama.read_lama_relation(os.path.join(probe_dir, name)):
+                pairs.add((r["sub_label"], r["obj_label"]))
+                labels |= {r["sub_label"], r["obj_label"]}
     if not labels:
         raise SystemExit(f"{probe_dir}: no P*.jsonl probe file")
     matcher = data_mini.AliasMatcher({l: {"aliases": [l]} for l in labels})
@@ -223,7 +235,6 @@ def generic_lines(corpus_path, probe_dir):
 
 def mini_probes(args):
     """The probes/ folder of --data (--probe-dir, else <data>/probes, else the embedded default's)."""
-    import data
     if args.probe_dir:
         return args.probe_dir
     kg_dir, _ = data.resolve_data(args.data)
@@ -232,7 +243,6 @@ def mini_probes(args):
 
 def base_key(args):
     """(key, cache dir, generic lines, their counts, kg dir) of the base PLM, from its inputs alone."""
-    import data
     kg_dir, corpus = data.resolve_data(args.data)
     lines, counts = generic_lines(corpus, mini_probes(args))
     key = {"base_model": args.base_model, "corpus_sha256": hashlib.sha256("".join(lines).encode()).hexdigest(),
@@ -243,7 +253,6 @@ def base_key(args):
 
 def base_checkpoint(args):
     """Build (or reuse) the base PLM; -> (its final/ model dir, its record)."""
-    import pretrain
     key, root, lines, counts, kg_dir = base_key(args)
     record_path = os.path.join(root, "base.json")
     if os.path.exists(record_path):
@@ -259,13 +268,12 @@ def base_checkpoint(args):
                 "--seed", "0", "--max-steps", str(args.base_steps), "--seq-len", str(args.seq_len),
                 "--batch-size", str(args.train_batch_size), "--log-every", "1",
                 "--save-every", str(max(1, args.base_steps // 10))]
-        argv += resume_flag(run_dir)
-        pretrain.main(argv)
+        run_pretrain(argv + resume_flag(run_dir))
     rows = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl")) if l.strip()]
     tenth = max(1, len(rows) // 10)
     last, prev = fmean(r["l_mlm"] for r in rows[-tenth:]), fmean(r["l_mlm"] for r in rows[-2 * tenth:-tenth])
-    rec = {"key": key, "dir": root, **counts, "l_mlm_first": rows[0]["l_mlm"], "l_mlm_last_tenth": last,
-           "l_mlm_previous_tenth": prev, "relative_drop_last_tenth": None if prev is None else (prev - last) / prev,
+    rec = {"key": key, "dir": common.portable_path(root), **counts, "l_mlm_first": rows[0]["l_mlm"],
+           "l_mlm_last_tenth": last, "l_mlm_previous_tenth": prev, "relative_drop_last_tenth": None if prev is None else (prev - last) / prev,
            "train_seconds": rows[-1]["elapsed"], "s_per_step": rows[-1]["elapsed"] / rows[-1]["step"],
            "commit": json.load(open(os.path.join(run_dir, "config.json")))["commit"],
            "probe": probe(args, os.path.join(run_dir, "final"), os.path.join(root, "probe"))}
@@ -281,7 +289,7 @@ def study_model(args):
     """(model(): the initial model of every variant, its id in run keys). 'base': the base PLM, built
     only when a run must be pre-trained (runs resumed from their JSON need no base on this machine)."""
     if args.model != "base":
-        return (lambda: args.model), args.model
+        return (lambda: args.model), recorded(args.model)
     return (lambda: base_checkpoint(args)[0]), os.path.basename(base_key(args)[1])
 
 
@@ -300,18 +308,30 @@ def prior_free(per_relation, key):
     return diff, math.sqrt(var) / len(rows)
 
 
+def task_args(module, task, **flags):
+    """The arguments `python evaluate.py --task <task>` parses when given `flags` (dest=value): evaluate.py's
+    shared flags (--seed 0, --batch-size unset: the task's own), `module.add_args`'s defaults, then `flags`."""
+    p = argparse.ArgumentParser()
+    module.add_args(p)
+    return argparse.Namespace(**{**vars(p.parse_args([])), "task": task, "seed": 0, "batch_size": None, **flags})
+
+
+def run_task(module, task, **flags):
+    """Run an evaluate.py task of `module` (lama, finetune) as the CLI would, seeded by its --seed."""
+    args = task_args(module, task, **flags)
+    common.seed_everything(args.seed)
+    return module.TASKS[task](args)
+
+
 def probe(args, model_dir, out_dir):
-    """Probe scores of one model dir (evaluate.py's results cached in out_dir)."""
-    import evaluate
+    """Probe scores of one model dir (lama.py's results file, cached in out_dir)."""
     task = "mini" if args.probe == "mini" else "lama"
     path = os.path.join(out_dir, f"{task}.json")
     if not os.path.exists(path):
-        argv = ["--task", task, "--model-dir", model_dir, "--output-dir", out_dir, "--seed", "0"]
-        if args.data_dir:
-            argv += ["--data-dir", args.data_dir]
+        flags = dict(model_dir=model_dir, output_dir=out_dir, data_dir=args.data_dir or lama.default_data_dir())
         if task == "mini":
-            argv += ["--probe-dir", mini_probes(args)]
-        evaluate.main(argv)
+            flags["probe_dir"] = mini_probes(args)
+        run_task(lama, task, **flags)
     res = json.load(open(path))
     m = res["metrics"]
     if task == "mini":
@@ -324,22 +344,23 @@ def probe(args, model_dir, out_dir):
     return {"score_MRR": fmean(c["MRR"] for c in corpora), "score_P@1": fmean(c["P@1"] for c in corpora)}
 
 
-def finetune(args, model_dir, out_dir, task, seed):
-    """Test F1 of one fine-tuning run at the study's fixed budget, with its test-set SE."""
-    import evaluate
+def finetune_f1(args, model_dir, out_dir, task, seed):
+    """Test F1 of one fine-tuning run (finetune.py) at the study's fixed budget, with its test-set SE."""
     path = os.path.join(out_dir, f"{task}.json")
     if not os.path.exists(path):
-        argv = ["--task", task, "--model-dir", model_dir, "--output-dir", out_dir, "--seed", str(seed),
-                "--seeds", str(seed), "--train-limit", str(args.ft_train_limit), "--eval-limit",
-                str(args.ft_eval_limit), "--epochs", str(args.ft_epochs), "--max-seq-len", str(args.ft_max_seq_len)]
-        if args.data_dir:
-            argv += ["--data-dir", args.data_dir]
-        evaluate.main(argv)
+        run_task(finetune, task, model_dir=model_dir, output_dir=out_dir, seed=seed, seeds=str(seed),
+                 train_limit=args.ft_train_limit, eval_limit=args.ft_eval_limit, epochs=args.ft_epochs,
+                 max_seq_len=args.ft_max_seq_len, data_dir=args.data_dir or lama.default_data_dir())
     res = json.load(open(path))
     f1, n = res["metrics"]["test"]["f1"]["mean"], res["data"]["sizes"]["test"]
     run = res["per_seed"][0]
     return {"f1": f1, "se": math.sqrt(f1 * (1 - f1) / n), "n_test": n,
             "seconds": run["train_seconds"] + run["eval_seconds"]}
+
+
+def run_pretrain(argv):
+    """pretrain.py with the flags `argv` (kept as a list: the command that made the run)."""
+    pretrain.train(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
 
 
 # -----------------------------------------------------------------------------
@@ -351,7 +372,6 @@ def run_name(name, steps, seed):
 
 def pretrain_variant(args, name, flags, seed, steps, model):
     """Train (or reuse / resume) one variant from model() (called only if it must train); -> its run dir."""
-    import pretrain
     run_dir = os.path.join(args.runs_dir, run_name(name, steps, seed))
     if os.path.exists(os.path.join(run_dir, "final", "config.json")):
         return run_dir
@@ -359,7 +379,7 @@ def pretrain_variant(args, name, flags, seed, steps, model):
     argv = [*flags, "--model", model(), "--data", args.data, "--output-dir", run_dir, "--seed", str(seed),
             "--max-steps", str(steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.train_batch_size),
             "--snapshot-every", str(every), "--save-every", str(every), "--log-every", "1", *args.pretrain_args.split()]
-    pretrain.main(argv + resume_flag(run_dir))
+    run_pretrain(argv + resume_flag(run_dir))
     return run_dir
 
 
@@ -386,11 +406,11 @@ def resume_flag(run_dir):
 
 
 def data_id(args):
-    """--data and a hash of its corpus file, so that a rebuilt corpus invalidates the runs made on another."""
-    import data
+    """--data (as recorded) and a hash of its corpus file, so that a rebuilt corpus invalidates the runs
+    made on another."""
     _, corpus = data.resolve_data(args.data)
     with open(corpus, "rb") as f:
-        return f"{args.data}@{hashlib.sha256(f.read()).hexdigest()[:12]}"
+        return f"{recorded(args.data)}@{hashlib.sha256(f.read()).hexdigest()[:12]}"
 
 
 def run_record(args, name, flags, seed, steps, model, model_id, want_curve=False, want_ft=False):
@@ -425,7 +445,7 @@ def run_record(args, name, flags, seed, steps, model, model_id, want_curve=False
         rec["curve"] = curve(args, run_dir)
     for t in tasks:
         if t not in rec.setdefault("finetune", {}):
-            rec["finetune"][t] = finetune(args, final, os.path.join(run_dir, f"ft_{t}"), t, seed)
+            rec["finetune"][t] = finetune_f1(args, final, os.path.join(run_dir, f"ft_{t}"), t, seed)
     common.atomic_write_json(path, rec)
     return rec
 
@@ -442,7 +462,6 @@ def flat(rec):
 def run_variants(args, task, steps=None):
     """Every variant of `task` x every seed (progress bar over both) ->
     {name: {"seeds": {seed: flat numbers}, "mean", "std", "flags", "records": {seed: run record}}}."""
-    from tqdm import tqdm
     steps = steps or args.steps
     model, model_id = study_model(args)
     todo = [(n, f, s) for n, f in VARIANTS[task] for s in seeds_of(args)]
@@ -550,9 +569,9 @@ COLS = ("score_MRR", "score_P@1", "se_MRR", "seen_MRR", "heldout_MRR", "f1_fewre
 
 
 def write_task(args, task, res, md, **extra):
-    cfg = {k: v for k, v in vars(args).items() if not callable(v)}
+    cfg = {k: v for k, v in recorded_config(args).items() if not callable(v)}
     metrics = {n: {k: v[k] for k in ("flags", "seeds", "mean", "std")} for n, v in res.items()}
-    path = common.write_result(args.output_dir, task, args.model, cfg, seeds_of(args), metrics, **extra)
+    path = common.write_result(args.output_dir, task, cfg["model"], cfg, seeds_of(args), metrics, **extra)
     common.atomic_write(os.path.join(args.output_dir, f"{task}.md"), lambda tmp: open(tmp, "w").write(md))
     print(md)
     return path
@@ -570,10 +589,11 @@ def run_base(args):
     done = os.path.join(args.output_dir, "base.json")
     if os.path.exists(done) and json.load(open(done))["metrics"]["key"] == base_key(args)[0]:
         rec = json.load(open(done))["metrics"]  # recorded already (perhaps on another machine): not rebuilt
-        path = os.path.join(rec["dir"], "run", "final")
+        path = os.path.join(HERE, rec["dir"], "run", "final")  # rec["dir"]: relative to the repository
     else:
         path, rec = base_checkpoint(args)
-        common.write_result(args.output_dir, "base", args.base_model, {k: v for k, v in vars(args).items()}, 0, rec)
+        config = recorded_config(args)
+        common.write_result(args.output_dir, "base", config["base_model"], config, 0, rec)
     p = rec["probe"]
     if not plateaued(rec):
         print(f"warning: the base PLM's L_MLM fell {fmt(rec['relative_drop_last_tenth'])}% over its last tenth "
@@ -699,8 +719,9 @@ def run_pilot(args):
           f". Estimated time of the full `--task reproduce` at that budget on this machine (in-process times "
           f"measured here): {rec['estimated_hours']:.1f} h for {len(names)} variants x {len(seeds)} seeds ("
           + ", ".join(f"{k} {v / 3600:.1f} h" for k, v in rec["estimate_seconds"].items()) + ").\n")
-    path = common.write_result(args.output_dir, "pilot", args.model, {k: v for k, v in vars(args).items()},
-                               seeds, {str(b): r for b, r in rows.items()}, recommendation=rec)
+    config = recorded_config(args)
+    path = common.write_result(args.output_dir, "pilot", config["model"], config, seeds,
+                               {str(b): r for b, r in rows.items()}, recommendation=rec)
     common.atomic_write(os.path.join(args.output_dir, "pilot.md"), lambda tmp: open(tmp, "w").write(md))
     print(md)
     return path
@@ -712,7 +733,6 @@ def run_pilot(args):
 def load_results(out_dir):
     """{task: results JSON} for the study's tasks present in out_dir; an experiment's JSON in an older
     format (no per-seed prior-free score) is skipped with plots.py's message, i.e. reported as not run."""
-    import plots
     out = {t: json.load(open(os.path.join(out_dir, f"{t}.json"))) for t in ("base", "pilot")
            if os.path.exists(os.path.join(out_dir, f"{t}.json"))}
     for t in ("ablation", "injection", "hparams", "efficiency"):
@@ -793,15 +813,8 @@ def run_same_code(args):
     checkout of --against and in this one, final weights and every logged loss compared bitwise. The
     outcome is appended to <output-dir>/code_checks.json; REPORT.md's pending check accepts runs of a
     commit whose every variant passed against code equal to the current."""
-    import subprocess
-    import sys
-    import tempfile
-
-    import torch
-    from safetensors.torch import load_file
     if not args.against:
         raise SystemExit("--task same-code needs --against COMMIT (the commit the results were made at)")
-    here = os.path.dirname(os.path.abspath(__file__))
     if args.check_variants:
         names = [n.strip() for n in args.check_variants.split(",") if n.strip()]
     else:
@@ -816,7 +829,7 @@ def run_same_code(args):
     model = os.path.abspath(study_model(args)[0]()) if args.model == "base" else args.model
     tmp = tempfile.mkdtemp(prefix="same-code-")
     old = os.path.join(tmp, "old")
-    r = subprocess.run(["git", "worktree", "add", "--detach", old, args.against], cwd=here, capture_output=True, text=True)
+    r = subprocess.run(["git", "worktree", "add", "--detach", old, args.against], cwd=HERE, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"--against {args.against}: cannot check it out: {r.stderr.strip()}")
     data_arg = args.data if args.data == "mini" else os.path.abspath(args.data)
@@ -825,7 +838,7 @@ def run_same_code(args):
     try:
         for n in names:
             outs = []
-            for tree in (old, here):
+            for tree in (old, HERE):
                 out = os.path.join(tmp, f"{n}-{'old' if tree == old else 'new'}")
                 cmd = [sys.executable, "pretrain.py", *flags[n], "--model", model, "--data", data_arg, "--output-dir", out,
                        "--max-steps", str(args.check_steps), "--seq-len", str(args.seq_len), "--batch-size",
@@ -840,12 +853,12 @@ def run_same_code(args):
             same[n] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and la == lb
             print(f"same-code {args.against[:12]} vs this checkout, {n}: {'bitwise identical' if same[n] else 'DIFFERENT'}")
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", old], cwd=here, capture_output=True)
+        subprocess.run(["git", "worktree", "remove", "--force", old], cwd=HERE, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    full = subprocess.run(["git", "rev-parse", args.against], cwd=here, capture_output=True, text=True).stdout.strip()
+    full = subprocess.run(["git", "rev-parse", args.against], cwd=HERE, capture_output=True, text=True).stdout.strip()
     to = code_commit()
     rec = {"from": full or args.against, "to": to, "variants": same, "steps": args.check_steps,
-           "model": model if args.model != "base" else "base", "command": "python evaluate.py --task same-code "
+           "model": recorded(model) if args.model != "base" else "base", "command": "python evaluate.py --task same-code "
            f"--against {args.against}" + (f" --check-variants {args.check_variants}" if args.check_variants else "")}
     common.atomic_write_json(os.path.join(args.output_dir, "code_checks.json"), code_checks(args.output_dir) + [rec])
     return rec
@@ -911,14 +924,17 @@ def write_report(args):
             row(f"TRELM probes better than {other}", paper, "efficiency", ["trelm", other], PRIMARY,
                 pair("efficiency", "trelm", other, PRIMARY))
         for key, label, paper in (("f1_fewrel", "FewRel F1", lambda o: f"TACRED F1 {'RoBERTa' if o == 'mlm' else 'DKPLM'} "
-                                   f"{P['table5_tacred_f1']['RoBERTa' if o == 'mlm' else 'DKPLM']} vs TRELM 78.0 (Table 5)"),
-                                  ("f1_open-entity", "Open Entity F1", lambda o: "TRELM 73.36 best (Table 4)")):
+                                   f"{P['table5_tacred_f1']['RoBERTa' if o == 'mlm' else 'DKPLM']} vs TRELM "
+                                   f"{P['table5_tacred_f1']['TRELM']} (Table 5)"),
+                                  ("f1_open-entity", "Open Entity F1",
+                                   lambda o: f"TRELM {P['table4_open_entity_f1']['TRELM']} best (Table 4)")):
             for other in ("mlm", "dkplm"):
                 row(f"TRELM beats {other} on {label}", paper(other), "efficiency", ["trelm", other], key,
                     pair("efficiency", "trelm", other, key))
         eff = res["efficiency"]["efficiency"]
         rs = eff["time_to_dkplm_final"]
-        lines.append("| TRELM needs <= 50% of DKPLM's pre-training time to reach its final score (Sec. 4.4) | 0.5 | "
+        lines.append(f"| TRELM needs <= {P['efficiency_ratio']:.0%} of DKPLM's pre-training time to reach its final "
+                     f"score (Sec. 4.4) | {P['efficiency_ratio']} | "
                      "ratio per seed: " + ", ".join(f"{'>' if not r['reached'] else ''}{r['ratio']:.2f}" for r in rs.values())
                      + f" | {effect(eff['ratio_verdict'], scale=1)} (0.5 - ratio) | {eff['ratio_verdict']['verdict']} |")
         for n, label in (("trelm_no-memory-bank", "the memory bank"), ("trelm_no-routing", "knowledge routing")):
@@ -986,8 +1002,7 @@ def run_reproduce(args):
 
 def run_report(args):
     """plots.py and REPORT.md from the results in --output-dir (e.g. a study continued elsewhere)."""
-    import plots
-    plots.main(["--results", args.output_dir, "--out", args.figures])
+    plots.draw_all(args.output_dir, args.figures)
     return write_report(args)
 
 

@@ -15,7 +15,8 @@ Training defaults are sized for a 2-core CPU and the default MiniLM (a few minut
 TASK_DEFAULTS: FewRel and GLUE train on 2,000 / 1,000 rows); dev and test sets are scored in full
 (--eval-limit 0); `--train-limit 0` trains on every row, as for the paper's numbers. The GLUE
 average is the paper's Table 3 AVG (glue_average): each task's main metric x 100, MNLI-m and -mm
-as two columns.
+as two columns. Results: <output-dir>/<task>.json (GLUE: glue-<TASK>.json per task and glue.json),
+paths in them as common.portable_path writes them (relative to the repository or ../shared/data/...).
 
 Relation extraction (--task tacred|fewrel). Input format: official TACRED JSON (`token`,
 `subj_start`, `subj_end`, `obj_start`, `obj_end` with inclusive ends, `relation`). Entity markers
@@ -42,6 +43,10 @@ the `datasets` GLUE loader with --glue-source hf (needs internet). Head on [CLS]
 regression (one output, MSE). Dev metrics: CoLA Matthews corr.; SST-2, QNLI, RTE, WNLI, MNLI-m/mm
 accuracy; MRPC, QQP accuracy and F1; STS-B Pearson and Spearman. Test labels are not public.
 
+A file that does not follow its official format (not JSON, a record missing a field or with a field of
+the wrong type, a tsv row whose field count differs from its header) raises DataError naming the file,
+the line or record, and the format expected; evaluate.py prints it as one line.
+
 Symbols and names:
 | symbol | meaning | name here |
 |---|---|---|
@@ -66,6 +71,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import lama
 
 NO_RELATION = "no_relation"
 MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")  # subject open/close, object open/close
@@ -74,7 +80,6 @@ class DataError(ValueError):
 
 
 GENERAL_TYPES = ("entity", "event", "group", "location", "object", "organization", "person", "place", "time")
-DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
 
 # CPU-sized training defaults (2 cores, MiniLM-L6-H384, batch 16); every one is a flag. Dev and test
 # sets are always scored in full by default (eval_limit 0), so scores compare with published ones.
@@ -133,15 +138,50 @@ def add_args(parser):
 # ----------------------------------------------------------------------------- readers
 
 TACRED_KEYS = ("token", "subj_start", "subj_end", "obj_start", "obj_end", "relation")
+TACRED_FORMAT = ("official TACRED JSON: a list of objects with token (list of words), subj_start, subj_end, "
+                 "obj_start, obj_end (inclusive token indices) and relation (string)")
+FEWREL_FORMAT = ('FewRel JSON {relation_id: [{"tokens": [...], "h": [name, id, [[positions]]], "t": [...]}]} '
+                 "(thunlp/FewRel data/val_wiki.json)")
+OPEN_ENTITY_KEYS = ("mention_span", "left_context_token", "right_context_token", "y_str")
+OPEN_ENTITY_FORMAT = ("Open Entity crowd JSON lines: one object per line with mention_span (non-empty string), "
+                      "left_context_token, right_context_token (lists of words) and y_str (list of types)")
+
+
+def read_json(path, expected):
+    """The JSON document in `path`. Text that is not UTF-8 or not JSON raises DataError naming the file,
+    line and column and `expected` (the format in words)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); expected {expected}") from None
+    except json.JSONDecodeError as e:
+        ends = e.pos >= len(e.doc.rstrip()) or e.msg.startswith("Unterminated string")  # the text ran out
+        cut = "; the file ends inside the JSON: truncated?" if ends else ""
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}{cut}); expected {expected}") from None
+
+
+def is_str_list(x):
+    """A JSON list of strings (a sentence's words, a type list)."""
+    return isinstance(x, list) and all(isinstance(w, str) for w in x)
 
 
 def check_spans(rows, source):
-    """Every row needs the TACRED keys and inclusive spans 0 <= start <= end < len(token)."""
+    """Every row needs the TACRED keys, token a list of words, relation a string and inclusive spans
+    0 <= start <= end < len(token) of integers."""
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"{source}: row {i} is a JSON {type(r).__name__}; expected {TACRED_FORMAT}")
         missing = [k for k in TACRED_KEYS if k not in r]
         if missing:
             raise DataError(f"{source}: row {i} (id {r.get('id')}) lacks {missing}; expected TACRED JSON keys "
                              f"{list(TACRED_KEYS)}")
+        ok = dict(token=is_str_list(r["token"]), relation=isinstance(r["relation"], str),
+                  **{k: type(r[k]) is int for k in TACRED_KEYS[1:5]})
+        wrong = [k for k in TACRED_KEYS if not ok[k]]
+        if wrong:
+            raise DataError(f"{source}: row {i} (id {r.get('id')}): unexpected "
+                            f"{', '.join(f'{k}={r[k]!r:.40}' for k in wrong)}; expected {TACRED_FORMAT}")
         n = len(r["token"])
         for a, b in (("subj_start", "subj_end"), ("obj_start", "obj_end")):
             if not 0 <= r[a] <= r[b] < n:
@@ -152,29 +192,43 @@ def check_spans(rows, source):
 
 def read_tacred(path):
     """Official TACRED JSON: one list of rows; span ends are inclusive."""
-    with open(path) as f:
-        rows = json.load(f)
+    rows = read_json(path, TACRED_FORMAT)
     if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of TACRED rows, found {type(rows).__name__}")
+        raise DataError(f"{path}: top level is a JSON {type(rows).__name__}; expected {TACRED_FORMAT}")
     return check_spans(rows, path)
+
+
+def fewrel_problem(x):
+    """What keeps `x` from being a FewRel instance {"tokens": [str], "h": [name, id, [[pos, ...], ...]],
+    "t": ...} whose first mentions' positions index its tokens, or None if nothing does."""
+    if not isinstance(x, dict):
+        return f"a JSON {type(x).__name__}, not an object"
+    if not is_str_list(x.get("tokens")):
+        return '"tokens" is missing or not a list of strings'
+    for k in ("h", "t"):
+        e = x.get(k)
+        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[2], list) and e[2]
+                and isinstance(e[2][0], list) and e[2][0]):
+            return f'"{k}" is missing or not [name, id, [[positions], ...]]'
+        bad = [p for p in e[2][0] if type(p) is not int or not 0 <= p < len(x["tokens"])]
+        if bad:
+            return f'"{k}" position {bad[0]!r} is not a token index in [0, {len(x["tokens"])})'
+    return None
 
 
 def check_fewrel(data, source):
     """FewRel's format: {relation id: [{"tokens": [str], "h": [name, id, [[pos, ...]]], "t": ...}]}."""
-    expected = ('expected FewRel JSON {relation_id: [{"tokens": [...], "h": [name, id, [[positions]]], '
-                '"t": [...]}]} (thunlp/FewRel data/val_wiki.json)')
     if not isinstance(data, dict) or not data:
-        raise DataError(f"{source}: top level is {type(data).__name__}{' (empty)' if not data else ''}; {expected}")
+        raise DataError(f"{source}: top level is {type(data).__name__}{' (empty)' if not data else ''}; "
+                        f"expected {FEWREL_FORMAT}")
     for pid, rows in data.items():
         if not isinstance(rows, list) or not rows:
-            raise DataError(f"{source}: {pid!r} holds {type(rows).__name__}, not a non-empty list; {expected}")
+            raise DataError(f"{source}: {pid!r} holds {type(rows).__name__}, not a non-empty list; "
+                            f"expected {FEWREL_FORMAT}")
         for i, x in enumerate(rows):
-            ok = isinstance(x, dict) and isinstance(x.get("tokens"), list) and all(
-                isinstance(x.get(k), list) and len(x[k]) == 3 and isinstance(x[k][2], list) and x[k][2]
-                and isinstance(x[k][2][0], list) and x[k][2][0]
-                and all(isinstance(p, int) and 0 <= p < len(x["tokens"]) for p in x[k][2][0]) for k in ("h", "t"))
-            if not ok:
-                raise DataError(f"{source}: {pid}[{i}] is not a FewRel instance; {expected}")
+            problem = fewrel_problem(x)
+            if problem:
+                raise DataError(f"{source}: {pid}[{i}] is not a FewRel instance: {problem}; expected {FEWREL_FORMAT}")
 
 
 def fewrel_to_tacred(data, split_seed=0, percents=(70, 10, 20), source="fewrel"):
@@ -213,36 +267,47 @@ def read_open_entity(path):
     """Choi et al. crowd JSON lines -> [{"id", "words", "start", "end" (inclusive), "types"}], types =
     y_str intersected with GENERAL_TYPES (in GENERAL_TYPES order; may be empty)."""
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for ln, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
-            missing = [k for k in ("mention_span", "left_context_token", "right_context_token", "y_str") if k not in r]
-            mention = r.get("mention_span", "").split()
-            if missing or not mention:
-                raise DataError(f"{path}:{ln}: expected Open Entity crowd keys mention_span (non-empty), "
-                                 f"left_context_token, right_context_token, y_str; missing {missing or ['mention']}")
-            left = r["left_context_token"]
+            try:
+                r = json.loads(line)
+            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+                raise DataError(f"{path}:{ln}: not a JSON line ({e}); expected {OPEN_ENTITY_FORMAT}") from None
+            if not isinstance(r, dict):
+                raise DataError(f"{path}:{ln}: a JSON {type(r).__name__}, not an object; expected {OPEN_ENTITY_FORMAT}")
+            missing = [k for k in OPEN_ENTITY_KEYS if k not in r]
+            if missing:
+                raise DataError(f"{path}:{ln}: lacks {missing}; expected {OPEN_ENTITY_FORMAT}")
+            wrong = [k for k in OPEN_ENTITY_KEYS[1:] if not is_str_list(r[k])]
+            if not (isinstance(r["mention_span"], str) and r["mention_span"].split()):
+                wrong.insert(0, "mention_span")
+            if wrong:
+                raise DataError(f"{path}:{ln}: unexpected {', '.join(f'{k}={r[k]!r:.40}' for k in wrong)}; "
+                                f"expected {OPEN_ENTITY_FORMAT}")
+            mention, left = r["mention_span"].split(), r["left_context_token"]
             rows.append(dict(id=r.get("annot_id", f"{path}:{ln}"), words=left + mention + r["right_context_token"],
                              start=len(left), end=len(left) + len(mention) - 1,
                              types=[t for t in GENERAL_TYPES if t in set(r["y_str"])]))
     return rows
 
 
-GlueTask = namedtuple("GlueTask", "name header a b y labels dev metrics hf hf_a hf_b")
-# Column positions as in the GLUE / Hugging Face run_glue processors (y = -1: last column).
+GlueTask = namedtuple("GlueTask", "name width a b y labels dev metrics hf hf_a hf_b")
+# Column positions as in the GLUE / Hugging Face run_glue processors (y = -1: last column). width: the
+# number of columns of a file without a header row (CoLA: source, label, original mark, sentence);
+# None: the first row is a header and every row has as many columns as it.
 GLUE = {t.name: t for t in (
-    GlueTask("CoLA", False, 3, None, 1, ("0", "1"), ("dev",), ("mcc",), "cola", "sentence", None),
-    GlueTask("SST-2", True, 0, None, 1, ("0", "1"), ("dev",), ("acc",), "sst2", "sentence", None),
-    GlueTask("MRPC", True, 3, 4, 0, ("0", "1"), ("dev",), ("acc", "f1"), "mrpc", "sentence1", "sentence2"),
-    GlueTask("QQP", True, 3, 4, 5, ("0", "1"), ("dev",), ("acc", "f1"), "qqp", "question1", "question2"),
-    GlueTask("STS-B", True, 7, 8, -1, None, ("dev",), ("pearson", "spearman"), "stsb", "sentence1", "sentence2"),
-    GlueTask("MNLI", True, 8, 9, -1, ("contradiction", "entailment", "neutral"),
+    GlueTask("CoLA", 4, 3, None, 1, ("0", "1"), ("dev",), ("mcc",), "cola", "sentence", None),
+    GlueTask("SST-2", None, 0, None, 1, ("0", "1"), ("dev",), ("acc",), "sst2", "sentence", None),
+    GlueTask("MRPC", None, 3, 4, 0, ("0", "1"), ("dev",), ("acc", "f1"), "mrpc", "sentence1", "sentence2"),
+    GlueTask("QQP", None, 3, 4, 5, ("0", "1"), ("dev",), ("acc", "f1"), "qqp", "question1", "question2"),
+    GlueTask("STS-B", None, 7, 8, -1, None, ("dev",), ("pearson", "spearman"), "stsb", "sentence1", "sentence2"),
+    GlueTask("MNLI", None, 8, 9, -1, ("contradiction", "entailment", "neutral"),
              ("dev_matched", "dev_mismatched"), ("acc",), "mnli", "premise", "hypothesis"),
-    GlueTask("QNLI", True, 1, 2, -1, ("entailment", "not_entailment"), ("dev",), ("acc",), "qnli", "question", "sentence"),
-    GlueTask("RTE", True, 1, 2, -1, ("entailment", "not_entailment"), ("dev",), ("acc",), "rte", "sentence1", "sentence2"),
-    GlueTask("WNLI", True, 1, 2, -1, ("0", "1"), ("dev",), ("acc",), "wnli", "sentence1", "sentence2"),
+    GlueTask("QNLI", None, 1, 2, -1, ("entailment", "not_entailment"), ("dev",), ("acc",), "qnli", "question", "sentence"),
+    GlueTask("RTE", None, 1, 2, -1, ("entailment", "not_entailment"), ("dev",), ("acc",), "rte", "sentence1", "sentence2"),
+    GlueTask("WNLI", None, 1, 2, -1, ("0", "1"), ("dev",), ("acc",), "wnli", "sentence1", "sentence2"),
 )}
 HF_SPLIT = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
             "dev_mismatched": "validation_mismatched"}
@@ -257,20 +322,27 @@ def glue_task(name):
 
 
 def read_glue_tsv(path, spec):
-    """[(text_a, text_b or None, label)] from one glue_data tsv. QQP rows with missing columns are
-    skipped as run_glue does; elsewhere a short row is an error."""
-    rows = []
+    """[(text_a, text_b or None, label)] from one glue_data tsv. Every row has as many tab-separated
+    fields as the header row (CoLA, headerless: spec.width): a row with more or fewer would put a
+    sentence in the label's place. QQP rows that do not are skipped and counted, as run_glue skips
+    them; in any other task they are an error naming the file and line."""
+    need = max(c for c in (spec.a, spec.b, spec.y) if c is not None) + 1 + (spec.y < 0)  # y = -1: a column of its own
+    rows, width, skipped = [], spec.width, 0
     with open(path, encoding="utf-8-sig", newline="") as f:  # MRPC files start with a byte-order mark
         for ln, line in enumerate(csv.reader(f, delimiter="\t", quotechar=None), 1):
-            if spec.header and ln == 1:
+            if width is None:  # the header row
+                if len(line) < need:
+                    raise DataError(f"{path}:{ln}: header of {len(line)} tab-separated fields; a {spec.name} file "
+                                    f"has at least {need} (text in columns {spec.a}, {spec.b}, label in {spec.y})")
+                width = len(line)
                 continue
-            try:
-                a, b, y = line[spec.a], (line[spec.b] if spec.b is not None else None), line[spec.y]
-            except IndexError:
+            if len(line) != width:
                 if spec.name == "QQP":
+                    skipped += 1
                     continue
-                raise DataError(f"{path}:{ln}: {spec.name} needs columns {spec.a}, {spec.b}, {spec.y}; "
-                                 f"found {len(line)} tab-separated fields") from None
+                raise DataError(f"{path}:{ln}: {len(line)} tab-separated fields; expected {width}, as "
+                                f"{'in the header (line 1)' if spec.width is None else f'in every {spec.name} row'}")
+            a, b, y = line[spec.a], (line[spec.b] if spec.b is not None else None), line[spec.y]
             if spec.labels is None:
                 try:
                     y = float(y)
@@ -279,6 +351,11 @@ def read_glue_tsv(path, spec):
             elif y not in spec.labels:
                 raise DataError(f"{path}:{ln}: {spec.name} label {y!r} not in {spec.labels}")
             rows.append((a, b, y))
+    if not rows:
+        raise DataError(f"{path}: no {spec.name} data rows; expected the glue_data tsv layout "
+                        f"({'a header row, then ' if spec.width is None else ''}one example per line)")
+    if skipped:
+        print(f"{path}: skipped {skipped} {spec.name} rows without {width} fields, as run_glue does", flush=True)
     return rows
 
 
@@ -305,9 +382,17 @@ def read_glue_hf(spec):
     return out
 
 
+def no_data_root(task):
+    """The error when neither --data-dir nor ../shared/data (lama.default_data_dir) exists."""
+    return SystemExit(f"--task {task}: --data-dir not given and ../shared/data (next to this repository) does "
+                      f"not exist. {WHERE[task]}.")
+
+
 def find_data(args, subdirs, required):
     """First of --data-dir/<sub> (sub in subdirs) holding every required file; else a clear error."""
-    root = args.data_dir or DATA_ROOT
+    root = args.data_dir or lama.default_data_dir()
+    if root is None:
+        raise no_data_root(args.task)
     tried = []
     for sub in subdirs:
         d = os.path.normpath(os.path.join(root, sub))
@@ -650,13 +735,20 @@ def run_seeds(cfg, tok, train_feats, eval_feats, n_pool, n_out, kind, score, des
     return runs
 
 
+def recorded_config(cfg):
+    """The resolved flags as results record them, --seeds aside (the record's `seed`): evaluate.py's path
+    flags (lama.PATH_FLAGS) as common.portable_path writes them, so records name no path of this machine."""
+    return {k: common.portable_path(v) if k in lama.PATH_FLAGS else v for k, v in vars(cfg).items() if k != "seeds"}
+
+
 def _write(cfg, task, runs, data, head):
     """One results JSON: resolved config, seeds, metrics summarized over seeds, per-seed runs with the
-    per-class detail, and what data was read (source, labels, sizes used and full sizes)."""
-    config = {k: v for k, v in vars(cfg).items() if k != "seeds"}
-    config.update(head=head, std="sample std over seeds (ddof=1)")
-    return common.write_result(cfg.output_dir, task, cfg.model_dir, config, cfg.seeds, summarize(runs),
-                               per_seed=runs, data=data)
+    per-class detail, and what data was read (source, labels, sizes used and full sizes). Paths are
+    recorded as common.portable_path writes them."""
+    config = dict(recorded_config(cfg), head=head, std="sample std over seeds (ddof=1)")
+    data = dict(data, source=common.portable_path(data["source"]))
+    return common.write_result(cfg.output_dir, task, common.portable_path(cfg.model_dir), config, cfg.seeds,
+                               summarize(runs), per_seed=runs, data=data)
 
 
 def _pooled(cfg):
@@ -676,8 +768,7 @@ def relation_extraction(args, task):
             percents = tuple(int(x) for x in cfg.fewrel_split.split(","))
         except ValueError:
             raise SystemExit(f"--fewrel-split: expected three integers like 70,10,20, found {cfg.fewrel_split!r}") from None
-        with open(source) as f:
-            splits = fewrel_to_tacred(json.load(f), cfg.split_seed, percents, source)
+        splits = fewrel_to_tacred(read_json(source, FEWREL_FORMAT), cfg.split_seed, percents, source)
     labels = sorted({r["relation"] for rows in splits.values() for r in rows})
     if NO_RELATION in labels:
         labels = [NO_RELATION] + [l for l in labels if l != NO_RELATION]
@@ -732,13 +823,15 @@ def run_open_entity(args):
 def load_glue(cfg, spec):
     """{split: rows} for train and the task's dev files, from glue_data tsv or (--glue-source hf) the hub."""
     files = ("train.tsv",) + tuple(f"{s}.tsv" for s in spec.dev)
-    root = cfg.data_dir or DATA_ROOT
-    for sub in ("", "glue_data"):
+    root = cfg.data_dir or lama.default_data_dir()
+    for sub in ("", "glue_data") if root else ():
         d = os.path.normpath(os.path.join(root, sub, spec.name))
         if all(os.path.isfile(os.path.join(d, f)) for f in files):
             return {f[:-4]: read_glue_tsv(os.path.join(d, f), spec) for f in files}, d
     if cfg.glue_source == "hf":
         return read_glue_hf(spec), f"hf:nyu-mll/glue/{spec.hf}"
+    if root is None:
+        raise no_data_root("glue")
     raise SystemExit(f"--task glue: {spec.name} needs {', '.join(files)} in {os.path.join(root, spec.name)} or "
                      f"{os.path.join(root, 'glue_data', spec.name)} (--data-dir {cfg.data_dir}). {WHERE['glue']}.")
 
@@ -767,9 +860,9 @@ def run_glue(args):
         paths.append(_write(cfg, f"glue-{spec.name}", runs, data, head="tanh MLP on [CLS]"))
         summary[spec.name] = summarize(runs)
     columns, average = glue_average(summary)
-    config = {k: v for k, v in vars(cfg).items() if k != "seeds"}
-    return common.write_result(cfg.output_dir, "glue", cfg.model_dir, config, cfg.seeds, summary,
-                               columns=columns, average=average, average_definition=GLUE_AVERAGE, files=paths)
+    return common.write_result(cfg.output_dir, "glue", common.portable_path(cfg.model_dir), recorded_config(cfg),
+                               cfg.seeds, summary, columns=columns, average=average, average_definition=GLUE_AVERAGE,
+                               files=[common.portable_path(p) for p in paths])
 
 
 GLUE_AVERAGE = ("mean over columns of each task's main metric x 100 (CoLA Matthews corr., STS-B Pearson, "

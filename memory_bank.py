@@ -4,7 +4,7 @@ For every key (a KG entity index, or num_entities + token id for a long-tail wor
 works) the bank holds two vectors:
   local memory  = an exponential moving average of the mean last-layer output in a window of k
                   tokens around each mention of the key (Eq. 4-5), initialised from the row given
-                  to ensure() (pretrain.py: the key's knowledge embedding h_e, see below);
+                  to ensure() (pretrain.py: the key's knowledge embedding h_e);
   global memory = the exact running mean of the last-layer [CLS] output over all contexts that
                   contain the key (Eq. 6).
 Before the forward pass the input at a mention is mixed with both memories (Eq. 7), with a weight
@@ -20,84 +20,46 @@ One training step (what pretrain.py does for --method trelm):
     seen = bank.contains(all_ent_id)               # every mention of a key, injected or not (Sec. 3.2)
     bank.observe(last_hidden, attention_mask, ent_batch[seen], ent_start[seen], ent_end[seen], all_ent_id[seen])
 
-Run the tests: python -m pytest tests/test_memory_bank.py -q
-
 Paper symbols -> names here
-| paper                 | here                          | default |
-|-----------------------|-------------------------------|---------|
-| e                     | key (int64, e.g. KG index)    |         |
-| local / global memory | local, global_ (table rows)   |         |
-| k (window)            | window_k / k                  | 16      |
-| gamma (discount)      | gamma                         | 0.1     |
-| h_e                   | h_e                           |         |
-| lambda, lambda_0      | lam, lambda0                  | 0.5     |
-| beta                  | beta                          | 2.0     |
-| q                     | q (fractional epoch)          |         |
+| paper                 | here                          | default (pretrain.py flag) |
+|-----------------------|-------------------------------|----------------------------|
+| e                     | key (int64, e.g. KG index)    |                            |
+| local / global memory | local, global_ (table rows)   |                            |
+| k (window)            | window_k / k                  | 16 (--window-k)            |
+| gamma (discount)      | gamma                         | 0.1 (--gamma)              |
+| h_e                   | h_e                           |                            |
+| I_p, Eq. 7            | mix(h_e, local, global_, lam) |                            |
+| lambda, lambda_0      | lam, lambda0                  | 0.5 (--lambda0)            |
+| beta                  | beta                          | 2.0 (--beta)               |
+| q                     | q (pre-training epoch)        | integer (--lambda-q)       |
 
-Decisions (the paper gives the mechanisms, not these details):
-- Eq. (4) window: a mention is the half-open token span [start, end); the window is
-  [start - k, end + k), clipped to the sequence and restricted to its real tokens
-  (attention_mask == 1). By default the first and the last real token of each row ([CLS]/<s> and
-  the final [SEP]/</s>) are left out (with_special=False): [CLS] already feeds the global memory.
-  The mean divides by the number of positions actually summed (Wu et al. 2020, "Taking Notes on
-  the Fly", whose note this is, print 2k + t - s, one less than the number of summed terms).
-- Eq. (5): m_l <- (1 - gamma) * m_l + gamma * obs, the note update of Wu et al. 2020 that the
-  memory bank follows; the paper gives no gamma value, 0.1 is the design default.
-- Eq. (6): m_g = exact running mean (count-based: n <- n + 1; m_g <- m_g + (cls - m_g) / n),
-  not an EMA. A sequence that mentions a key twice counts once (observe() flags the first
-  mention of each (row, key) pair; update() takes the flags as new_context).
-- A key with no context yet (count 0) reads its global memory as its local memory, so Eq. (7) is
-  always defined and a fresh key mixes h_e with its initial local memory only.
-- Eq. (8) as printed: lambda_q = lambda_0 / beta^q, q the pre-training epoch (Sec. 4.8: beta = 1
-  "corresponds to no decay"). q is the integer epoch by default (the paper's q = 0, 1, 2, ...);
-  pretrain.py's --lambda-q fraction uses the fractional epoch instead (smooth decay, same values at
-  whole epochs). beta >= 1 (beta < 1 would make lambda grow).
-- Scale of the memory in the input (Eq. 7). The memories hold last-layer outputs (mean norm about
-  6.5 for tokens, 7.4 for [CLS] on MiniLM) but Eq. 7 writes them into the word-embedding slot (mean
-  norm about 1.1). Unscaled, at lambda = 0.5 the mixed input had cosine 0.86 with the [CLS] average
-  and 0.34 with h_e: every injected span saw a near-generic vector. mix(..., match_norm=True) (the
-  default; pretrain.py --memory-scale raw turns it off) rescales each memory vector to the norm of
-  the h_e row it is mixed with, so Eq. 7 mixes directions at the embedding's scale.
-- Initial local memory (what ensure() is given): pretrain.py passes h_e, the key's knowledge
-  embedding E(t) - E(r) built from the pre-trained embeddings, not the embedding of the key's own
-  tokens: those are the CKA targets, and a memory that starts as E(answer) lets L_CKA fall by
-  copying its input (measured in README "Departures").
-- Eq. (4) window without the span: with context_only=True (what pretrain.py uses, --memory-window
-  context) the span's own positions are left out of the mean, so the local memory holds the "contextual representations of its surrounding words" (Sec. 3.2)
-  and never the span outputs that CKA trains to predict the entity's tokens.
-- Several mentions of one key in a step (also across DDP ranks) are applied one after the other
-  in gathered order: rank 0's mentions in their given order, then rank 1's, and so on. The result
-  is bitwise equal to a Python loop over the mentions in that order in float32 (rounded to `dtype`
-  once per step), and the same for any split of a global batch into ranks that keeps its order.
-- DDP: ensure(), update() and observe() are collective when torch.distributed is initialised: every rank
-  must call them at every step (with M = 0 if it has no mentions). Each gathers all ranks'
-  arguments (sizes first, then padded tensors), concatenates them in rank order and applies the
-  same operations, so all ranks hold bitwise-identical memory. A key new to several ranks in the
-  same ensure() takes the init of its first occurrence in rank order. gloo (CPU) and nccl (GPU).
-
-Long-tail words as keys (pretrain.py --long-tail-words, off by default). The paper: "We identify
-important entities and long-tail words throughout the corpus. [...] Embeddings of important
-entities and long-tail words are then updated in the Knowledge-augmented Memory Bank" (Sec. 3.4),
-a "cheat sheet" of "semantic information of entities and words" (Fig. 2), after Wu et al. 2020,
-"Taking Notes on the Fly", whose notes are the running average of the contextual outputs around
-each occurrence of a rare word, mixed into that word's input embedding. Here:
-- a word is a token that is a whole word by itself (data.whole_words: it starts a word and the
-  next token does not continue it); a word split into several pieces is not a key (its pieces are
-  shared with other words). Special tokens, punctuation-only tokens and every token inside a linked
-  mention span are not words. Frequency: occurrences in the corpus outside mention spans
-  (data.word_counts, once, like entity frequency); long-tail = at or below the --word-percentile-th
-  percentile (default 75) of the occurring words' frequencies and at least --word-min-count (2)
-  times: a word seen once would only ever read back its own sentence.
-- key = num_entities + token id (never an entity's key), the same tables and the same rules: the
-  local memory starts as the word's input embedding when the key is first seen (Sec. 3.2: "We
-  initialize M_local using the pre-trained embeddings"); every occurrence updates Eq. 4-6 as a span of one token, with the
-  window rule of entities (shown or masked; --memory-window context leaves the word's own
-  position out);
-  Eq. 7 mixes at the positions where the input shows the word, with h_e = E_p (its own
-  embedding), the same lambda_q (Eq. 8) and the same rescaling to |E_p|. Where MLM masks or
-  replaces the word nothing is mixed: the key would tell the answer. Words stay MLM targets (the
-  note is there to help learn them) and are not CKA targets (CKA is over entity tail tokens).
-  A fresh key (memory = E(w), no context yet) mixes to E_p (up to rounding).
+Decisions (the paper gives the mechanisms, not these details; reasons and measurements in
+docs/departures.md):
+- Eq. 4: the window [start - k, end + k) is clipped to the row's real tokens without [CLS]/<s> and
+  the final [SEP]/</s> ([CLS] feeds the global memory); the mean divides by the positions summed.
+- Eq. 4 without the span (context_only=True, pretrain.py --memory-window context): the local memory
+  holds "its surrounding words" (Sec. 3.2), never the span outputs CKA trains to predict.
+- Eq. 5: m_l <- (1 - gamma) m_l + gamma obs (Wu et al. 2020's note update); gamma = 0.1, no paper value.
+- Eq. 6: an exact running mean (n <- n + 1; m_g <- m_g + (cls - m_g) / n); a row counts once per key.
+- A key with no context yet reads its global memory as its local memory, so Eq. 7 is always defined.
+- Eq. 7 rescales each memory vector to the norm of its h_e row (mix(match_norm=True); pretrain.py
+  --memory-scale raw turns it off): the memories hold last-layer outputs, the slot holds embeddings.
+- Eq. 8 as printed: lambda_q = lambda_0 / beta^q, q the integer epoch (--lambda-q fraction: the
+  fractional epoch); beta >= 1 (1 = no decay, Sec. 4.8).
+- The initial local memory is what ensure() is given; pretrain.py passes h_e = E(t) - E(r), not the
+  embedding of the key's own tokens, which are CKA's targets (--memory-init).
+- Several mentions of one key in a step (also across DDP ranks) apply one after the other in
+  gathered order (rank 0's mentions, then rank 1's, ...): bitwise equal to a Python loop over them
+  in float32 (rounded to `dtype` once per step), for any split of a global batch into ranks.
+- DDP: ensure(), update() and observe() are collective when torch.distributed is initialised (every
+  rank calls them at every step, with M = 0 if it has no mention); each gathers all ranks' arguments
+  in rank order, so all ranks hold bitwise-identical memory (gloo on CPU, nccl on GPU). A key new to
+  several ranks at once takes the init of its first occurrence in rank order.
+- Long-tail words as keys (pretrain.py --long-tail-words, off by default; Sec. 3.4 "important
+  entities and long-tail words", after Wu et al. 2020): key = num_entities + token id of a whole-word
+  token (data.whole_words) outside mention spans, long-tail by data.word_counts; the local memory
+  starts as the word's input embedding; every occurrence updates Eq. 4-6 as a one-token span; Eq. 7
+  mixes where the input shows the word (h_e = its own E_p), never where MLM masks or replaces it.
 
 Storage: only keys that occur. Tables local (C,H), global_ (C,H) in `dtype` (float32 or bfloat16)
 and count (C,) int64 on `device`, C = capacity (doubles when full); a sorted key array (S,) and
@@ -106,13 +68,13 @@ the slot of each sorted key (S,), int64, looked up with searchsorted (S = number
     nbytes() = C * (2 * H * elem + 8) + S * 16        elem = 4 (float32) or 2 (bfloat16)
     bytes(S) = S * (2 * H * elem + 8 + 16)             when C = S (pass capacity=S up front)
 
-Wikidata5M (3.09M entities, H = 768): 19.1 GB in float32, 9.6 GB in bfloat16 if every entity
-were a key; in TRELM only important entities are keys. All arithmetic is done in float32 and
-rounded to `dtype` once per step; bfloat16 keeps 8 significant bits, so a running mean over
-many contexts stops moving once (cls - m_g) / n falls below its resolution.
-"""
-import math
+e.g. 19.1 GB in float32, 9.6 GB in bfloat16 if all 3.09M Wikidata5M entities were keys (H = 768).
+All arithmetic is done in float32 and rounded to `dtype` once per step; bfloat16 keeps 8
+significant bits, so a running mean over many contexts stops moving once (cls - m_g) / n falls
+below its resolution.
 
+Tests: python -m pytest -q tests/test_memory_bank.py
+"""
 import torch
 import torch.distributed as dist
 
@@ -200,7 +162,6 @@ class MemoryBank:
         self.sorted_keys = torch.zeros(0, dtype=torch.int64, device=self.device)       # (S,)
         self.sorted_slots = torch.zeros(0, dtype=torch.int64, device=self.device)      # (S,)
 
-    mix = staticmethod(mix)
     lambda_at = staticmethod(lambda_at)
 
     def __len__(self):
@@ -312,11 +273,10 @@ class MemoryBank:
         glob = torch.where((self.count[slots] > 0).unsqueeze(1), self.global_[slots].float(), local)  # (M,H)
         return local.to(keys.device), glob.to(keys.device)
 
-    def window_mean(self, hidden, attention_mask, ent_batch, ent_start, ent_end, k=None, with_special=False,
-                    context_only=None):
+    def window_mean(self, hidden, attention_mask, ent_batch, ent_start, ent_end, k=None, context_only=None):
         """Eq. (4): mean of hidden (B,T,H) over the window [start - k, end + k) of each mention,
-        clipped to the real tokens of its row (attention_mask (B,T) == 1; without the first and
-        the last real token unless with_special). context_only (default self.context_only): leave
+        clipped to the real tokens of its row (attention_mask (B,T) == 1) without the first and the
+        last real token ([CLS]/<s> and the final [SEP]/</s>). context_only (default self.context_only): leave
         the span [start, end) out; a mention whose window has no other real token then falls back
         to its span. -> (M,H) float32. k defaults to window_k."""
         k = self.window_k if k is None else k
@@ -325,12 +285,11 @@ class MemoryBank:
         if attention_mask.shape != (b, t):
             raise ValueError(f"memory_bank.window_mean: attention_mask must have shape {(b, t)}, "
                              f"got {tuple(attention_mask.shape)}")
-        ctx = attention_mask.bool()  # (B,T)
-        if not with_special:
-            pos = torch.arange(t, device=hidden.device).expand(b, t)  # (B,T)
-            first = torch.where(ctx, pos, t).amin(dim=1, keepdim=True)  # (B,1)
-            last = torch.where(ctx, pos, -1).amax(dim=1, keepdim=True)  # (B,1)
-            ctx = ctx & (pos != first) & (pos != last)
+        real = attention_mask.bool()  # (B,T)
+        pos = torch.arange(t, device=hidden.device).expand(b, t)  # (B,T)
+        first = torch.where(real, pos, t).amin(dim=1, keepdim=True)  # (B,1)
+        last = torch.where(real, pos, -1).amax(dim=1, keepdim=True)  # (B,1)
+        ctx = real & (pos != first) & (pos != last)  # (B,T) real tokens without [CLS] and the last [SEP]
         w = ctx.to(torch.float32)  # (B,T)
         csum = torch.zeros(b, t + 1, hidden.shape[2], dtype=torch.float32, device=hidden.device)
         torch.cumsum(torch.where(ctx.unsqueeze(2), hidden.detach().float(), 0.0), dim=1, out=csum[:, 1:])  # (B,T+1,H)

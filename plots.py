@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from experiments import PAPER, PAPER_PEAKS, PRIMARY  # noqa: E402  the prior-free score the study judges on
+from paper_values import PAPER, PAPER_PEAKS, PRIMARY  # noqa: E402  PRIMARY: the prior-free score the study judges on
 
 STYLES = [dict(color="0.0", ls="-", marker="o"), dict(color="0.35", ls="--", marker="s"),
           dict(color="0.55", ls=":", marker="^"), dict(color="0.2", ls="-.", marker="D"),
@@ -145,7 +145,7 @@ def fig4_5_6(results, out):
             for x in r:  # open markers: not reached, the ratio is only a lower bound
                 a2.plot(i, x["ratio"], "ko" if x["reached"] else "k^", mfc="0" if x["reached"] else "1", ms=4)
     a2.set_xticks(range(len(groups)), list(groups), fontsize=8)
-    a2.axhline(PAPER["efficiency_ratio"], color="0", ls="--", lw=0.8, label="paper's claim vs DKPLM (0.5)")
+    a2.axhline(PAPER["efficiency_ratio"], color="0", ls="--", lw=0.8, label=f"paper's claim vs DKPLM ({PAPER['efficiency_ratio']})")
     a2.axhline(1.0, color="0.5", ls=":", lw=0.8, label="no speed-up (1)")
     a2.set_ylabel("TRELM's time to the baseline's\nfinal score / baseline's time", fontsize=8)
     a2.set_title("time to quality (dots: seeds; open: not reached)", fontsize=9)
@@ -213,15 +213,20 @@ def fig_subnetworks(results, out):
     save(fig, out, "fig_subnetwork_overlap")
 
 
+def draw_all(results, out):
+    """Every figure from the results JSON in `results`, written to `out` (experiments.py's --task report)."""
+    if not os.path.isdir(results):
+        raise SystemExit(f"--results {results}: not a directory (run `python evaluate.py --task reproduce` first)")
+    for f in (fig3, fig4_5_6, fig7_8, fig_subnetworks):
+        f(results, out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="results")
     p.add_argument("--out", default="figures")
     args = p.parse_args(argv)
-    if not os.path.isdir(args.results):
-        raise SystemExit(f"--results {args.results}: not a directory (run `python evaluate.py --task reproduce` first)")
-    for f in (fig3, fig4_5_6, fig7_8, fig_subnetworks):
-        f(args.results, args.out)
+    draw_all(args.results, args.out)
 
 
 if __name__ == "__main__":

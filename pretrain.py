@@ -4,81 +4,107 @@
     torchrun --nproc_per_node=2 pretrain.py --max-steps 4  # DDP (gloo on CPU, nccl on GPU)
     torchrun --nproc_per_node=8 pretrain.py --model roberta-base --data DIR --batch-size 64
 
-Methods (--method):
+Methods (--method; METHOD_TABLE is the one place where they differ):
   mlm    plain continued MLM pre-training (the paper's RoBERTa / BERT rows)
-  dkplm  DKPLM (alibaba/EasyNLP's released code, see README): long-tail mentions by KLT =
-         long-tail * SI * KG degree, pseudo token E(t) - E(r), relation-conditioned full-softmax
-         decoding of the entity's tokens, L_MLM + L_dec, all parameters train
+  dkplm  DKPLM (alibaba/EasyNLP's released code): long-tail mentions by KLT = long-tail * SI * KG
+         degree, pseudo token E(t) - E(r), relation-conditioned full-softmax decoding of the entity's
+         tokens, L_MLM + L_dec, all parameters train
   trelm  noise-aware injection of important entities + Contrastive Knowledge Assessing (Sec. 3.1),
          Knowledge-augmented Memory Bank (Sec. 3.2), Dynamic Knowledge Routing (Sec. 3.3);
          ablations --no-injection, --no-memory-bank, --no-routing (Table 6)
 
-One optimizer step (Sec. 3.4):
+One optimizer step (Sec. 3.4), Trainer.train_step:
   0. once, before training: SI(e) (Eq. 1) of every corpus mention with the initial model (a dataset
-     column) and the corpus-level threshold of "important"
-  1. collate a micro-batch (dynamic 15% MLM masking, 80/10/10) with its linked entity mentions
-  2. choose mentions to inject (--injection; "important" = long-tail mentions above the threshold)
-     -> one Plan (span positions, targets, negatives, memory)
-  3. input embedding of each injected span = h_e (Eq. 1 section), mixed with memory (Eq. 7, 8)
-  4. forward; L = theta * L_MLM + (1 - theta) * L_CKA (Eq. 2-3); MLM head only at masked positions
-  5. memory bank update from the detached outputs at every mention of a key (Eq. 4-6), identical
-     on every rank; with --long-tail-words also at every long-tail word (memory_bank.py docstring),
-     whose shown occurrences step 3 mixed with Eq. 7 ("important entities and long-tail words",
-     Sec. 3.4)
-  6. every --route-every steps: re-attribute FFN neurons (Eq. 9-11) and train only the knowledge
-     paths (Eq. 12) until the next re-routing
+     column) and the corpus-level threshold of "important" (Knowledge.__init__)
+  1. a micro-batch: dynamic 15% MLM masking (80/10/10) and its linked entity mentions (get_batch)
+  2. its knowledge plan (Knowledge.plan): the mentions to inject (--injection; "important" = long-tail
+     mentions above the threshold), their span positions, CKA targets and negatives from Q, and the
+     memory read for them (Eq. 7-8 inputs); built complete, never changed afterwards
+  3. forward: input embedding of each injected span = h_e mixed with memory (Eq. 7);
+     L = theta * L_MLM + (1 - theta) * L_CKA (Eq. 2-3); the MLM head only at masked positions
+  4. routing (Sec. 3.3, Trainer.route), from --route-warmup on: every --route-every steps attribute
+     the FFN neurons (Eq. 9-11; --ig-form first-order on step 3's own forward, the integrated-gradient
+     forms on a pass of their own) and keep the top ones: the knowledge paths (Eq. 12) that this and
+     the next steps' backward trains, with whatever else --route-scope trains
+  5. backward; memory bank update from the detached outputs at every mention of a key (Eq. 4-6),
+     identical on every rank (Knowledge.observe); with --long-tail-words also at every long-tail word
+  6. the optimizer step (gradients of the knowledge paths only while routed)
 
 Paper symbol -> flag: theta --theta, k --window-k, gamma --gamma, lambda_0 --lambda0, beta --beta
-(q: --lambda-q), m --ig-steps, Q exponent 0.75 (cka.py), K --negatives. Decisions where the paper
-is ambiguous (--memory-scale, --memory-init, --memory-window, --si-window, --long-tail-words):
-README "Departures".
-Outputs in --output-dir: checkpoint/ (latest, with training_state.pt, for --resume), final/
-(model + tokenizer, loadable with AutoModelForMaskedLM / AutoTokenizer), metrics.jsonl, config.json.
-A previous run there is continued (--resume: every flag but Trainer.OPERATIONAL, the world size and
-the global batch must match) or deleted (--overwrite), never replaced silently. --deterministic
-makes the same command bitwise repeatable (make_deterministic says what differs without it).
-Data and divergence errors print one line (--debug: the traceback).
+(q: --lambda-q), m --ig-steps, Q exponent 0.75 (cka.py), K --negatives, route ratio --route-ratio.
+Decisions where the paper is ambiguous (--memory-scale, --memory-init, --memory-window, --si-window,
+--long-tail-words): docs/departures.md.
+Outputs in --output-dir (checkpoint.py): checkpoint/ (latest, with training_state.pt, for --resume),
+final/ (model + tokenizer, loadable with AutoModelForMaskedLM / AutoTokenizer), metrics.jsonl,
+routing.jsonl, config.json. A previous run there is continued (--resume: every flag but
+checkpoint.OPERATIONAL must match, --max-steps may grow to extend the run) or deleted (--overwrite),
+never replaced silently. --deterministic makes the same command bitwise repeatable. Data and
+divergence errors print one line (--debug: the traceback).
 """
 import argparse
+import gc
 import json
 import math
 import os
-import random
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import routing
 from cka import NegativeSampler, cka_loss, cka_response_prob, label_token_counts, total_loss
-from entity_importance import (STRATEGIES, KnowledgeInjector, important_threshold, kg_degree,
+from entity_importance import (STRATEGIES, KnowledgeInjector, entity_pool, important_threshold, kg_degree,
                                long_tail_mask, select_mentions, si_column, span_positions)
-from memory_bank import MemoryBank
+from memory_bank import MemoryBank, span_input
 
-# --method -> what each mechanism does (a new baseline is one row):
-#   injection  default --injection strategy (entity_importance.select_mentions)
-#   decoding   what the injected spans are trained to predict: "cka" sampled softmax (Eq. 2),
-#              "relation" DKPLM's relation-conditioned full-softmax decoding, "none"
-#   loss       "theta": theta * L_MLM + (1 - theta) * L_CKA (Eq. 3); "sum": L_MLM + L_dec (DKPLM's code)
-#   sampler    negatives from Q (Eq. 2); bank  memory bank (Sec. 3.2); routing  knowledge paths (Sec. 3.3)
+
+@dataclass(frozen=True)
+class Method:
+    """What a --method does; a new baseline is one row of METHOD_TABLE (plus a DECODERS function if it
+    decodes its spans in a new way).
+    injection  default --injection strategy (entity_importance.select_mentions)
+    decoding   what the injected spans are trained to predict: a DECODERS key, or "none"
+    loss       how L_MLM and the decoding loss combine: a LOSSES key
+    sampler    CKA negatives from Q (Eq. 2); bank  memory bank (Sec. 3.2); routing  knowledge paths (Sec. 3.3)"""
+    injection: str
+    decoding: str
+    loss: str
+    sampler: bool
+    bank: bool
+    routing: bool
+
+
 METHOD_TABLE = {
-    "trelm": dict(injection="important", decoding="cka", loss="theta", sampler=True, bank=True, routing=True),
-    "dkplm": dict(injection="dkplm", decoding="relation", loss="sum", sampler=False, bank=False, routing=False),
-    "mlm": dict(injection="none", decoding="none", loss="mlm", sampler=False, bank=False, routing=False),
+    "trelm": Method(injection="important", decoding="cka", loss="theta", sampler=True, bank=True, routing=True),
+    "dkplm": Method(injection="dkplm", decoding="relation", loss="sum", sampler=False, bank=False, routing=False),
+    "mlm": Method(injection="none", decoding="none", loss="mlm", sampler=False, bank=False, routing=False),
 }
 METHODS = tuple(METHOD_TABLE)
 INJECTIONS = STRATEGIES
+
+
+class Config(argparse.Namespace):
+    """The resolved flags of a run (resolve_config), read-only: `replace` makes a changed copy."""
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the resolved configuration is read-only (tried to set {name}); use .replace()")
+
+    def replace(self, **changes):
+        new = Config.__new__(Config)
+        new.__dict__.update({**vars(self), **changes})
+        return new
 
 
 def get_parser():
@@ -88,7 +114,7 @@ def get_parser():
     a("--model", default=common.DEFAULT_MODEL, help="HF masked-LM id or local dir; 'minilm' = the packaged MiniLM-L6-H384")
     a("--data", default="mini", help="'mini' (embedded default, built offline) or a DIR with kg/ and corpus.jsonl")
     a("--output-dir", default=None, help="default: runs/<method>")
-    a("--max-steps", type=int, default=250, help="optimizer steps (250: about 9 minutes on 2 CPU cores)")
+    a("--max-steps", type=int, default=250, help="optimizer steps (250: about 6 minutes on 2 CPU cores)")
     a("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (gradient sync on the last only)")
     a("--seq-len", type=int, default=128)
@@ -153,14 +179,22 @@ def get_parser():
     # Sec. 3.3: routing
     a("--no-routing", action="store_true")
     a("--ig-steps", type=int, default=20, help="m, Riemann steps of integrated gradients")
+    a("--route-scope", default="strict", choices=routing.SCOPES,
+      help="what trains while routed besides the knowledge paths (Eq. 12): strict nothing (only the paths), "
+           "blocks the embeddings and MLM head (inside the Transformer blocks only the paths), ffn everything "
+           "but the FFN neurons outside the paths (routing.py docstring)")
+    a("--route-select", default="attr", choices=("attr", "random"),
+      help="attr: the top neurons by attribution (Eq. 9-11); random: as many per layer drawn at random at each "
+           "routing (the control: does attribution matter?)")
     a("--ig-form", default="layer", choices=routing.FORMS,
-      help="layer: Eq. 11 as printed, one layer scaled at a time (forward from cached lower layers); "
-           "joint: all layers scaled together, about (L+1)/2 times cheaper, not Eq. 11")
+      help="layer: Eq. 11 as printed, one layer scaled at a time; joint: all layers scaled together (not Eq. 11); "
+           "target: all layers scaled only at the positions where P_x is defined; first-order: activation x "
+           "dP_x/dv on the training forward itself (one Riemann step at alpha = 1)")
     a("--ig-chunk", type=int, default=0, help="alpha steps stacked per IG forward (0: as many as --ig-memory-mb allows)")
     a("--ig-memory-mb", type=float, default=1024.0, help="activation memory bound of one stacked IG forward (estimate)")
     a("--ig-batch", type=int, default=8, help="sequences of the micro-batch the attribution runs on (0 = all)")
     a("--route-every", type=int, default=100,
-      help="re-route every N steps (measured, README: successive path sets overlap at the batch-to-batch level, "
+      help="re-route every N steps (measured, docs/measurements.md: successive path sets overlap at the batch-to-batch level, "
            "Jaccard about 0.1, at N = 10, 25 and 100 alike, while IG's share of the time grows from 18%% to 62%%)")
     a("--route-warmup", type=int, default=None,
       help="steps of full-parameter training before the first routing (default: 0, or --route-every when the "
@@ -173,7 +207,7 @@ def get_parser():
 
 
 def resolve_config(args):
-    """Validate flags against each other and fill method-dependent defaults."""
+    """Validate flags against each other and fill method-dependent defaults -> a read-only Config."""
     def bad(flag, msg):
         raise SystemExit(f"pretrain.py: {flag}: {msg}")
     for flag, v in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size),
@@ -191,6 +225,8 @@ def resolve_config(args):
         bad("--ig-chunk", f"expected 0 (automatic) or a positive integer, got {args.ig_chunk}")
     if args.ig_memory_mb <= 0:
         bad("--ig-memory-mb", f"expected > 0, got {args.ig_memory_mb}")
+    if args.route_select == "random" and args.route_threshold is not None:
+        bad("--route-threshold", "selects by attribution; --route-select random draws --route-ratio of each layer")
     if not 0.0 < args.route_ratio <= 1.0:
         bad("--route-ratio", f"expected (0, 1], got {args.route_ratio}")
     if not 0.0 < args.long_tail_percentile <= 100.0:
@@ -222,22 +258,25 @@ def resolve_config(args):
             bad("--long-tail-words", f"adds memory-bank keys (TRELM only); not valid with --method {args.method}")
     row = METHOD_TABLE[args.method]
     if args.injection is None:
-        args.injection = row["injection"]
+        args.injection = row.injection
     elif args.method == "mlm" and args.injection != "none":
         bad("--injection", "--method mlm injects nothing; use --method trelm or dkplm")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", args.method)
-    if args.warmup_steps is None:
+    warmup_given = args.warmup_steps is not None
+    if not warmup_given:
         args.warmup_steps = max(1, int(0.06 * args.max_steps))
-    args.memory_bank = row["bank"] and not args.no_memory_bank and not args.no_injection and args.injection != "none"
-    args.routing = row["routing"] and not args.no_routing
-    return args
+    checkpoint.resolve_extension(args, warmup_given)
+    args.memory_bank = row.bank and not args.no_memory_bank and not args.no_injection and args.injection != "none"
+    args.routing = row.routing and not args.no_routing
+    return Config().replace(**vars(args))
 
 
 # -----------------------------------------------------------------------------
-# The model wrapper: everything that needs gradients happens inside forward(), so DDP sees it.
+# A micro-batch's knowledge plan and the model wrapper (everything that needs gradients happens
+# inside KnowledgeMLM.forward, so DDP sees it)
 
-@dataclass
+@dataclass(frozen=True)
 class WordNotes:
     """The long-tail words of one micro-batch (--long-tail-words; Sec. 3.2, 3.4): N occurrences.
 
@@ -264,7 +303,7 @@ class WordNotes:
                          None if self.mem is None else tuple(rep(m) for m in self.mem))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """What one micro-batch injects: S selected mentions and their P span positions.
 
@@ -322,9 +361,28 @@ def relation_decoding_loss(mlm, hidden, targets, relation):
     return F.cross_entropy(common.mlm_logits(mlm, hidden * r_hat.to(hidden.dtype)).float(), targets)
 
 
+def cka_decoding(net, h_span, targets, plan):
+    """Eq. (2): CKA's sampled softmax of each injected token against its K negatives from Q."""
+    negatives = plan.negatives if plan is not None else targets.new_zeros(0, 0)
+    return cka_loss(net.mlm, h_span, targets, negatives)
+
+
+def relation_decoding(net, h_span, targets, plan):
+    """DKPLM: relation-conditioned full-softmax decoding (relation_decoding_loss)."""
+    relation = h_span if plan is None else \
+        net.injector.relation_embed(net.mlm.get_input_embeddings().weight, plan.ent_id)[plan.mention]  # (P, H)
+    return relation_decoding_loss(net.mlm, h_span, targets, relation)
+
+
+# Method.decoding -> (loss name, fn(net, h_span (P, H), targets (P,), plan or None) -> scalar)
+DECODERS = {"cka": ("l_cka", cka_decoding), "relation": ("l_dec", relation_decoding)}
+# Method.loss -> fn(l_mlm, l_decoding, theta): Eq. (3) for TRELM; DKPLM's code sums its two losses
+LOSSES = {"theta": total_loss, "sum": lambda l_mlm, l_dec, theta: l_mlm + l_dec}
+
+
 class KnowledgeMLM(torch.nn.Module):
     """Masked LM + knowledge injection + MLM / CKA / entity-decoding losses in one forward.
-    decoding and loss: a row of METHOD_TABLE."""
+    decoding and loss: a Method's (METHOD_TABLE)."""
 
     def __init__(self, mlm, injector=None, decoding="none", loss="mlm"):
         super().__init__()
@@ -332,44 +390,57 @@ class KnowledgeMLM(torch.nn.Module):
         self.injector = injector
         self.decoding, self.loss = decoding, loss
 
-    def forward(self, input_ids, attention_mask, mlm_labels, plan=None, theta=0.5, return_hidden=False):
-        from memory_bank import span_input
+    def inputs(self, input_ids, plan):
+        """(B, T, H) encoder input: E_p, and Eq. (7) at the injected spans and the shown long-tail words."""
         emb = self.mlm.get_input_embeddings()
         x = emb(input_ids)  # (B, T, H)
-        if plan is not None:
-            h_e = plan.h_e if plan.h_e is not None else self.injector.embed(emb.weight, plan.ent_id)  # (S, H)
-            x = span_input(x, plan.rows, plan.cols, plan.mention, h_e, plan.mem, plan.lam, plan.match_norm)  # Eq. (7)
-            w = plan.words
-            if w is not None:  # Eq. (7) at the shown long-tail words, their own embedding E_p in the place of h_e
-                r, c = w.rows[w.shown], w.cols[w.shown]
-                mem = (w.mem[0][w.shown], w.mem[1][w.shown])
-                x = span_input(x, r, c, torch.arange(len(r), device=x.device), x[r, c], mem, plan.lam, plan.match_norm)
-        hidden = self.mlm.base_model(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        out = {}
+        if plan is None:
+            return x
+        h_e = plan.h_e if plan.h_e is not None else self.injector.embed(emb.weight, plan.ent_id)  # (S, H)
+        x = span_input(x, plan.rows, plan.cols, plan.mention, h_e, plan.mem, plan.lam, plan.match_norm)  # Eq. (7)
+        w = plan.words
+        if w is not None:  # Eq. (7) at the shown long-tail words, their own embedding E_p in the place of h_e
+            r, c = w.rows[w.shown], w.cols[w.shown]
+            mem = (w.mem[0][w.shown], w.mem[1][w.shown])
+            x = span_input(x, r, c, torch.arange(len(r), device=x.device), x[r, c], mem, plan.lam, plan.match_norm)
+        return x
+
+    def forward(self, input_ids, attention_mask, mlm_labels, plan=None, theta=0.5, return_hidden=False):
+        hidden = self.mlm.base_model(inputs_embeds=self.inputs(input_ids, plan),
+                                     attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         sel = mlm_labels != -100
-        out["l_mlm"] = F.cross_entropy(common.mlm_logits(self.mlm, hidden[sel]).float(), mlm_labels[sel]) \
-            if sel.any() else hidden.sum() * 0.0
+        out = {"l_mlm": F.cross_entropy(common.mlm_logits(self.mlm, hidden[sel]).float(), mlm_labels[sel])
+               if sel.any() else hidden.sum() * 0.0}
         out["loss"] = out["l_mlm"]
         if self.decoding != "none":  # every batch, with or without injected spans (an empty one adds 0)
             rows, cols = (plan.rows, plan.cols) if plan is not None else (input_ids[:0, 0], input_ids[:0, 0])
-            h_span = hidden[rows, cols]  # (P, H)
             targets = plan.targets if plan is not None else rows
-            if self.decoding == "cka":
-                neg = plan.negatives if plan is not None else rows.new_zeros(0, 0)
-                key, l_k = "l_cka", cka_loss(self.mlm, h_span, targets, neg)  # Eq. (2)
-            else:
-                rel = self.injector.relation_embed(emb.weight, plan.ent_id)[plan.mention] if plan is not None \
-                    else h_span
-                key, l_k = "l_dec", relation_decoding_loss(self.mlm, h_span, targets, rel)
-            out[key] = l_k
-            # Eq. (3) for TRELM, the same weighting for every batch; DKPLM's code sums its two losses
-            out["loss"] = total_loss(out["l_mlm"], l_k, theta) if self.loss == "theta" else out["l_mlm"] + l_k
+            name, decode = DECODERS[self.decoding]
+            out[name] = decode(self, hidden[rows, cols], targets, plan)
+            out["loss"] = LOSSES[self.loss](out["l_mlm"], out[name], theta)
         if return_hidden:
             out["hidden"] = hidden  # (B, T, H) the memory bank reads it detached; routing's P_x needs its graph
         return out
 
 
-# -----------------------------------------------------------------------------
+def response_prob(mlm, hidden, labels, plan):
+    """P_x of Eq. (9) from a forward's last hidden states (B, T, H): the probability of the correct CKA
+    response at each injected span token (cka.cka_response_prob); a batch without one: of the masked
+    tokens' MLM labels (B, T)."""
+    if plan is not None and len(plan.rows):
+        return cka_response_prob(mlm, hidden[plan.rows, plan.cols], plan.targets, plan.negatives)
+    sel = labels != -100
+    return common.mlm_logits(mlm, hidden[sel]).softmax(-1).gather(1, labels[sel, None])[:, 0]
+
+
+def knowledge_prob(net, batch, plan, repeat=1):
+    """P_x of Eq. (9) for a batch tiled `repeat` times along dim 0 (the alpha steps of integrated
+    gradients stacked, routing.ffn_attributions)."""
+    b = {k: v.repeat(repeat, 1) for k, v in batch.items()}
+    tiled = None if plan is None else plan.tile(repeat, batch["input_ids"].shape[0])
+    h = net(b["input_ids"], b["attention_mask"], b["mlm_labels"], tiled, return_hidden=True)["hidden"]
+    return response_prob(net.mlm, h, b["mlm_labels"], tiled)
+
 
 def path_jaccard(a, b):
     """Mean over layers of |a_l & b_l| / |a_l | b_l| (path stability between two routings; 1 for two
@@ -396,275 +467,99 @@ def make_optimizer(params, args):
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def process_group_backend(use_cuda):
-    """The DDP process group's backend: on GPU nccl for CUDA tensors and gloo for CPU tensors (the
-    memory bank lives on the CPU by default, --memory-device); nccl alone serves no CPU tensor."""
-    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+# -----------------------------------------------------------------------------
+# The knowledge side of a run (Sec. 3.1-3.2)
+
+@contextmanager
+def rank0_first(ddp, master):
+    """Rank 0 runs the block first (it writes a cache), the other ranks after it (they read it)."""
+    if ddp and not master:
+        dist.barrier()
+    yield
+    if ddp and master:
+        dist.barrier()
 
 
-class Trainer:
-    """State and step logic of one pre-training run (one object per process)."""
+class Knowledge:
+    """Which mentions of a micro-batch get knowledge injected, with what targets, negatives and memory
+    (plan), and the memory-bank update after the forward (observe). Holds the corpus-level state:
+    entity frequency and long-tail (Sec. 3.1), SI(e) of every candidate mention as a column of the
+    dataset `ds` and the "important" threshold (Eq. 1), Q (Eq. 2), the memory bank (Sec. 3.2)."""
 
-    def __init__(self, args):
-        self.args = args
-        self.ddp = int(os.environ.get("RANK", -1)) != -1
-        if self.ddp:
-            use_cuda = torch.cuda.is_available() and args.device != "cpu"
-            dist.init_process_group(backend=process_group_backend(use_cuda))
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            self.device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-            if use_cuda:
-                torch.cuda.set_device(self.device)
-            else:  # share the cores between the local processes
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        else:
-            self.rank, self.world = 0, 1
-            want = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-            self.device = torch.device(want)
-        self.master = self.rank == 0
-        self.group = dist.group.WORLD if self.ddp else None
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        common.seed_everything(args.seed + self.rank)
-
-        mlm, tok = common.load_mlm(args.model)
-        self.tok = tok
-        if tok.mask_token_id is None or tok.pad_token_id is None:
-            raise SystemExit(f"--model {args.model}: tokenizer has no mask or pad token; a masked LM is required")
-        kg_dir, corpus = data.resolve_data(args.data)
-        self.kg = data.load_kg(kg_dir)
-        cache = os.path.join(args.output_dir, "data_cache")
-        if self.ddp and not self.master:
-            dist.barrier()  # rank 0 tokenizes first; the others read its Arrow cache
-        self.ds = data.build_dataset(corpus, self.kg, tok, args.seq_len, cache, args.num_proc)
-        if self.ddp and self.master:
-            dist.barrier()
-        self.collate = data.MLMCollator(tok, args.mlm_prob, args.whole_word_mask)
-        self.global_batch = args.batch_size * args.grad_accum * self.world
-
-        row = METHOD_TABLE[args.method]
-        self.injector = self.sampler = self.bank = None
+    def __init__(self, args, method, kg, tok, ds, mlm, device, ddp, master):
+        self.args, self.kg, self.tok, self.ds, self.device = args, kg, tok, ds, device
+        self.ddp, self.master = ddp, master
+        self.group = dist.group.WORLD if ddp else None
+        self.injector = self.sampler = self.bank = self.long_tail_word = None
         self.si_threshold = self.degree = self.si_candidate = None
         self.si_epoch = 0  # the epoch whose model scored SI (0: the initial model; --si-refresh moves it)
         if args.injection != "none":
-            self.injector = KnowledgeInjector(self.kg, tok, seed=args.seed)
-            self.freq = data.mention_counts(self.ds, self.kg.num_entities)  # batched pass over the Arrow column
+            self.injector = KnowledgeInjector(kg, tok, seed=args.seed)
+            self.freq = data.mention_counts(ds, kg.num_entities)  # batched pass over the Arrow column
             self.long_tail = torch.as_tensor(long_tail_mask(self.freq, args.long_tail_percentile, inclusive=True))
             if args.injection in ("important", "dkplm"):  # SI once over the corpus (Sec. 3.4), initial model
                 self.si_candidate = self.long_tail.numpy() & self.injector.has_knowledge.numpy()  # (E,)
-                self.set_si(self.corpus_si(mlm, self.si_candidate))
+                self.set_si(self.corpus_si(mlm))
             if args.injection == "dkplm":
-                self.degree = kg_degree(self.kg.triples, self.kg.num_entities)
-        if row["sampler"] and args.injection != "none":
-            self.sampler = NegativeSampler(label_token_counts(self.kg, tok, len(tok)))
+                self.degree = kg_degree(kg.triples, kg.num_entities)
+        if method.sampler and args.injection != "none":
+            self.sampler = NegativeSampler(label_token_counts(kg, tok, len(tok)))
         if args.memory_bank:
             self.bank = MemoryBank(mlm.config.hidden_size, window_k=args.window_k, gamma=args.gamma,
                                    dtype=torch.bfloat16 if args.memory_dtype == "bf16" else torch.float32,
                                    device=args.memory_device, context_only=args.memory_window == "context")
-        self.plain = self.long_tail_word = None
         if args.long_tail_words and args.memory_bank:  # once over the corpus (Sec. 3.4), like entity frequency
-            self.plain = data.plain_tokens(tok).to(self.device)  # (V,)
-            self.word_freq = data.word_counts(self.ds, self.plain.cpu())  # (V,)
+            self.plain = data.plain_tokens(tok).to(device)  # (V,)
+            self.word_freq = data.word_counts(ds, self.plain.cpu())  # (V,)
             lt = long_tail_mask(self.word_freq, args.word_percentile, inclusive=True) & (self.word_freq >= args.word_min_count)
-            self.long_tail_word = torch.as_tensor(lt).to(self.device)  # (V,) bool
-        if self.master and not args.resume:  # a fresh run starts a fresh routing log
-            os.makedirs(args.output_dir, exist_ok=True)
-            open(os.path.join(args.output_dir, "routing.jsonl"), "w").close()
-        if args.route_warmup is None:  # a trained head routes from step 0; routing would freeze a random one
-            args.route_warmup = args.route_every if getattr(mlm, "fresh_mlm_head", False) else 0
-            if args.routing and args.route_warmup:
-                self.route_log({"step": 0, "warmup": args.route_warmup, "reason": "fresh MLM head"},
-                               f"routing: --model {args.model} has no trained MLM head (freshly initialised); all "
-                               f"parameters train for the first {args.route_warmup} steps (--route-warmup), then "
-                               f"routing starts")
-        self.net = KnowledgeMLM(mlm, self.injector, row["decoding"], row["loss"]).to(self.device)
-        self.router = None
-        self.paths = None
-        self.step = 0
-        self.saved_step = None  # step of the training checkpoint on disk, if any
-        self.elapsed = 0.0
-        self.optimizer = None
-        self.wrap()
+            self.long_tail_word = torch.as_tensor(lt).to(device)  # (V,) bool
 
-    # -- model / optimizer plumbing -------------------------------------------------
-
-    def wrap(self):
-        """(Re)build the optimizer over what trains now, and the DDP wrapper. While routing, only the
-        path slices train; they are not module parameters, so the Router all-reduces their gradients
-        itself (after the last micro-batch) instead of DDP."""
-        if self.router is not None:
-            self.optimizer = make_optimizer(self.router.parameters(), self.args)
-            self.model = self.net
-            return
-        self.optimizer = make_optimizer(self.net.parameters(), self.args)
-        self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if self.ddp else self.net
-
-    def reroute(self, batch):
-        """Eq. (9)-(12): attribute FFN neurons on this batch, keep the top ones, train only them.
-        Adam moments of slices that stay selected are kept (routing.carry_adam_state). Appends one
-        line to <output-dir>/routing.jsonl: step, seconds, mean Jaccard with the previous paths."""
-        a = self.args
-        t0 = time.time()
-        old_opt, old_paths = self.optimizer, self.paths
-        old_views = self.router.views() if self.router is not None else \
-            [(p, p, None, None) for p in self.net.parameters() if p.requires_grad]
-        if self.router is not None:
-            self.router.detach()
-            self.router = None
-        n = a.ig_batch if 0 < a.ig_batch < batch["input_ids"].shape[0] else batch["input_ids"].shape[0]
-        head = {k: batch[k][:n] for k in ("input_ids", "attention_mask", "mlm_labels")}
-        plan = None if batch["plan"] is None else batch["plan"].head(n)
-
-        def run(_model, repeat=1):  # P_x: probability of the correct CKA response (Eq. 9)
-            b = {k: v.repeat(repeat, 1) for k, v in head.items()}  # repeat > 1: --ig-chunk alpha steps stacked
-            j = None if plan is None else plan.tile(repeat, n)
-            h = self.net(b["input_ids"], b["attention_mask"], b["mlm_labels"], j, return_hidden=True)["hidden"]
-            if j is not None and len(j.rows):
-                return cka_response_prob(self.net.mlm, h[j.rows, j.cols], j.targets, j.negatives)
-            sel = b["mlm_labels"] != -100  # no injected mention: P of the masked tokens instead
-            return common.mlm_logits(self.net.mlm, h[sel]).softmax(-1).gather(1, b["mlm_labels"][sel, None])[:, 0]
-
-        with self.autocast:
-            attr = routing.ffn_attributions(self.net.mlm, run, steps=a.ig_steps, chunk=a.ig_chunk,
-                                            form=a.ig_form, memory_mb=a.ig_memory_mb)  # (L, I) on self.device
-        if self.ddp:
-            dist.all_reduce(attr)  # identical paths on every rank
-        self.paths = [p.cpu() for p in routing.select_paths(attr, ratio=a.route_ratio, threshold=a.route_threshold)]
-        self.attach_paths()
-        routing.carry_adam_state(old_opt, old_views, self.optimizer, self.router.views())
-        self.route_log({"step": self.step, "ig_s": round(time.time() - t0, 3), "selected": [len(p) for p in self.paths],
-                        "jaccard_prev": None if old_paths is None else round(path_jaccard(old_paths, self.paths), 4)})
-
-    def route_log(self, rec, message=None):
-        """Rank 0 appends rec to <output-dir>/routing.jsonl (and prints message). After --resume the
-        re-routings past the checkpoint are logged again: the last line of a step holds."""
-        if not self.master:
-            return
-        if message:
-            print(message, flush=True)
-        with open(os.path.join(self.args.output_dir, "routing.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def attach_paths(self):
-        self.router = routing.Router()
-        self.router.attach(self.net.mlm, self.paths, train_layernorm=self.args.train_layernorm,
-                           train_head_bias=self.args.train_head_bias)
-        self.wrap()
-
-    # -- one batch -------------------------------------------------------------------
-
-    def corpus_si(self, mlm, candidate, ds=None):
-        """ds (default self.ds) with SI(e) (Eq. 1) of every candidate mention by mlm (the initial model,
-        or the current one under --si-refresh; entity_importance.si_column: batched, cached by
-        fingerprint; rank 0 first under DDP)."""
-        a = self.args
-        W = mlm.get_input_embeddings().weight
-        key = f"{a.model}|{tuple(W.shape)}|{float(W.detach().double().sum()):.10e}"
-        if self.ddp and not self.master:
-            dist.barrier()
-        ds = si_column(self.ds if ds is None else ds, mlm.to(self.device), self.tok.mask_token_id, window=a.si_window or None,
-                       num_proc=a.num_proc, fingerprint=key, only=candidate)
-        if self.ddp and self.master:
-            dist.barrier()
-        return ds
-
-    def set_si(self, ds):
-        """Take ds (self.ds with an ent_si column) and the corpus-level "important" threshold of its SI."""
-        self.ds = ds
-        ent, si = data.flat_column(ds, "ent_id", np.int64), data.flat_column(ds, "ent_si", np.float64)
-        self.si_threshold = important_threshold(si, self.si_candidate[ent], self.args.important_fraction)
-
-    def refresh_si(self):
-        """--si-refresh N: at the start of every N-th epoch, SI(e) of the corpus's candidates again with
-        the current model, and a new threshold (Sec. 3.4 identifies important entities once, "throughout
-        the corpus"; whether the initial model's ranking should be kept is our decision, see README)."""
-        n, q = self.args.si_refresh, math.floor(self.epoch_fraction())
-        if not n or self.si_candidate is None or q < self.si_epoch + n:
-            return
-        if self.router is not None:
-            self.router.sync_to_model()  # the routed slices into the full weights SI's forward reads
-        before = data.flat_column(self.ds, "ent_si", np.float64) >= self.si_threshold
-        self.set_si(self.corpus_si(self.net.mlm, self.si_candidate, self.ds.remove_columns("ent_si")))
-        self.si_epoch = q - q % n
-        after = data.flat_column(self.ds, "ent_si", np.float64) >= self.si_threshold
-        if self.master:
-            print(f"SI refreshed at epoch {self.si_epoch} (step {self.step}): {int(after.sum())} important mentions, "
-                  f"Jaccard {(before & after).sum() / max(1, (before | after).sum()):.3f} with the previous set",
-                  file=sys.stderr, flush=True)
-
-    def restore_si(self, st):
-        """The SI column a refresh before the checkpoint computed (its model is gone), from training_state."""
-        import pyarrow.compute as pc
-        self.si_epoch = st["epoch"]
-        counts = np.concatenate([pc.list_value_length(b["ent_id"]).to_numpy(zero_copy_only=False)
-                                 for b in self.ds.with_format("arrow").iter(batch_size=1 << 16)])  # (rows,)
-        rows = [x.tolist() for x in np.split(st["values"].astype(np.float64), np.cumsum(counts)[:-1])]
-        self.set_si(self.ds.remove_columns("ent_si").add_column("ent_si", rows))
-
-    def get_batch(self, micro):
-        a = self.args
-        idx = data.micro_batch_indices(self.step, micro, self.rank, len(self.ds), a.batch_size, a.grad_accum,
-                                       self.world, a.seed)
-        rows = self.ds[idx]
-        examples = [dict(zip(rows, v)) for v in zip(*rows.values())]
-        # masking and negatives: a function of (step, slot in the global batch), whatever the layout
-        slot = micro * self.world + self.rank
-        seed = np.random.SeedSequence([a.seed, self.step, slot]).generate_state(1)[0]
-        g = torch.Generator().manual_seed(int(seed))
-        batch = self.collate(examples, g)
-        if "ent_si" in rows:  # (M,) in the collator's mention order
-            batch["ent_si"] = torch.tensor([v for e in examples for v in e["ent_si"]], dtype=torch.float32)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        plan = batch["plan"] = self.plan_injection(batch, g)
-        if self.long_tail_word is not None:
-            plan = batch["plan"] = self.plan_words(batch, plan)
-        if self.bank is not None:  # collective under DDP: every rank calls it, with or without mentions
-            H = self.net.mlm.config.hidden_size
-            keys = plan.ent_id if plan else torch.zeros(0, dtype=torch.long, device=self.device)
-            init = self.memory_init(batch, plan) if plan else torch.zeros(0, H, device=self.device)
-            words = plan.words if plan else None
-            if words is not None:  # a word's local memory starts as its input embedding (Sec. 3.2)
-                W = self.net.mlm.get_input_embeddings().weight
-                keys = torch.cat([keys, words.key])
-                init = torch.cat([init, W.detach()[words.key - self.kg.num_entities].float()])
-            self.bank.ensure(keys, init, process_group=self.group)
-            if plan:
-                mem = tuple(t.to(self.device) for t in self.bank.read(keys))
-                S = len(plan.ent_id)
-                plan.mem = mem if words is None else tuple(m[:S] for m in mem)
-                if words is not None:
-                    words.mem = tuple(m[S:] for m in mem)
-                plan.lam = self.lam()  # Eq. (8)
-        return batch
+    # -- one micro-batch ---------------------------------------------------------------
 
     @torch.no_grad()
-    def plan_injection(self, batch, g):
-        """Choose mentions (Sec. 3.1 / Fig. 3; SI from the corpus column) -> Plan with their span
-        positions, decoding targets and CKA negatives, or None (the memory is read in get_batch)."""
+    def plan(self, batch, g, E, epoch):
+        """Sec. 3.1-3.2 for one micro-batch -> Plan, or None when it injects nothing: the mentions to
+        inject (Fig. 3 strategies; SI from the corpus column), their span positions and decoding targets,
+        CKA negatives from Q (drawn with g), the long-tail words, and the memory read for all of them
+        with Eq. (8)'s lambda at `epoch`. E: the input embedding table (V, H). Collective under DDP
+        (the bank's ensure): every rank calls it, with or without mentions."""
         a = self.args
-        if self.injector is None or len(batch["ent_id"]) == 0:
+        spans = self.spans(batch)  # (rows, cols, mention, targets, ent_id, sel) or None
+        negatives = None
+        if spans is not None and self.sampler is not None:
+            negatives = self.sampler.sample(spans[3].cpu(), a.negatives, generator=g).to(self.device)  # (P, K)
+        words = self.words(batch) if self.long_tail_word is not None else None  # (rows, cols, key, shown)
+        if spans is None and words is None:
+            self.read_memory(None, None, batch, E)  # a collective: this rank joins with no keys
             return None
+        if spans is None:  # long-tail words and no injected entity: an empty entity plan
+            z = torch.zeros(0, dtype=torch.long, device=self.device)
+            spans = (z, z, z, z, z, z)
+            negatives = None if self.sampler is None else z.new_zeros(0, a.negatives)
+        rows, cols, mention, targets, ent_id, sel = spans
+        mem, word_mem = self.read_memory(spans, words, batch, E)
+        return Plan(rows, cols, mention, targets, ent_id=ent_id, sel=sel, negatives=negatives, mem=mem,
+                    h_e=E[self.tok.mask_token_id].expand(len(sel), -1) if a.no_injection else None,  # ablation
+                    lam=self.lam(epoch) if self.bank is not None else 0.0, match_norm=a.memory_scale == "embedding",
+                    words=None if words is None else WordNotes(*words, mem=word_mem))
+
+    def spans(self, batch):
+        """The mentions --injection selects -> (rows, cols, mention (P,), targets (P,) the entity's own
+        tokens, ent_id (S,), sel (S,)), or None."""
         eid = batch["ent_id"]
-        sel = select_mentions(a.injection, eid, self.long_tail, si=batch.get("ent_si"), si_threshold=self.si_threshold,
-                              eligible=self.injector.injectable(eid), ent_batch=batch["ent_batch"], degree=self.degree)
+        if self.injector is None or len(eid) == 0:
+            return None
+        sel = select_mentions(self.args.injection, eid, self.long_tail, si=batch.get("ent_si"),
+                              si_threshold=self.si_threshold, eligible=self.injector.injectable(eid),
+                              ent_batch=batch["ent_batch"], degree=self.degree)
         if not sel.any():
             return None
         m = sel.nonzero()[:, 0]
         rows, cols, mention, _ = span_positions(batch["ent_batch"][m], batch["ent_start"][m], batch["ent_end"][m])
-        targets = batch["orig_ids"][rows, cols]  # (P,) the entity's own tokens
-        batch["mlm_labels"][rows, cols] = -100  # injected positions are scored by the decoding loss, not L_MLM
-        plan = Plan(rows, cols, mention, targets, ent_id=eid[m], sel=m, match_norm=a.memory_scale == "embedding")
-        if a.no_injection:  # ablation: the span shows only the mask embedding
-            plan.h_e = self.net.mlm.get_input_embeddings().weight[self.tok.mask_token_id].expand(len(m), -1)
-        if self.sampler is not None:
-            plan.negatives = self.sampler.sample(targets.cpu(), a.negatives, generator=g).to(self.device)
-        return plan
+        return rows, cols, mention, batch["orig_ids"][rows, cols], eid[m], m
 
-    @torch.no_grad()
-    def plan_words(self, batch, plan):
-        """The batch's long-tail words (--long-tail-words) -> plan with .words, or plan unchanged when
-        there are none (an empty entity plan is made for a batch with words and no injected entity).
+    def words(self, batch):
+        """The batch's long-tail words (--long-tail-words) -> (rows, cols, key, shown) (N,) each, or None.
         Words are read from the original text (orig_ids), outside every linked mention span."""
         ids = batch["orig_ids"]  # (B, T)
         word = data.whole_words(ids, batch["word_start"], self.plain) & self.long_tail_word[ids]
@@ -673,201 +568,370 @@ class Trainer:
         word &= ~data.span_mask(batch["ent_batch"], batch["ent_start"], batch["ent_end"], ids.shape)
         r, c = word.nonzero(as_tuple=True)  # (N,)
         if len(r) == 0:
-            return plan
-        words = WordNotes(r, c, ids[r, c] + self.kg.num_entities, batch["input_ids"][r, c] == ids[r, c])
-        if plan is None:
-            z = torch.zeros(0, dtype=torch.long, device=self.device)
-            plan = Plan(z, z, z, z, ent_id=z, sel=z, match_norm=self.args.memory_scale == "embedding",
-                        negatives=None if self.sampler is None else z.new_zeros(0, self.args.negatives))
-        plan.words = words
-        return plan
+            return None
+        return r, c, ids[r, c] + self.kg.num_entities, batch["input_ids"][r, c] == ids[r, c]
 
-    @torch.no_grad()
-    def memory_init(self, batch, plan):
-        """(S, H) initial local memory of the plan's keys: h_e (--memory-init knowledge) or the mean
-        input embedding of the mention's own tokens, i.e. of its CKA targets (entity)."""
-        W = self.net.mlm.get_input_embeddings().weight
+    def read_memory(self, spans, words, batch, E):
+        """Eq. (7)'s inputs: the (local, global) memory of the S injected mentions and the N long-tail
+        words -> (mem (S, H) pairs or None, word mem (N, H) pairs or None). Keys new to the bank are
+        added first (ensure: collective), initialised with h_e = E(t) - E(r) (--memory-init knowledge)
+        or the mean embedding of the mention's own tokens (entity); a word with its own embedding."""
+        if self.bank is None:
+            return None, None
+        z = torch.zeros(0, dtype=torch.long, device=self.device)
+        keys = spans[4] if spans is not None else z
+        init = self.memory_init(spans, E) if spans is not None else torch.zeros(0, E.shape[1], device=self.device)
+        if words is not None:
+            keys = torch.cat([keys, words[2]])
+            init = torch.cat([init, E.detach()[words[2] - self.kg.num_entities].float()])
+        self.bank.ensure(keys, init, process_group=self.group)
+        if spans is None and words is None:
+            return None, None
+        mem = tuple(t.to(self.device) for t in self.bank.read(keys))
+        S = len(spans[4])
+        return tuple(m[:S] for m in mem), (None if words is None else tuple(m[S:] for m in mem))
+
+    def memory_init(self, spans, E):
+        """(S, H) initial local memory of the spans' keys (Sec. 3.2, --memory-init)."""
+        rows, cols, mention, targets, ent_id, _ = spans
         if self.args.memory_init == "knowledge":
-            return self.injector.embed(W, plan.ent_id).float()
-        S = len(plan.ent_id)
-        total = torch.zeros(S, W.shape[1], device=W.device).index_add_(0, plan.mention, W[plan.targets].float())
-        return total / torch.bincount(plan.mention, minlength=S)[:, None]
+            return self.injector.embed(E, ent_id).float()
+        S = len(ent_id)
+        total = torch.zeros(S, E.shape[1], device=E.device).index_add_(0, mention, E[targets].float())
+        return total / torch.bincount(mention, minlength=S)[:, None]
 
     @torch.no_grad()
-    def update_memory(self, batch, hidden):
-        """Local (Eq. 4-5) and global (Eq. 6) memory from this forward, for every mention of an
-        entity in the bank ("an entity e present in both sentence x and M"), injected or not."""
+    def observe(self, batch, hidden):
+        """Local (Eq. 4-5) and global (Eq. 6) memory from this forward's last layer hidden (B, T, H),
+        for every mention of an entity in the bank ("an entity e present in both sentence x and M"),
+        injected or not, and every occurrence of a long-tail word. No bank: nothing."""
+        if self.bank is None:
+            return
         seen = self.bank.contains(batch["ent_id"])  # (M,)
         rows, start, end, keys = (batch[k][seen] for k in ("ent_batch", "ent_start", "ent_end", "ent_id"))
         words = batch["plan"].words if batch["plan"] is not None else None
         if words is not None:  # every occurrence of a long-tail word, shown or masked: a span of one token
             rows, start = torch.cat([rows, words.rows]), torch.cat([start, words.cols])
             end, keys = torch.cat([end, words.cols + 1]), torch.cat([keys, words.key])
-        self.bank.observe(hidden, batch["attention_mask"], rows, start, end, keys, process_group=self.group)
+        self.bank.observe(hidden.detach().float(), batch["attention_mask"], rows, start, end, keys,
+                          process_group=self.group)
 
-    def epoch_fraction(self):
-        """Epochs of data seen so far (fractional)."""
-        return self.step * self.global_batch / len(self.ds)
-
-    def lam(self):
+    def lam(self, epoch):
         """Eq. (8): lambda_q = lambda0 / beta^q, q the integer epoch (--lambda-q epoch) or fractional."""
-        q = self.epoch_fraction()
-        return MemoryBank.lambda_at(math.floor(q) if self.args.lambda_q == "epoch" else q,
+        return MemoryBank.lambda_at(math.floor(epoch) if self.args.lambda_q == "epoch" else epoch,
                                     self.args.lambda0, self.args.beta)
 
-    # -- training --------------------------------------------------------------------
+    # -- SI over the corpus (Eq. 1) ------------------------------------------------------
+
+    def corpus_si(self, mlm, ds=None):
+        """ds (default self.ds) with SI(e) (Eq. 1) of every candidate mention by mlm (the initial model,
+        or the current one under --si-refresh; entity_importance.si_column: batched, cached by
+        fingerprint; rank 0 first under DDP)."""
+        a = self.args
+        W = mlm.get_input_embeddings().weight
+        key = f"{a.model}|{tuple(W.shape)}|{float(W.detach().double().sum()):.10e}"
+        with rank0_first(self.ddp, self.master):
+            return si_column(self.ds if ds is None else ds, mlm.to(self.device), self.tok.mask_token_id,
+                             window=a.si_window or None, num_proc=a.num_proc, fingerprint=key, only=self.si_candidate)
+
+    def set_si(self, ds):
+        """Take ds (the corpus with an ent_si column) and the corpus-level "important" threshold of its SI."""
+        self.ds = ds
+        ent, si = data.flat_column(ds, "ent_id", np.int64), data.flat_column(ds, "ent_si", np.float64)
+        self.si_threshold = important_threshold(si, self.si_candidate[ent], self.args.important_fraction)
+
+    def refresh_si(self, mlm, epoch, step):
+        """--si-refresh N: at the start of every N-th epoch, SI(e) of the corpus's candidates again with
+        the current model, and a new threshold (Sec. 3.4 identifies important entities once, "throughout
+        the corpus"; whether the initial model's ranking should be kept is our decision, docs/departures.md)."""
+        n, q = self.args.si_refresh, math.floor(epoch)
+        if not n or self.si_candidate is None or q < self.si_epoch + n:
+            return
+        before = data.flat_column(self.ds, "ent_si", np.float64) >= self.si_threshold
+        self.set_si(self.corpus_si(mlm, self.ds.remove_columns("ent_si")))
+        self.si_epoch = q - q % n
+        after = data.flat_column(self.ds, "ent_si", np.float64) >= self.si_threshold
+        if self.master:
+            print(f"SI refreshed at epoch {self.si_epoch} (step {step}): {int(after.sum())} important mentions, "
+                  f"Jaccard {(before & after).sum() / max(1, (before | after).sum()):.3f} with the previous set",
+                  file=sys.stderr, flush=True)
+
+    # -- checkpoint state and census ------------------------------------------------------
+
+    def state_dict(self):
+        return {"bank": self.bank.state_dict() if self.bank is not None else None,
+                "si": None if not self.si_epoch else
+                {"epoch": self.si_epoch, "values": data.flat_column(self.ds, "ent_si", np.float32)}}
+
+    def load_state_dict(self, st):
+        """The bank, and the SI column a refresh before the checkpoint computed (its model is gone)."""
+        if self.bank is not None:
+            self.bank.load_state_dict(st["bank"])
+        if not st.get("si"):
+            return
+        self.si_epoch = st["si"]["epoch"]
+        counts = np.concatenate([pc.list_value_length(b["ent_id"]).to_numpy(zero_copy_only=False)
+                                 for b in self.ds.with_format("arrow").iter(batch_size=1 << 16)])  # (rows,)
+        rows = [x.tolist() for x in np.split(st["si"]["values"].astype(np.float64), np.cumsum(counts)[:-1])]
+        self.set_si(self.ds.remove_columns("ent_si").add_column("ent_si", rows))
+
+    def census(self):
+        """Over the whole corpus: sequences, linked mentions, entities linked, and the mentions --injection
+        may inject (entity has a KG triple and is in the strategy's pool, entity_pool)."""
+        c = {"sequences": len(self.ds)}
+        if self.injector is None:
+            return c
+        freq = torch.as_tensor(self.freq)  # (N_e,) linked mentions per entity
+        ok = self.injector.injectable(torch.arange(len(freq))) & entity_pool(self.args.injection, self.long_tail)
+        c.update(mentions=int(freq.sum()), entities_linked=int((freq > 0).sum()), entities=len(freq),
+                 injectable_mentions=int(freq[ok].sum()))
+        if self.long_tail_word is not None:  # --long-tail-words: word keys and their occurrences
+            lt = self.long_tail_word.cpu().numpy()
+            c.update(long_tail_words=int(lt.sum()), long_tail_word_occurrences=int(self.word_freq[lt].sum()))
+        return c
+
+    def counts(self, batch, plan):
+        """Per-micro-batch statistics for metrics.jsonl."""
+        c = {"injected": 0 if plan is None else len(plan.sel), "mentions": len(batch["ent_id"])}
+        if self.long_tail_word is not None:  # long-tail word positions whose input Eq. 7 mixed
+            c["words_mixed"] = 0 if plan is None or plan.words is None else int(plan.words.shown.sum())
+        return c
+
+
+# -----------------------------------------------------------------------------
+# The training run
+
+def process_group_backend(use_cuda):
+    """The DDP process group's backend: on GPU nccl for CUDA tensors and gloo for CPU tensors (the
+    memory bank lives on the CPU by default, --memory-device); nccl alone serves no CPU tensor."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
+
+
+def setup_process(device):
+    """-> (ddp, rank, world, torch.device): torchrun's environment (RANK set) starts DDP."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        want = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        return False, 0, 1, torch.device(want)
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group(backend=process_group_backend(use_cuda))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    else:  # share the cores between the local processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return True, dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if use_cuda else "cpu")
+
+
+class Trainer:
+    """One process of a pre-training run: data, knowledge (Knowledge), model, routing, optimizer."""
+
+    OPERATIONAL = checkpoint.OPERATIONAL
+
+    def __init__(self, args):
+        self.ddp, self.rank, self.world, self.device = setup_process(args.device)
+        self.master = self.rank == 0
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        common.seed_everything(args.seed + self.rank)
+        mlm, self.tok = common.load_mlm(args.model)
+        if self.tok.mask_token_id is None or self.tok.pad_token_id is None:
+            raise SystemExit(f"--model {args.model}: tokenizer has no mask or pad token; a masked LM is required")
+        self.warmup_reason = None  # a trained head routes from step 0; routing would freeze a random one
+        if args.route_warmup is None:
+            fresh = getattr(mlm, "fresh_mlm_head", False)
+            args = args.replace(route_warmup=args.route_every if fresh else 0)
+            self.warmup_reason = "fresh MLM head" if fresh and args.routing else None
+        self.args = args
+        kg_dir, corpus = data.resolve_data(args.data)
+        kg = data.load_kg(kg_dir)
+        with rank0_first(self.ddp, self.master):  # rank 0 tokenizes first; the others read its Arrow cache
+            ds = data.build_dataset(corpus, kg, self.tok, args.seq_len, os.path.join(args.output_dir, "data_cache"),
+                                    args.num_proc)
+        self.collate = data.MLMCollator(self.tok, args.mlm_prob, args.whole_word_mask)
+        self.global_batch = args.batch_size * args.grad_accum * self.world
+        method = METHOD_TABLE[args.method]
+        self.know = Knowledge(args, method, kg, self.tok, ds, mlm, self.device, self.ddp, self.master)
+        self.net = KnowledgeMLM(mlm, self.know.injector, method.decoding, method.loss).to(self.device)
+        self.router, self.paths = None, None  # routing.Router and its knowledge paths, from --route-warmup on
+        self.step, self.elapsed, self.saved_step = 0, 0.0, None  # saved_step: the checkpoint on disk, if any
+        self.optimizer = make_optimizer(self.net.parameters(), args)
+        self.wrap()
+
+    def wrap(self):
+        """The DDP wrapper over what trains now (built again when routing changes that set)."""
+        self.model = None  # the previous wrapper goes before the next registers its gradient hooks
+        gc.collect()
+        self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if self.ddp else self.net
+
+    # -- one step ------------------------------------------------------------------------
 
     def train_step(self):
+        """One optimizer step (Sec. 3.4, the module docstring's steps 1-6)."""
         a = self.args
-        self.refresh_si()
-        first = None  # micro-batch 0, when re-routing already built it (its SI forward is not repeated)
-        if a.routing and self.step >= a.route_warmup and (self.router is None or self.step % a.route_every == 0):
-            self.net.eval()
-            first = self.get_batch(0)
-            self.reroute(first)
-        self.net.train()
-        lr = lr_at(self.step, a)
+        if a.routing and self.router is None and self.step >= a.route_warmup:
+            self.start_routing()  # Eq. (12): from here on the scope's parameters train
+        self.know.refresh_si(self.net.mlm, self.epoch_fraction(), self.step)
+        self.net.train()  # dropout on (from_pretrained returns the model in eval mode)
+        stats = {}
+        for micro in range(a.grad_accum):
+            batch = self.get_batch(micro)  # steps 1-2: masking, mentions, knowledge plan (memory read)
+            routes = micro == 0 and self.routes_now()
+            out = self.forward(batch, micro, keep_acts=routes and a.ig_form == "first-order")  # step 3
+            if routes:
+                self.route(batch, out)  # step 4: Eq. (9)-(12), the paths this step's backward trains
+            (out["loss"] / a.grad_accum).backward()  # step 5
+            self.know.observe(batch, out["hidden"])  # step 5: Eq. (4)-(6)
+            for k in [k for k in out if k.startswith("l_")] + ["loss"]:
+                stats[k] = stats.get(k, 0.0) + float(out[k].detach()) / a.grad_accum
+            for k, v in self.know.counts(batch, batch["plan"]).items():
+                stats[k] = stats.get(k, 0) + v
+            stats["tokens"] = stats.get("tokens", 0) + int(batch["attention_mask"].sum()) * self.world
+        stats["lambda"] = self.know.lam(self.epoch_fraction()) if self.know.bank is not None else 0.0  # Eq. (8)
+        stats["lr"] = self.optimizer_step()  # step 6
+        return stats
+
+    def get_batch(self, micro):
+        """Micro-batch `micro` of this step on this rank, with its knowledge plan (batch["plan"]).
+        Masking and negatives are a function of (seed, step, slot in the global batch), whatever the layout."""
+        a = self.args
+        idx = data.micro_batch_indices(self.step, micro, self.rank, len(self.know.ds), a.batch_size, a.grad_accum,
+                                       self.world, a.seed)
+        rows = self.know.ds[idx]
+        examples = [dict(zip(rows, v)) for v in zip(*rows.values())]
+        seed = np.random.SeedSequence([a.seed, self.step, micro * self.world + self.rank]).generate_state(1)[0]
+        g = torch.Generator().manual_seed(int(seed))
+        batch = self.collate(examples, g)
+        if "ent_si" in rows:  # (M,) in the collator's mention order
+            batch["ent_si"] = torch.tensor([v for e in examples for v in e["ent_si"]], dtype=torch.float32)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        plan = self.know.plan(batch, g, self.net.mlm.get_input_embeddings().weight, self.epoch_fraction())
+        if plan is not None:  # injected positions are scored by the decoding loss, not L_MLM
+            batch["mlm_labels"] = batch["mlm_labels"].clone()
+            batch["mlm_labels"][plan.rows, plan.cols] = -100
+        batch["plan"] = plan
+        return batch
+
+    def forward(self, batch, micro, keep_acts=False):
+        """The loss of micro-batch `micro`; under DDP gradients are synchronised on the last one only.
+        keep_acts: out["acts"] = the FFN activations of this forward (first-order attribution)."""
+        sync = micro == self.args.grad_accum - 1
+        with (self.model.no_sync() if isinstance(self.model, DDP) and not sync else nullcontext()), self.autocast, \
+                (routing.capture_ffn_acts(self.net.mlm) if keep_acts else nullcontext()) as acts:
+            out = self.model(batch["input_ids"], batch["attention_mask"], batch["mlm_labels"], batch["plan"],
+                             theta=self.args.theta, return_hidden=True)
+        out["acts"] = acts
+        if not torch.isfinite(out["loss"]):
+            raise self.non_finite(f"loss {out['loss'].item()} (micro-batch {micro})")
+        return out
+
+    def optimizer_step(self):
+        """Clip, step at this step's learning rate, zero the gradients -> the learning rate."""
+        a, lr = self.args, lr_at(self.step, self.args)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        dec = {"cka": ("l_cka",), "relation": ("l_dec",), "none": ()}[self.net.decoding]
-        stats = {"l_mlm": 0.0, **{k: 0.0 for k in dec}, "loss": 0.0, "injected": 0, "mentions": 0, "tokens": 0,
-                 "lambda": self.lam() if self.bank is not None else 0.0}  # Eq. (8) weight used this step
-        if self.long_tail_word is not None:
-            stats["words_mixed"] = 0  # long-tail word positions whose input Eq. 7 mixed (--long-tail-words)
-        for micro in range(a.grad_accum):
-            batch = first if micro == 0 and first is not None else self.get_batch(micro)
-            plan = batch["plan"]
-            sync = micro == a.grad_accum - 1
-            ddp_wrapped = isinstance(self.model, DDP)
-            with (self.model.no_sync() if ddp_wrapped and not sync else nullcontext()), self.autocast:
-                out = self.model(batch["input_ids"], batch["attention_mask"], batch["mlm_labels"], plan,
-                                 theta=a.theta, return_hidden=self.bank is not None)
-            if not torch.isfinite(out["loss"]):
-                raise self.non_finite(f"loss {out['loss'].item()} (micro-batch {micro})")
-            (out["loss"] / a.grad_accum).backward()
-            if self.bank is not None:  # Eq. (4)-(6), after the forward pass; every rank joins the gather
-                self.update_memory(batch, out["hidden"].detach().float())
-            for k in ("l_mlm", *dec, "loss"):
-                stats[k] += float(out[k].detach()) / a.grad_accum
-            stats["tokens"] += int(batch["attention_mask"].sum()) * self.world
-            stats["injected"] += 0 if plan is None else len(plan.sel)
-            if self.long_tail_word is not None:
-                stats["words_mixed"] += 0 if plan is None or plan.words is None else int(plan.words.shown.sum())
-            stats["mentions"] += len(batch["ent_id"])
-        if self.router is not None:
-            self.router.all_reduce_grads()  # no-op without DDP
         if a.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], a.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        stats["lr"] = lr
-        return stats
+        return lr
 
-    # -- checkpoints -----------------------------------------------------------------
+    # -- routing (Sec. 3.3) -------------------------------------------------------------------
 
-    def rng_state(self):
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        if not self.ddp:
-            return [state]
-        states = [None] * self.world
-        dist.all_gather_object(states, state)
-        return states
+    def routes_now(self):
+        a = self.args
+        return self.router is not None and (self.paths is None or self.step % a.route_every == 0)
+
+    def start_routing(self):
+        """From --route-warmup on, only the --route-scope parameters train, the FFN weights only at the
+        knowledge paths (routing.Router); AdamW's moments carry over into moments for every FFN neuron,
+        stepped only where selected (routing.from_adamw)."""
+        a = self.args
+        self.router = routing.Router(self.net.mlm, a.route_scope, a.train_layernorm, a.train_head_bias)
+        self.optimizer = routing.from_adamw(self.optimizer, self.router)
+        self.wrap()
+
+    def route(self, batch, out):
+        """Eq. (9)-(12): the knowledge paths of this and the next --route-every - 1 steps: the top
+        --route-ratio FFN neurons of each layer by attribution, all-reduced over ranks (identical paths
+        everywhere), or as many drawn at random (--route-select random). One line to routing.jsonl."""
+        a, t0, old = self.args, time.time(), self.paths
+        if a.route_select == "random":
+            L, I = len(self.router.sizes), self.router.sizes[0]
+            paths = routing.random_paths(L, I, max(1, round(a.route_ratio * I)), a.seed, self.step)
+        else:
+            attr = self.attribute(batch, out)  # (L, I) on the compute device
+            if self.ddp:
+                dist.all_reduce(attr)
+            paths = routing.select_paths(attr, ratio=a.route_ratio, threshold=a.route_threshold)
+        self.paths = [p.cpu() for p in paths]
+        self.router.set_paths(self.paths)
+        self.log_routing({"step": self.step, "attr_s": round(time.time() - t0, 3), "selected": [len(p) for p in paths],
+                          "jaccard_prev": None if old is None else round(path_jaccard(old, self.paths), 4)})
+
+    def attribute(self, batch, out):
+        """Eq. (9)-(11), --ig-form: first-order on this step's forward (out: its FFN activations and
+        hidden states); the integrated-gradient forms on the first --ig-batch sequences, in eval mode."""
+        a, plan = self.args, batch["plan"]
+        if a.ig_form == "first-order":
+            with self.autocast:
+                S = response_prob(self.net.mlm, out["hidden"], batch["mlm_labels"], plan).sum()
+            return routing.first_order_attributions(out["acts"], S)
+        n = min(a.ig_batch or batch["input_ids"].shape[0], batch["input_ids"].shape[0])
+        head = {k: batch[k][:n] for k in ("input_ids", "attention_mask", "mlm_labels")}
+        plan = None if plan is None else plan.head(n)
+        positions = None
+        if a.ig_form == "target":  # where P_x is defined: the CKA targets, else the masked tokens
+            positions = (plan.rows, plan.cols) if plan is not None and len(plan.rows) else \
+                (head["mlm_labels"] != -100).nonzero(as_tuple=True)
+        self.net.eval()
+        with self.autocast:
+            attr = routing.ffn_attributions(self.net.mlm, lambda _, c=1: knowledge_prob(self.net, head, plan, c),
+                                            steps=a.ig_steps, chunk=a.ig_chunk, form=a.ig_form,
+                                            memory_mb=a.ig_memory_mb, positions=positions)
+        self.net.train()
+        return attr
+
+    def log_routing(self, rec):
+        """Rank 0 appends rec to <output-dir>/routing.jsonl."""
+        if self.master:
+            with open(os.path.join(self.args.output_dir, "routing.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # -- checkpoints (checkpoint.py) ------------------------------------------------------------
 
     def save(self, name, training_state=True):
-        """Write <output-dir>/<name>/ (model + tokenizer [+ training_state.pt, written last]) into
-        .<name>.tmp, then rename: <name> -> .<name>.old, .<name>.tmp -> <name>, delete .<name>.old.
-        A crash between the two renames leaves two complete copies; find_checkpoint() takes the newer."""
-        rngs = self.rng_state() if training_state else None
-        if self.router is not None:
-            self.router.sync_to_model()
-        if not self.master:
-            return
-        out = self.args.output_dir
-        final, tmp, old = (os.path.join(out, n) for n in (name, f".{name}.tmp", f".{name}.old"))
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.net.mlm.save_pretrained(tmp)
-        self.tok.save_pretrained(tmp)
-        if training_state:
-            torch.save({"step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
-                        "rng": rngs, "config": vars(self.args), "commit": common.git_commit(),
-                        "world": self.world, "global_batch": self.global_batch, "threads": torch.get_num_threads(),
-                        "paths": self.paths, "bank": self.bank.state_dict() if self.bank is not None else None,
-                        "si": None if not self.si_epoch else
-                        {"epoch": self.si_epoch, "values": data.flat_column(self.ds, "ent_si", np.float32)}},
-                       os.path.join(tmp, "training_state.pt"))
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        """<output-dir>/<name>/: model + tokenizer [+ training_state.pt: everything --resume needs]."""
+        rngs = checkpoint.rng_states(self.device, self.ddp, self.world) if training_state else None  # collective
+        if self.master:
+            st = None if not training_state else {
+                "step": self.step, "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(), "rng": rngs,
+                "config": vars(self.args), "commit": common.git_commit(), "world": self.world,
+                "global_batch": self.global_batch, "threads": torch.get_num_threads(), "paths": self.paths,
+                **self.know.state_dict()}
+            checkpoint.save(self.args.output_dir, name, self.net.mlm, self.tok, st)
         if training_state:
             self.saved_step = self.step
 
-    # Flags that change nothing the run computes. Every other flag, including any added later, must
-    # match the checkpoint's on --resume: otherwise the resumed run is silently another run.
-    OPERATIONAL = ("output_dir", "save_every", "snapshot_every", "log_every", "num_proc", "device", "resume",
-                   "overwrite", "debug")
-
-    def resume_differences(self, st):
-        """['--flag old -> new', ...]: every run-changing difference between a checkpoint and this run."""
-        old, new = st["config"], vars(self.args)
-        diff = []
-        for k in sorted(set(old) | set(new)):
-            if k not in self.OPERATIONAL and old.get(k, "(not recorded)") != new.get(k, "(not recorded)"):
-                diff.append(f"--{k.replace('_', '-')} {old.get(k, '(not recorded)')} -> {new.get(k, '(not set)')}")
-        world = st.get("world", len(st["rng"]))
-        if world != self.world:
-            diff.append(f"world size (processes) {world} -> {self.world}")
-        batch = st.get("global_batch", self.args.batch_size * self.args.grad_accum * world)
-        if batch != self.global_batch:
-            diff.append(f"global batch {batch} -> {self.global_batch}")
-        if self.args.deterministic and st.get("threads") != torch.get_num_threads():  # reductions split by thread
-            diff.append(f"threads per process {st.get('threads')} -> {torch.get_num_threads()} (set OMP_NUM_THREADS)")
-        return diff
-
     def resume(self):
-        from safetensors.torch import load_file
-        out = self.args.output_dir
-        st, ck = find_checkpoint(out)
-        diff = self.resume_differences(st)
-        if diff:  # (--max-steps too: the learning-rate schedule depends on it)
+        """Continue exactly from <output-dir>'s checkpoint -> the run's recorded --max-steps."""
+        a = self.args
+        st, ck = checkpoint.find_checkpoint(a.output_dir)
+        diff = checkpoint.differences(st, a, self.world, self.global_batch, a.deterministic)
+        if diff:
             raise SystemExit(f"--resume: {ck} was written by a different run; a resumed run must be the same run "
                              f"(start a new --output-dir, or --overwrite this one). Differences: " + ", ".join(diff))
-        weights = load_file(os.path.join(ck, "model.safetensors"))
-        missing, unexpected = self.net.mlm.load_state_dict(weights, strict=False)
-        names = {}  # tied parameters are saved once, under one of their names
-        for n, p in self.net.mlm.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(n)
-        tied = {n for group in names.values() if any(m in weights for m in group) for n in group}
-        if unexpected or set(missing) - tied:
-            raise SystemExit(f"--resume: {ck}/model.safetensors does not match the model "
-                             f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+        checkpoint.load_weights(self.net.mlm, ck)
         self.step, self.elapsed, self.paths = st["step"], st["elapsed"], st["paths"]
         self.saved_step = self.step
-        if self.bank is not None:
-            self.bank.load_state_dict(st["bank"])
-        if st.get("si"):
-            self.restore_si(st["si"])
-        if self.paths is not None:
-            self.attach_paths()
-        else:
-            self.wrap()
+        self.know.load_state_dict(st)
+        if self.paths is not None:  # routed: the optimizer is the routed one
+            self.start_routing()
+            self.router.set_paths(self.paths)
         self.optimizer.load_state_dict(st["optimizer"])
-        rng = st["rng"][self.rank]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        if os.path.basename(ck) != "checkpoint":  # recovered from a crash inside save(): make it checkpoint/ again
-            if self.ddp:
-                dist.barrier()  # every rank has read it
-            if self.master:
-                os.replace(ck, os.path.join(out, "checkpoint"))
-                for n in (".checkpoint.tmp", ".checkpoint.old"):
-                    shutil.rmtree(os.path.join(out, n), ignore_errors=True)
+        checkpoint.restore_rng(st["rng"][self.rank], self.device)
+        checkpoint.promote(a.output_dir, ck, self.ddp, self.master)
+        return st["config"]["max_steps"]
 
     def non_finite(self, what):
         """The one error for a non-finite value in a step: the step as metrics.jsonl counts it (from 1),
@@ -879,162 +943,62 @@ class Trainer:
         return FloatingPointError(f"non-finite {what} at step {self.step + 1}; {kept}. "
                                   f"A lower --lr (now {a.lr}) or --grad-clip may help.")
 
-    def injection_census(self):
-        """Over the whole corpus: sequences, linked mentions, entities linked, and the mentions --injection
-        may inject (entity has a KG triple and is long-tail / frequent as the strategy asks)."""
-        a = self.args
-        c = {"sequences": len(self.ds)}
-        if self.injector is None:
-            return c
-        freq = torch.as_tensor(self.freq)  # (N_e,) linked mentions per entity
-        ok = self.injector.injectable(torch.arange(len(freq)))
-        lt = self.long_tail
-        ok &= {"important": lt, "long-tail": lt, "dkplm": lt, "frequent": ~lt, "all": torch.ones_like(lt)}[a.injection]
-        c.update(mentions=int(freq.sum()), entities_linked=int((freq > 0).sum()), entities=len(freq),
-                 injectable_mentions=int(freq[ok].sum()))
-        if self.long_tail_word is not None:  # --long-tail-words: word keys and their occurrences
-            lt = self.long_tail_word.cpu().numpy()
-            c.update(long_tail_words=int(lt.sum()), long_tail_word_occurrences=int(self.word_freq[lt].sum()))
-        return c
+    def epoch_fraction(self):
+        """Epochs of data seen so far (fractional)."""
+        return self.step * self.global_batch / len(self.know.ds)
 
 
-def find_checkpoint(out):
-    """-> (training_state, dir) of the newest complete checkpoint in out: checkpoint/ when it loads,
-    else (a crash inside save()) the newer loadable one of .checkpoint.tmp/ and .checkpoint.old/."""
-    from safetensors import safe_open
-    found, errors = [], []
-    for name in ("checkpoint", ".checkpoint.tmp", ".checkpoint.old"):
-        d = os.path.join(out, name)
-        if not os.path.isdir(d):
-            continue
-        try:
-            st = torch.load(os.path.join(d, "training_state.pt"), map_location="cpu", weights_only=False)
-            with safe_open(os.path.join(d, "model.safetensors"), "pt"):  # header and size complete
-                pass
-        except Exception as e:  # missing or torn: not a complete checkpoint
-            errors.append(f"{d}: {type(e).__name__}")
-            continue
-        if name == "checkpoint":
-            return st, d
-        found.append((st["step"], d, st))
-    if not found:
-        raise SystemExit(f"--resume: no complete checkpoint in --output-dir {out} (looked for checkpoint/, "
-                         f".checkpoint.tmp/, .checkpoint.old/ with training_state.pt and model.safetensors"
-                         + (f"; unreadable: {', '.join(errors)}" if errors else "") + ")")
-    step, d, st = max(found, key=lambda f: f[0])
-    print(f"warning: --resume: {out}/checkpoint/ is missing or torn (a crash inside save()); resuming from the "
-          f"newest complete copy, {d} (step {step})", flush=True)
-    return st, d
-
-
-def trim_metrics(path, step):
-    """On resume drop metric lines written after the checkpoint (they will be written again), and a
-    torn last line (the process died while writing it) with a warning."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n < len(lines):
-                raise SystemExit(f"--resume: {path}:{n}: not a JSON line (only a torn last line is repaired); "
-                                 f"fix or delete metrics.jsonl")
-            print(f"warning: {path}:{n}: dropped a torn last line ({line[:40]!r}...)", flush=True)
-            continue
-        if rec.get("step", 0) <= step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-    common.atomic_write(path, lambda tmp: open(tmp, "w").writelines(keep))
-
-
-RUN_FILES = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old", "final")
-
-
-def prepare_output_dir(args):
-    """Before anything loads: --output-dir must be writable, and a previous run in it is continued
-    (--resume) or deleted (--overwrite), never silently replaced."""
-    out = args.output_dir
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise SystemExit(f"pretrain.py: --output-dir {out}: not writable ({e.strerror or e})")
-    previous = [n for n in RUN_FILES if os.path.isdir(os.path.join(out, n))]
-    if args.resume or not previous:
-        return
-    if not args.overwrite:
-        raise SystemExit(f"pretrain.py: --output-dir {out} holds a previous run ({', '.join(previous)}); pass "
-                         f"--resume to continue it, or --overwrite to delete it and start afresh")
-    if int(os.environ.get("RANK", 0)) == 0:
-        snapshots = [n for n in os.listdir(out) if n.startswith("step_")]
-        for n in previous + snapshots:
-            shutil.rmtree(os.path.join(out, n))
-        for n in ("metrics.jsonl", "config.json"):
-            if os.path.exists(os.path.join(out, n)):
-                os.remove(os.path.join(out, n))
-        print(f"--overwrite: deleted the previous run in {out} ({', '.join(previous + snapshots)})", flush=True)
-
-
-def main(argv=None):
-    """The CLI: the project's own data and training errors print one line (--debug: the traceback)."""
-    args = resolve_config(get_parser().parse_args(argv))
-    try:
-        train(args)
-    except (data.DataError, FloatingPointError) as e:
-        if args.debug:
-            raise
-        raise SystemExit(f"pretrain.py: {e}") from None
-
-
-def make_deterministic():
-    """--deterministic. Measured source of run-to-run differences at the default shape (16 x 128,
-    MiniLM, 2 threads): the backward of advanced indexing (weight[idx], e.g. the CKA targets' and
-    negatives' decoder rows, the h_e label embeddings) is index_put_(accumulate=True), which on CPU
-    adds with threaded float atomics once it writes >= 32768 elements (so tiny test shapes never
-    show it): the same gradients came out different in 3 of 6 repeats, and 0 of 8 in deterministic
-    mode. Deterministic mode makes it serial, and raises on any op without a deterministic version
-    (the error names the op). cuBLAS needs a fixed workspace for deterministic GEMMs on CUDA."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
+def start_logs(t, record):
+    """After the resume is validated, never before: a fresh run starts fresh logs; a resumed one drops
+    the lines written after its checkpoint (checkpoint.trim_log) and records the resume (and an
+    extension of --max-steps) in config.json."""
+    a, out = t.args, t.args.output_dir
+    if not a.resume:
+        for name in checkpoint.LOGS:  # a run that died before its first checkpoint left them
+            open(os.path.join(out, name), "w").close()
+        if t.warmup_reason:
+            t.log_routing({"step": 0, "warmup": a.route_warmup, "reason": t.warmup_reason})
+        return record
+    checkpoint.trim_log(os.path.join(out, "metrics.jsonl"), t.step)
+    checkpoint.trim_log(os.path.join(out, "routing.jsonl"), t.step - 1)
+    previous = json.load(open(os.path.join(out, "config.json"))) if os.path.exists(os.path.join(out, "config.json")) else {}
+    record["commit"] = previous.get("commit", record["commit"])  # the run's first commit; each resume's below
+    record["resumed"] = previous.get("resumed", []) + [{"step": t.step, "commit": common.git_commit()}]
+    old_max = previous.get("config", {}).get("max_steps", a.max_steps)
+    if a.max_steps != old_max:
+        record["resumed"][-1]["max_steps"] = [old_max, a.max_steps]
+    return record
 
 
 def train(args):
-    prepare_output_dir(args)
+    checkpoint.prepare_output_dir(args)
     if args.deterministic:
         make_deterministic()
     t = Trainer(args)
     a = t.args
-    census = t.injection_census()
-    if t.injector is not None and census["injectable_mentions"] == 0:
+    census = t.know.census()
+    if t.know.injector is not None and census["injectable_mentions"] == 0:
         raise SystemExit(f"pretrain.py: --method {a.method} --injection {a.injection}: nothing can be injected: "
                          f"{census['mentions']} linked mentions of {census['entities_linked']} entities in --data "
                          f"{a.data}, none with a KG triple that --injection {a.injection} selects. Link entities "
                          f"(corpus.jsonl \"entities\" or KG aliases that occur in the text), or use --method mlm")
-    metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
+    if a.resume:
+        old_max = t.resume()
+        if old_max != a.max_steps and t.master:
+            print(f"--resume: extending the run from --max-steps {old_max} to {a.max_steps} at step {t.step}: the "
+                  f"linear learning-rate decay is recomputed for {a.max_steps} steps (warm-up {a.warmup_steps} "
+                  f"steps as recorded), so the learning rate continues at {lr_at(t.step, a):.3g}", flush=True)
+    if t.warmup_reason and t.master:
+        print(f"routing: --model {a.model} has no trained MLM head (freshly initialised); all parameters train for "
+              f"the first {a.route_warmup} steps (--route-warmup), then routing starts", flush=True)
     record = {"config": vars(a), "commit": common.git_commit(), "world_size": t.world,
               "global_batch": t.global_batch, "threads": torch.get_num_threads(), **census}
-    if a.resume:
-        t.resume()
-        if t.master:
-            trim_metrics(metrics_path, t.step)
-        config_path = os.path.join(a.output_dir, "config.json")
-        previous = json.load(open(config_path)) if os.path.exists(config_path) else {}
-        record["commit"] = previous.get("commit", record["commit"])  # the run's first commit; each resume's below
-        record["resumed"] = previous.get("resumed", []) + [{"step": t.step, "commit": common.git_commit()}]
-    elif t.master and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a run that died before its first checkpoint (no previous run to protect)
     if t.master:
-        common.atomic_write_json(os.path.join(a.output_dir, "config.json"), record)
-        print(f"{a.method}: {len(t.ds)} sequences, global batch {t.global_batch} "
+        common.atomic_write_json(os.path.join(a.output_dir, "config.json"), start_logs(t, record))
+        print(f"{a.method}: {len(t.know.ds)} sequences, global batch {t.global_batch} "
               f"({a.batch_size} x {a.grad_accum} accum x {t.world} procs), {a.max_steps} steps, device {t.device}",
               flush=True)
-        if t.injector is not None:
+        if t.know.injector is not None:
             c = census
             print(f"{a.method}: {c['mentions']} linked mentions ({c['mentions'] / c['sequences']:.2f} per sequence), "
                   f"{c['entities_linked']} of {c['entities']} KG entities linked; --injection {a.injection} may "
@@ -1043,10 +1007,9 @@ def train(args):
         if "long_tail_words" in census:
             print(f"{a.method}: --long-tail-words: {census['long_tail_words']} word keys, "
                   f"{census['long_tail_word_occurrences']} occurrences in the corpus", flush=True)
-    from tqdm import tqdm
     bar = tqdm(total=a.max_steps, initial=t.step, disable=not t.master, desc=a.method, dynamic_ncols=True)
     t0 = time.time()
-    with open(metrics_path, "a") if t.master else nullcontext() as log:
+    with open(os.path.join(a.output_dir, "metrics.jsonl"), "a") if t.master else nullcontext() as log:
         while t.step < a.max_steps:
             s0 = time.time()
             stats = t.train_step()
@@ -1071,6 +1034,27 @@ def train(args):
     if t.ddp:
         dist.barrier()  # no rank tears the group down while another is still saving or printing
         dist.destroy_process_group()
+
+
+def main(argv=None):
+    """The CLI: the project's own data and training errors print one line (--debug: the traceback)."""
+    args = resolve_config(get_parser().parse_args(argv))
+    try:
+        train(args)
+    except (data.DataError, FloatingPointError) as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"pretrain.py: {e}") from None
+
+
+def make_deterministic():
+    """--deterministic: torch.use_deterministic_algorithms (measured source of run-to-run differences:
+    the backward of advanced indexing, weight[idx], is on CPU a threaded float atomic add once it
+    writes >= 32768 elements; docs/measurements.md) and a fixed cuBLAS workspace on CUDA. An op without
+    a deterministic version raises, naming the op."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 if __name__ == "__main__":

@@ -1,41 +1,72 @@
 """Dynamic Knowledge Routing (TRELM Sec. 3.3, Eq. 9-12).
 
-Every route-every steps TRELM asks which FFN neurons carry the knowledge the current batch needs,
-and then trains only their "knowledge paths" until the next routing:
+TRELM asks, for a batch, which FFN neurons carry the knowledge it needs, and trains only their
+"knowledge paths" ("we efficiently identify knowledge paths for each batch in parallel", Sec. 3.3):
 
-  1. attribution (Eq. 9-11): integrated gradients (IG) of the summed probability of the correct
-     answer, S = sum_x P_x, with respect to the post-activation value v of every FFN intermediate
-     neuron, baseline 0:  ffn_attributions(model, run, steps=m)  -> (L, I)
+  1. attribution (Eq. 9-11): how much each FFN intermediate neuron v_i^(l) (post-activation) adds to
+     S = sum_x P_x, the summed probability of the correct answer; baseline 0. Four forms (FORMS):
+       layer        Eq. (11) as printed: integrated gradients (IG), one layer scaled at a time, m steps
+       joint        IG with all layers scaled together in the same pass (about (L+1)/2 times cheaper)
+       target       joint, but only the activations at the positions where P_x is defined (the CKA
+                    targets) are scaled; every other position keeps its real value
+       first-order  v * dS/dv at alpha = 1 (one Riemann step), on the graph of the training forward
+                    that already ran: capture_ffn_acts + first_order_attributions, no extra forward
          Eq. (11):  Attr(v_i^(l)) = (v-bar_i^(l) / m) * sum_{k=1..m} dP_x(k/m * v-bar_i^(l)) / dv_i^(l)
   2. selection: the top route-ratio neurons of each layer (or, as in Dai et al. 2022 "Knowledge
-     Neurons", those above threshold * the layer's maximum):  select_paths(attr) -> [idx_l]
-  3. selective update (Eq. 12):  T_{v_input^(i)} -> T_{v_inter^(j)} -> T_{v_output^(k)}.
-     Router.attach(model, paths) freezes everything else and replaces the two FFN Linear forwards
-     by a custom autograd Function that computes weight gradients for the selected slices only, so
-     the backward pass really skips the frozen weight gradients and the optimizer holds state for
-     the slices only. carry_adam_state keeps the Adam moments of slices that stay selected.
+     Neurons", those above threshold * the layer's maximum): select_paths(attr) -> [idx_l]; the
+     control: random_paths(L, I, k, seed, step), the same counts drawn at random
+  3. selective update (Eq. 12): T_{v_input^(i)} -> T_{v_inter^(j)} -> T_{v_output^(k)}. Router(model,
+     scope) patches the FFN Linears with a custom autograd Function whose backward computes weight
+     gradients for the selected neurons only (read at backward time: router.set_paths may come after
+     the forward), and NeuronAdamW steps only those neurons.
 
-Not a script. pretrain.py --method trelm calls it: per routing period router.detach(); attr =
-ffn_attributions(...) (all-reduced over DDP ranks on the compute device); paths =
-select_paths(attr, ratio); router.attach(model, paths); a new AdamW over router.parameters() whose
-state carry_adam_state fills. bench.py measures it (measure_routing). Tests:
-    python -m pytest tests/test_routing.py
+Not a script. pretrain.py --method trelm calls it; per-batch first-order routing, one process or DDP:
+
+    router = Router(mlm, scope)                  # before DDP(...) is built: requires_grad is fixed
+    opt = from_adamw(full_adamw, router)         # or NeuronAdamW(router.trainable(), router, lr=...)
+    for each step:
+        with capture_ffn_acts(mlm) as acts:
+            out = model(batch)                   # the training forward (DDP or not)
+        attr = first_order_attributions(acts, S) # S = sum P_x of this forward, (L, I)
+        dist.all_reduce(attr)                    # DDP: every rank selects the same paths
+        router.set_paths(select_paths(attr, ratio))
+        loss.backward(); opt.step(); opt.zero_grad()
+    router.detach()
+
+The other forms run their own forwards: attr = ffn_attributions(mlm, run, steps=m, form=...) every
+route-every steps. With gradient accumulation set the paths once per optimizer step, before the
+first backward: every micro-batch's backward and the step read the same paths. bench.py measures it
+(measure_routing). Tests: python -m pytest tests/test_routing.py
 
 Paper symbol -> name here:
     P_x              run(model) -> (N,) probability of the correct response for each example
+    S                sum_x P_x, the quantity attributed (Eq. 9 summed over the batch)
     m                steps (Riemann steps of the IG integral; --ig-steps, default 20)
     alpha = k/m      alphas (right Riemann sum: k = 1..m, the baseline point alpha=0 is never run)
     v-bar_i^(l)      cache["act"][l][..., i]: the neuron's real post-activation value on the batch
-    Attr(v_i^(l))    return value of ffn_attributions, one number per (layer, neuron)
-    W_in, b_in       intermediate.dense.weight (I, H), .bias (I,)  -> slices w_in (k, H), b_in (k,)
-    W_out            output.dense.weight (H, I)                    -> slice w_out (H, k)
+    Attr(v_i^(l))    return value of ffn_attributions / first_order_attributions, (L, I)
+    W_in, b_in       intermediate.dense.weight (I, H), .bias (I,): neuron j = row j, entry j
+    W_out            output.dense.weight (H, I): neuron j = column j
+    knowledge path   router.paths[l]: sorted LongTensor of the selected neurons j of layer l
     route ratio      ratio (--route-ratio, default 0.1), k = round(ratio * I) neurons per layer
 
 Eq. (12) as built: the paper attributes only intermediate neurons (Eq. 9-11 define no score for an
 input or output neuron), so a path T_{v_input^(i)} -> T_{v_inter^(j)} -> T_{v_output^(k)} runs
 through every input neuron i and every output neuron k of selected j: the trainable weights are
-row j of W_in and b_in[j] (all i -> j) and column j of W_out (j -> all k). Nothing else of the FFN
-moves (b_out belongs to no single j); tests/test_routing.py checks exactly which entries move.
+row j of W_in and b_in[j] (all i -> j) and column j of W_out (j -> all k). b_out belongs to no single
+j: it is frozen under the scopes that freeze the Transformer blocks, trained under "ffn".
+
+What trains besides the paths is a reading, not a fact of the paper (SCOPES, --route-scope):
+    strict  only the paths (optional train_layernorm, train_head_bias). "By selectively updating the
+            model parameters based on the gradients of these knowledge paths" (Sec. 3.3); "updating
+            only the knowledge paths associated with factual knowledge" (Sec. 6).
+    blocks  inside the Transformer blocks only the paths (attention, LayerNorms, b_out frozen); the
+            word/position/type embeddings (so the tied decoder) and the MLM head train. "We only need
+            to update partial FFN parameters in Transformer blocks" (Fig. 1).
+    ffn     only the FFN neurons outside the paths are frozen (their rows of W_in and b_in, their
+            columns of W_out); attention, embeddings, LayerNorms, b_out and the MLM head train.
+            "We enable partial updates of model parameters, focusing on the FFNs" (Sec. 1).
+The study found that strict stops fact learning (DESIGN.md), hence the three.
 
 Decisions (the paper does not say):
 - Eq. (11) per layer is the default (form="layer"): for layer l only v^(l) is scaled and the layers
@@ -47,49 +78,55 @@ Decisions (the paper does not say):
   layers and the backward stops at layer l; (b) the alpha steps of a layer are stacked along the
   batch, as many as the memory bound allows (chunk=0: _chunk_for's activation estimate against
   memory_mb, --ig-memory-mb; more copies for the upper layers, whose forward is shorter).
-  Total cost is about m * (L+1)/2 layer passes instead of m * L * L. Every layer is attributed:
-  routing trains the FFN of every layer (a layer with an empty path stays frozen, but which layers
-  those are is only known after attribution).
-- form="joint" (--ig-form joint) scales all L layers in the same pass (m passes, about (L+1)/2
-  times cheaper). A later layer's unscaled activation u(alpha) then depends on alpha, and the
-  attribution is Attr_j = (1/m) sum_k u_j(alpha_k) * dS/dz_j(alpha_k) (z = alpha * u), the IG of
-  the gates; not Eq. 11. bench.py reports how often it picks the same neurons
-  (ig_topk_jaccard_vs_exact). Both forms satisfy completeness: the attributions of the scaled
-  neurons sum to S(real) - S(scaled neurons zeroed), up to the O(1/m) Riemann error (tests).
+  Total cost is about m * (L+1)/2 layer passes instead of m * L * L. Every layer is attributed.
+- form="joint" scales all L layers in the same pass (m passes). A later layer's unscaled activation
+  u(alpha) then depends on alpha, and the attribution is Attr_j = (1/m) sum_k u_j(alpha_k) *
+  dS/dz_j(alpha_k) (z = alpha * u), the IG of the gates; not Eq. 11. bench.py reports how often it
+  picks the same neurons (ig_topk_jaccard_vs_exact). Both forms satisfy completeness: the
+  attributions of the scaled neurons sum to S(real) - S(scaled neurons zeroed), up to the O(1/m)
+  Riemann error (tests). form="target" is the same integral with only the target positions'
+  activations on the path from 0 (the baseline) to their real value, and summed over those
+  positions only. form="first-order" is joint with m = 1 (u(1) = v-bar): no integral, one gradient.
 - Attributions are summed over every token position and example of the batch (padding gets 0
-  gradient); the model runs in eval mode (no dropout) during attribution; parameters are frozen
-  meanwhile so no weight gradient is computed and no .grad accumulates. The result lives on the
+  gradient); ffn_attributions runs the model in eval mode (no dropout) with every parameter frozen,
+  so no weight gradient is computed and no .grad accumulates; first_order_attributions uses the
+  training forward as it ran (dropout included) and asks autograd for the activations' gradients
+  only (inputs=acts: no weight gradient, the patched Linears included). The result lives on the
   model's device (float32): a DDP all-reduce under nccl needs it there.
 - run(model, c) for c > 1 must run the batch tiled c times along dim 0 and return the
   probabilities of all c copies (pretrain.py tiles its batch and injection plan); a run that does
   not tile is caught (the encoder's batch is checked against c * B).
 - select_paths ranks by the signed attribution (neurons that raise P_x); threshold mode keeps
   attr >= threshold * max(attr of the layer) and selects nothing in a layer whose max is <= 0.
-- How the selective update saves compute: frozen tensors have requires_grad False, so autograd
-  computes no gradient for attention or embedding weights (and none at all below the lowest
-  trainable tensor); the patched FFN Linears (an instance `forward` attribute, so module names and
-  state_dict keys do not change) run the full matmul forward with the frozen weight, into which
-  the trainable slices are copied before every forward (k rows/columns), and their backward
-  computes grad_x in full plus weight gradients of the k selected rows/columns only.
-- Frozen while routed: attention, embeddings (and the tied decoder), the FFN output bias b_out
-  (not part of any neuron's path), the MLM-head transform. LayerNorms and the MLM-head bias may
-  train (train_layernorm, train_head_bias).
-- Adam state when paths change (carry_adam_state): the moments of slices that stay selected are
-  kept, new slices start at zero moments with the old step count (per-tensor in torch's AdamW).
-  Resetting everything instead made the first routed step move every selected weight by about lr
-  (Adam's bias-corrected first step); the first routing after the full-parameter warm-up carries
-  the full optimizer's moments of the selected rows/columns.
+- How the selective update saves compute: parameters a scope freezes have requires_grad False, so
+  autograd computes no gradient for them (and none at all below the lowest trainable tensor). The
+  FFN weights W_in, b_in, W_out stay the model's own Parameters with requires_grad True from
+  Router(...) to detach(), under every scope; the patched FFN Linears (an instance `forward`
+  attribute, so module names and state_dict keys do not change) run the plain F.linear forward
+  with the full weight (the forward does not depend on the paths) and their backward computes the
+  input gradient in full and the weight gradient of the k selected rows (W_in, b_in) / columns
+  (W_out) only, as a full-shaped gradient that is zero elsewhere (the zero fill is memory traffic,
+  the matmul is over k neurons). So the set of trainable parameters never changes while paths
+  change every batch: a DDP wrapper built after Router(...) all-reduces the full-shaped gradients
+  unchanged, and clip_grad_norm_ sees the true norm.
+- Optimizer state: moments for every FFN neuron, updated only where selected (NeuronAdamW): a
+  neuron's moments and step count survive the steps it is not selected, and when it comes back
+  Adam continues it (with its own bias correction) instead of restarting from zero moments, which
+  would move it by about lr at once. Price of per-batch routing: 2x the FFN weights of optimizer
+  memory (plus one step count per neuron) under every scope, strict included, where the old
+  per-period optimizer held moments for the selected slices only. The full-parameter AdamW of a
+  warm-up hands its moments and step count to every neuron (from_adamw).
 - DDP: ranks see different batches; pretrain.py all-reduces the attributions (on the compute
-  device) so every rank selects the same paths. In a routed period forward/backward run on the
-  unwrapped module and router.all_reduce_grads() averages the slices' gradients before
-  optimizer.step() (a DDP wrapper built over the full model would wait for gradients of the frozen
-  parameters).
+  device) so every rank selects the same paths; random_paths is a function of (seed, step), the
+  same on every rank and after --resume, with no state to save.
 - peak_memory (bench.py) is the peak of live tensor bytes from the torch profiler's memory events
   on CPU (tracemalloc does not see torch's allocations; ru_maxrss only grows, so consecutive
   measurements in one process cannot be separated), torch.cuda.max_memory_allocated on GPU.
 """
+import contextlib
+
+import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import ffn_modules, head_decoder
@@ -97,7 +134,7 @@ from common import ffn_modules, head_decoder
 
 # ----------------------------------------------------------------------------- Eq. (9)-(11)
 
-FORMS = ("layer", "joint")
+FORMS = ("layer", "joint", "target", "first-order")  # module docstring: one line each
 _ACT_BYTES = 4  # fp32 activations (bf16 autocast halves them: the bound is then conservative)
 
 
@@ -121,15 +158,20 @@ def _chunk_for(memory_bytes, tokens, layers, cfg, steps):
     return max(1, min(steps, int(memory_bytes // max(1, per_copy))))
 
 
-def ffn_attributions(model, run, steps=20, chunk=1, form="layer", memory_mb=1024.0):
-    """Integrated gradients of S = sum(run(model)) w.r.t. every FFN intermediate neuron, baseline 0.
+def ffn_attributions(model, run, steps=20, chunk=1, form="layer", memory_mb=1024.0, positions=None):
+    """Attribution of S = sum(run(model)) to every FFN intermediate neuron, baseline 0.
 
     run(model) -> (N,) probabilities P_x on a fixed batch; run(model, c) -> (c*N,) on the batch
     tiled c times (c alpha steps stacked in one forward). Returns float32 (L, I) on the model's
     device, summed over tokens and examples.
-      form="layer": Eq. (11) as printed, layer by layer (exact); the forward of layer l's steps starts
-                    at layer l from cached lower-layer outputs (see the module docstring)
-      form="joint": all layers scaled together, m passes (about (L+1)/2 times cheaper, not Eq. 11)
+      form="layer":       Eq. (11) as printed, layer by layer (exact); the forward of layer l's steps
+                          starts at layer l from cached lower-layer outputs (see the module docstring)
+      form="joint":       all layers scaled together, m passes (about (L+1)/2 times cheaper, not Eq. 11)
+      form="target":      as joint, but only the activations at positions = (rows, cols) (LongTensors
+                          indexing the (B, T) batch of run(model): where P_x is defined) are scaled,
+                          and the attribution is summed over those positions only
+      form="first-order": one forward, v-bar * dS/dv at alpha = 1 (joint with m = 1; steps and chunk
+                          do not apply); first_order_attributions does the same on a training forward
     chunk: alpha steps per forward (1: run(model) only, no tiling needed); 0 = as many as fit in
     memory_mb (estimate, _chunk_for).
     """
@@ -141,6 +183,13 @@ def ffn_attributions(model, run, steps=20, chunk=1, form="layer", memory_mb=1024
         raise ValueError(f"routing.ffn_attributions: chunk (--ig-chunk) must be 0 (automatic) or >= 1, got {chunk}")
     if memory_mb <= 0:
         raise ValueError(f"routing.ffn_attributions: memory_mb (--ig-memory-mb) must be > 0, got {memory_mb}")
+    if (positions is not None) != (form == "target"):
+        raise ValueError(f"routing.ffn_attributions: positions=(rows, cols) is required by form='target' and "
+                         f"used by no other form; got form={form!r} with positions {'set' if positions else 'None'}")
+    if positions is not None and (len(positions) != 2 or positions[0].shape != positions[1].shape
+                                  or positions[0].dim() != 1 or positions[0].numel() == 0):
+        raise ValueError("routing.ffn_attributions: positions must be (rows, cols), two 1-D LongTensors of the same "
+                         f"non-zero length, got shapes {[tuple(p.shape) for p in positions]}")
     layers = list(model.base_model.encoder.layer)
     L, I = len(layers), layers[0].intermediate.dense.out_features
     device = layers[0].intermediate.dense.weight.device
@@ -153,12 +202,16 @@ def ffn_attributions(model, run, steps=20, chunk=1, form="layer", memory_mb=1024
     for p in params:
         p.requires_grad_(False)
     try:
+        if form == "first-order":
+            with torch.enable_grad(), capture_ffn_acts(model) as acts:
+                S = run(model).sum()
+            return first_order_attributions(acts, S)
         cache = _clean_pass(model, run, layers)  # layer outputs, attention outputs, a^(l), all (B, T, .)
         bound = memory_mb * 2 ** 20
-        if form == "joint":
+        if form in ("joint", "target"):
             c = chunk or _chunk_for(bound, cache["act"][0].shape[:2], L, model.config, steps)
             for s0 in range(0, steps, c):
-                attr += _ig_joint(model, run, layers, alphas[s0:s0 + c])
+                attr += _ig_joint(model, run, layers, alphas[s0:s0 + c], positions)
         else:
             for l in range(L):
                 c = chunk or _chunk_for(bound, cache["act"][l].shape[:2], L - l, model.config, steps)
@@ -243,9 +296,10 @@ def _ig_layer(run, model, layers, l, cache, alphas):
     return (a.float() * g).reshape(-1, a.shape[-1]).sum(0)  # Eq. (11): v-bar * sum_k dP/dv  (I,)
 
 
-def _ig_joint(model, run, layers, alphas):
-    """The joint form: every layer's FFN output u scaled by alpha in the same pass. Returns (L, I):
-    sum over copies, examples and tokens of u(alpha) * dS/dz, z = alpha * u."""
+def _ig_joint(model, run, layers, alphas, positions=None):
+    """The joint form: every layer's FFN output u scaled by alpha in the same pass (positions=None),
+    or only at positions = (rows, cols) of the (B, T) batch (the target form). Returns (L, I): sum
+    over copies and scaled positions of u(alpha) * dS/dz, z = alpha * u there, z = u elsewhere."""
     c = len(alphas)
     acts, scaled = [], []
 
@@ -253,11 +307,17 @@ def _ig_joint(model, run, layers, alphas):
         if u.shape[0] % c:
             raise ValueError(f"routing.ffn_attributions: chunk={c} but the FFN input has batch "
                              f"{u.shape[0]}; run(model, {c}) must tile its batch {c} times")
-        scale = alphas.to(u.dtype).repeat_interleave(u.shape[0] // c)  # (c*B,)
-        z = u * scale.view(-1, *[1] * (u.dim() - 1))  # (c*B, T, I)
+        B, T = u.shape[0] // c, u.shape[1]
+        scale = alphas.to(u.dtype).repeat_interleave(B).view(-1, 1, 1)  # (c*B, 1, 1)
+        if positions is None:
+            acts.append(u.detach())
+        else:
+            target = _tile(_target_mask(positions, B, T, u.device), c)[..., None]  # (c*B, T, 1)
+            scale = torch.where(target, scale, 1.0)  # (c*B, T, 1): alpha at the targets, 1 elsewhere
+            acts.append(u.detach() * target)  # only the scaled positions are attributed
+        z = u * scale  # (c*B, T, I)
         if not z.requires_grad:  # first hooked layer: nothing before it requires grad
             z.requires_grad_()
-        acts.append(u.detach())
         scaled.append(z)
         return z
 
@@ -276,6 +336,58 @@ def _ig_joint(model, run, layers, alphas):
                         (u.float() * g.float()).reshape(-1, u.shape[-1]).sum(0) for u, g in zip(acts, grads)])
 
 
+def _target_mask(positions, B, T, device):
+    """(B, T) bool, True at positions = (rows, cols)."""
+    rows, cols = (p.to(device) for p in positions)
+    if rows.min() < 0 or rows.max() >= B or cols.min() < 0 or cols.max() >= T:
+        raise ValueError(f"routing.ffn_attributions: positions must index the ({B}, {T}) batch of run(model), got "
+                         f"rows in [{int(rows.min())}, {int(rows.max())}], cols in [{int(cols.min())}, {int(cols.max())}]")
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    mask[rows, cols] = True
+    return mask
+
+
+@contextlib.contextmanager
+def capture_ffn_acts(model):
+    """with capture_ffn_acts(model) as acts: model(...) -> acts[l] = the FFN post-activation v^(l)
+    (B, T, I) of layer l in that forward, a graph tensor (first_order_attributions differentiates S
+    with respect to it). Exactly one forward per block; the hooks are removed on exit."""
+    layers = model.base_model.encoder.layer
+    acts = [None] * len(layers)
+
+    def hook(l):
+        def fn(module, inputs, u):
+            if acts[l] is not None:
+                raise RuntimeError(f"routing.capture_ffn_acts: layer {l}'s FFN ran twice; run one forward per block")
+            if not u.requires_grad and torch.is_grad_enabled():  # everything below is frozen: u is a leaf
+                u.requires_grad_()
+            acts[l] = u
+        return fn
+
+    handles = [layer.intermediate.register_forward_hook(hook(l)) for l, layer in enumerate(layers)]
+    try:
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def first_order_attributions(acts, S):
+    """Eq. (11) with one Riemann step at alpha = 1: Attr(v_i^(l)) = sum over tokens of v * dS/dv.
+    acts: the L post-activations capture_ffn_acts collected; S: scalar, sum_x P_x of the same forward.
+    Only dS/dacts is computed (autograd.grad with inputs=acts: no weight gradient, no .grad written)
+    and the graph is retained for the training backward. Returns float32 (L, I) on the acts' device."""
+    if not acts or any(a is None for a in acts):
+        raise RuntimeError("routing.first_order_attributions: acts has an empty layer; run the model's forward "
+                           "inside `with capture_ffn_acts(model) as acts:`")
+    if not S.requires_grad or not all(a.requires_grad for a in acts):
+        raise RuntimeError("routing.first_order_attributions: S and acts must be graph tensors; the forward ran "
+                           "under torch.no_grad or with nothing requiring grad")
+    grads = torch.autograd.grad(S, acts, retain_graph=True, allow_unused=True)  # dS/dv per layer, (B, T, I)
+    return torch.stack([torch.zeros(a.shape[-1], device=a.device) if g is None else
+                        (a.detach().float() * g.float()).reshape(-1, a.shape[-1]).sum(0) for a, g in zip(acts, grads)])
+
+
 def select_paths(attr, ratio=0.1, threshold=None):
     """Knowledge neurons per layer from attributions (L, I): the top round(ratio * I) (at least 1)
     or, with threshold, those with attr >= threshold * max of the layer (none if max <= 0).
@@ -292,195 +404,293 @@ def select_paths(attr, ratio=0.1, threshold=None):
     return [torch.nonzero((a >= threshold * a.max()) & (a > 0)).flatten() for a in attr]
 
 
+def random_paths(L, I, k, seed, step):
+    """The random-selection control: k neurons per layer (an int, or a list of L ints, e.g. the
+    counts select_paths chose) drawn uniformly without replacement. A function of (seed, step)
+    only (numpy SeedSequence -> torch.Generator): the same on every DDP rank and after --resume,
+    with no state to save. Returns a list of L sorted LongTensors (CPU)."""
+    ks = [k] * L if isinstance(k, int) else [int(x) for x in k]
+    if len(ks) != L or any(not 0 <= x <= I for x in ks):
+        raise ValueError(f"routing.random_paths: k must be an int or {L} ints in [0, {I}], got {k}")
+    if seed < 0 or step < 0:
+        raise ValueError(f"routing.random_paths: seed (--seed) and step must be >= 0, got {seed}, {step}")
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    return [torch.randperm(I, generator=g)[:x].sort().values for x in ks]
+
+
 # ----------------------------------------------------------------------------- Eq. (12)
 
+SCOPES = ("strict", "blocks", "ffn")  # module docstring: what trains besides the paths
+
+
+def _engine_needs(ctx, i):
+    """True when this backward must produce the gradient of input i: it requires grad and the
+    running graph task uses it (autograd.grad(S, acts) needs no weight gradient)."""
+    return ctx.needs_input_grad[i] and torch._C._will_engine_execute_node(ctx.next_functions[i][0])
+
+
 class _SliceLinear(torch.autograd.Function):
-    """y = x W^T + b with W, b frozen full tensors (their selected slices already hold the values of
-    the trainable slices). Backward: the full input gradient, and weight gradients for the
-    selected slice only. rows=True: slice = rows idx of W (and b[idx]): W_in of the FFN.
-    rows=False: slice = columns idx of W: W_out (b is then not part of the slice)."""
+    """y = x W^T + b with the model's full W and b (the forward does not depend on the paths).
+    Backward: the full input gradient, and the weight gradient of the selected neurons only,
+    full-shaped and zero elsewhere. rows=True: W_in (I, H), rows idx, and b_in[idx]. rows=False:
+    W_out (H, I), columns idx; b_out (when it trains) gets its full gradient, it belongs to no
+    neuron. idx = router.paths[layer], read when the backward runs."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, w_sel, b_sel, idx, rows):
-        ctx.rows, ctx.has_bias = rows, b_sel is not None
-        # W_out's gradient only needs x[..., idx]: keep (.., k) instead of (.., I) alive
-        ctx.save_for_backward(x if rows else x.index_select(-1, idx), weight, idx)
+    def forward(ctx, x, weight, bias, router, layer, rows):
+        ctx.router, ctx.layer, ctx.rows = router, layer, rows
+        ctx.save_for_backward(x, weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):  # gy (..., out)
-        xs, weight, idx = ctx.saved_tensors
-        gx = gy.matmul(weight) if ctx.needs_input_grad[0] else None  # (..., in)
-        gy2 = gy.reshape(-1, gy.shape[-1])  # (N, out)
-        xs2 = xs.reshape(-1, xs.shape[-1])  # (N, in) or (N, k)
-        gb = None
-        if ctx.rows:
-            gys = gy2.index_select(1, idx)  # (N, k)
-            gw = gys.t().matmul(xs2)  # (k, in)
-            if ctx.has_bias:
-                gb = gys.sum(0)  # (k,)
-        else:
-            gw = gy2.t().matmul(xs2)  # (out, k)
-        return gx, None, None, gw, gb, None, None
-
-
-class _SlicePatch:
-    """One FFN Linear whose slice (rows or columns idx) trains as the Parameter w_sel (and b_sel).
-
-    Every forward first copies the slices into the frozen full weight (k rows or columns: cheap).
-    The copy goes through .data, so it does not bump the weight's autograd version counter: an
-    extra forward (evaluation, a no_grad pass) between a forward and its backward writes the same
-    values and is harmless. Changing the slices between a forward and its backward (an optimizer
-    step before backward) is not detected, exactly as autograd could not tell either way.
-    The optimizer's version counter cannot be used to skip the copy: fused AdamW does not bump it.
-    """
-
-    def __init__(self, linear, w_sel, b_sel, idx, rows):
-        self.linear, self.w_sel, self.b_sel, self.idx, self.rows = linear, w_sel, b_sel, idx, rows
-
-    def sync(self):
-        """Write the trainable slices into the frozen full weight (and bias)."""
-        self.linear.weight.data.index_copy_(0 if self.rows else 1, self.idx, self.w_sel.detach())
-        if self.b_sel is not None:
-            self.linear.bias.data.index_copy_(0, self.idx, self.b_sel.detach())
-
-    def forward(self, x):
-        self.sync()
-        return _SliceLinear.apply(x, self.linear.weight, self.linear.bias, self.w_sel, self.b_sel,
-                                  self.idx, self.rows)
+        x, weight = ctx.saved_tensors
+        # matmuls in gy's dtype: under autocast that is the dtype F.linear ran in (bf16), else a no-op
+        gx = gy.matmul(weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None  # (..., in)
+        need_w = _engine_needs(ctx, 1)
+        need_b = ctx.needs_input_grad[2] and _engine_needs(ctx, 2)
+        gw = gb = None
+        if need_w or need_b:
+            idx = ctx.router.paths_of(ctx.layer)  # (k,)
+            gy2 = gy.reshape(-1, gy.shape[-1])  # (N, out)
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            if ctx.rows:  # W_in, b_in: neuron j = row j
+                gys = gy2.index_select(1, idx)  # (N, k)
+                if need_w:
+                    gwk = gys.t().matmul(x2.to(gy.dtype))  # (k, H)
+                    gw = weight.new_zeros(weight.shape).index_copy_(0, idx, gwk.to(weight.dtype))
+                if need_b:
+                    gb = weight.new_zeros(weight.shape[0]).index_copy_(0, idx, gys.sum(0).to(weight.dtype))
+            else:  # W_out: neuron j = column j
+                if need_w:
+                    gwk = gy2.t().matmul(x2.index_select(1, idx).to(gy.dtype))  # (H, k)
+                    gw = weight.new_zeros(weight.shape).index_copy_(1, idx, gwk.to(weight.dtype))
+                if need_b:
+                    gb = gy2.sum(0).to(weight.dtype)  # (H,)
+        return gx, gw, gb, None, None, None
 
 
 class Router:
-    """Selective update of knowledge paths (Eq. 12).
+    """Selective update of knowledge paths (Eq. 12) under a scope (SCOPES, module docstring).
 
-        router = Router()
-        router.attach(model, paths)              # only the path slices train from here on
-        opt = torch.optim.AdamW(router.parameters(), lr=...)
-        ... loss.backward(); router.all_reduce_grads(); opt.step() ...
-        router.detach()                          # full weights updated, everything trainable again
+        router = Router(model, scope)        # requires_grad per scope, FFN Linears patched
+        router.set_paths(paths)              # any time before the backward that should use them
+        opt = NeuronAdamW(router.trainable(), router, lr=...)
+        ... loss.backward(); opt.step() ...
+        router.detach()                      # original forwards and requires_grad flags back
 
-    router.parameters() order: per layer with a non-empty path, w_in (k, H), b_in (k,), w_out
-    (H, k); then the LayerNorm parameters in model order (train_layernorm); then the MLM-head bias
-    (train_head_bias). The model's state_dict keeps its keys while attached: a state_dict pre-hook
-    on each patched Linear writes the slices into the full weights first (sync_to_model does the
-    same by hand). Load checkpoints into the model before attach, not while attached.
+    train_layernorm: every LayerNorm also trains (strict, blocks); train_head_bias: the MLM-head
+    bias also trains (strict). The set of trainable parameters is fixed from Router(...) to
+    detach(): build a DDP wrapper after Router(...). The weights stay the model's own Parameters,
+    so state_dict, save_pretrained and checkpoints need nothing from the router.
     """
 
-    def __init__(self):
-        self.model, self.paths = None, None
-        self._patched, self._params, self._flags, self._hooks, self._views = [], [], [], [], []
-
-    def attach(self, model, paths, train_layernorm=False, train_head_bias=False):
-        if self.model is not None:
-            raise RuntimeError("routing.Router.attach: already attached; call detach() first")
+    def __init__(self, model, scope, train_layernorm=False, train_head_bias=False):
+        if scope not in SCOPES:
+            raise ValueError(f"routing.Router: scope (--route-scope) must be one of {SCOPES}, got {scope!r}")
         ffns = ffn_modules(model)
-        if len(paths) != len(ffns):
-            raise ValueError(f"routing.Router.attach: {len(paths)} paths for a model with {len(ffns)} layers")
-        paths = [p.detach().cpu().long() for p in paths]
-        for l, ((inter, _), idx) in enumerate(zip(ffns, paths)):
-            I = inter.dense.out_features
-            if idx.numel() and (idx.min() < 0 or idx.max() >= I or idx.unique().numel() != idx.numel()):
-                raise ValueError(f"routing.Router.attach: path of layer {l} must hold distinct "
-                                 f"neuron indices in [0, {I}), got {idx.tolist()}")
-        all_params = list(model.parameters())
-        self._flags = [(p, p.requires_grad) for p in all_params]
-        for p in all_params:
-            p.requires_grad_(False)
-        self.model, self.paths = model, paths
-        for (inter, out), idx in zip(ffns, paths):
-            if idx.numel() == 0:
-                continue  # no neuron selected: this layer's FFN stays frozen
-            idx = idx.to(inter.dense.weight.device)
-            w_in = torch.nn.Parameter(inter.dense.weight.detach()[idx].clone())  # (k, H)
-            b_in = (torch.nn.Parameter(inter.dense.bias.detach()[idx].clone())  # (k,)
-                    if inter.dense.bias is not None else None)
-            w_out = torch.nn.Parameter(out.dense.weight.detach()[:, idx].clone())  # (H, k)
-            self._patch(inter.dense, w_in, b_in, idx, rows=True)
-            self._patch(out.dense, w_out, None, idx, rows=False)
-            self._params += [p for p in (w_in, b_in, w_out) if p is not None]
-            self._views += [(w_in, inter.dense.weight, 0, idx), (w_out, out.dense.weight, 1, idx)]
-            if b_in is not None:
-                self._views.append((b_in, inter.dense.bias, 0, idx))
-        extra = []
-        if train_layernorm:
-            extra += [p for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
-        if train_head_bias:
-            extra.append(head_decoder(model)[1])
-        for p in dict.fromkeys(extra):  # the head bias may also be reachable twice (tied)
-            p.requires_grad_(True)
-            self._params.append(p)
-            self._views.append((p, p, None, None))
-        return self
+        if any("forward" in vars(m.dense) for pair in ffns for m in pair):
+            raise RuntimeError("routing.Router: the model's FFN Linears are already patched; detach() the other "
+                               "Router first")
+        self.model, self.scope, self.paths = model, scope, None
+        self.sizes = [inter.dense.out_features for inter, _ in ffns]  # I per layer
+        self._neuron = {}  # id(FFN parameter) -> (neuron dim, layer)
+        for l, (inter, out) in enumerate(ffns):
+            self._neuron[id(inter.dense.weight)] = (0, l)  # W_in (I, H): rows
+            if inter.dense.bias is not None:
+                self._neuron[id(inter.dense.bias)] = (0, l)  # b_in (I,)
+            self._neuron[id(out.dense.weight)] = (1, l)  # W_out (H, I): columns
+        in_blocks = {id(p) for p in model.base_model.encoder.layer.parameters()}
+        norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+        head_bias = head_decoder(model)[1]
 
-    def _patch(self, linear, w_sel, b_sel, idx, rows):
-        patch = _SlicePatch(linear, w_sel, b_sel, idx, rows)
-        linear.forward = patch.forward  # an instance attribute: state_dict names are unchanged
-        self._hooks.append(linear.register_state_dict_pre_hook(lambda module, prefix, keep_vars: patch.sync()))
-        self._patched.append(patch)
+        def trains(p):
+            if id(p) in self._neuron or scope == "ffn":
+                return True
+            if train_layernorm and id(p) in norms:
+                return True
+            if scope == "blocks":
+                return id(p) not in in_blocks  # embeddings (and the tied decoder), MLM head
+            return train_head_bias and p is head_bias  # strict
 
-    def parameters(self):
-        """The trainable parameters only (slices, then optional LayerNorms and head bias)."""
-        return list(self._params)
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._trainable = [p for p in model.parameters() if trains(p)]
+        for p in model.parameters():
+            p.requires_grad_(trains(p))
+        self._linears = []
+        for l, (inter, out) in enumerate(ffns):
+            for linear, rows in ((inter.dense, True), (out.dense, False)):
+                # an instance attribute shadows nn.Linear.forward: module names and state_dict keys unchanged
+                linear.forward = (lambda x, linear=linear, l=l, rows=rows:
+                                  _SliceLinear.apply(x, linear.weight, linear.bias, self, l, rows))
+                self._linears.append(linear)
 
-    def views(self):
-        """[(trainable tensor, model parameter it is a slice of, dim, idx)] for carry_adam_state;
-        dim and idx are None for a whole parameter (LayerNorm, head bias)."""
-        return list(self._views)
+    def set_paths(self, paths):
+        """The knowledge paths from now on: a list of L LongTensors of distinct neuron indices (one
+        per layer; empty: that layer's FFN weights get zero gradient). Read by the next backward
+        and optimizer step; may be called between a forward and its backward."""
+        if self.model is None:
+            raise RuntimeError("routing.Router.set_paths: the router is detached")
+        if len(paths) != len(self.sizes):
+            raise ValueError(f"routing.Router.set_paths: {len(paths)} paths for a model with {len(self.sizes)} layers")
+        device = ffn_modules(self.model)[0][0].dense.weight.device
+        paths = [torch.as_tensor(idx) for idx in paths]
+        checked, ok = [], []
+        for idx, I in zip(paths, self.sizes):
+            if idx.dim() != 1 or (idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool)):
+                ok.append(torch.zeros((), dtype=torch.bool, device=device))
+                checked.append(None)
+                continue
+            idx = idx.to(device=device, dtype=torch.long)
+            s = idx.sort().values  # distinct and in range, checked on the device
+            ok.append(torch.ones((), dtype=torch.bool, device=device) if not idx.numel() else
+                      (s[0] >= 0) & (s[-1] < I) & (s[1:] > s[:-1]).all())
+            checked.append(idx)
+        bad = [l for l, good in enumerate(torch.stack(ok).tolist()) if not good]  # one device sync per call
+        if bad:
+            l = bad[0]
+            raise ValueError(f"routing.Router.set_paths: path of layer {l} must be a 1-D tensor of distinct "
+                             f"neuron indices in [0, {self.sizes[l]}), got {paths[l].tolist()}")
+        self.paths = checked
 
-    def sync_to_model(self):
-        """Write the trained slices into the model's full FFN weights."""
-        for patch in self._patched:
-            patch.sync()
+    def paths_of(self, layer):
+        """The selected neurons of layer `layer` (LongTensor on the model's device)."""
+        if self.paths is None:
+            raise RuntimeError("routing.Router: no knowledge paths; call router.set_paths(paths) before the backward "
+                               "and the optimizer step")
+        return self.paths[layer]
 
-    def all_reduce_grads(self):
-        """Average the gradients of router.parameters() over DDP ranks (no-op without DDP)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for p in self._params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+    def trainable(self):
+        """The parameters that train under the scope, in model order (the FFN weights included)."""
+        return list(self._trainable)
+
+    def neuron_dim(self, p):
+        """The neuron axis of parameter p (0 for W_in and b_in, 1 for W_out), None for any other."""
+        hit = self._neuron.get(id(p))
+        return None if hit is None else hit[0]
+
+    def selected(self, p):
+        """The neurons of FFN parameter p that train now (indices along neuron_dim(p))."""
+        return self.paths_of(self._neuron[id(p)][1])
 
     def detach(self):
-        """Sync the slices back, restore the Linear forwards and every requires_grad flag."""
+        """Restore the Linear forwards and every requires_grad flag."""
         if self.model is None:
-            raise RuntimeError("routing.Router.detach: not attached")
-        self.sync_to_model()
-        for patch in self._patched:
-            del patch.linear.forward  # back to nn.Linear.forward
-        for h in self._hooks:
-            h.remove()
+            raise RuntimeError("routing.Router.detach: already detached")
+        for linear in self._linears:
+            del linear.forward  # back to nn.Linear.forward
         for p, f in self._flags:
             p.requires_grad_(f)
-        self.__init__()
+        self.model, self.paths, self._linears, self._flags = None, None, [], []
 
 
-def carry_adam_state(old_opt, old_views, new_opt, new_views):
-    """Adam state across a re-routing: a neuron's slice that stays selected keeps its moments
-    (exp_avg, exp_avg_sq), a newly selected one starts from zero moments; every new tensor takes the
-    step count of the parameter it is cut from (so kept slices continue exactly; bias correction of
-    new slices is that of the old step, i.e. about 1 after warm-up). views: [(tensor, model
-    parameter, dim, idx)] as Router.views(); full-parameter training is [(p, p, None, None)].
-    A parameter without state in old_opt (never stepped, or frozen before) gets none: Adam starts it."""
-    full = {}  # id(model parameter) -> (exp_avg, exp_avg_sq, step), model-parameter shaped
-    for t, param, dim, idx in old_views:
-        st = old_opt.state.get(t)
-        if not st:
+# ----------------------------------------------------------------------------- optimizer with per-neuron state
+
+def _adamw_(w, g, m, v, t, lr, b1, b2, eps, wd):
+    """torch.optim.AdamW's update of w in place (moments m, v in place); t: the step count after
+    this step, a scalar tensor or one per neuron broadcastable against w."""
+    w.mul_(1 - lr * wd)  # decoupled weight decay
+    m.lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+    t = t.double()
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    step_size = (lr / (1 - b1 ** t)).to(dtype)  # lr / (1 - b1^t)
+    bc2_sqrt = ((1 - b2 ** t) ** 0.5).to(dtype)
+    w.sub_(m.div(v.sqrt().div_(bc2_sqrt).add_(eps)).mul_(step_size))  # w -= lr m-hat / (sqrt(v-hat) + eps)
+
+
+class NeuronAdamW(torch.optim.Optimizer):
+    """AdamW whose FFN parameters keep moments and a step count per neuron and step only the
+    selected neurons: every other element of weight and state stays bitwise unchanged, so a
+    neuron's moments survive the steps it is not selected. Other parameters: plain AdamW with a
+    scalar step. Same formula as torch.optim.AdamW (decoupled weight decay; two groups like
+    pretrain.make_optimizer: weight_decay for ndim >= 2, 0 otherwise).
+
+    neurons: an object with neuron_dim(p) -> int or None and selected(p) -> LongTensor of the
+    indices along that axis that step now; a Router. None: every parameter is plain AdamW.
+    State per FFN parameter: exp_avg, exp_avg_sq (p's shape), step (I,) float32 on p's device.
+    """
+
+    def __init__(self, params, neurons=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1 and lr >= 0 and eps >= 0):
+            raise ValueError(f"routing.NeuronAdamW: need lr >= 0, eps >= 0, betas in [0, 1), got lr={lr}, "
+                             f"betas={betas}, eps={eps}")
+        params = list(params)
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.neurons = neurons
+
+    def _dim(self, p):
+        return None if self.neurons is None else self.neurons.neuron_dim(p)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            (b1, b2), hp = group["betas"], (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                dim, st = self._dim(p), self.state[p]
+                if not st:
+                    st["step"] = (torch.zeros((), dtype=torch.float32) if dim is None else
+                                  torch.zeros(p.shape[dim], dtype=torch.float32, device=p.device))  # () or (I,)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if dim is None:
+                    st["step"] += 1
+                    _adamw_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], *hp)
+                    continue
+                idx = self.neurons.selected(p)  # (k,)
+                if idx.numel() == 0:
+                    continue
+                t = st["step"].index_select(0, idx).add_(1)  # (k,) each neuron's own step count
+                st["step"].index_copy_(0, idx, t)
+                shape = [1] * p.dim()
+                shape[dim] = -1  # t broadcast along the neuron axis: (k, 1), (1, k) or (k,)
+                w, m, v = (x.index_select(dim, idx) for x in (p, st["exp_avg"], st["exp_avg_sq"]))  # k rows / columns
+                _adamw_(w, p.grad.index_select(dim, idx), m, v, t.view(shape), *hp)
+                for full, part in ((p, w), (st["exp_avg"], m), (st["exp_avg_sq"], v)):
+                    full.index_copy_(dim, idx, part)
+        return loss
+
+    def load_state_dict(self, state_dict):
+        """The base class's, plus: per-neuron step counts go to their parameter's device (the base
+        class leaves "step" where the checkpoint was mapped, fine for a scalar step only)."""
+        super().load_state_dict(state_dict)
+        for p, st in self.state.items():
+            if "step" in st and st["step"].dim():
+                st["step"] = st["step"].to(p.device)
+
+
+def from_adamw(adamw, router):
+    """NeuronAdamW over router.trainable() that continues the full-parameter torch.optim.AdamW that
+    trained before routing started: its lr, betas, eps and weight decay; every parameter it holds
+    state for keeps exp_avg and exp_avg_sq, and an FFN parameter's step count becomes the step
+    count of each of its neurons (a parameter it never stepped starts fresh)."""
+    hp = {(g["lr"], tuple(g["betas"]), g["eps"]) for g in adamw.param_groups if g["params"]}
+    decay = {g["weight_decay"] for g in adamw.param_groups for p in g["params"] if p.ndim >= 2}
+    no_decay = {g["weight_decay"] for g in adamw.param_groups for p in g["params"] if p.ndim < 2}
+    if len(hp) != 1 or len(decay) > 1 or no_decay - {0.0}:
+        raise ValueError("routing.from_adamw: expected one lr/betas/eps, one weight decay for ndim >= 2 and 0 for "
+                         f"the rest (pretrain.make_optimizer's groups), got {hp}, {decay}, {no_decay}")
+    lr, betas, eps = hp.pop()
+    opt = NeuronAdamW(router.trainable(), router, lr=lr, betas=betas, eps=eps, weight_decay=decay.pop() if decay else 0.0)
+    for p in router.trainable():
+        old = adamw.state.get(p)
+        if not old:
             continue
-        if idx is None:
-            full[id(param)] = (st["exp_avg"], st["exp_avg_sq"], st["step"])
-            continue
-        m, v, _ = full.setdefault(id(param), (torch.zeros_like(param), torch.zeros_like(param), st["step"]))
-        m.index_copy_(dim, idx, st["exp_avg"])  # (I, H) rows or (H, I) columns idx
-        v.index_copy_(dim, idx, st["exp_avg_sq"])
-    for t, param, dim, idx in new_views:
-        if id(param) not in full:
-            continue
-        m, v, step = full[id(param)]
-        cut = (lambda x: x.clone()) if idx is None else (lambda x: x.index_select(dim, idx))
-        new_opt.state[t] = {"step": step.clone(), "exp_avg": cut(m), "exp_avg_sq": cut(v)}
+        dim = router.neuron_dim(p)
+        step = old["step"].detach().float().cpu()
+        opt.state[p] = {"step": step.clone() if dim is None else step.to(p.device).expand(p.shape[dim]).clone(),
+                        "exp_avg": old["exp_avg"].clone(), "exp_avg_sq": old["exp_avg_sq"].clone()}
+    return opt
 
 
 # ----------------------------------------------------------------------------- memory for bench.py

@@ -11,7 +11,8 @@ weights are passed to torch.func.functional_call).
 
 We then compare the FFN neurons the subnetwork touches with the knowledge paths of TRELM's routing
 (routing.py, integrated gradients, TRELM Eq. 9-12): (a) the paths pre-training last selected
-(saved in <run>/checkpoint/training_state.pt) and (b) IG paths of the same TargetKG queries.
+(<run>/checkpoint/training_state.pt, saved at the step of <run>/final/; a step_NNNNNN/ snapshot is
+paired with none: paired_training_state) and (b) IG paths of the same TargetKG queries.
 
     python subnetworks.py --seeds 0 1 2 --resume      # runs/trelm/final (python pretrain.py), embedded facts
     python subnetworks.py --model runs/trelm/final --facts-dir ../shared/data/lama/TREx_labels \
@@ -19,7 +20,8 @@ We then compare the FFN neurons the subnetwork touches with the knowledge paths 
 
 Results: <output-dir>/subnetworks/seed_<s>.json per seed (reused by --resume when its config
 matches) and <output-dir>/subnetworks.json: metrics as means over seeds, metrics.per_seed, the
-criteria below, the command and the checkpoint's provenance. Mask training state (logits, Adam,
+criteria below, the command and the checkpoint's provenance; paths in them relative to the repository
+(common.portable_path), so --resume matches on any machine. Mask training state (logits, Adam,
 RNG) is saved every --save-every steps to <work-dir>/seed_<s>.pt (atomic writes), so an interrupted
 run resumes mid-seed with --resume and continues exactly (N steps + resume + N steps = 2N steps).
 The lower (unmasked) layers run once per fixed batch and are cached, so a training step costs only
@@ -44,27 +46,19 @@ Equations (numbered here, after the paper's Sec. 3):
                    minimising it keeps the subnetwork small; the paper's sparsity = 1 - density
     Bayazit Eq. 6  L = lambda_1 L_suppress + lambda_2 (L_maintain_KG + L_maintain_LM) + lambda_3(t) L_sparse
 
-Choices (flags where it matters):
+Choices (flags where it matters; the measurements behind them, and the results, are in docs/subnetworks.md):
 - TargetKG = facts the full model answers: the object at rank <= --known-k (default 1, i.e. P@1 = 1
   on TargetKG before removal), so suppression is measurable; drawn by --split-seed, the same for every
   mask seed (the paper also trains several seeds per TargetKG). With --target-relation, only facts
   of that relation. They are drawn as whole entity components of the known facts, never all of them
-  (split_facts): a random sample of the README main checkpoint's 38 known facts names China (the
-  object of 25) and so removed every known fact from ControlKG, whose P@1 was then 0 before removal
-  and its relative change undefined. Split seed 0 there: TargetKG 13 facts (objects French, Turkey,
-  English, California); the held-out ControlKG half has 11 facts at rank 1 of 61.
+  (split_facts), so that ControlKG keeps known facts.
 - ControlKG = the other facts that share no entity with TargetKG, as subject or object, in either
   role (this drops facts with the same subject, the same object, and inverse or symmetric
   restatements (P36/P1376, P47) of a target), and whose object the full model ranks <= 10
-  (--control-known-k; 0 = any rank, the paper's "rest of the KG"). Measured on the step-100 TRELM
-  checkpoint with any rank: ControlKG P@1 was 0.0 before removal, so "keeps ControlKG's P@1" could
-  not be tested (a relative change of 0); facts the model nearly knows make it measurable. Every other
-  such fact is held out, and all ControlKG results use that half. Bayazit Eq. 3 trains on every other
-  entity-disjoint fact, at any rank (--control-train any-rank; "known": only the other half of the
-  rank <= 10 facts), with lambda_2 = 5. Measured on the README main command's checkpoint, with the
-  earlier random TargetKG draw of 25 known facts (results/subnetworks_tuning/): training on the 45
-  known facts only, held-out ControlKG perplexity rose 60% / 39% / 33% at lambda_2 = 1 / 3 / 6 (seed
-  0); training on the 269 any-rank facts, 10.9% at lambda_2 = 3 and 8.4% at 5 (3 seeds each).
+  (--control-known-k; 0 = any rank, the paper's "rest of the KG"), so that keeping its P@1 is
+  measurable. Every other such fact is held out, and all ControlKG results use that half. Bayazit
+  Eq. 3 trains on every other entity-disjoint fact, at any rank (--control-train any-rank; "known":
+  only the other half of the rank <= 10 facts), with lambda_2 = 5.
 - ControlLM = text that states none of the TargetKG facts (a line is dropped if it names both the
   subject and the object of a target, whole words, any case): --lm-text if given, else WikiText-2
   from --data-dir (valid.txt trains, test.txt evaluates), else the embedded default's held-out
@@ -77,12 +71,11 @@ Choices (flags where it matters):
 - Schedule. The paper's released code trains with Adam at lr 0.2 after a linear warm-up over 10% of
   the steps, initial removal probability 0.45, lambda_3 = 2 for half the steps then linear to 3, for
   thousands of steps. We keep the warm-up (--warmup) and the lambda_3 schedule but, for a 150-step CPU
-  budget, default to --lr 0.1, --init-prob 0.05 and --anneal 0.3: measured on the TRELM checkpoint with
-  the paper's 0.2 / 0.45, a third of all masked weights were hard-removed by step 20-30 (sigmoid(l)
-  random-walks across 0.5 from 0.45), far from the >= 97% kept the paper reaches only after long
-  training. --anneal lowers the Gumbel noise linearly to 0 over the last 30% of the steps, so the
-  final steps train, with the straight-through gradient, exactly the deterministic mask
-  1[sigmoid(l) > 0.5] that the evaluation removes (a departure: the paper keeps full noise).
+  budget, default to --lr 0.1, --init-prob 0.05 and --anneal 0.3 (the paper's lr and initial
+  probability hard-remove far too many weights within a 150-step budget). --anneal lowers the Gumbel
+  noise linearly to 0 over the last 30% of the steps, so the final steps train, with the
+  straight-through gradient, exactly the deterministic mask 1[sigmoid(l) > 0.5] that the evaluation
+  removes (a departure: the paper keeps full noise).
   metrics.convergence says how close a full-noise sample is to that mask: the expected removed
   fraction of a sample, the hard removed fraction, and flip_ratio = expected number of weights on
   which a sample differs from the hard mask / number of hard-removed weights.
@@ -102,7 +95,6 @@ import glob
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -114,6 +106,10 @@ from scipy.stats import hypergeom
 from torch.func import functional_call
 
 import common
+import data
+import data_mini
+import lama
+import routing
 
 
 # -----------------------------------------------------------------------------
@@ -294,14 +290,13 @@ def mask_lr(step, steps, lr, warmup=0.1):
 def read_facts(facts_dir, relations=None):
     """[{relation, sub, obj, template}] from <dir>/P*.jsonl (LAMA, {'sub_label','obj_label'}) or
     <dir>/P*/test.jsonl (label-only T-REx, {'sub','obj'}), templates from relations.jsonl in <dir>
-    or its parent. Parsing is evaluate.py's LAMA reader."""
-    import evaluate
+    or its parent. Parsing is lama.py's LAMA reader (a malformed line names its file and line)."""
     rel_paths = [os.path.join(d, "relations.jsonl") for d in (facts_dir, os.path.dirname(os.path.normpath(facts_dir)))]
     rel_path = next((p for p in rel_paths if os.path.exists(p)), None)
     if rel_path is None:
         raise FileNotFoundError(f"--facts-dir {facts_dir}: no relations.jsonl there or in its parent "
                                 f"(LAMA's data/relations.jsonl, lines {{'relation','template'}})")
-    templates = evaluate.read_templates(rel_path)
+    templates = lama.read_templates(rel_path)
     paths = sorted(glob.glob(os.path.join(facts_dir, "P*.jsonl")) +
                    glob.glob(os.path.join(facts_dir, "P*", "test.jsonl")))
     if not paths:
@@ -316,7 +311,7 @@ def read_facts(facts_dir, relations=None):
             raise ValueError(f"{path}: relation {rel} has no template in {rel_path}")
         template = templates[rel]["template"]
         facts += [dict(relation=rel, sub=f["sub_label"], obj=f["obj_label"], template=template)
-                  for f in evaluate.read_lama_relation(path)]
+                  for f in lama.read_lama_relation(path)]
     return facts
 
 
@@ -377,7 +372,7 @@ def split_facts(facts, ranks, seed, target_relation=None, target_size=25, contro
     known facts (entity_components) in a seeded order: the first component (sampled down to target_size
     if larger), then each later one that fits, but never the last untaken one, so that known facts that
     share no entity with TargetKG remain for ControlKG (a random sample of known facts names the
-    entities of nearly all of them: on the README main checkpoint 25 of the 38 known facts have the
+    entities of nearly all of them: on the main command's checkpoint 25 of the 38 known facts have the
     object China). ControlKG = up to control_size of the other facts (of the other relations, with
     target_relation) that share no entity, as subject or object, with any TargetKG fact, and whose object
     ranks <= control_known_k under the full model (None: any rank). Returns (target, control)."""
@@ -434,8 +429,6 @@ def drop_stating(texts, facts):
 def heldout_generic_text(data_root):
     """Lines of the embedded default's real-text pool (data_mini.text_pool, same seed) that its
     corpus does not contain: generic English the pre-trained model never saw."""
-    import data
-    import data_mini
     kg_dir, corpus = data.resolve_data("mini", data_root or data.MINI_ROOT)
     with open(os.path.join(os.path.dirname(kg_dir), "manifest.json")) as f:
         seed = json.load(f)["seed"]
@@ -700,7 +693,6 @@ def p_at_least(ns, as_, bs, observed):
 
 def routing_paths(model, batch, ratio, ig_steps):
     """routing.py's knowledge paths for the target facts: IG of P(correct object at [MASK])."""
-    import routing
     rows = torch.arange(batch["labels"].shape[0])
 
     def run(m):
@@ -710,13 +702,29 @@ def routing_paths(model, batch, ratio, ig_steps):
     return routing.select_paths(attr, ratio=ratio)
 
 
+def paired_training_state(model_dir):
+    """The pretrain.py training_state.pt written at the same step as the model in model_dir, or None.
+    A run's final/ is saved right after its last checkpoint/ (so <run>/checkpoint/training_state.pt);
+    checkpoint/ holds its own. A step_NNNNNN/ snapshot (or any other directory) has none: checkpoint/
+    there may be a later step, whose routing paths are not this model's."""
+    d = os.path.normpath(model_dir)
+    name = os.path.basename(d)
+    if name == "final":
+        path = os.path.join(os.path.dirname(d), "checkpoint", "training_state.pt")
+    elif name == "checkpoint":
+        path = os.path.join(d, "training_state.pt")
+    else:
+        return None
+    return path if os.path.exists(path) else None
+
+
 def training_state_paths(path):
     """(paths, record) from a pretrain.py training_state.pt: the list of L neuron LongTensors that
     routing last selected, and {step, commit} of that state. paths is None if the run did not route."""
     st = torch.load(path, map_location="cpu", weights_only=False)
     if "paths" not in st:
         raise ValueError(f"--training-state {path}: no 'paths' entry (expected pretrain.py's training_state.pt)")
-    return st["paths"], dict(path=path, step=st.get("step"), commit=st.get("commit"),
+    return st["paths"], dict(path=common.portable_path(path), step=st.get("step"), commit=st.get("commit"),
                              method=st.get("config", {}).get("method"))
 
 
@@ -766,7 +774,7 @@ def mean_tree(records):
 
 
 def criteria(m, kept=0.97, target_drop=0.5, control_change=0.1):
-    """The Done-when checks of the issue on a metrics dict (means over seeds)."""
+    """The Done-when criteria on a metrics dict (means over seeds)."""
     rel = m["relative_subnetwork"]
     out = dict(kept_fraction=m["sparsity"]["kept_fraction"] >= kept,
                target_p_at_1_drop=rel["target"]["p_at_1"] is not None and -rel["target"]["p_at_1"] >= target_drop)
@@ -785,6 +793,13 @@ TRAINED_DEFAULT = os.path.join("runs", "trelm", "final")
 
 SEED_FREE = ("seeds", "resume", "output_dir", "work_dir", "log_every", "save_every", "checkpoint_commit",
              "checkpoint_note")  # not part of a seed's config
+PATH_FLAGS = ("model", "training_state", "facts_dir", "data_dir", "lm_text", "data_root", "output_dir", "work_dir")
+
+
+def recorded_config(args):
+    """The flags as results record them: PATH_FLAGS as common.portable_path writes them (relative to the
+    repository or '../shared/data/...'; 'minilm' or a hub id as given), so --resume matches on any machine."""
+    return {k: common.portable_path(v) if k in PATH_FLAGS else v for k, v in vars(args).items()}
 
 
 def build_parser():
@@ -793,8 +808,9 @@ def build_parser():
                    help="masked-LM id or directory; default: runs/trelm/final (what `python pretrain.py` writes) if "
                         "present, else the packaged MiniLM, whose fresh MLM head knows no facts to find")
     p.add_argument("--training-state", default=None,
-                   help="pretrain.py training_state.pt whose saved routing paths are overlap (a); default: "
-                        "<model>/../checkpoint/training_state.pt when present")
+                   help="pretrain.py training_state.pt whose saved routing paths are overlap (a); default: the "
+                        "run's checkpoint/training_state.pt when the model is its final/ (or checkpoint/), none "
+                        "for a step_NNNNNN/ snapshot")
     p.add_argument("--facts-dir", default=None, help="LAMA-format facts: relations.jsonl (here or parent) + P*.jsonl "
                    "or P*/test.jsonl; default: the embedded default's probes/")
     p.add_argument("--data-dir", default=None, help="benchmark data root; ControlLM = its wikitext-2/ when present "
@@ -912,12 +928,13 @@ def main(argv=None):
             print(f"note: {TRAINED_DEFAULT} not found; using the packaged MiniLM, whose MLM head is untrained: "
                   "its fact numbers are meaningless (run `python pretrain.py` first)")
     if args.data_dir is None:
-        import evaluate
-        args.data_dir = evaluate.default_data_dir()
+        args.data_dir = lama.default_data_dir()
     model_dir = common.resolve_model(args.model)
     if args.training_state is None:
-        guess = os.path.join(os.path.dirname(os.path.normpath(model_dir)), "checkpoint", "training_state.pt")
-        args.training_state = guess if os.path.exists(guess) else None
+        args.training_state = paired_training_state(model_dir)
+        if args.training_state is None:
+            print(f"note: no training state is paired with {model_dir} (only a pretrain.py run's final/ or "
+                  "checkpoint/ is paired automatically); overlap (a) is skipped (pass --training-state)")
     common.seed_everything(args.split_seed)
     model, tok = common.load_mlm(args.model)
     model.eval()
@@ -925,7 +942,6 @@ def main(argv=None):
 
     facts_dir = args.facts_dir
     if facts_dir is None:
-        import data
         kg_dir, _ = data.resolve_data("mini", args.data_root or data.MINI_ROOT)
         facts_dir = os.path.join(os.path.dirname(kg_dir), "probes")
     facts = single_token_facts(read_facts(facts_dir), tok)
@@ -953,7 +969,8 @@ def main(argv=None):
           f"| top {args.top_layers} layers masked")
 
     full = evaluate_sets(model, None, sets_eval)
-    path_sets, provenance = {}, dict(model_dir=model_dir, command=command, checkpoint_note=args.checkpoint_note)
+    path_sets, provenance = {}, dict(model_dir=common.portable_path(model_dir), command=command,
+                                     checkpoint_note=args.checkpoint_note)
     if args.training_state is not None:
         paths, provenance["training_state"] = training_state_paths(args.training_state)
         provenance["checkpoint_commit"] = args.checkpoint_commit or provenance["training_state"]["commit"]
@@ -962,7 +979,8 @@ def main(argv=None):
     if args.routing == "on":
         path_sets["ig_paths"] = routing_paths(model, sets_eval["target"], args.route_ratio, args.ig_steps)
 
-    config = {k: v for k, v in vars(args).items() if k not in SEED_FREE}
+    recorded = recorded_config(args)
+    config = {k: v for k, v in recorded.items() if k not in SEED_FREE}
     records = [run_seed(model, args, config, s, sets_train, sets_eval, full, path_sets) for s in args.seeds]
     per_seed = [dict(r["metrics"], seed=r["seed"], seconds=r["seconds"]) for r in records]
     metrics = mean_tree([r["metrics"] for r in records])
@@ -979,7 +997,7 @@ def main(argv=None):
     for name, o in metrics.get("overlap", {}).items():
         print(f"FFN neuron overlap with {name}: Jaccard {o['overall']['jaccard']:.4f} "
               f"(random {o['overall']['expected_jaccard']:.4f})")
-    path = common.write_result(args.output_dir, "subnetworks", model_dir, vars(args), args.seeds, metrics,
+    path = common.write_result(args.output_dir, "subnetworks", provenance["model_dir"], recorded, args.seeds, metrics,
                                provenance=provenance, sizes=sizes, curves={str(r["seed"]): r["curves"] for r in records})
     print(f"wrote {path}")
 

@@ -26,15 +26,28 @@ Shape (what is Wikidata5M-like, what is not):
   alias every ~12 words, the entity drawn Zipf(1.0) over a random order of the entities, so mention
   frequencies are long-tailed. It is not natural text: it measures speed and memory, not learning.
 
---measure prints one JSON object (README "Scale"): KG load RSS growth of a fresh process, parsing and
-then memory-mapping (kg_load_growth); corpus preprocessing time and documents/s per process; the
+--measure prints one JSON object: KG load RSS growth of a fresh process, parsing and then
+memory-mapping (kg_load_growth); corpus preprocessing time and documents/s per process; the
 memory-bank keys TRELM's selection rule can create on the corpus and their bytes (memory_bank_keys).
+The figures measured with it: docs/measurements.md, "Scale".
+
+Tests: python -m pytest -q tests/test_scale.py tests/test_data.py
 """
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
+import torch
+
+import common
+import data
+from entity_importance import long_tail_mask
+from memory_bank import bytes_for
 
 WIKIDATA5M_ENTITIES = 3_085_345
 WIKIDATA5M_RELATIONS = 822
@@ -150,8 +163,6 @@ print(json.dumps(dict(growth_mb=round(rss() - before, 1), seconds=round(time.tim
 
 def kg_load_growth(kg_dir, cache_dir):
     """RSS growth (MB) of a fresh Python process over data.load_kg(kg_dir): JSON dict."""
-    import subprocess
-    import sys
     r = subprocess.run([sys.executable, "-c", RSS_SNIPPET, os.path.dirname(os.path.abspath(__file__)), kg_dir, cache_dir],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode != 0:
@@ -165,9 +176,6 @@ def memory_bank_keys(freq, triples, percentile=50.0, fraction=0.5, hidden=768):
     `percentile`) with a triple (approximating KnowledgeInjector.injectable), whose mention's SI is in
     the batch's top `fraction`. upper = such entities that occur; expected = sum over them of
     1 - (1 - fraction)^freq (SI rank independent of the entity). bytes = memory_bank.bytes_for."""
-    import torch
-    from entity_importance import long_tail_mask
-    from memory_bank import bytes_for
     has_triple = np.bincount(np.asarray(triples)[:, 0], minlength=len(freq)) > 0
     cand = long_tail_mask(freq, percentile, inclusive=True) & has_triple
     upper = int(cand.sum())
@@ -177,11 +185,8 @@ def memory_bank_keys(freq, triples, percentile=50.0, fraction=0.5, hidden=768):
 
 
 def measure(out, num_proc=None, model=None, seq_len=128):
-    """The README's scale figures for a --data DIR: KG load memory, preprocessing speed, memory-bank keys."""
-    import shutil
-    import time
-    import data
-    import common
+    """The scale figures (docs/measurements.md) for a --data DIR: KG load memory, preprocessing speed,
+    memory-bank keys."""
     kg_dir, corpus = data.resolve_data(out)
     cache = os.path.join(os.path.dirname(os.path.abspath(kg_dir)), "measure_cache")
     shutil.rmtree(cache, ignore_errors=True)

@@ -13,8 +13,6 @@ args = pretrain.resolve_config(pretrain.get_parser().parse_args(sys.argv[2:]))
 t = pretrain.Trainer(args)
 while t.step < args.max_steps:
     t.train_step()
-if t.router is not None:
-    t.router.sync_to_model()
-torch.save({"bank": t.bank.state_dict(), "paths": t.paths, "weights": t.net.mlm.state_dict()},
+torch.save({"bank": t.know.bank.state_dict(), "paths": t.paths, "weights": t.net.mlm.state_dict()},
            os.path.join(out, f"rank{t.rank}.pt"))
 torch.distributed.destroy_process_group()

@@ -104,13 +104,21 @@ def test_profile_tree_nests_labels_and_counts_torch_ops():
     assert sum(tree[("step", bench.BACKWARD, n)][0] for n in nodes) == pytest.approx(bwd[0])
 
 
-def test_labelled_wraps_and_restores_and_reports_missing():
+def test_labelled_wraps_and_restores_and_refuses_a_missing_name():
     import common
     orig = common.mlm_logits
-    with bench.labelled([("head", "common:mlm_logits"), ("gone", "common:no_such_function")]) as missing:
+    with bench.labelled([("head", "common:mlm_logits")]):
         assert common.mlm_logits is not orig and common.mlm_logits.__wrapped__ is orig
-        assert missing == ["gone (common:no_such_function)"]
     assert common.mlm_logits is orig
+    with pytest.raises(SystemExit, match=r"no longer exist.*gone \(common:no_such_function\)"):
+        with bench.labelled([("head", "common:mlm_logits"), ("gone", "common:no_such_function")]):
+            pass
+    assert common.mlm_logits is orig  # nothing was wrapped
+
+
+def test_profile_spans_all_exist():
+    """Every function bench.py profiles by name exists (a rename must update PROFILE_SPANS)."""
+    assert [t for _, t in bench.PROFILE_SPANS if bench._resolve(t) is None] == []
 
 
 def tiny_argv(tiny_model_dir, tmp_path, *extra):
@@ -123,7 +131,10 @@ def test_main_tiny_shape_prints_every_key_with_spread_and_verdict(tiny_model_dir
     res = bench.main(tiny_argv(tiny_model_dir, tmp_path))
     for k in ("matmul_gflops", "mlm_step_s", "mlm_tokens_per_s", "mfu_plain", "routed_step_over_full", "ig_over_step",
               "bank_step_over_no_bank", "trelm_step_over_mlm", "trelm_full_step_over_mlm", "ig_peak_rss_over_step",
-              "mlm_s", "trelm_routed_s", "ig_s", "ig_peak_bytes", "step_peak_bytes"):
+              "mlm_s", "trelm_routed_s", "ig_s", "ig_peak_bytes", "step_peak_bytes", "routed_ffn_step_over_full",
+              "routed_blocks_step_over_full", "trelm_step_over_mlm_every1", "attr_first_order_over_step",
+              "attr_joint_over_step", "attr_target_over_step", "attr_joint_topk_jaccard_vs_exact",
+              "attr_target_topk_jaccard_vs_exact", "attr_first_order_topk_jaccard_vs_exact"):
         assert k in res
     assert isinstance(res["reliable"], bool) and isinstance(res["warnings"], list)
     assert set(res["spread"]) >= {"trelm_step_over_mlm", "mlm_step_s", "matmul_gflops"}
@@ -138,9 +149,9 @@ def test_profile_step_tiny_rows_add_up(tiny_model_dir, tmp_path):
     args.pretrain_flags = []
     prof = bench.profile_step(args, steps=1)
     rows = {label: (depth, ms, pct) for depth, label, ms, pct, _ in prof["rows"]}
-    assert rows[bench.STEP][0] == 0 and prof["missing"] == []
+    assert rows[bench.STEP][0] == 0
     for label in ("get_batch", "forward", bench.BACKWARD, "CKA loss (Eq. 2)",
-                  "bank observe (Eq. 4-6)", "slice sync (Eq. 12)", "_SliceLinear", "_SliceLinearBackward"):
+                  "bank observe (Eq. 4-6)", "knowledge plan", "_SliceLinear", "_SliceLinearBackward"):
         assert label in rows, label
     slice_ops = [label for depth, label, ms, pct, _ in prof["rows"] if label.startswith("aten::")]
     assert slice_ops  # the custom Function's forward / backward split by aten op

@@ -1,4 +1,4 @@
-"""pretrain.py as a user meets it (issue 13): nothing lost on a rerun, a resume that is the same run
+"""pretrain.py as a user meets it: nothing lost on a rerun, a resume that is the same run
 or a refusal naming the difference, recovery from a crash inside save() and a torn metrics line,
 one-line messages instead of tracebacks, and a refusal when nothing can be injected."""
 import json
@@ -51,7 +51,7 @@ def test_rerun_without_resume_is_refused_and_overwrite_starts_afresh(tiny_model_
 
 
 def test_resume_refuses_every_run_changing_flag(tiny_model_dir, tmp_path):
-    """Issue 12 point 8 / issue 13 point 2: every flag outside Trainer.OPERATIONAL must match; the
+    """Every flag outside Trainer.OPERATIONAL must match (--max-steps may only grow: an extension); the
     checkpoint and config.json stay the run's record; operational flags may change."""
     out = tmp_path / "r"
     run(tiny_model_dir, out, "--no-routing", method="trelm", steps=2)
@@ -63,12 +63,12 @@ def test_resume_refuses_every_run_changing_flag(tiny_model_dir, tmp_path):
                                ("--long-tail-percentile", "80", "--long-tail-percentile 50.0 -> 80.0"),
                                ("--memory-dtype", "bf16", "--memory-dtype fp32 -> bf16"),
                                ("--train-layernorm", None, "--train-layernorm False -> True"),
-                               ("--max-steps", None, "--max-steps 2 -> 4")]:
+                               ("--max-steps", None, "--max-steps 2 -> 1")]:
         extra = [flag] + ([value] if value else [])
         if flag == "--max-steps":
             extra = []
         with pytest.raises(SystemExit, match="different run.*" + shown.replace(".", r"\.")) as e:
-            run(tiny_model_dir, out, "--no-routing", "--resume", *extra, method="trelm", steps=4 if flag == "--max-steps" else 2)
+            run(tiny_model_dir, out, "--no-routing", "--resume", *extra, method="trelm", steps=1 if flag == "--max-steps" else 2)
         assert str(e.value).count("->") == 1, str(e.value)  # exactly the one difference is named
     assert json.load(open(out / "config.json")) == config
     # operational flags are not part of the run
@@ -78,6 +78,66 @@ def test_resume_refuses_every_run_changing_flag(tiny_model_dir, tmp_path):
     assert [r["step"] for r in rec["resumed"]] == [2] and rec["commit"] == config["commit"]
     assert {k: v for k, v in rec["config"].items() if k not in pretrain.Trainer.OPERATIONAL} == \
            {k: v for k, v in config["config"].items() if k not in pretrain.Trainer.OPERATIONAL}
+
+
+def test_resume_with_more_steps_extends_the_run(tiny_model_dir, tmp_path, capsys):
+    """A finished 4-step run resumed with --max-steps 6 continues to step 6: the first 4 steps stay as
+    they were, the learning rate of steps 5-6 is lr_at() for 6 steps with the recorded warm-up, one
+    line says so, config.json records the extension, and a changed flag beside it is still refused."""
+    out = tmp_path / "r"
+    run(tiny_model_dir, out, steps=4)
+    first = metrics(out)
+    config = json.load(open(out / "config.json"))
+    with pytest.raises(SystemExit, match=r"different run.*--lr 0\.0003 -> 0\.001"):
+        run(tiny_model_dir, out, "--resume", "--lr", "1e-3", steps=6)
+    capsys.readouterr()
+    run(tiny_model_dir, out, "--resume", steps=6)
+    said = capsys.readouterr().out
+    assert "extending the run from --max-steps 4 to 6 at step 4" in said and "recomputed for 6 steps" in said
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[:4] == first
+    warmup = config["config"]["warmup_steps"]
+    ext = pretrain.resolve_config(pretrain.get_parser().parse_args(["--max-steps", "6", "--warmup-steps", str(warmup)]))
+    assert [r["lr"] for r in rows[4:]] == [round(pretrain.lr_at(s, ext), 6) for s in (4, 5)]
+    assert rows[4]["lr"] > 0  # the 4-step schedule had reached 0
+    rec = json.load(open(out / "config.json"))
+    assert rec["config"]["max_steps"] == 6 and rec["config"]["warmup_steps"] == warmup
+    assert rec["resumed"] == [{"step": 4, "commit": rec["resumed"][0]["commit"], "max_steps": [4, 6]}]
+    assert step_of(out / "checkpoint") == 6
+
+
+def test_refused_resume_writes_nothing_and_routing_log_is_trimmed(tmp_path, tiny_model_dir, monkeypatch):
+    """A refused --resume leaves every log as it was (a fresh-head model logs its routing warm-up:
+    only at a fresh start); a resumed run drops the routing lines written after its checkpoint, so
+    routing.jsonl ends equal to the uninterrupted run's (timings aside)."""
+    from transformers import BertModel
+    from conftest import make_bert_tokenizer, make_model
+    tok = make_bert_tokenizer(tmp_path)
+    encoder_only = str(tmp_path / "encoder_only")
+    BertModel(make_model("bert", tok).config).save_pretrained(encoder_only)
+    tok.save_pretrained(encoder_only)
+    routed = ("--route-every", "2", "--ig-steps", "2")
+    run(encoder_only, tmp_path / "full", *routed, method="trelm", steps=8)
+    orig = pretrain.Trainer.train_step
+
+    def interrupted(self):  # dies in step 8, after the step-5 checkpoint and the routing at step 6
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return orig(self)
+    monkeypatch.setattr(pretrain.Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(encoder_only, tmp_path / "split", *routed, "--save-every", "5", method="trelm", steps=8)
+    monkeypatch.setattr(pretrain.Trainer, "train_step", orig)
+    split = tmp_path / "split"
+    logs = {n: open(split / n).read() for n in ("routing.jsonl", "metrics.jsonl", "config.json")}
+    for _ in range(3):
+        with pytest.raises(SystemExit, match="different run"):
+            run(encoder_only, split, *routed, "--resume", "--save-every", "5", "--seed", "4", method="trelm", steps=8)
+    assert {n: open(split / n).read() for n in logs} == logs
+    run(encoder_only, split, *routed, "--resume", "--save-every", "5", method="trelm", steps=8)
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "attr_s"} for l in open(p)]
+    assert strip(split / "routing.jsonl") == strip(tmp_path / "full" / "routing.jsonl")
+    assert [r["step"] for r in strip(split / "routing.jsonl")] == [0, 2, 4, 6]
 
 
 def test_unknown_new_flag_is_run_changing(tiny_model_dir, tmp_path):

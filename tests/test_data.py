@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import synth_kg
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_data")
 
@@ -195,7 +196,6 @@ def _reference_kg(kg_dir):
 
 
 def test_columnar_reader_equals_plain_python_on_a_synthetic_kg(tmp_path, monkeypatch):
-    import synth_kg
     synth_kg.main(["--out", str(tmp_path / "s"), "--scale", "0.001", "--docs", "0", "--seed", "3"])
     kg_dir = str(tmp_path / "s" / "kg")
     monkeypatch.setattr(data, "CHUNK_BYTES", 997)  # many chunk boundaries, cut mid-line
@@ -230,7 +230,7 @@ def test_kg_not_utf8_names_line(tmp_path):
 
 
 def test_editing_the_kg_relinks_and_drops_removed_entities(tmp_path, bert_tok):
-    """Issue 13.3: the caches are keyed by every input, so an edited KG file is re-parsed and re-linked."""
+    """The caches are keyed by every input, so an edited KG file is re-parsed and re-linked."""
     import shutil
     kg_dir = tmp_path / "kg"
     shutil.copytree(os.path.join(FIX, "kg"), kg_dir)
@@ -268,7 +268,6 @@ def test_mention_counts_equal_a_count_over_the_rows(tmp_path, bert_tok, kg):
 
 
 def test_synth_kg_is_seeded_and_wikidata5m_shaped(tmp_path):
-    import synth_kg
     a = synth_kg.main(["--out", str(tmp_path / "a"), "--scale", "0.001", "--docs", "30", "--linked"])
     synth_kg.main(["--out", str(tmp_path / "b"), "--scale", "0.001", "--docs", "30", "--linked"])
     for f in ("kg/entities.txt", "kg/relations.txt", "kg/triples.txt", "corpus.jsonl"):

@@ -1,4 +1,4 @@
-"""Tests for entity_importance.py: frequency / long tail, SI (Eq. 1), strategies, h_e, injection."""
+"""Tests for entity_importance.py: long tail, SI (Eq. 1), strategies, h_e, injection."""
 import types
 
 import numpy as np
@@ -61,13 +61,7 @@ SENTS = ["Paris is the capital of France.", "The capital of the United States is
 ENTS = [["Paris", "France"], ["United States", "New York"], ["Berlin", "Germany"]]
 
 
-# ----------------------------------------------------------------------------- frequency, long tail
-
-def test_entity_frequency_counts_mentions():
-    assert ei.entity_frequency([2, 0, 2, 2, 4], 6).tolist() == [1, 0, 3, 0, 1, 0]
-    with pytest.raises(ValueError, match="entity ids must lie"):
-        ei.entity_frequency([0, 6], 6)
-
+# ----------------------------------------------------------------------------- long tail
 
 def test_long_tail_below_percentile_of_occurring_entities():
     freq = np.array([0, 1, 1, 2, 5, 10, 0])  # occurring: 1 1 2 5 10 -> median 2

@@ -10,7 +10,10 @@ import pytest
 
 import evaluate
 import experiments as ex
+import finetune
+import lama
 import plots
+import pretrain
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -82,6 +85,48 @@ def make_data(tmp_path):
     return str(d)
 
 
+def test_generic_lines_name_a_malformed_probe_line(tmp_path):
+    data = make_data(tmp_path)
+    with open(os.path.join(data, "probes", "P36.jsonl"), "a") as f:
+        f.write('{"sub_label": "Peru"\n')
+    n = sum(1 for _ in open(os.path.join(data, "probes", "P36.jsonl")))
+    with pytest.raises(lama.LamaDataError, match=rf"P36\.jsonl:{n}: expected one JSON object per line"):
+        ex.generic_lines(os.path.join(data, "corpus.jsonl"), os.path.join(data, "probes"))
+
+
+def test_task_args_are_what_the_cli_parses():
+    """The study runs lama.py / finetune.py tasks with the arguments `evaluate.py --task T ...` parses."""
+    got = ex.task_args(lama, "mini", model_dir="m", output_dir="o", data_dir="d", probe_dir="p")
+    assert got == evaluate.build_parser("mini").parse_args(
+        ["--task", "mini", "--model-dir", "m", "--output-dir", "o", "--data-dir", "d", "--probe-dir", "p", "--seed", "0"])
+    got = ex.task_args(finetune, "fewrel", model_dir="m", output_dir="o", seed=2, seeds="2", train_limit=16,
+                       eval_limit=8, epochs=1, max_seq_len=32, data_dir="d")
+    assert got == evaluate.build_parser("fewrel").parse_args(
+        ["--task", "fewrel", "--model-dir", "m", "--output-dir", "o", "--seed", "2", "--seeds", "2", "--train-limit",
+         "16", "--eval-limit", "8", "--epochs", "1", "--max-seq-len", "32", "--data-dir", "d"])
+
+
+def test_committed_study_runs_still_hit_their_cache(tmp_path, monkeypatch):
+    """The committed results/ (base.json, runs/*.json) are reused as they are by this code: the base PLM's
+    key and every run's key match, so `--task reproduce` retrains nothing on a fresh machine."""
+    results = os.path.join(os.path.dirname(FIX), "..", "results")
+    if not os.path.exists(os.path.join(results, "base.json")):
+        pytest.skip("no committed study in results/")
+    shutil.copytree(os.path.join(results, "runs"), tmp_path / "runs")
+    args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(tmp_path),
+                                                               "--runs-dir", str(tmp_path / "pretrain_runs")])
+    assert ex.base_key(args)[0] == json.load(open(os.path.join(results, "base.json")))["metrics"]["key"]
+    monkeypatch.setattr(pretrain, "train", lambda a: pytest.fail(f"retrained {a.output_dir}: its key changed"))
+    model, model_id = ex.study_model(args)
+    flags = {n: f for t in ex.VARIANTS.values() for n, f in t}
+    names = sorted(os.listdir(tmp_path / "runs"))
+    assert names
+    for name in names:
+        key = json.load(open(tmp_path / "runs" / name))["key"]
+        rec = ex.run_record(args, key["variant"], flags[key["variant"]], key["seed"], key["steps"], model, model_id)
+        assert rec["key"] == key
+
+
 def test_generic_lines_keep_no_fact(tmp_path):
     data = make_data(tmp_path)
     lines, counts = ex.generic_lines(os.path.join(data, "corpus.jsonl"), os.path.join(data, "probes"))
@@ -136,8 +181,7 @@ def test_tiny_pilot_and_reproduce_three_seeds(tiny_model_dir, tmp_path, monkeypa
     shutil.rmtree(tmp_path / "runs")
     shutil.rmtree(tmp_path / "cache")
     before = {t: json.load(open(res / f"{t}.json"))["metrics"] for t in ("ablation", "efficiency")}
-    import pretrain
-    monkeypatch.setattr(pretrain, "main", lambda argv: pytest.fail("reran pre-training " + " ".join(argv)))
+    monkeypatch.setattr(pretrain, "train", lambda args: pytest.fail(f"reran pre-training {args.output_dir}"))
     evaluate.main(["--task", "reproduce", *argv])
     assert {t: json.load(open(res / f"{t}.json"))["metrics"] for t in ("ablation", "efficiency")} == before
 
@@ -147,8 +191,7 @@ def test_base_checkpoint_is_cached(tiny_model_dir, tmp_path, monkeypatch):
     args = evaluate.build_parser("base").parse_args(["--task", "base", *argv])
     path, rec = ex.base_checkpoint(args)
     assert os.path.exists(os.path.join(path, "config.json")) and rec["probe"]["score_MRR"] is not None
-    import pretrain
-    monkeypatch.setattr(pretrain, "main", lambda argv: pytest.fail("rebuilt the cached base PLM"))
+    monkeypatch.setattr(pretrain, "train", lambda args: pytest.fail("rebuilt the cached base PLM"))
     assert ex.base_checkpoint(args)[0] == path
     args.base_steps = 4  # another input -> another cache entry
     monkeypatch.undo()

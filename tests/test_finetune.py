@@ -197,6 +197,15 @@ def test_missing_data_error_names_where_to_get_it(tmp_path):
         ft.load_glue(cfg, ft.GLUE["RTE"])
 
 
+def test_no_data_dir_and_no_shared_data_is_named(monkeypatch):
+    monkeypatch.setattr(ft.lama, "default_data_dir", lambda: None)  # a checkout without ../shared/data
+    with pytest.raises(SystemExit, match=r"--task fewrel: --data-dir not given and \.\./shared/data.*thunlp/FewRel"):
+        ft.find_data(make_args(["--task", "fewrel"]), ("", "fewrel"), ("val_wiki.json",))
+    cfg = ft.resolve(make_args(["--task", "glue"]), "glue")
+    with pytest.raises(SystemExit, match=r"--task glue: --data-dir not given.*--glue-source hf"):
+        ft.load_glue(cfg, ft.GLUE["RTE"])
+
+
 # ----------------------------------------------------------------------------- markers and truncation
 
 E = [(1, 1, "[E1]", "[/E1]"), (3, 4, "[E2]", "[/E2]")]
@@ -288,6 +297,8 @@ def test_end_to_end_tacred(tiny_model_dir, tmp_path):
     assert res["data"]["labels"][0] == NA and "per:title" in res["data"]["labels"]  # test-only label kept
     assert res["config"]["epochs"] == 1 and res["config"]["lr"] == ft.TASK_DEFAULTS["tacred"]["lr"]
     assert "per_relation" not in res["per_seed"][0] and "dev" in res["per_seed"][0]["detail"]
+    # paths in the repository are recorded relative to it; tiny_model_dir lies elsewhere (absolute)
+    assert res["config"]["data_dir"] == res["data"]["source"] == os.path.join("tests", "fixtures", "tacred")
 
 
 def test_end_to_end_fewrel(tiny_model_dir, tmp_path):
@@ -322,7 +333,10 @@ def test_end_to_end_glue(tiny_model_dir, tmp_path):
     assert set(res["metrics"]["STS-B"]["dev"]) == {"pearson", "spearman"}
     assert set(res["metrics"]["MRPC"]["dev"]) == {"acc", "f1"}
     assert len(res["files"]) == 4
+    assert res["config"]["data_dir"] == os.path.join("tests", "fixtures", "glue")
     cola = check_result(os.path.join(tmp_path, "glue-CoLA.json"), "glue-CoLA", ("dev",), "mcc")
+    assert cola["config"]["data_dir"] == res["config"]["data_dir"]
+    assert cola["data"]["source"] == os.path.join("tests", "fixtures", "glue", "CoLA")
     assert cola["data"]["sizes"]["dev"] == cola["data"]["full_sizes"]["dev"]  # the dev set in full by default
 
 
@@ -349,7 +363,7 @@ def test_real_data_formats():
         assert len(ft.read_glue_tsv(os.path.join(d, "dev.tsv"), spec)) == n_dev
 
 
-# ----------------------------------------------------------------------------- issue 13 point 9
+# ----------------------------------------------------------------------------- GLUE average, default eval sizes
 
 def test_glue_average_is_the_papers_table3_avg():
     """Table 3 rows (RoBERTa, KEPLER, TRELM) -> the printed AVG 86.4, 84.9, 86.7: nine columns (MNLI-m

@@ -1,12 +1,16 @@
-"""LAMA / LAMA-UHN probing (evaluate.py): metrics with ties, LAMA's fact filters, the common
-vocabulary for WordPiece and byte-level BPE, the UHN filters and file writer, the CLI."""
+"""LAMA / LAMA-UHN probing (lama.py): metrics with ties, the readers' errors, LAMA's fact filters, the
+common vocabulary for WordPiece and byte-level BPE, the UHN filters and file writer, the CLI (evaluate.py)."""
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
 
-import evaluate as ev
+import common
+import evaluate
+import lama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures")
@@ -21,29 +25,29 @@ def test_rank_ties_are_optimistic():
                            [5.0, 5.0, 5.0, 5.0, 5.0],
                            [0.0, 1.0, 2.0, 3.0, 4.0]])
     # gold 2 ties with 1 for first place; all tie; gold 0 is last of five
-    assert ev.rank_of(scores, torch.tensor([2, 3, 0])).tolist() == [1, 1, 5]
+    assert lama.rank_of(scores, torch.tensor([2, 3, 0])).tolist() == [1, 1, 5]
     # gold 4 (score 2) has two strictly higher (3, 3) -> rank 3; gold 3 (score 0) -> rank 5
-    assert ev.rank_of(scores[:1].repeat(2, 1), torch.tensor([4, 3])).tolist() == [3, 5]
+    assert lama.rank_of(scores[:1].repeat(2, 1), torch.tensor([4, 3])).tolist() == [3, 5]
 
 
 def test_rank_metrics_hand_computed():
     # ranks 1, 2, 10, 11: P@1 = 1/4, P@10 = 3/4, MRR = (1 + 1/2 + 1/10 + 1/11) / 4
-    m = ev.rank_metrics(torch.tensor([1, 2, 10, 11]))
+    m = lama.rank_metrics(torch.tensor([1, 2, 10, 11]))
     assert m["P@1"] == pytest.approx(0.25)
     assert m["P@10"] == pytest.approx(0.75)
     assert m["MRR"] == pytest.approx((1 + 0.5 + 0.1 + 1 / 11) / 4)
     assert m["facts"] == 4
     # with ties: 12 candidates, gold tied with 9 others at the top and 2 below -> rank 1
     scores = torch.tensor([[1.0] * 10 + [0.0, 0.0]])
-    assert ev.rank_metrics(ev.rank_of(scores, torch.tensor([9])))["P@1"] == 1.0
-    assert ev.rank_metrics(ev.rank_of(scores, torch.tensor([11])))["P@10"] == 0.0
+    assert lama.rank_metrics(lama.rank_of(scores, torch.tensor([9])))["P@1"] == 1.0
+    assert lama.rank_metrics(lama.rank_of(scores, torch.tensor([11])))["P@10"] == 0.0
 
 
 def test_macro_average_skips_empty_relations():
     per = {"a": {"P@1": 1.0, "P@10": 1.0, "MRR": 1.0, "facts": 1},
            "b": {"P@1": 0.0, "P@10": 0.5, "MRR": 0.25, "facts": 3},
-           "c": ev.rank_metrics(torch.zeros(0, dtype=torch.long))}
-    m = ev.macro(per)
+           "c": lama.rank_metrics(torch.zeros(0, dtype=torch.long))}
+    m = lama.macro(per)
     assert m["P@1"] == pytest.approx(0.5) and m["P@10"] == pytest.approx(0.75)
     assert m["MRR"] == pytest.approx(0.625) and m["P@1_micro"] == pytest.approx(0.25)
     assert (m["relations"], m["facts"]) == (2, 4)
@@ -52,41 +56,87 @@ def test_macro_average_skips_empty_relations():
 # --- readers and LAMA's filters ----------------------------------------------------------------
 
 def test_read_lama_relation_both_formats():
-    full = ev.read_lama_relation(os.path.join(LAMA, "TREx", "P36.jsonl"), "The capital of [X] is [Y] .")
+    full = lama.read_lama_relation(os.path.join(LAMA, "TREx", "P36.jsonl"), "The capital of [X] is [Y] .")
     assert full[0]["sub_label"] == "France" and full[0]["uuid"] == "f-1"
     assert full[0]["masked_sentence"] == "The capital of France is [MASK] ."
-    labels = ev.read_lama_relation(os.path.join(LAMA, "TREx_labels", "P1376", "test.jsonl"))
+    labels = lama.read_lama_relation(os.path.join(LAMA, "TREx_labels", "P1376", "test.jsonl"))
     assert labels[0] == {"sub_label": "Paris", "obj_label": "France"}
 
 
 def test_read_errors_name_file_and_line(tmp_path):
     p = tmp_path / "P1.jsonl"
     p.write_text('{"sub_label": "a", "obj_label": "b"}\n{"subject": "a"}\n')
-    with pytest.raises(ev.LamaDataError, match=r"P1.jsonl:2: expected 'sub_label'"):
-        ev.read_lama_relation(str(p))
+    with pytest.raises(lama.LamaDataError, match=r"P1.jsonl:2: expected 'sub_label'"):
+        lama.read_lama_relation(str(p))
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"sub_label": "a", "obj_label": ', "expected one JSON object per line; not valid JSON"),
+    ('["Paris", "France"]', "expected one JSON object per line; found a JSON list"),
+    ('"Paris"', "expected one JSON object per line; found a JSON str"),
+    ('{"sub_label": "a", "obj_label": 5}', "expected string subject and object labels; found 'a' and 5"),
+    ('{"sub": ["a"], "obj": "b"}', "expected string subject and object labels"),
+    ('{"sub_label": "a", "obj_label": "b", "judgments": ["yes"]}', "expected 'judgments' to be a list of objects"),
+])
+def test_malformed_fact_line_names_file_line_and_expectation(tmp_path, line, expected):
+    p = tmp_path / "P1.jsonl"
+    p.write_text('{"sub_label": "x", "obj_label": "y"}\n\n' + line + "\n")  # line 3: blank lines count
+    with pytest.raises(lama.LamaDataError, match=re.escape(f"{p}:3: {expected}")):
+        lama.read_lama_relation(str(p))
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"relation": "P1", "template": "[X] is [Y] ."', "expected one JSON object per line; not valid JSON"),
+    ("42", "expected one JSON object per line; found a JSON int"),
+    ('{"relation": "P1"}', "expected 'relation' and 'template'; found keys ['relation']"),
+    ('{"relation": "P1", "template": 5}', "expected a string 'relation' and 'template'; found 'P1' and 5"),
+    ('{"relation": "P1", "template": "[X] is it ."}', "template '[X] is it .' must contain [X] and [Y]"),
+])
+def test_malformed_relations_line_names_file_line_and_expectation(tmp_path, line, expected):
+    p = tmp_path / "relations.jsonl"
+    p.write_text('{"relation": "P0", "template": "[X] is [Y] ."}\n' + line + "\n")
+    with pytest.raises(lama.LamaDataError, match=re.escape(f"{p}:2: {expected}")):
+        lama.read_templates(str(p))
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    p = tmp_path / "P1.jsonl"
+    p.write_bytes(b'{"sub_label": "a", "obj_label": "b"}\n{"sub_label": "\xff", "obj_label": "b"}\n')
+    with pytest.raises(lama.LamaDataError, match=re.escape(f"{p}:2: expected UTF-8 text")):
+        lama.read_lama_relation(str(p))
+
+
+def test_cli_malformed_relations_file_is_one_line(tmp_path):
+    """Through evaluate.py, a malformed LAMA line ends the run with one line naming file and line."""
+    shutil.copytree(LAMA, tmp_path / "lama")
+    rel = tmp_path / "lama" / "relations.jsonl"
+    lines = rel.read_text().splitlines()
+    rel.write_text("\n".join(lines[:1] + ['{"relation": "P36", "template": 7}'] + lines[1:]) + "\n")
+    with pytest.raises(SystemExit, match=re.escape(f"evaluate.py --task trex: {rel}:2: expected a string")):
+        evaluate.main(["--task", "trex", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "res")])
 
 
 def test_google_re_judgment_filter():
-    facts = ev.read_lama_relation(os.path.join(LAMA, "Google_RE", "place_of_birth_test.jsonl"))
+    facts = lama.read_lama_relation(os.path.join(LAMA, "Google_RE", "place_of_birth_test.jsonl"))
     # g-1 3 yes; g-2 2 no vs 1 yes (drop); g-3 1-1 tie (kept, as LAMA); g-4 2 skip vs 1 yes (drop)
-    assert [ev.judgment_ok(f) for f in facts] == [True, False, True, False, True]
-    assert ev.judgment_ok({"sub_label": "x", "obj_label": "y"})  # T-REx: no judgments
+    assert [lama.judgment_ok(f) for f in facts] == [True, False, True, False, True]
+    assert lama.judgment_ok({"sub_label": "x", "obj_label": "y"})  # T-REx: no judgments
 
 
 def test_relation_discovery_prefers_full_files():
-    rels, missing = ev.lama_relations(LAMA, "T-REx")
+    rels, missing = lama.lama_relations(LAMA, "T-REx")
     by = {r[1]: r for r in rels}
     assert by["P36"][4] == "full" and by["P36"][3].endswith(os.path.join("TREx", "P36.jsonl"))
     assert by["P1376"][4] == "labels"
     assert missing == ["P166"]
-    g, gmiss = ev.lama_relations(LAMA, "Google-RE")
+    g, gmiss = lama.lama_relations(LAMA, "Google-RE")
     assert [r[1] for r in g] == ["place_of_birth", "date_of_birth"] and gmiss == ["place_of_death"]
 
 
 def test_common_vocab_bert_uncased(bert_tok):
-    path, lower = ev.common_vocab_path(LAMA, ev.is_uncased(bert_tok))
-    assert ev.is_uncased(bert_tok) and lower
-    cands = ev.Candidates(bert_tok, ev.read_vocab(path, lower))
+    path, lower = lama.common_vocab_path(LAMA, lama.is_uncased(bert_tok))
+    assert lama.is_uncased(bert_tok) and lower
+    cands = lama.Candidates(bert_tok, lama.read_vocab(path, lower))
     # 18 words; 1815 is [UNK] and zanzibar is several pieces in the tiny vocabulary
     assert len(cands.ids) == 16
     got = cands.locate(["paris", "tokyo bay", "delhi", "1815"])
@@ -95,8 +145,8 @@ def test_common_vocab_bert_uncased(bert_tok):
 
 
 def test_common_vocab_roberta_leading_space(roberta_tok):
-    assert not ev.is_uncased(roberta_tok) and ev.space_prefix(roberta_tok) == " "
-    cands = ev.Candidates(roberta_tok, ["Paris", "Berlin", "Zanzibar", "paris"])
+    assert not lama.is_uncased(roberta_tok) and lama.space_prefix(roberta_tok) == " "
+    cands = lama.Candidates(roberta_tok, ["Paris", "Berlin", "Zanzibar", "paris"])
     ids = cands.ids.tolist()
     assert roberta_tok.convert_tokens_to_ids("ĠParis") in ids
     assert roberta_tok.convert_tokens_to_ids("ĠBerlin") in ids
@@ -107,14 +157,14 @@ def test_common_vocab_roberta_leading_space(roberta_tok):
 
 
 def test_prepare_facts_counts(bert_tok):
-    cands = ev.Candidates(bert_tok, ev.read_vocab(*ev.common_vocab_path(LAMA, True)))
-    kept, counts = ev.prepare_facts(ev.read_lama_relation(os.path.join(LAMA, "TREx", "P36.jsonl")), cands)
+    cands = lama.Candidates(bert_tok, lama.read_vocab(*lama.common_vocab_path(LAMA, True)))
+    kept, counts = lama.prepare_facts(lama.read_lama_relation(os.path.join(LAMA, "TREx", "P36.jsonl")), cands)
     assert [(s, o) for s, o, _, _ in kept] == [("france", "paris"), ("germany", "berlin"), ("italy", "rome"),
                                               ("spain", "madrid"), ("united kingdom", "london")]
     assert counts == {"read": 8, "kept": 5, "judgments": 0, "multi_token": 1, "not_in_common_vocab": 1,
                       "duplicate": 1}
-    kept, counts = ev.prepare_facts(
-        ev.read_lama_relation(os.path.join(LAMA, "Google_RE", "place_of_birth_test.jsonl")), cands)
+    kept, counts = lama.prepare_facts(
+        lama.read_lama_relation(os.path.join(LAMA, "Google_RE", "place_of_birth_test.jsonl")), cands)
     assert [o for _, o, _, _ in kept] == ["london", "paris", "madrid"] and counts["judgments"] == 2
 
 
@@ -124,12 +174,12 @@ def test_score_ranks_match_full_forward(tiny_mlm):
     """Batched, length-sorted, head-on-mask-only ranks equal ranks from HF's full forward pass."""
     model, tok = tiny_mlm
     words = ["Paris", "Berlin", "Rome", "London", "Tokyo", "the", "city"]
-    cands = ev.Candidates(tok, words)
-    queries = [ev.fill_template(t, s, tok.mask_token) for t, s in [
+    cands = lama.Candidates(tok, words)
+    queries = [lama.fill_template(t, s, tok.mask_token) for t, s in [
         ("The capital of [X] is [Y] .", "France"), ("[X] is the capital of [Y] .", "Berlin"),
         ("[Y] is a city in the United States and [X] .", "New York"), ("[X] was born in [Y] .", "A")]]
     targets = [0, 1, len(cands.ids) - 1, 2]
-    ranks = ev.score_ranks(model, tok, queries, targets, cands, batch_size=3)
+    ranks = lama.score_ranks(model, tok, queries, targets, cands, batch_size=3)
     ref = []
     with torch.no_grad():
         for q, t in zip(queries, targets):
@@ -144,21 +194,20 @@ def test_two_masks_is_an_error(bert_tok):
     from conftest import make_model
     model = make_model("bert", bert_tok)
     with pytest.raises(ValueError, match="2 mask tokens"):
-        list(ev.mask_hidden(model, bert_tok, ["[MASK] is [MASK] ."], 2))
+        list(lama.mask_hidden(model, bert_tok, ["[MASK] is [MASK] ."], 2))
 
 
 # --- LAMA-UHN ------------------------------------------------------------------------------------
 
 def test_uhn_string_filter():
-    assert ev.uhn_string_match({"sub_label": "Paris Hilton", "obj_label": "Paris"})
-    assert ev.uhn_string_match({"sub_label": "The Berlin Wall", "obj_label": "berlin"})
-    assert not ev.uhn_string_match({"sub_label": "Ada Lovelace", "obj_label": "London"})
+    assert lama.uhn_string_match({"sub_label": "Paris Hilton", "obj_label": "Paris"})
+    assert lama.uhn_string_match({"sub_label": "The Berlin Wall", "obj_label": "berlin"})
+    assert not lama.uhn_string_match({"sub_label": "Ada Lovelace", "obj_label": "London"})
 
 
 def biased_model(tok, word):
     """Tiny BERT whose MLM head always predicts `word` first (decoder bias 1e4)."""
     from conftest import make_model
-    import common
     model = make_model("bert", tok)
     with torch.no_grad():
         common.head_decoder(model)[1][tok.convert_tokens_to_ids(word)] = 1e4
@@ -167,8 +216,8 @@ def biased_model(tok, word):
 
 def test_uhn_name_filter_and_writer_round_trip(bert_tok, tmp_path):
     model = biased_model(bert_tok, "paris")
-    rels = ev.lama_relations(LAMA, "T-REx")[0] + ev.lama_relations(LAMA, "Google-RE")[0]
-    new, counts = ev.build_lama_uhn(rels, str(tmp_path), model, bert_tok, top_k=1, batch_size=2)
+    rels = lama.lama_relations(LAMA, "T-REx")[0] + lama.lama_relations(LAMA, "Google-RE")[0]
+    new, counts = lama.build_lama_uhn(rels, str(tmp_path), model, bert_tok, top_k=1, batch_size=2)
     # P19: Paris Hilton (string), Marie Curie -> Paris (name filter: the model always says paris)
     assert counts["T-REx"]["P19"] == {"read": 4, "string_match": 1, "person_name": 1, "kept": 2}
     assert counts["T-REx"]["P36"] == {"read": 8, "string_match": 0, "person_name": 0, "kept": 8}
@@ -177,12 +226,12 @@ def test_uhn_name_filter_and_writer_round_trip(bert_tok, tmp_path):
     out = dict((r[1], r[3]) for r in new)
     assert out["P19"] == os.path.join(str(tmp_path), "TREx", "P19.jsonl")
     assert out["place_of_birth"] == os.path.join(str(tmp_path), "Google_RE", "place_of_birth_test.jsonl")
-    back = ev.read_lama_relation(out["P19"])
-    orig = ev.read_lama_relation(os.path.join(LAMA, "TREx", "P19.jsonl"))
+    back = lama.read_lama_relation(out["P19"])
+    orig = lama.read_lama_relation(os.path.join(LAMA, "TREx", "P19.jsonl"))
     assert back == [orig[0], orig[3]]  # Ada Lovelace, Hans Weber: every field preserved
-    labels = ev.read_lama_relation(out["P1376"])
+    labels = lama.read_lama_relation(out["P1376"])
     assert labels[0] == {"sub_label": "Paris", "obj_label": "France", "predicate_id": "P1376"}
-    gre = ev.read_lama_relation(out["place_of_birth"])
+    gre = lama.read_lama_relation(out["place_of_birth"])
     assert [f["uuid"] for f in gre] == ["g-1", "g-2", "g-4"] and "judgments" in gre[0]
 
 
@@ -190,7 +239,7 @@ def test_uhn_name_filter_and_writer_round_trip(bert_tok, tmp_path):
 
 def test_cli_trex_end_to_end(tiny_model_dir, tmp_path):
     out = str(tmp_path / "res")
-    path = ev.main(["--task", "trex", "--model-dir", tiny_model_dir, "--data-dir", FIXTURES,
+    path = evaluate.main(["--task", "trex", "--model-dir", tiny_model_dir, "--data-dir", FIXTURES,
                     "--output-dir", out, "--batch-size", "4"])
     assert path == os.path.join(out, "trex.json")
     res = json.load(open(path))
@@ -206,10 +255,9 @@ def test_cli_trex_end_to_end(tiny_model_dir, tmp_path):
     assert m["P@1"] == pytest.approx(sum(per[r]["P@1"] for r in ("P19", "P36", "P1376")) / 3)
     assert res["config"]["num_candidates"] == 16 and res["config"]["uncased"]
     # the same P@1 from HF's full forward pass over the same 16 candidates
-    import common
     model, tok = common.load_mlm(tiny_model_dir)
-    cands = ev.Candidates(tok, ev.read_vocab(*ev.common_vocab_path(LAMA, True)))
-    kept, _ = ev.prepare_facts(ev.read_lama_relation(os.path.join(LAMA, "TREx", "P36.jsonl")), cands)
+    cands = lama.Candidates(tok, lama.read_vocab(*lama.common_vocab_path(LAMA, True)))
+    kept, _ = lama.prepare_facts(lama.read_lama_relation(os.path.join(LAMA, "TREx", "P36.jsonl")), cands)
     hits = 0
     with torch.no_grad():
         for sub, _, pos, _ in kept:
@@ -221,7 +269,7 @@ def test_cli_trex_end_to_end(tiny_model_dir, tmp_path):
 
 def test_cli_lama_uhn_end_to_end(tiny_model_dir, tmp_path):
     out = str(tmp_path / "res")
-    path = ev.main(["--task", "lama-uhn", "--model-dir", tiny_model_dir, "--data-dir", FIXTURES,
+    path = evaluate.main(["--task", "lama-uhn", "--model-dir", tiny_model_dir, "--data-dir", FIXTURES,
                     "--output-dir", out, "--uhn-filter-model", "self"])
     res = json.load(open(path))
     assert os.path.exists(os.path.join(out, "lama_uhn", "TREx", "P1376.jsonl"))
@@ -233,15 +281,15 @@ def test_cli_lama_uhn_end_to_end(tiny_model_dir, tmp_path):
 
 def test_cli_missing_data_dir_names_the_file(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)lama does not exist.*data\.zip"):
-        ev.main(["--task", "trex", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path)])
-    with pytest.raises(ev.LamaDataError, match=r"(?s)shared/data.*relations\.jsonl.*dl\.fbaipublicfiles"):
-        ev.lama_root(None)
+        evaluate.main(["--task", "trex", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path)])
+    with pytest.raises(lama.LamaDataError, match=r"(?s)shared/data.*relations\.jsonl.*dl\.fbaipublicfiles"):
+        lama.lama_root(None)
     root = tmp_path / "lama"
     (root / "TREx").mkdir(parents=True)
     (root / "relations.jsonl").write_text('{"relation": "P36", "template": "The capital of [X] is [Y] ."}\n')
     (root / "TREx" / "P36.jsonl").write_text('{"sub_label": "France", "obj_label": "Paris"}\n')
     with pytest.raises(SystemExit, match=r"common_vocab_cased\.txt: file not found"):
-        ev.main(["--task", "trex", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path)])
+        evaluate.main(["--task", "trex", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path)])
 
 
 def test_cli_mini_seen_heldout_gap(tiny_model_dir, tmp_path):
@@ -254,8 +302,8 @@ def test_cli_mini_seen_heldout_gap(tiny_model_dir, tmp_path):
     (probes / "P36.jsonl").write_text("".join(json.dumps(
         {"sub_label": s, "obj_label": o, "predicate_id": "P36", "uuid": str(i), "split": sp}) + "\n"
         for i, (s, o, sp) in enumerate(rows)))
-    path = ev.main(["--task", "mini", "--model-dir", tiny_model_dir, "--probe-dir", str(probes),
-                    "--output-dir", str(tmp_path / "res")])
+    path = evaluate.main(["--task", "mini", "--model-dir", tiny_model_dir, "--probe-dir", str(probes),
+                          "--output-dir", str(tmp_path / "res")])
     res = json.load(open(path))
     m = res["metrics"]
     assert m["seen"]["facts"] == 2 and m["heldout"]["facts"] == 2  # "buenos aires" is multi-token
@@ -264,10 +312,15 @@ def test_cli_mini_seen_heldout_gap(tiny_model_dir, tmp_path):
     assert set(res["per_relation"]["P36"]) == {"seen", "heldout"}
 
 
-def test_unknown_module_task_fails_cleanly(monkeypatch):
-    monkeypatch.setitem(ev.TASK_MODULES, "nonexistent-task", "no_such_module_xyz")
-    with pytest.raises(SystemExit, match=r"no_such_module_xyz\.py"):
-        ev.main(["--task", "nonexistent-task"])
+def test_every_task_has_one_module_and_its_flags_parse():
+    """evaluate.py dispatches each --task to the one module whose TASKS holds it; that module's flags
+    parse beside the shared ones (argparse raises on a flag defined twice)."""
+    tasks = [t for m in evaluate.MODULES for t in m.TASKS]
+    assert len(tasks) == len(set(tasks)), "a task claimed by two modules"
+    assert set(lama.TASKS) == {"lama", "google-re", "trex", "lama-uhn", "mini"}
+    for t in tasks:
+        args = evaluate.build_parser(t).parse_args(["--task", t])
+        assert args.task == t and t in evaluate.TASK_MODULE[t].TASKS
 
 
 # --- the real LAMA files (skipped without ../shared/data) -------------------------------------------
@@ -275,36 +328,35 @@ def test_unknown_module_task_fails_cleanly(monkeypatch):
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "lama")), reason="../shared/data/lama absent")
 def test_real_lama_files():
     root = os.path.join(SHARED, "lama")
-    rels, missing = ev.lama_relations(root, "T-REx")
+    rels, missing = lama.lama_relations(root, "T-REx")
     assert len(rels) == 41 and sorted(missing) == ["P102", "P166", "P1923", "P54", "P69"]
     assert sum(r[4] == "full" for r in rels) == 28
-    facts = {r[1]: ev.read_lama_relation(r[3], r[2]) for r in rels}
+    facts = {r[1]: lama.read_lama_relation(r[3], r[2]) for r in rels}
     assert sum(map(len, facts.values())) == 34039
-    common_cased = set(ev.read_vocab(os.path.join(root, "common_vocabs", "common_vocab_cased.txt")))
+    common_cased = set(lama.read_vocab(os.path.join(root, "common_vocabs", "common_vocab_cased.txt")))
     assert len(common_cased) == 21018
     # LAMA's T-REx was built for the cased common vocabulary: every object is in it
     assert all(f["obj_label"] in common_cased for fs in facts.values() for f in fs)
-    g, gmiss = ev.lama_relations(root, "Google-RE")
+    g, gmiss = lama.lama_relations(root, "Google-RE")
     assert len(g) == 3 and gmiss == []
-    gfacts = [f for r in g for f in ev.read_lama_relation(r[3])]
+    gfacts = [f for r in g for f in lama.read_lama_relation(r[3])]
     assert len(gfacts) == 5528
-    assert sum(not ev.judgment_ok(f) for f in gfacts) == 0  # LAMA's *_test files are pre-filtered
+    assert sum(not lama.judgment_ok(f) for f in gfacts) == 0  # LAMA's *_test files are pre-filtered
 
 
 def test_cli_uhn_filter_model_unavailable(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)--uhn-filter-model .*no_such_model.*--uhn-filter-model self"):
-        ev.main(["--task", "lama-uhn", "--model-dir", tiny_model_dir, "--data-dir", FIXTURES,
+        evaluate.main(["--task", "lama-uhn", "--model-dir", tiny_model_dir, "--data-dir", FIXTURES,
                  "--output-dir", str(tmp_path), "--uhn-filter-model", str(tmp_path / "no_such_model")])
 
 
-# --- model paths (issue 13 point 8): each case its own message, naming the flag typed -------------
+# --- model paths: each case its own message, naming the flag typed ------------------------------
 
 def test_model_dir_messages_name_the_flag(tmp_path, tiny_model_dir):
-    import common
     with pytest.raises(SystemExit, match=r"^--model-dir runs/nope/final: no such directory$"):
         common.load_mlm("runs/nope/final", flag="--model-dir")
     with pytest.raises(SystemExit, match=r"^--model-dir .*/nothing: no such directory$"):
-        ev.main(["--task", "mini", "--model-dir", str(tmp_path / "nothing")])
+        evaluate.main(["--task", "mini", "--model-dir", str(tmp_path / "nothing")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"^--model-dir .*/empty: the directory is empty"):
         common.load_mlm(str(tmp_path / "empty"), flag="--model-dir")
@@ -323,7 +375,6 @@ def test_model_dir_messages_name_the_flag(tmp_path, tiny_model_dir):
 
 def test_mini_task_accepts_a_run_root(tiny_model_dir, tmp_path, capsys):
     """evaluate.py --task mini --model-dir RUN_ROOT scores RUN_ROOT/final and says so."""
-    import shutil
     root = tmp_path / "runs" / "trelm"
     shutil.copytree(tiny_model_dir, root / "final")
     (root / "checkpoint").mkdir()
@@ -331,16 +382,16 @@ def test_mini_task_accepts_a_run_root(tiny_model_dir, tmp_path, capsys):
     probes.mkdir()
     (probes / "relations.jsonl").write_text('{"relation": "P36", "template": "The capital of [X] is [Y] ."}\n')
     (probes / "P36.jsonl").write_text(json.dumps({"sub_label": "France", "obj_label": "Paris", "split": "seen"}) + "\n")
-    a = json.load(open(ev.main(["--task", "mini", "--model-dir", str(root), "--probe-dir", str(probes),
+    a = json.load(open(evaluate.main(["--task", "mini", "--model-dir", str(root), "--probe-dir", str(probes),
                                 "--output-dir", str(tmp_path / "a")])))
     assert f"a pretrain.py run directory; using its final model, {root / 'final'}" in capsys.readouterr().out
-    b = json.load(open(ev.main(["--task", "mini", "--model-dir", str(root / "final"), "--probe-dir", str(probes),
+    b = json.load(open(evaluate.main(["--task", "mini", "--model-dir", str(root / "final"), "--probe-dir", str(probes),
                                 "--output-dir", str(tmp_path / "b")])))
     assert a["config"]["model_path"] == str(root / "final") and a["metrics"] == b["metrics"]
 
 
 def test_help_states_each_default_once():
-    text = ev.build_parser("glue").format_help() + ev.build_parser("mini").format_help()
+    text = evaluate.build_parser("glue").format_help() + evaluate.build_parser("mini").format_help()
     blocks, cur = [], ""
     for line in text.splitlines():
         if line.startswith("  -"):
@@ -355,7 +406,6 @@ def test_help_states_each_default_once():
 
 
 def test_killed_writes_leave_no_tmp_files(tmp_path):
-    import common
     (tmp_path / ".tmp-mini.jsonab12cd_3").write_text("")  # a write killed before its rename
     (tmp_path / ".tmp-other.jsonab12cd_3").write_text("")  # another file's: not ours to delete
     common.write_result(str(tmp_path), "mini", "m", {}, 0, {"P@1": 1.0})

@@ -2,7 +2,6 @@
 answer, checkpoint round trip, growth, storage at 1M keys, and DDP (torchrun, 2 ranks, gloo)."""
 import ctypes
 import io
-import math
 import os
 import socket
 import subprocess
@@ -16,13 +15,11 @@ from memory_bank import MemoryBank, bytes_for, lambda_at, mix
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def naive_window_mean(hidden, attention_mask, ent_batch, ent_start, ent_end, k, with_special=False):
-    """Eq. (4) by a loop over mentions and positions."""
+def naive_window_mean(hidden, attention_mask, ent_batch, ent_start, ent_end, k):
+    """Eq. (4) by a loop over mentions and positions ([CLS] and the last [SEP] left out)."""
     out = []
     for b, s, e in zip(ent_batch.tolist(), ent_start.tolist(), ent_end.tolist()):
-        real = [t for t in range(hidden.shape[1]) if attention_mask[b, t]]
-        if not with_special:
-            real = real[1:-1]
+        real = [t for t in range(hidden.shape[1]) if attention_mask[b, t]][1:-1]
         pos = [t for t in real if s - k <= t < e + k]
         out.append(torch.stack([hidden[b, t] for t in pos]).mean(0))
     return torch.stack(out)
@@ -46,15 +43,12 @@ def test_window_mean_hand_computed_clipping_padding_and_length_one():
     # row 1 [1,6) -> [-1,8) clipped to 1..5: mean 3
     want = torch.tensor([2.0, 6.5, 3.5, 3.0]).unsqueeze(1).expand(4, h)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    with_special = bank.window_mean(hidden, mask, ent_batch, ent_start, ent_end, with_special=True)
-    torch.testing.assert_close(with_special[:, 0], torch.tensor([1.5, 7.0, 4.0, 3.0]), rtol=0, atol=1e-6)
     k0 = bank.window_mean(hidden, mask, ent_batch, ent_start, ent_end, k=0)
     torch.testing.assert_close(k0[:, 0], torch.tensor([1.0, 7.5, 4.0, 3.0]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 16])
-@pytest.mark.parametrize("with_special", [False, True])
-def test_window_mean_matches_naive_loop(k, with_special):
+def test_window_mean_matches_naive_loop(k):
     g = torch.Generator().manual_seed(k)
     b, t, h, m = 4, 24, 5, 30
     hidden = torch.randn(b, t, h, generator=g)
@@ -68,8 +62,8 @@ def test_window_mean_matches_naive_loop(k, with_special):
         ent_start.append(s)
         ent_end.append(e)
     ent_start, ent_end = torch.tensor(ent_start), torch.tensor(ent_end)
-    got = MemoryBank(h).window_mean(hidden, mask, ent_batch, ent_start, ent_end, k=k, with_special=with_special)
-    want = naive_window_mean(hidden, mask, ent_batch, ent_start, ent_end, k, with_special)
+    got = MemoryBank(h).window_mean(hidden, mask, ent_batch, ent_start, ent_end, k=k)
+    want = naive_window_mean(hidden, mask, ent_batch, ent_start, ent_end, k)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import data
 import pretrain
+import routing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures", "tiny_data")
@@ -44,6 +45,10 @@ def test_mlm_run_writes_loadable_model_and_metrics(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("method,extra", [("mlm", ()), ("dkplm", ()), ("trelm", ("--no-routing",)),
                                           ("trelm", ("--route-every", "2")),
+                                          ("trelm", ("--route-scope", "ffn", "--route-every", "1",
+                                                     "--ig-form", "first-order", "--route-warmup", "2")),
+                                          ("trelm", ("--route-scope", "blocks", "--route-select", "random",
+                                                     "--route-every", "2", "--no-memory-bank")),
                                           ("trelm", ("--no-routing", "--long-tail-words"))])
 def test_exact_resume(tiny_model_dir, tmp_path, method, extra, monkeypatch):
     """N steps + save + resume + N steps == 2N steps, bitwise (memory bank and routing included)."""
@@ -139,7 +144,9 @@ def test_torchrun_two_processes_equals_one_process_global_batch(tiny_model_dir, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-@pytest.mark.parametrize("extra", [(), ("--long-tail-words",)])
+@pytest.mark.parametrize("extra", [(), ("--long-tail-words",),
+                                   ("--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order",
+                                    "--route-warmup", "1")])
 def test_torchrun_trelm_ranks_hold_identical_memory_paths_and_weights(tiny_model_dir, tmp_path, extra):
     """Memory bank (Eq. 4-6 updates gathered in rank order; word keys too), knowledge paths
     (attributions all-reduced) and weights are bitwise equal on both ranks after several TRELM steps."""
@@ -153,7 +160,7 @@ def test_torchrun_trelm_ranks_hold_identical_memory_paths_and_weights(tiny_model
     a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
     assert len(a["bank"]["sorted_keys"]) > 0
     num_entities = data.load_kg(os.path.join(FIX, "kg")).num_entities
-    assert (int(a["bank"]["sorted_keys"].max()) >= num_entities) == bool(extra)  # word keys iff the flag
+    assert (int(a["bank"]["sorted_keys"].max()) >= num_entities) == ("--long-tail-words" in extra)  # word keys
     for k, v in a["bank"].items():
         assert (torch.equal(v, b["bank"][k]) if torch.is_tensor(v) else v == b["bank"][k]), k
     assert all(torch.equal(x, y) for x, y in zip(a["paths"], b["paths"]))
@@ -161,9 +168,8 @@ def test_torchrun_trelm_ranks_hold_identical_memory_paths_and_weights(tiny_model
 
 
 @pytest.mark.parametrize("extra", [(), ("--no-injection",)])
-def test_chunked_attribution_equals_sequential(tiny_model_dir, tmp_path, extra, monkeypatch):
+def test_chunked_attribution_equals_sequential(tiny_model_dir, tmp_path, extra):
     """--ig-chunk stacks alpha steps by tiling the batch and its injection plan: same attributions."""
-    import routing
     args = pretrain.resolve_config(pretrain.get_parser().parse_args(
         ["--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path), "--batch-size", "4",
          "--seq-len", "32", "--ig-steps", "6", "--ig-batch", "2", *extra]))
@@ -171,15 +177,9 @@ def test_chunked_attribution_equals_sequential(tiny_model_dir, tmp_path, extra, 
     batch = t.get_batch(0)
     assert batch["plan"] is not None and len(batch["plan"].rows) > 0
     got = {}
-    real = routing.ffn_attributions
-
-    def spy(model, run, chunk=None, **kw):
-        got[chunk] = real(model, run, chunk=chunk, **kw)
-        return got[chunk]
-    monkeypatch.setattr(routing, "ffn_attributions", spy)
     for chunk in (1, 3):
-        t.args.ig_chunk = chunk
-        t.reroute(batch)
+        t.args = t.args.replace(ig_chunk=chunk)
+        got[chunk] = t.attribute(batch, None)
     torch.testing.assert_close(got[1], got[3], rtol=1e-4, atol=1e-6)
     assert got[1].abs().sum() > 0
 
@@ -218,7 +218,7 @@ def test_cka_loss_falls_on_the_embedded_default(tmp_path):
     assert last < 0.7 * first, (first, last)
 
 
-# ----------------------------------------------------------------------------- issue 11: one step by hand
+# ----------------------------------------------------------------------------- one step by hand
 
 def _model_dir(kind, tmp_path):
     from conftest import make_bert_tokenizer, make_model, make_roberta_tokenizer
@@ -238,10 +238,10 @@ def _grab(seen, name, get):
 
 def _known_memory(t, keys, H):
     """Write random local / global memories (count 1) for `keys` into t's bank; {key: (local, global, 1)}."""
-    slots = t.bank._find(keys)[0]
+    slots = t.know.bank._find(keys)[0]
     g = torch.Generator().manual_seed(5)
     A, G = 9 * torch.randn(len(keys), H, generator=g), 7 * torch.randn(len(keys), H, generator=g)
-    t.bank.local[slots], t.bank.global_[slots], t.bank.count[slots] = A, G, 1
+    t.know.bank.local[slots], t.know.bank.global_[slots], t.know.bank.count[slots] = A, G, 1
     return {int(k): (A[i].clone(), G[i].clone(), 1) for i, k in enumerate(keys)}
 
 
@@ -274,7 +274,7 @@ def test_one_trelm_step_position_by_position(kind, tmp_path):
     with torch.no_grad():  # hand-set embeddings: row i = a fixed pattern scaled by (1 + i / V)
         V, H = W.shape
         W.copy_(torch.sin(torch.arange(V)[:, None] * 0.37 + torch.arange(H)[None] * 1.3) * (1 + torch.arange(V)[:, None] / V))
-    t.step = len(t.ds) // t.global_batch + 1  # in epoch q = 1: lambda = 0.5 / 2
+    t.step = len(t.know.ds) // t.global_batch + 1  # in epoch q = 1: lambda = 0.5 / 2
     peek = t.get_batch(0)
     plan = peek["plan"]
     assert plan is not None and len(plan.rows) > 0
@@ -292,14 +292,14 @@ def test_one_trelm_step_position_by_position(kind, tmp_path):
     emb = lambda label: W0[tok(" " + label, add_special_tokens=False)["input_ids"][:16]].mean(0)
     unit = lambda v, n: v * (n / v.norm())
     g2 = torch.Generator().manual_seed(int(np.random.SeedSequence([a.seed, t.step - 1, 0]).generate_state(1)[0]))
-    rows = t.ds[data.micro_batch_indices(t.step - 1, 0, 0, len(t.ds), a.batch_size, 1, 1, a.seed)]
+    rows = t.know.ds[data.micro_batch_indices(t.step - 1, 0, 0, len(t.know.ds), a.batch_size, 1, 1, a.seed)]
     ref = t.collate([dict(zip(rows, v)) for v in zip(*rows.values())], g2)
     for r in range(ids.shape[0]):
         for c in range(ids.shape[1]):
             if (r, c) in inj:
                 e = int(plan.ent_id[inj[r, c]])
-                _, rel, tail = t.injector.triple[e].tolist()
-                h_e = emb(t.kg.entity_labels[tail]) - emb(t.kg.relation_labels[rel])
+                _, rel, tail = t.know.injector.triple[e].tolist()
+                h_e = emb(t.know.kg.entity_labels[tail]) - emb(t.know.kg.relation_labels[rel])
                 loc, glo, _ = mem_before[e]
                 want = (1 - lam) * h_e + lam / 2 * (unit(loc, h_e.norm()) + unit(glo, h_e.norm()))  # Eq. (7)
                 torch.testing.assert_close(x[r, c], want, rtol=0, atol=1e-5)
@@ -326,10 +326,10 @@ def test_one_trelm_step_position_by_position(kind, tmp_path):
             mem[e][2] += 1
             mem[e][1] = mem[e][1] + (hid[r, 0] - mem[e][1]) / mem[e][2]
     for e, (loc, glo, cnt) in mem.items():
-        slot = t.bank._find(torch.tensor([e]))[0]
-        torch.testing.assert_close(t.bank.local[slot][0], loc, rtol=0, atol=1e-5)
-        torch.testing.assert_close(t.bank.global_[slot][0], glo, rtol=0, atol=1e-5)
-        assert int(t.bank.count[slot]) == cnt
+        slot = t.know.bank._find(torch.tensor([e]))[0]
+        torch.testing.assert_close(t.know.bank.local[slot][0], loc, rtol=0, atol=1e-5)
+        torch.testing.assert_close(t.know.bank.global_[slot][0], glo, rtol=0, atol=1e-5)
+        assert int(t.know.bank.count[slot]) == cnt
     assert len(counted) > 0
 
 
@@ -387,7 +387,7 @@ def test_relation_decoding_loss_hand_case():
 def test_no_injection_shows_only_the_mask_embedding(tiny_model_dir, tmp_path):
     """--no-injection (Table 6): the chosen spans get the mask embedding, no h_e and no memory."""
     t = _trainer(tiny_model_dir, tmp_path / "r", "--no-injection")
-    assert t.bank is None
+    assert t.know.bank is None
     b = t.get_batch(0)
     plan = b["plan"]
     W = t.net.mlm.get_input_embeddings().weight
@@ -421,19 +421,19 @@ def test_si_refresh_rescores_with_the_current_model(tiny_model_dir, tmp_path):
     argv = ["--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "o"), "--batch-size", "4",
             "--seq-len", "32", "--seed", "1", "--no-routing", "--si-refresh", "1", "--lr", "1e-2"]
     t = pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
-    assert len(t.ds) == 20 and t.global_batch == 4
-    initial = data.flat_column(t.ds, "ent_si", np.float64)
+    assert len(t.know.ds) == 20 and t.global_batch == 4
+    initial = data.flat_column(t.know.ds, "ent_si", np.float64)
     for _ in range(5):
         t.train_step()
-    assert t.si_epoch == 0 and np.array_equal(data.flat_column(t.ds, "ent_si", np.float64), initial, equal_nan=True)
+    assert t.know.si_epoch == 0 and np.array_equal(data.flat_column(t.know.ds, "ent_si", np.float64), initial, equal_nan=True)
     t.train_step()  # step 6 starts epoch 1: refresh first
-    assert t.si_epoch == 1
-    si = data.flat_column(t.ds, "ent_si", np.float64)
+    assert t.know.si_epoch == 1
+    si = data.flat_column(t.know.ds, "ent_si", np.float64)
     scored = ~np.isnan(si)
     assert scored.sum() > 3 and np.array_equal(scored, ~np.isnan(initial))
     assert np.abs(si[scored] - initial[scored]).max() > 1e-6  # another model scored them
-    row = next(i for i in range(len(t.ds)) if t.ds[i]["ent_id"])
-    r = t.ds[row]
+    row = next(i for i in range(len(t.know.ds)) if t.know.ds[i]["ent_id"])
+    r = t.know.ds[row]
     ids = torch.tensor([r["input_ids"]])
     n = len(r["ent_start"])
     # the weights SI saw are those of step 5's end; step 6 has changed them since: recompute from a copy
@@ -449,8 +449,8 @@ def test_si_refresh_rescores_with_the_current_model(tiny_model_dir, tmp_path):
     ok = ~torch.isnan(got)
     assert got[ok].abs().max() > 2e-6  # the tiny random model's SI is small: compare to a few float32 ulps of cos
     torch.testing.assert_close(got[ok], ref[ok].float(), atol=3e-7, rtol=0)
-    cand = t.si_candidate[data.flat_column(t.ds, "ent_id", np.int64)]
-    assert t.si_threshold == ei.important_threshold(si, cand, 0.5)
+    cand = t.know.si_candidate[data.flat_column(t.know.ds, "ent_id", np.int64)]
+    assert t.know.si_threshold == ei.important_threshold(si, cand, 0.5)
 
 
 def test_si_refresh_resumes_exactly_across_the_refresh(tiny_model_dir, tmp_path, monkeypatch):
@@ -473,10 +473,10 @@ def test_si_refresh_resumes_exactly_across_the_refresh(tiny_model_dir, tmp_path,
             "--max-steps", "8", "--batch-size", "4", "--seq-len", "32", "--log-every", "1", "--seed", "3",
             "--save-every", "3", "--resume", *extra]
     t = pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
-    initial = data.flat_column(t.ds, "ent_si", np.float32)
+    initial = data.flat_column(t.know.ds, "ent_si", np.float32)
     t.resume()  # the refreshed values come back, not the initial model's
-    restored = data.flat_column(t.ds, "ent_si", np.float32)
-    assert t.si_epoch == 1 and np.array_equal(restored, st["si"]["values"], equal_nan=True)
+    restored = data.flat_column(t.know.ds, "ent_si", np.float32)
+    assert t.know.si_epoch == 1 and np.array_equal(restored, st["si"]["values"], equal_nan=True)
     assert not np.array_equal(restored, initial, equal_nan=True)
     monkeypatch.setattr(pretrain.Trainer, "train_step", orig)
     run(tiny_model_dir, tmp_path / "split", "--resume", *extra, method="trelm", steps=8)
@@ -488,7 +488,7 @@ def test_si_refresh_resumes_exactly_across_the_refresh(tiny_model_dir, tmp_path,
     assert [r["loss"] for r in full] == [r["loss"] for r in split]
 
 
-# ----------------------------------------------------------------------------- --long-tail-words (issue 11.8)
+# ----------------------------------------------------------------------------- --long-tail-words
 
 def _hand_corpus(tok):
     """Four sequences, one linked mention ("France" in the first), as build_dataset lays them out."""
@@ -536,8 +536,8 @@ def test_long_tail_words_one_step_by_hand(kind, tmp_path):
     (num_entities + token id) after the step = Eq. 4-6 by hand over every occurrence."""
     t = _trainer(_model_dir(kind, tmp_path), tmp_path / "r", "--long-tail-words")
     tok, mlm, a = t.tok, t.net.mlm, t.args
-    E = t.kg.num_entities
-    long_tail = set(t.long_tail_word.nonzero()[:, 0].tolist())
+    E = t.know.kg.num_entities
+    long_tail = set(t.know.long_tail_word.nonzero()[:, 0].tolist())
     assert long_tail and not long_tail & set(tok.all_special_ids)
     W = mlm.get_input_embeddings().weight
     with torch.no_grad():
@@ -590,10 +590,10 @@ def test_long_tail_words_one_step_by_hand(kind, tmp_path):
             mem[k][2] += 1
             mem[k][1] = mem[k][1] + (hid[r, 0] - mem[k][1]) / mem[k][2]  # Eq. (6)
     for k, (loc, glo, cnt) in mem.items():
-        slot = t.bank._find(torch.tensor([k]))[0]
-        torch.testing.assert_close(t.bank.local[slot][0], loc, rtol=0, atol=1e-5)
-        torch.testing.assert_close(t.bank.global_[slot][0], glo, rtol=0, atol=1e-5)
-        assert int(t.bank.count[slot]) == cnt
+        slot = t.know.bank._find(torch.tensor([k]))[0]
+        torch.testing.assert_close(t.know.bank.local[slot][0], loc, rtol=0, atol=1e-5)
+        torch.testing.assert_close(t.know.bank.global_[slot][0], glo, rtol=0, atol=1e-5)
+        assert int(t.know.bank.count[slot]) == cnt
 
 
 def test_long_tail_words_off_is_todays_step_bitwise(tiny_model_dir, tmp_path):
@@ -602,20 +602,20 @@ def test_long_tail_words_off_is_todays_step_bitwise(tiny_model_dir, tmp_path):
     def two_steps(*extra, empty=False):
         t = _trainer(tiny_model_dir, tmp_path / f"r{len(extra)}{empty}", *extra)
         if empty:
-            t.long_tail_word[:] = False
+            t.know.long_tail_word[:] = False
         stats = [t.train_step() for _ in range(2)]
         return t, [(s["loss"], s["l_mlm"], s["l_cka"]) for s in stats]
     off, s_off = two_steps()
-    assert off.long_tail_word is None and "long_tail_words" not in off.injection_census()
+    assert off.know.long_tail_word is None and "long_tail_words" not in off.know.census()
     empty, s_empty = two_steps("--long-tail-words", empty=True)
     on, s_on = two_steps("--long-tail-words")
     assert s_off == s_empty and s_on != s_off
     for (n, p), q in zip(off.net.named_parameters(), empty.net.parameters()):
         assert torch.equal(p, q), n
-    b_off, b_empty = off.bank.state_dict(), empty.bank.state_dict()
+    b_off, b_empty = off.know.bank.state_dict(), empty.know.bank.state_dict()
     assert all(torch.equal(b_off[k], b_empty[k]) if torch.is_tensor(b_off[k]) else b_off[k] == b_empty[k]
                for k in b_off)
-    assert len(on.bank) > len(off.bank)
+    assert len(on.know.bank) > len(off.know.bank)
     assert any(not torch.equal(p, q) for p, q in zip(off.net.parameters(), on.net.parameters()))
 
 
@@ -633,3 +633,131 @@ def test_plan_tile_and_head_carry_the_words():
 def test_span_mask_hand_case_with_overlap():
     m = data.span_mask(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 0]), torch.tensor([3, 4, 1]), (2, 5))
     assert m.tolist() == [[False, True, True, True, False], [True, False, False, False, False]]
+
+
+# ----------------------------------------------------------------------------- the Trainer's routing (Sec. 3.3)
+
+def routed_trainer(model_dir, out, *extra):
+    argv = ["--method", "trelm", "--model", model_dir, "--data", FIX, "--output-dir", str(out), "--batch-size", "4",
+            "--seq-len", "32", "--ig-steps", "3", "--route-every", "3", "--max-steps", "8", "--seed", "1", *extra]
+    return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+
+
+def routing_log(out):
+    return [json.loads(l) for l in open(os.path.join(out, "routing.jsonl"))]
+
+
+def test_trained_head_routes_from_step_zero(tiny_model_dir, tmp_path, capsys):
+    """A model with a trained MLM head routes at step 0; under the strict scope the head is frozen."""
+    from common import head_decoder
+    run(tiny_model_dir, tmp_path, "--route-every", "3", "--ig-steps", "3", method="trelm", steps=1)
+    assert "--route-warmup" not in capsys.readouterr().out
+    assert json.load(open(tmp_path / "config.json"))["config"]["route_warmup"] == 0
+    t0 = routed_trainer(tiny_model_dir, tmp_path / "fresh")
+    head = lambda d: load_file(os.path.join(d, "model.safetensors"))["cls.predictions.bias"]
+    assert torch.equal(head(tmp_path / "final"), head_decoder(t0.net.mlm)[1].detach())  # frozen from the first step
+    log = routing_log(tmp_path)
+    assert [r["step"] for r in log] == [0] and "warmup" not in log[0] and log[0]["jaccard_prev"] is None
+
+
+def test_fresh_head_warmup_is_logged_and_trains_everything(tiny_model_dir, tmp_path, capsys):
+    from transformers import BertModel
+    from conftest import make_bert_tokenizer, make_model
+    tok = make_bert_tokenizer(tmp_path)
+    encoder_only = str(tmp_path / "encoder_only")
+    BertModel(make_model("bert", tok).config).save_pretrained(encoder_only)
+    tok.save_pretrained(encoder_only)
+    run(encoder_only, tmp_path / "run", "--route-every", "3", "--ig-steps", "3", method="trelm", steps=4)
+    assert "freshly initialised" in capsys.readouterr().out
+    log = routing_log(tmp_path / "run")
+    assert log[0] == {"step": 0, "warmup": 3, "reason": "fresh MLM head"} and [r["step"] for r in log] == [0, 3]
+    t = routed_trainer(encoder_only, tmp_path / "t")
+    for _ in range(3):
+        t.train_step()
+        assert t.router is None and isinstance(t.optimizer, torch.optim.AdamW)  # full-parameter warm-up
+    t.train_step()
+    assert t.router is not None and isinstance(t.optimizer, routing.NeuronAdamW)
+
+
+@pytest.mark.parametrize("scope", routing.SCOPES)
+def test_per_batch_routing_moves_only_the_paths_and_keeps_every_neurons_moments(tiny_model_dir, tmp_path, scope):
+    """--route-every 1, first-order: new paths every step (set after the forward, before the backward);
+    the FFN rows and columns outside the step's paths, and their Adam moments and step counts, are
+    bitwise unchanged by that step; parameters the scope freezes never move; the scope's others do."""
+    from common import ffn_modules
+    t = routed_trainer(tiny_model_dir, tmp_path, "--route-scope", scope, "--route-every", "1", "--ig-form", "first-order",
+                       "--route-warmup", "1")
+    t.train_step()  # full-parameter warm-up
+    t.train_step()  # routed
+    before = {n: p.detach().clone() for n, p in t.net.mlm.named_parameters()}
+    ffn = ffn_modules(t.net.mlm)
+    state = {id(p): {k: v.clone() for k, v in t.optimizer.state[p].items()} for pair in ffn for m in pair
+             for p in (m.dense.weight,)}
+    paths_before = t.paths
+    t.train_step()
+    assert path_jaccard_lt1(paths_before, t.paths)  # per-batch: the paths changed
+    named = dict(t.net.mlm.named_parameters())
+    trained = {id(p) for p in t.router.trainable()}
+    for l, (inter, out) in enumerate(ffn):
+        keep = torch.ones(inter.dense.out_features, dtype=torch.bool)
+        keep[t.paths[l]] = False  # neurons outside this step's paths
+        for p, dim in ((inter.dense.weight, 0), (out.dense.weight, 1)):
+            name = next(n for n, q in named.items() if q is p)
+            old, st = before[name], t.optimizer.state[p]
+            assert torch.equal(p.detach().index_select(dim, keep.nonzero()[:, 0]),
+                               old.index_select(dim, keep.nonzero()[:, 0])), name
+            assert not torch.equal(p.detach(), old), name  # the selected ones moved
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(st[k].index_select(dim, keep.nonzero()[:, 0]),
+                                   state[id(p)][k].index_select(dim, keep.nonzero()[:, 0])), (name, k)
+            assert torch.equal(st["step"][keep], state[id(p)]["step"][keep])
+            assert torch.equal(st["step"][~keep], state[id(p)]["step"][~keep] + 1)
+    frozen = [n for n, p in named.items() if id(p) not in trained]
+    assert (len(frozen) > 0) == (scope != "ffn")
+    for n in frozen:
+        assert torch.equal(named[n], before[n]), n
+    moved_other = [n for n, p in named.items() if id(p) in trained and "intermediate" not in n
+                   and "output.dense" not in n and not torch.equal(p, before[n])]
+    assert (len(moved_other) > 0) == (scope != "strict")
+
+
+def path_jaccard_lt1(a, b):
+    return pretrain.path_jaccard(a, b) < 1.0
+
+
+def test_random_selection_is_reproducible_and_exact_across_resume(tiny_model_dir, tmp_path):
+    """--route-select random: the same neurons for the same (seed, step) in two runs, a different draw at
+    each routing, as many per layer as --route-ratio gives."""
+    t1 = routed_trainer(tiny_model_dir, tmp_path / "a", "--route-select", "random", "--route-every", "1")
+    t2 = routed_trainer(tiny_model_dir, tmp_path / "b", "--route-select", "random", "--route-every", "1")
+    draws = []
+    for _ in range(2):
+        t1.train_step(), t2.train_step()
+        assert all(torch.equal(x, y) for x, y in zip(t1.paths, t2.paths))
+        I = t1.router.sizes[0]
+        assert [len(p) for p in t1.paths] == [max(1, round(0.1 * I))] * len(t1.paths)
+        draws.append(t1.paths)
+    assert pretrain.path_jaccard(*draws) < 1.0
+
+
+@pytest.mark.parametrize("argv,msg", [(["--ig-chunk", "-1"], "--ig-chunk"), (["--ig-memory-mb", "0"], "--ig-memory-mb"),
+                                      (["--route-select", "random", "--route-threshold", "0.5"], "--route-threshold")])
+def test_bad_routing_flags_name_the_flag(argv, msg):
+    with pytest.raises(SystemExit, match=msg):
+        pretrain.resolve_config(pretrain.get_parser().parse_args(argv))
+
+
+def test_path_jaccard_by_hand():
+    a = [torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long), torch.tensor([5])]
+    b = [torch.tensor([1, 2, 3]), torch.tensor([], dtype=torch.long), torch.tensor([6])]
+    assert pretrain.path_jaccard(a, b) == pytest.approx((2 / 4 + 1 + 0) / 3)
+
+
+def test_process_group_serves_cpu_and_cuda_tensors():
+    """On GPU the group must carry CUDA tensors (attributions, gradients) over nccl and CPU tensors
+    (the memory bank's gathers, --memory-device cpu) over gloo: nccl alone has no CPU backend."""
+    from torch.distributed.distributed_c10d import BackendConfig
+    assert BackendConfig(pretrain.process_group_backend(True)).get_device_backend_map() == \
+        {"cpu": "gloo", "cuda": "nccl"}
+    assert "cpu" not in BackendConfig("nccl").get_device_backend_map()
+    assert BackendConfig(pretrain.process_group_backend(False)).get_device_backend_map()["cpu"] == "gloo"

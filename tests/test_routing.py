@@ -1,9 +1,10 @@
 """Tests for routing.py (TRELM Sec. 3.3, Eq. 9-12) on tiny random BERT and RoBERTa models.
 
 Run: python -m pytest tests/test_routing.py
-This file is also the torchrun worker of test_ddp_paths_identical (the __main__ block).
+This file is also the torchrun worker of test_ddp_routed_step_identical (the __main__ block).
 """
 import copy
+import io
 import os
 import socket
 import subprocess
@@ -11,12 +12,14 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import routing  # noqa: E402
-from common import ffn_modules, head_decoder  # noqa: E402
+from common import ffn_modules  # noqa: E402
 
 SENTENCES = ["the capital of france is paris .", "rome is the capital of italy .",
              "tokyo is located in japan ."]
@@ -123,6 +126,12 @@ def test_ig_single_layer_modes_agree_and_dead_neurons_get_zero(bert_tok):
     assert (a[0] != 0).sum() > 40
 
 
+def target_positions(batch):
+    """(rows, cols) of the masked positions, where P_x is defined."""
+    B = batch["input_ids"].shape[0]
+    return torch.arange(B), torch.full((B,), POS)
+
+
 @pytest.mark.parametrize("form", routing.FORMS)
 def test_ig_chunked_equals_sequential_and_leaves_model_untouched(tiny_mlm, form):
     model, tok = tiny_mlm
@@ -130,15 +139,19 @@ def test_ig_chunked_equals_sequential_and_leaves_model_untouched(tiny_mlm, form)
     model.base_model.embeddings.word_embeddings.weight.requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]
     before = copy.deepcopy(model.state_dict())
-    run = make_run(make_batch(tok))
-    seq = routing.ffn_attributions(model, run, steps=7, chunk=1, form=form)
+    batch = make_batch(tok)
+    run = make_run(batch)
+    kw = dict(positions=target_positions(batch)) if form == "target" else {}
+    seq = routing.ffn_attributions(model, run, steps=7, chunk=1, form=form, **kw)
+    assert seq.abs().max() > 0
     for chunk in (3, 7, 0):
-        torch.testing.assert_close(routing.ffn_attributions(model, run, steps=7, chunk=chunk, form=form), seq,
+        torch.testing.assert_close(routing.ffn_attributions(model, run, steps=7, chunk=chunk, form=form, **kw), seq,
                                    rtol=1e-4, atol=1e-7)
     assert model.training
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
     assert all("forward" not in vars(m) for m in model.modules())  # the cached-layer patches are gone
+    assert all(not m._forward_hooks for m in model.modules())  # and the hooks
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -196,12 +209,13 @@ def test_chunk_for_memory_bound():
     assert routing._chunk_for(1, (2, 8), 2, cfg, steps=20) == 1  # never below one copy
 
 
-@pytest.mark.parametrize("form", routing.FORMS)
+@pytest.mark.parametrize("form", ["layer", "joint", "target"])
 def test_ig_chunk_without_tiled_run_fails(tiny_mlm, form):
     model, tok = tiny_mlm
     batch = make_batch(tok)
+    kw = dict(positions=target_positions(batch)) if form == "target" else {}
     with pytest.raises(ValueError, match="tile"):
-        routing.ffn_attributions(model, lambda m, repeat=1: make_run(batch)(m), steps=4, chunk=2, form=form)
+        routing.ffn_attributions(model, lambda m, repeat=1: make_run(batch)(m), steps=4, chunk=2, form=form, **kw)
     assert all("forward" not in vars(m) for m in model.modules())
 
 
@@ -218,371 +232,478 @@ def test_select_paths_ratio_and_threshold():
         routing.select_paths(attr, ratio=0)
 
 
-def slice_apply(linear, x, w_sel, b_sel, idx, rows):
-    """_SliceLinear with the slices written into a fresh copy of the full weight (out of place, so
-    gradcheck may perturb w_sel between forward and backward)."""
-    w = linear.weight.detach().index_copy(0 if rows else 1, idx, w_sel.detach())
-    b = linear.bias
-    if b is not None and b_sel is not None:
-        b = b.detach().index_copy(0, idx, b_sel.detach())
-    return routing._SliceLinear.apply(x, w, b, w_sel, b_sel, idx, rows)
+def test_attributions_live_on_the_model_device(tiny_mlm):
+    # reroute all-reduces them where they are: they must be on the compute device (not built on the CPU)
+    model, tok = tiny_mlm
+    attr = routing.ffn_attributions(model, make_run(make_batch(tok)), steps=2)
+    assert attr.device == next(model.parameters()).device and attr.dtype == torch.float32
+
+
+def naive_target(model, run, steps, rows, cols):
+    """The target form by the book: per alpha one forward whose hooks scale v^(l) by alpha at
+    (rows, cols) only, in every layer; gradient w.r.t. each layer's scaled value, times its unscaled
+    value u(alpha), summed over the target positions."""
+    ffns = ffn_modules(model)
+    total = 0
+    for k in range(1, steps + 1):
+        us, zs = [], []
+
+        def hook(m, i, u):
+            z = u.clone()
+            z[rows, cols] = u[rows, cols] * (k / steps)
+            us.append(u.detach())
+            zs.append(z)
+            return z
+        handles = [inter.register_forward_hook(hook) for inter, _ in ffns]
+        probs = run(model)
+        for h in handles:
+            h.remove()
+        grads = torch.autograd.grad(probs.sum(), zs)
+        total = total + torch.stack([(u[rows, cols] * g[rows, cols]).sum(0) for u, g in zip(us, grads)])
+    return total / steps
+
+
+def test_ig_target_form_equals_naive_loop(tiny_mlm):
+    # Only the target positions' activations go from 0 to their real value; summed there only.
+    model, tok = tiny_mlm
+    model = strong_ffn(model)
+    batch = make_batch(tok)
+    run = make_run(batch)
+    rows, cols = target_positions(batch)
+    rows, cols = torch.cat([rows, rows[:1]]), torch.cat([cols, cols[:1] + 1])  # one extra position in row 0
+    ref = naive_target(model, run, 4, rows, cols)
+    for chunk in (1, 0):
+        got = routing.ffn_attributions(model, run, steps=4, chunk=chunk, form="target", positions=(rows, cols))
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-8)
+    joint = routing.ffn_attributions(model, run, steps=4, form="joint")
+    assert (joint - ref).abs().max() > 1e-3 * ref.abs().max()  # not the joint form under another name (~1% here)
+
+
+def test_ig_target_form_needs_valid_positions(tiny_mlm):
+    model, tok = tiny_mlm
+    batch = make_batch(tok)
+    run = make_run(batch)
+    with pytest.raises(ValueError, match="positions"):
+        routing.ffn_attributions(model, run, steps=2, form="target")
+    with pytest.raises(ValueError, match="positions"):
+        routing.ffn_attributions(model, run, steps=2, form="joint", positions=target_positions(batch))
+    with pytest.raises(ValueError, match="must index"):
+        routing.ffn_attributions(model, run, steps=2, form="target", positions=(torch.tensor([3]), torch.tensor([0])))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_first_order_equals_finite_differences(tiny_mlm):
+    # sum_t v_tj * dS/dv_tj is the derivative of S when neuron j's activation is scaled by (1 + e)
+    # at every token: a central difference in float64 checks it without autograd.
+    model, tok = tiny_mlm
+    model = strong_ffn(model).double()
+    run = make_run(make_batch(tok))
+    with routing.capture_ffn_acts(model) as acts:
+        S = run(model).sum()
+    attr = routing.first_order_attributions(acts, S)
+    assert attr.shape == (2, 64) and attr.dtype == torch.float32
+    e = 1e-6
+
+    def s_scaled(l, j, factor):
+        scale = torch.ones(64, dtype=torch.float64)
+        scale[j] = factor
+        h = ffn_modules(model)[l][0].register_forward_hook(lambda m, i, u: u * scale)
+        with torch.no_grad():
+            s = run(model).sum().item()
+        h.remove()
+        return s
+    for l in range(2):
+        for j in [*attr[l].abs().topk(3).indices.tolist(), 7]:
+            fd = (s_scaled(l, j, 1 + e) - s_scaled(l, j, 1 - e)) / (2 * e)
+            assert abs(fd) > 1e-9
+            assert attr[l, j].item() == pytest.approx(fd, rel=1e-4)
+
+
+def test_first_order_on_the_training_forward(tiny_mlm):
+    # On a routed training forward: equal to the joint form with m = 1 (and to form="first-order"),
+    # no parameter gradient is computed (the patched backward would ask for the paths, which are not
+    # set yet), and the training backward still runs on the retained graph afterwards.
+    model, tok = tiny_mlm
+    batch = make_batch(tok)
+    run = make_run(batch)
+    joint1 = routing.ffn_attributions(model, run, steps=1, form="joint")
+    router = routing.Router(model, "blocks")
+    torch.testing.assert_close(routing.ffn_attributions(model, run, form="first-order"), joint1)
+    model.train()
+    with routing.capture_ffn_acts(model) as acts:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["mlm_labels"])
+    rows = torch.arange(out.logits.shape[0])
+    S = out.logits[rows, POS].softmax(-1)[rows, batch["mlm_labels"][:, POS]].sum()
+    attr = routing.first_order_attributions(acts, S)
+    assert all(p.grad is None for p in model.parameters())
+    torch.testing.assert_close(attr, joint1)
+    assert attr.abs().max() > 0
+    router.set_paths(routing.select_paths(attr, ratio=0.1))
+    out.loss.backward()
+    assert ffn_modules(model)[0][0].dense.weight.grad.count_nonzero() == 6 * 32  # the 6 selected rows
+    router.detach()
+    with pytest.raises(RuntimeError, match="capture_ffn_acts"):
+        routing.first_order_attributions([None, None], S)
+
+
+# ----------------------------------------------------------------------------- random selection control
+
+def test_random_paths_reproducible_by_seed_and_step():
+    rng = torch.get_rng_state()
+    a = routing.random_paths(3, 50, 5, seed=7, step=11)
+    assert torch.equal(torch.get_rng_state(), rng)  # no global RNG state consumed: nothing to save for --resume
+    assert [p.numel() for p in a] == [5, 5, 5]
+    for p in a:
+        assert p.dtype == torch.long and torch.equal(p, p.sort().values) and p.unique().numel() == 5
+        assert 0 <= p.min() and p.max() < 50
+    assert all(torch.equal(x, y) for x, y in zip(a, routing.random_paths(3, 50, 5, seed=7, step=11)))
+    for other in (routing.random_paths(3, 50, 5, seed=7, step=12), routing.random_paths(3, 50, 5, seed=8, step=11)):
+        assert any(not torch.equal(x, y) for x, y in zip(a, other))
+    assert not torch.equal(a[0], a[1])  # layers are separate draws
+    b = routing.random_paths(3, 50, [0, 3, 50], seed=7, step=11)
+    assert [p.numel() for p in b] == [0, 3, 50] and torch.equal(b[2], torch.arange(50))
+    with pytest.raises(ValueError, match="k must be"):
+        routing.random_paths(3, 50, 51, seed=7, step=11)
+    with pytest.raises(ValueError, match="k must be"):
+        routing.random_paths(3, 50, [1, 2], seed=7, step=11)
+
+
+# ----------------------------------------------------------------------------- Eq. (12): Router
+
+class FixedPaths:
+    """The one thing _SliceLinear asks its router at backward time."""
+
+    def __init__(self, idx):
+        self.idx = idx
+
+    def paths_of(self, layer):
+        return self.idx
 
 
 @pytest.mark.parametrize("rows,bias", [(True, True), (True, False), (False, True), (False, False)])
-def test_slice_linear_gradcheck(rows, bias):
+def test_slice_linear_gradients_are_the_full_ones_restricted(rows, bias):
+    # rows=True (W_in): rows idx of W and b[idx]; rows=False (W_out): columns idx of W, b (b_out) in full.
     torch.manual_seed(0)
-    linear = torch.nn.Linear(5, 4, bias=bias).double().requires_grad_(False)
-    idx = torch.tensor([0, 3])
-    x = torch.randn(2, 3, 5, dtype=torch.double, requires_grad=True)
-    w_sel = (linear.weight[idx] if rows else linear.weight[:, idx]).clone().requires_grad_()
-    b_sel = linear.bias[idx].clone().requires_grad_() if (rows and bias) else None
-    inputs = (x, w_sel) if b_sel is None else (x, w_sel, b_sel)
-    fn = lambda x, w, b=None: slice_apply(linear, x, w, b, idx, rows)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, inputs)
-
-
-@pytest.mark.parametrize("rows,bias", [(True, True), (True, False), (False, True)])
-def test_slice_linear_matches_nn_linear(rows, bias):
-    # Through the Router's patch (slices copied into the frozen weight): input and slice gradients equal autograd's
-    # full gradients of nn.Linear, only the slices get any, and an update of the slice reaches
-    # the next forward.
-    torch.manual_seed(0)
-    ref = torch.nn.Linear(6, 8, bias=bias)
-    frozen = copy.deepcopy(ref).requires_grad_(False)
+    lin = torch.nn.Linear(6, 8, bias=bias).double()
+    W, b = lin.weight, lin.bias
     idx = torch.tensor([1, 4, 5])
-    x = torch.randn(3, 2, 6)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    gy = torch.randn(3, 2, 8)
-    ref(x1).backward(gy)
-    w_sel = torch.nn.Parameter(frozen.weight[idx] if rows else frozen.weight[:, idx])
-    b_sel = torch.nn.Parameter(frozen.bias[idx]) if (rows and bias) else None
-    patch = routing._SlicePatch(frozen, w_sel, b_sel, idx, rows)
-    y = patch.forward(x2)
-    torch.testing.assert_close(y, ref(x))
-    with torch.no_grad():  # an extra forward between forward and backward must not break backward
-        patch.forward(x)
+    x = torch.randn(3, 2, 6, dtype=torch.double, requires_grad=True)
+    gy = torch.randn(3, 2, 8, dtype=torch.double)
+    ref = torch.autograd.grad(F.linear(x, W, b), [x, W] + ([b] if bias else []), gy)
+    x2 = x.detach().clone().requires_grad_()
+    y = routing._SliceLinear.apply(x2, W, b, FixedPaths(idx), 0, rows)
+    torch.testing.assert_close(y, F.linear(x, W, b), rtol=0, atol=0)
     y.backward(gy)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    torch.testing.assert_close(w_sel.grad, ref.weight.grad[idx] if rows else ref.weight.grad[:, idx])
-    if b_sel is not None:
-        torch.testing.assert_close(b_sel.grad, ref.bias.grad[idx])
-    assert frozen.weight.grad is None and (not bias or frozen.bias.grad is None)
-    torch.optim.SGD([p for p in (w_sel, b_sel) if p is not None], lr=0.1).step()
-    with torch.no_grad():
-        if rows:
-            ref.weight[idx] -= 0.1 * w_sel.grad
-            if bias:
-                ref.bias[idx] -= 0.1 * b_sel.grad
-        else:
-            ref.weight[:, idx] -= 0.1 * w_sel.grad
-    torch.testing.assert_close(patch.forward(x), ref(x))
+    torch.testing.assert_close(x2.grad, ref[0])
+    dim = 0 if rows else 1
+    rest = torch.tensor([j for j in range(W.shape[dim]) if j not in idx])
+    torch.testing.assert_close(W.grad.index_select(dim, idx), ref[1].index_select(dim, idx))
+    assert W.grad.index_select(dim, rest).count_nonzero() == 0
+    if bias and rows:
+        torch.testing.assert_close(b.grad[idx], ref[2][idx])
+        assert b.grad[rest].count_nonzero() == 0
+    elif bias:
+        torch.testing.assert_close(b.grad, ref[2])
 
 
-@pytest.mark.parametrize("opt_kwargs", [{}, {"foreach": True}, {"fused": True}])
-def test_optimizer_update_reaches_next_forward(opt_kwargs):
-    # The slice updates of every AdamW implementation (for-loop, foreach, fused; fused does not
-    # bump the version counter) reach the next forward.
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(4, 6).requires_grad_(False)
-    idx = torch.tensor([2, 5])
-    w_sel, b_sel = torch.nn.Parameter(linear.weight[idx]), torch.nn.Parameter(linear.bias[idx])
-    patch = routing._SlicePatch(linear, w_sel, b_sel, idx, rows=True)
-    x = torch.randn(3, 4)
-    y0 = patch.forward(x)  # (3, 6)
-    y0.sum().backward()
-    torch.optim.AdamW([w_sel, b_sel], lr=0.1, **opt_kwargs).step()
-    y = patch.forward(x)
-    torch.testing.assert_close(y[:, idx], x @ w_sel.detach().t() + b_sel.detach())
-    assert (y[:, idx] - y0[:, idx]).abs().min() > 1e-3  # the step did change the output
+def ffn_param_names(model):
+    """{name: (neuron dim, layer)} of W_in, b_in and W_out, written from the HF names."""
+    pre = f"{model.base_model_prefix}.encoder.layer."
+    out = {}
+    for l in range(model.config.num_hidden_layers):
+        out.update({f"{pre}{l}.intermediate.dense.weight": (0, l), f"{pre}{l}.intermediate.dense.bias": (0, l),
+                    f"{pre}{l}.output.dense.weight": (1, l)})
+    return out
 
 
-def random_paths(model, k=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(inter.dense.out_features, generator=g)[:k].sort().values
-            for inter, _ in ffn_modules(model)]
+def trains_under(name, scope, ln, head_bias, ffn):
+    """The scope definitions of routing's docstring, by parameter name."""
+    if scope == "ffn" or name in ffn:
+        return True
+    if ln and ("LayerNorm" in name or "layer_norm" in name):
+        return True
+    if scope == "blocks":
+        return ".encoder.layer." not in name
+    return head_bias and name in ("cls.predictions.bias", "lm_head.bias")
 
 
-@pytest.mark.parametrize("flags", [(False, False), (True, True)])
-def test_router_gradients_equal_full_backward(tiny_mlm, flags):
+def others(n, idx):
+    return torch.tensor([j for j in range(n) if j not in set(idx.tolist())], dtype=torch.long)
+
+
+SCOPE_CASES = [("strict", False, False), ("strict", True, True), ("blocks", False, False), ("blocks", True, False),
+               ("ffn", False, False)]
+
+
+@pytest.mark.parametrize("scope,ln,hb", SCOPE_CASES)
+def test_router_step_equals_full_backward_restricted(tiny_mlm, scope, ln, hb):
+    # The gradients of what trains equal a full backward (no router) restricted to it: the selected
+    # rows of W_in / b_in and columns of W_out (zero elsewhere), whole tensors for the rest of the
+    # scope, None for the frozen. The paths are set after the forward (per-batch routing). After one
+    # NeuronAdamW step (weight decay on) every frozen element is bitwise unchanged and every path
+    # element moved.
     model, tok = tiny_mlm
     loss_fn = mlm_loss(make_batch(tok))
     ref = copy.deepcopy(model)
     loss_fn(ref).backward()
-    ref_grads = dict(ref.named_parameters())
-    paths = random_paths(model)
-    router = routing.Router().attach(model, paths, train_layernorm=flags[0], train_head_bias=flags[1])
-    loss_fn(model).backward()
-    params = router.parameters()
-    for l, ((inter, out), idx) in enumerate(zip(ffn_modules(model), paths)):
-        w_in, b_in, w_out = params[3 * l: 3 * l + 3]
-        pre = f"{model.base_model_prefix}.encoder.layer.{l}."
-        torch.testing.assert_close(w_in.grad, ref_grads[pre + "intermediate.dense.weight"].grad[idx])
-        torch.testing.assert_close(b_in.grad, ref_grads[pre + "intermediate.dense.bias"].grad[idx])
-        torch.testing.assert_close(w_out.grad, ref_grads[pre + "output.dense.weight"].grad[:, idx])
-    named = {id(p): n for n, p in model.named_parameters()}
-    for p in params[6:]:  # LayerNorms and the head bias when the flags are on
-        torch.testing.assert_close(p.grad, ref_grads[named[id(p)]].grad)
-    n_ln = sum(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
-    assert len(params) == 6 + flags[0] * 2 * n_ln + flags[1]
-    trainable = {id(p) for p in params}
-    assert all(p.grad is None for p in model.parameters() if id(p) not in trainable)
-    router.detach()
-
-
-@pytest.mark.parametrize("flags", [(False, False), (True, True)])
-def test_routed_step_updates_only_paths(tiny_mlm, flags, tmp_path):
-    # Eq. (12) as built: a step moves exactly row j of W_in, b_in[j] and column j of W_out for each
-    # selected j (every input neuron -> j -> every output neuron), and nothing else (b_out, other
-    # rows/columns, attention, embeddings stay bitwise). One AdamW step through the router equals a
-    # full AdamW step whose gradients outside the paths (and the optional LayerNorms / head bias)
-    # are zeroed.
-    model, tok = tiny_mlm
-    loss_fn = mlm_loss(make_batch(tok))
+    ref_grad = {n: p.grad for n, p in ref.named_parameters()}
     original = copy.deepcopy(model.state_dict())
-    keys = list(original)
-    paths = random_paths(model)
+    model.base_model.embeddings.position_embeddings.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
 
-    ref = copy.deepcopy(model)
-    loss_fn(ref).backward()
-    keep = {}
-    for l, idx in enumerate(paths):
-        pre = f"{model.base_model_prefix}.encoder.layer.{l}."
-        m_in = torch.zeros(64, dtype=torch.bool)
-        m_in[idx] = True
-        keep[pre + "intermediate.dense.weight"] = m_in[:, None].expand(64, 32)
-        keep[pre + "intermediate.dense.bias"] = m_in
-        keep[pre + "output.dense.weight"] = m_in[None, :].expand(32, 64)
-    head_bias_names = {n for n, p in ref.state_dict(keep_vars=True).items() if p is head_decoder(ref)[1]}
-    ln_names = {f"{mn}.{pn}" for mn, m in ref.named_modules() if isinstance(m, torch.nn.LayerNorm)
-                for pn, _ in m.named_parameters()}
-    for name, p in ref.named_parameters():
-        if (flags[0] and name in ln_names) or (flags[1] and name in head_bias_names):
-            continue
-        p.grad *= keep[name] if name in keep else 0
-    torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0).step()
+    router = routing.Router(model, scope, train_layernorm=ln, train_head_bias=hb)
+    assert list(model.state_dict()) == list(original)  # the patch changes no state_dict key
+    loss = loss_fn(model)
+    paths = routing.random_paths(2, 64, 6, seed=1, step=0)
+    router.set_paths(paths)
+    loss.backward()
+    ffn = ffn_param_names(model)
+    trainable = {id(p) for p in router.trainable()}
+    named = dict(model.named_parameters())
+    assert len(ffn) == 6 and set(ffn) <= set(named)
+    for n, p in named.items():
+        expect = trains_under(n, scope, ln, hb, ffn)
+        assert (id(p) in trainable) == expect == p.requires_grad, n
+        if not expect:
+            assert p.grad is None, n
+        elif n in ffn:
+            dim, l = ffn[n]
+            torch.testing.assert_close(p.grad.index_select(dim, paths[l]), ref_grad[n].index_select(dim, paths[l]))
+            assert p.grad.index_select(dim, others(p.shape[dim], paths[l])).count_nonzero() == 0, n
+        else:
+            torch.testing.assert_close(p.grad, ref_grad[n])
 
-    router = routing.Router().attach(model, paths, train_layernorm=flags[0], train_head_bias=flags[1])
-    opt = torch.optim.AdamW(router.parameters(), lr=1e-2, weight_decay=0.0)
-    loss_fn(model).backward()
-    opt.step()
-    b = make_batch(tok)
-    with torch.no_grad():  # the attached forward sees the updated slices
-        attached_logits = model(input_ids=b["input_ids"]).logits
-    # saving while attached: same keys, and the values include the step (state_dict pre-hook)
-    attached_sd = model.state_dict()
-    assert list(attached_sd) == keys
-    model.save_pretrained(tmp_path / "attached")
+    routing.NeuronAdamW(router.trainable(), router, lr=1e-2, weight_decay=0.1).step()
+    for n, p in named.items():
+        before = original[n]
+        if not trains_under(n, scope, ln, hb, ffn):
+            assert torch.equal(p, before), n
+        elif n in ffn:
+            dim, l = ffn[n]
+            rest = others(p.shape[dim], paths[l])
+            assert torch.equal(p.index_select(dim, rest), before.index_select(dim, rest)), n
+            assert torch.all(p.index_select(dim, paths[l]) != before.index_select(dim, paths[l])), n
+        else:
+            assert not torch.equal(p, before), n
     router.detach()
-
     assert all("forward" not in vars(m) for m in model.modules())
-    assert all(p.requires_grad for p in model.parameters())
-    sd, ref_sd = model.state_dict(), ref.state_dict()
-    assert list(sd) == keys
-    moved = 0
-    for k in keys:
-        torch.testing.assert_close(sd[k], ref_sd[k], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(attached_sd[k], sd[k], rtol=0, atol=0)
-        unchanged = ~keep[k] if k in keep else torch.ones_like(sd[k], dtype=torch.bool)
-        if (flags[0] and k in ln_names) or (flags[1] and k in head_bias_names):
-            unchanged = torch.zeros_like(unchanged)
-        assert torch.equal(sd[k][unchanged], original[k][unchanged]), k  # bitwise unchanged
-        if k in keep:  # every entry of every path moved (Adam's first step moves each by ~lr)
-            assert torch.all(sd[k][keep[k]] != original[k][keep[k]]), k
-        moved += int((sd[k][~unchanged] != original[k][~unchanged]).sum())
-    n_path = 2 * (6 * 32 + 6 + 32 * 6)
-    assert moved >= n_path  # every path entry moved (Adam's first step moves each by ~lr)
-
-    reloaded = type(model).from_pretrained(tmp_path / "attached")
-    for k, v in reloaded.state_dict().items():
-        torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
-    with torch.no_grad():  # detached forward is the plain model again, equal to the attached one
-        torch.testing.assert_close(model(input_ids=b["input_ids"]).logits, attached_logits)
-        torch.testing.assert_close(reloaded(input_ids=b["input_ids"]).logits, attached_logits)
+    assert [p.requires_grad for p in model.parameters()] == flags
 
 
-def test_router_empty_path_freezes_layer_and_bad_paths_fail(tiny_mlm):
+def test_routed_backward_skips_the_frozen_weight_gradient_flops(tiny_mlm):
+    # Scope ffn differs from a full backward only in the FFN weight gradients: exactly the W_in and
+    # W_out weight-gradient matmuls of the I - k unselected neurons, 2 N H (I - k) FLOPs each, per
+    # layer, are skipped. Freezing more (blocks, strict) skips more.
     model, tok = tiny_mlm
-    paths = [torch.tensor([], dtype=torch.long), torch.tensor([0, 5])]
-    router = routing.Router().attach(model, paths)
-    assert len(router.parameters()) == 3
-    assert "forward" not in vars(ffn_modules(model)[0][0].dense)
-    with pytest.raises(RuntimeError, match="already attached"):
-        router.attach(model, paths)
-    router.detach()
-    with pytest.raises(ValueError, match="distinct neuron indices"):
-        routing.Router().attach(model, [torch.tensor([0, 0]), torch.tensor([64])])
-    assert all(p.requires_grad for p in model.parameters())  # a failed attach changes nothing
+    batch = make_batch(tok)
+    loss_fn = mlm_loss(batch)
+    N, (L, H, I, k) = batch["input_ids"].numel(), (2, 32, 64, 6)
+
+    def backward_flops():
+        loss = loss_fn(model)
+        with FlopCounterMode(display=False) as fc:
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return fc.get_total_flops()
+    full = backward_flops()
+    flops = {}
+    for scope in routing.SCOPES:
+        router = routing.Router(model, scope)
+        router.set_paths(routing.random_paths(L, I, k, seed=0, step=0))
+        flops[scope] = backward_flops()
+        router.detach()
+    assert full - flops["ffn"] == L * 2 * (2 * N * H * (I - k))
+    assert flops["strict"] < flops["blocks"] < flops["ffn"] < full
 
 
-# ----------------------------------------------------------------------------- Adam state across re-routings
-
-def view_of(router, param):
-    """The router's (tensor, idx) cut from model parameter `param`."""
-    hit = [(t, idx) for t, full, dim, idx in router.views() if full is param]
-    assert len(hit) == 1
-    return hit[0]
-
-
-def test_adam_moments_kept_for_slices_that_stay_and_zero_for_new(tiny_mlm):
+def test_router_bad_input_and_missing_paths(tiny_mlm):
     model, tok = tiny_mlm
     loss_fn = mlm_loss(make_batch(tok))
-    (inter0, out0), (inter1, _) = ffn_modules(model)
-    W_in, b_in, W_out = inter0.dense.weight, inter0.dense.bias, out0.dense.weight
-    # full-parameter training first (the fresh-head warm-up), then the first routing
-    full_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(2):
+    with pytest.raises(ValueError, match="--route-scope"):
+        routing.Router(model, "all")
+    router = routing.Router(model, "strict")
+    with pytest.raises(RuntimeError, match="already patched"):
+        routing.Router(model, "ffn")
+    with pytest.raises(RuntimeError, match="set_paths"):
         loss_fn(model).backward()
-        full_opt.step()
-        full_opt.zero_grad()
-    r1 = routing.Router().attach(model, [torch.tensor([0, 1, 2]), torch.tensor([3, 4])])
-    opt1 = torch.optim.AdamW(r1.parameters(), lr=1e-3)
-    routing.carry_adam_state(full_opt, [(p, p, None, None) for p in model.parameters()], opt1, r1.views())
-    w, _ = view_of(r1, W_in)
-    assert torch.equal(opt1.state[w]["exp_avg"], full_opt.state[W_in]["exp_avg"][[0, 1, 2]])
-    w, _ = view_of(r1, W_out)
-    assert torch.equal(opt1.state[w]["exp_avg_sq"], full_opt.state[W_out]["exp_avg_sq"][:, [0, 1, 2]])
-    assert float(opt1.state[w]["step"]) == 2
+    with pytest.raises(ValueError, match="2 layers"):
+        router.set_paths([torch.tensor([0])])
+    for bad in ([torch.tensor([0, 0]), torch.tensor([1])], [torch.tensor([64]), torch.tensor([1])],
+                [torch.tensor([0.5]), torch.tensor([1])], [torch.tensor([[1]]), torch.tensor([1])]):
+        with pytest.raises(ValueError, match="distinct neuron indices"):
+            router.set_paths(bad)
+    router.set_paths([torch.tensor([], dtype=torch.long), [0, 5]])  # an empty path: zero gradient there
     loss_fn(model).backward()
-    opt1.step()
-    old = {name: {k: opt1.state[view_of(r1, P)[0]][k].clone() for k in ("exp_avg", "exp_avg_sq")}
-           for name, P in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out))}
-    old_views = r1.views()
-    r1.detach()
-    # re-route: neurons 1 and 2 stay, 5 is new (layer 0); layer 1 keeps 4, gains 7
-    r2 = routing.Router().attach(model, [torch.tensor([1, 2, 5]), torch.tensor([4, 7])])
-    opt2 = torch.optim.AdamW(r2.parameters(), lr=1e-3)
-    routing.carry_adam_state(opt1, old_views, opt2, r2.views())
-    for name, P in (("W_in", W_in), ("b_in", b_in), ("W_out", W_out)):
-        st = opt2.state[view_of(r2, P)[0]]
-        assert float(st["step"]) == 3
-        for k in ("exp_avg", "exp_avg_sq"):
-            col = P is W_out
-            got, ref = (st[k].t(), old[name][k].t()) if col else (st[k], old[name][k])
-            assert torch.equal(got[0], ref[1]) and torch.equal(got[1], ref[2]), (name, k)  # kept
-            assert torch.count_nonzero(got[2]) == 0, (name, k)  # neuron 5: new, zero moments
-            assert torch.count_nonzero(ref[0]) > 0  # neuron 0 had moments (and is dropped)
-    st = opt2.state[view_of(r2, inter1.dense.weight)[0]]["exp_avg"]
-    assert torch.count_nonzero(st[0]) > 0 and torch.count_nonzero(st[1]) == 0  # 4 kept, 7 new
-    r2.detach()
+    (inter0, out0), (inter1, _) = ffn_modules(model)
+    assert inter0.dense.weight.grad.count_nonzero() == 0 and out0.dense.weight.grad.count_nonzero() == 0
+    assert inter1.dense.weight.grad[[0, 5]].count_nonzero() > 0
+    router.detach()
+    with pytest.raises(RuntimeError, match="detached"):
+        router.detach()
+    assert all(p.requires_grad for p in model.parameters())
 
 
-def test_rerouting_to_the_same_paths_continues_adam_exactly(tiny_mlm):
-    # With unchanged paths, detach + attach + carry_adam_state must be invisible: the next step
-    # equals the step of a router that was never re-attached (a reset would move every slice by ~lr).
+# ----------------------------------------------------------------------------- NeuronAdamW
+
+HP = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
+
+
+class Neurons:
+    """NeuronAdamW's view of the selection (a Router's neuron_dim / selected) for bare parameters."""
+
+    def __init__(self, dims):
+        self.dims, self.idx = dims, {}
+
+    def neuron_dim(self, p):
+        return self.dims.get(id(p))
+
+    def selected(self, p):
+        return self.idx[id(p)]
+
+
+def ffn_like(seed=0):
+    """W_in (6, 4), b_in (6,), W_out (4, 6) with neuron axes 0, 0, 1; a plain vector and matrix."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 4), (6,), (4, 6), (4,), (3, 4)]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    return ps, {id(ps[0]): 0, id(ps[1]): 0, id(ps[2]): 1}
+
+
+def adamw_like(params):
+    """torch.optim.AdamW with pretrain.make_optimizer's two weight-decay groups."""
+    params = list(params)
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": HP["weight_decay"]},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=HP["lr"], betas=HP["betas"], eps=HP["eps"])
+
+
+def set_grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    for p, gr in zip(params, grads):
+        p.grad = gr.clone()
+    return grads
+
+
+def test_neuron_adamw_with_every_neuron_selected_is_adamw():
+    ps, dims = ffn_like()
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    neurons = Neurons(dims)
+    neurons.idx = {i: torch.arange(6) for i in dims}
+    opt, ref = routing.NeuronAdamW(ps, neurons, **HP), adamw_like(twins)
+    for step in range(5):
+        grads = set_grads(ps, step)
+        for t, gr in zip(twins, grads):
+            t.grad = gr.clone()
+        opt.step()
+        ref.step()
+    for p, t in zip(ps, twins):
+        torch.testing.assert_close(p, t, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[t]["exp_avg_sq"], rtol=1e-6, atol=0)
+        assert torch.all(opt.state[p]["step"] == 5)
+    assert opt.state[ps[0]]["step"].shape == (6,) and opt.state[ps[3]]["step"].shape == ()
+
+
+def test_neuron_adamw_steps_only_the_selected_neurons_like_adamw_on_each_slice():
+    # Reference: one torch.optim.AdamW per neuron on that neuron's slice alone, stepped only when the
+    # neuron is selected (so with the slice's own step count); plain parameters: one AdamW.
+    ps, dims = ffn_like()
+    neurons = Neurons(dims)
+    opt = routing.NeuronAdamW(ps, neurons, **HP)
+    refs = {}
+    for i, p in enumerate(ps[:3]):
+        for j in range(6):
+            s = torch.nn.Parameter(p.detach().select(dims[id(p)], j).clone())
+            refs[i, j] = s, torch.optim.AdamW([s], lr=HP["lr"], betas=HP["betas"], eps=HP["eps"],
+                                              weight_decay=HP["weight_decay"] if p.ndim >= 2 else 0.0)
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ps[3:]]
+    plain_opt = adamw_like(plain)
+    selections = [[0, 2, 5], [2, 3], [], [0, 1, 2, 3, 4, 5], [5], [1, 2]]
+    for step, sel in enumerate(selections):
+        idx = torch.tensor(sel, dtype=torch.long)
+        neurons.idx = {i: idx for i in dims}
+        grads = set_grads(ps, step)
+        before = {i: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for i, p in enumerate(ps[:3])}
+        opt.step()
+        for (i, j), (s, o) in refs.items():
+            if j in sel:
+                s.grad = grads[i].select(dims[id(ps[i])], j).clone()
+                o.step()
+        for p, gr in zip(plain, grads[3:]):
+            p.grad = gr.clone()
+        plain_opt.step()
+        for (i, j), (s, o) in refs.items():
+            dim = dims[id(ps[i])]
+            torch.testing.assert_close(ps[i].detach().select(dim, j), s.detach(), rtol=1e-6, atol=1e-8)
+            if o.state:
+                torch.testing.assert_close(opt.state[ps[i]]["exp_avg"].select(dim, j), o.state[s]["exp_avg"],
+                                           rtol=1e-6, atol=1e-9)
+                assert opt.state[ps[i]]["step"][j] == o.state[s]["step"]
+        for i, (w, st) in before.items():
+            dim, rest = dims[id(ps[i])], others(6, idx)
+            assert torch.equal(ps[i].detach().index_select(dim, rest), w.index_select(dim, rest))
+            for k, v in st.items():  # bitwise: weights, moments and step counts of the unselected
+                assert torch.equal(opt.state[ps[i]][k].index_select(0 if k == "step" else dim, rest),
+                                   v.index_select(0 if k == "step" else dim, rest)), k
+        for p, q in zip(ps[3:], plain):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    assert opt.state[ps[0]]["step"].tolist() == [2, 2, 4, 2, 1, 3]  # times each neuron was selected
+
+
+def test_neuron_adamw_state_dict_round_trip_is_exact():
+    ps, dims = ffn_like()
+    neurons = Neurons(dims)
+    opt = routing.NeuronAdamW(ps, neurons, **HP)
+    for step, sel in enumerate([[0, 2, 5], [2, 3]]):
+        neurons.idx = {i: torch.tensor(sel) for i in dims}
+        set_grads(ps, step)
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    neurons2 = Neurons({id(t): dims[id(p)] for p, t in zip(ps, twins) if id(p) in dims})
+    opt2 = routing.NeuronAdamW(twins, neurons2, **HP)
+    opt2.load_state_dict(torch.load(buf))
+    for o, params, n in ((opt, ps, neurons), (opt2, twins, neurons2)):
+        n.idx = {id(p): torch.tensor([3, 5]) for p in params if id(p) in n.dims}
+        set_grads(params, 9)
+        o.step()
+    for p, t in zip(ps, twins):
+        assert torch.equal(p, t)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, opt2.state[t][k]) and v.dtype == opt2.state[t][k].dtype, k
+
+
+def test_from_adamw_carries_moments_and_continues_adamw(tiny_mlm):
+    # Full-parameter AdamW for 2 steps, then routing (scope ffn) with every neuron selected: the
+    # carried state makes the routed step the third AdamW step of the twin that never routed.
     model, tok = tiny_mlm
     loss_fn = mlm_loss(make_batch(tok))
-    paths = random_paths(model)
     twin = copy.deepcopy(model)
-    states = []
-    for m, reroute in ((model, True), (twin, False)):
-        r = routing.Router().attach(m, paths)
-        opt = torch.optim.AdamW(r.parameters(), lr=1e-2)
-        loss_fn(m).backward()
-        opt.step()
-        opt.zero_grad()
-        if reroute:
-            views = r.views()
-            r.detach()
-            r = routing.Router().attach(m, paths)
-            new = torch.optim.AdamW(r.parameters(), lr=1e-2)
-            routing.carry_adam_state(opt, views, new, r.views())
-            opt = new
-        loss_fn(m).backward()
-        opt.step()
-        r.detach()
-        states.append(m.state_dict())
-    for k, v in states[0].items():
-        assert torch.equal(v, states[1][k]), k
-
-
-# ----------------------------------------------------------------------------- pretrain.Trainer's routing
-
-FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "tiny_data")
-
-
-def trainer(model_dir, out, *extra):
-    import pretrain
-    argv = ["--method", "trelm", "--model", model_dir, "--data", FIX, "--output-dir", str(out), "--batch-size", "4",
-            "--seq-len", "32", "--ig-steps", "3", "--route-every", "3", "--max-steps", "8", "--seed", "1", *extra]
-    return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
-
-
-def routing_log(out):
-    import json
-    return [json.loads(l) for l in open(os.path.join(out, "routing.jsonl"))]
-
-
-def test_trained_head_routes_from_step_zero(tiny_model_dir, tmp_path, capsys):
-    t = trainer(tiny_model_dir, tmp_path)
-    assert t.args.route_warmup == 0 and "--route-warmup" not in capsys.readouterr().out
-    head_bias = head_decoder(t.net.mlm)[1].detach().clone()
-    t.train_step()
-    assert t.router is not None  # routed at step 0
-    assert torch.equal(head_decoder(t.net.mlm)[1], head_bias)  # the head is frozen from the first step
-    log = routing_log(tmp_path)
-    assert [r["step"] for r in log] == [0] and "warmup" not in log[0] and log[0]["jaccard_prev"] is None
-
-
-def test_fresh_head_warmup_is_logged_and_trains_everything(tiny_model_dir, tmp_path, capsys):
-    from transformers import BertModel
-    from conftest import make_bert_tokenizer, make_model
-    tok = make_bert_tokenizer(tmp_path)
-    encoder_only = str(tmp_path / "encoder_only")
-    BertModel(make_model("bert", tok).config).save_pretrained(encoder_only)
-    tok.save_pretrained(encoder_only)
-    t = trainer(encoder_only, tmp_path / "run")
-    assert t.args.route_warmup == 3
-    assert "freshly initialised" in capsys.readouterr().out
-    assert routing_log(tmp_path / "run") == [{"step": 0, "warmup": 3, "reason": "fresh MLM head"}]
-    for _ in range(3):
-        t.train_step()
-        assert t.router is None  # full-parameter warm-up
-    t.train_step()
-    assert t.router is not None
-    assert [r.get("step") for r in routing_log(tmp_path / "run")] == [0, 3]
-
-
-def test_trainer_rerouting_keeps_adam_moments(tiny_model_dir, tmp_path):
-    t = trainer(tiny_model_dir, tmp_path, "--route-every", "2")
+    full, twin_opt = adamw_like(model.parameters()), adamw_like(twin.parameters())
     for _ in range(2):
-        t.train_step()  # routes at 0, one routed step
-    moments = {}  # (id(model weight), dim, neuron) -> exp_avg slice before re-routing
-    for tensor, param, dim, idx in t.router.views():
-        if idx is not None:
-            for pos, j in enumerate(idx.tolist()):
-                moments[id(param), dim, j] = t.optimizer.state[tensor]["exp_avg"].select(dim, pos).clone()
-    t.reroute(t.get_batch(0))
-    kept = new = 0
-    for tensor, param, dim, idx in t.router.views():
-        if idx is None:
-            continue
-        st = t.optimizer.state[tensor]
-        assert float(st["step"]) == 2
-        for pos, j in enumerate(idx.tolist()):
-            got = st["exp_avg"].select(dim, pos)
-            if (id(param), dim, j) in moments:
-                assert torch.equal(got, moments[id(param), dim, j])
-                kept += 1
-            else:
-                assert torch.count_nonzero(got) == 0
-                new += 1
-    assert kept > 0
-    log = routing_log(tmp_path)
-    assert [r["step"] for r in log] == [0, 2] and 0 <= log[1]["jaccard_prev"] <= 1
-
-
-@pytest.mark.parametrize("argv,msg", [(["--ig-chunk", "-1"], "--ig-chunk"), (["--ig-memory-mb", "0"], "--ig-memory-mb")])
-def test_bad_ig_flags_name_the_flag(argv, msg):
-    import pretrain
-    with pytest.raises(SystemExit, match=msg):
-        pretrain.resolve_config(pretrain.get_parser().parse_args(argv))
-
-
-def test_path_jaccard_by_hand():
-    import pretrain
-    a = [torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long), torch.tensor([5])]
-    b = [torch.tensor([1, 2, 3]), torch.tensor([], dtype=torch.long), torch.tensor([6])]
-    assert pretrain.path_jaccard(a, b) == pytest.approx((2 / 4 + 1 + 0) / 3)
+        for m, o in ((model, full), (twin, twin_opt)):
+            loss_fn(m).backward()
+            o.step()
+            o.zero_grad()
+    router = routing.Router(model, "ffn")
+    opt = routing.from_adamw(full, router)
+    assert [(g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in opt.param_groups] == \
+        [(HP["lr"], HP["betas"], HP["eps"], HP["weight_decay"]), (HP["lr"], HP["betas"], HP["eps"], 0.0)]
+    W_in = ffn_modules(model)[0][0].dense.weight
+    assert torch.equal(opt.state[W_in]["exp_avg"], full.state[W_in]["exp_avg"])
+    assert opt.state[W_in]["exp_avg"] is not full.state[W_in]["exp_avg"]
+    assert opt.state[W_in]["step"].tolist() == [2.0] * 64
+    router.set_paths([torch.arange(64)] * 2)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        loss_fn(m).backward()
+        o.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+    router.detach()
+    with pytest.raises(ValueError, match="make_optimizer"):
+        routing.from_adamw(torch.optim.AdamW(model.parameters(), weight_decay=0.01), routing.Router(model, "ffn"))
 
 
 # ----------------------------------------------------------------------------- bench.py's memory helper
@@ -606,10 +727,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_paths_identical(tmp_path):
-    # Two gloo ranks see different sentences, so their attributions and local paths differ; after
-    # the all-reduce of the attributions (as pretrain.Trainer.reroute does, on the compute device)
-    # both select the same paths, and after a routed step with all_reduce_grads both models are identical.
+def test_ddp_routed_step_identical(tmp_path):
+    # Two gloo ranks see different sentences, so their first-order attributions and local paths
+    # differ; after the all-reduce of the attributions both select the same paths, and after a routed
+    # step (Router before DDP, NeuronAdamW, paths set between forward and backward) both models are
+    # identical: DDP all-reduced the full-shaped FFN gradients with no help from the router.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", os.path.abspath(__file__), str(tmp_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -622,46 +744,35 @@ def test_ddp_paths_identical(tmp_path):
     torch.testing.assert_close(r0["reduced"], r0["attr"] + r1["attr"])
     for k, v in r0["state"].items():
         assert torch.equal(v, r1["state"][k]), k
-    assert any(not torch.equal(v, r0["initial"][k]) for k, v in r0["state"].items())
-
-
-def test_process_group_serves_cpu_and_cuda_tensors():
-    # On GPU the group must carry CUDA tensors (attributions, gradients) over nccl and CPU tensors
-    # (the memory bank's gathers, --memory-device cpu) over gloo: nccl alone, as before, has no CPU backend.
-    import pretrain
-    from torch.distributed.distributed_c10d import BackendConfig
-    assert BackendConfig(pretrain.process_group_backend(True)).get_device_backend_map() == \
-        {"cpu": "gloo", "cuda": "nccl"}
-    assert "cpu" not in BackendConfig("nccl").get_device_backend_map()  # what the old code used
-    assert BackendConfig(pretrain.process_group_backend(False)).get_device_backend_map()["cpu"] == "gloo"
-
-
-def test_attributions_live_on_the_model_device(tiny_mlm):
-    # reroute all-reduces them where they are: they must be on the compute device (not built on the CPU)
-    model, tok = tiny_mlm
-    attr = routing.ffn_attributions(model, make_run(make_batch(tok)), steps=2)
-    assert attr.device == next(model.parameters()).device and attr.dtype == torch.float32
+    moved = {k for k, v in r0["state"].items() if not torch.equal(v, r0["initial"][k])}
+    assert "bert.encoder.layer.0.intermediate.dense.weight" in moved and "bert.embeddings.word_embeddings.weight" in moved
+    assert "bert.encoder.layer.0.attention.self.query.weight" not in moved  # frozen under "blocks"
 
 
 def _ddp_worker(out_dir):
     import torch.distributed as dist
-    import pretrain
+    from torch.nn.parallel import DistributedDataParallel as DDP
     from conftest import make_bert_tokenizer, make_model
-    dist.init_process_group(pretrain.process_group_backend(use_cuda=False))
+    dist.init_process_group("gloo")
     rank = dist.get_rank()
     tok = make_bert_tokenizer(out_dir)
     model = make_model("bert", tok)  # same seed: identical on both ranks
     initial = copy.deepcopy(model.state_dict())
     batch = make_batch(tok, SENTENCES[rank:rank + 2])  # different data per rank
-    attr = routing.ffn_attributions(model, make_run(batch), steps=4)
+    router = routing.Router(model, "blocks")
+    ddp = DDP(model)
+    opt = routing.NeuronAdamW(router.trainable(), router, lr=1e-2)
+    with routing.capture_ffn_acts(model) as acts:
+        out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["mlm_labels"])
+    rows = torch.arange(out.logits.shape[0])
+    S = out.logits[rows, POS].softmax(-1)[rows, batch["mlm_labels"][:, POS]].sum()
+    attr = routing.first_order_attributions(acts, S)
     local = routing.select_paths(attr, ratio=0.1)
     reduced = attr.clone()
     dist.all_reduce(reduced)
     paths = routing.select_paths(reduced, ratio=0.1)
-    router = routing.Router().attach(model, paths)
-    opt = torch.optim.AdamW(router.parameters(), lr=1e-2)
-    mlm_loss(batch)(model).backward()
-    router.all_reduce_grads()
+    router.set_paths(paths)
+    out.loss.backward()
     opt.step()
     router.detach()
     torch.save(dict(attr=attr, local_paths=local, paths=paths, reduced=reduced, state=model.state_dict(),

@@ -1,4 +1,4 @@
-"""Scale (issue 16): the KG loader's memory at 1/100 Wikidata5M, measured in fresh processes, and a
+"""Scale: the KG loader's memory at 1/100 Wikidata5M, measured in fresh processes, and a
 torchrun launch through the c10d rendezvous the README shows for multi-node runs (gloo, CPU)."""
 import json
 import os
@@ -12,7 +12,7 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_data")
 
 
 def test_kg_at_one_hundredth_of_wikidata5m_grows_a_process_by_under_15_mb(tmp_path):
-    """Issue 16's target is <= 150 MB at 1/10 scale; the same bound scaled to 1/100 is 15 MB, for the
+    """The scale target is <= 150 MB at 1/10 of Wikidata5M; scaled to 1/100 it is 15 MB, for the
     process that parses (in a child, so its arrays do not stay) and for one that memory-maps the cache."""
     synth_kg.main(["--out", str(tmp_path / "s"), "--scale", "0.01", "--docs", "0"])
     kg_dir, cache = str(tmp_path / "s" / "kg"), str(tmp_path / "cache")

@@ -2,13 +2,17 @@
 import copy
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
+import lama
 import subnetworks as S
 from conftest import TEXT, make_bert_tokenizer, make_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CAPITALS = [("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"),
             ("japan", "tokyo"), ("china", "beijing"), ("india", "delhi")]
@@ -247,6 +251,32 @@ def test_lama_reader_split_and_queries(tmp_path, tiny_mlm):
     assert not {f["sub"] for f in t1} & {f["sub"] for f in c1}
 
 
+def test_read_facts_names_a_malformed_line(tmp_path):
+    d = tmp_path / "lama"
+    d.mkdir()
+    (d / "relations.jsonl").write_text(json.dumps({"relation": "P36", "template": "The capital of [X] is [Y] ."}) + "\n")
+    (d / "P36.jsonl").write_text(json.dumps({"sub_label": "France", "obj_label": "Paris"}) + "\n[1, 2]\n")
+    with pytest.raises(lama.LamaDataError, match=r"P36\.jsonl:2: expected one JSON object per line; found a JSON list"):
+        S.read_facts(str(d))
+
+
+def test_recorded_paths_resume_the_committed_seeds():
+    """A seed's config records its paths as common.portable_path writes them: the data root as
+    '../shared/data', a path in the repository relative to it, names as given. So `--resume` on another
+    machine matches the committed results/subnetworks/seed_*.json."""
+    args = S.build_parser().parse_args(["--data-dir", os.path.join(REPO, "..", "shared", "data"), "--model", "minilm",
+                                        "--facts-dir", os.path.join(REPO, "tests", "fixtures", "lama"),
+                                        "--training-state", "no/such/state.pt"])
+    rec = S.recorded_config(args)
+    assert rec["data_dir"] == os.path.join("..", "shared", "data")
+    assert rec["facts_dir"] == os.path.join("tests", "fixtures", "lama")
+    assert rec["model"] == "minilm" and rec["training_state"] == "no/such/state.pt"  # as typed: nothing there
+    assert rec["work_dir"] == os.path.join("runs", "subnetworks") and rec["output_dir"] == "results"
+    committed = os.path.join(REPO, "results", "subnetworks", "seed_0.json")
+    if os.path.exists(committed):
+        assert json.load(open(committed))["config"]["data_dir"] == rec["data_dir"]
+
+
 def test_split_targets_known_facts_and_controls_share_no_entity():
     F = lambda r, s, o: dict(relation=r, sub=s, obj=o, template="[X] [Y]")
     facts = [F("P36", "France", "Paris"), F("P36", "Italy", "Rome"), F("P1376", "Paris", "France"),  # inverse of 0
@@ -453,6 +483,22 @@ def test_main_end_to_end_seeds_resume(tmp_path, tiny_model_dir, capsys):
     assert json.loads((out / "subnetworks.json").read_text())["metrics"]["sparsity"] == m["sparsity"]
     with pytest.raises(SystemExit, match="--steps 3 -> 4"):
         S.main(argv + ["--resume", "--steps", "4"])
+
+
+def test_training_state_is_paired_only_with_the_model_of_its_step(tmp_path):
+    """final/ and checkpoint/ are saved at the run's last step, with checkpoint/training_state.pt; a
+    step_NNNNNN/ snapshot is earlier, so the routing paths of checkpoint/ are not its own."""
+    run = tmp_path / "run"
+    for d in ("final", "step_000010", "checkpoint"):
+        (run / d).mkdir(parents=True)
+    assert S.paired_training_state(str(run / "final")) is None  # no training_state.pt yet
+    (run / "checkpoint" / "training_state.pt").write_bytes(b"")
+    state = str(run / "checkpoint" / "training_state.pt")
+    assert S.paired_training_state(str(run / "final")) == state
+    assert S.paired_training_state(str(run / "final") + "/") == state
+    assert S.paired_training_state(str(run / "checkpoint")) == state
+    assert S.paired_training_state(str(run / "step_000010")) is None
+    assert S.paired_training_state(str(tmp_path / "elsewhere" / "model")) is None
 
 
 def test_split_control_known_k_keeps_only_facts_the_model_nearly_knows():

@@ -1,0 +1,166 @@
+"""Every reader of an official benchmark format in finetune.py (TACRED, FewRel, Open Entity, GLUE)
+refuses a malformed file with a DataError naming the file, the line or record, and what it expected;
+evaluate.py turns it into one line (no traceback). Malformed files are the tests/fixtures ones, cut or
+edited in tmp_path."""
+import json
+import os
+import shutil
+
+import pytest
+
+import evaluate as ev
+import finetune as ft
+
+FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def copy_fixture(tmp_path, name):
+    d = tmp_path / name
+    shutil.copytree(os.path.join(FIX, name), d)
+    return d
+
+
+# ----------------------------------------------------------------------------- TACRED
+
+def test_tacred_truncated_json_names_file_line_and_format(tiny_model_dir, tmp_path):
+    d = copy_fixture(tmp_path, "tacred")
+    text = (d / "dev.json").read_text()
+    (d / "dev.json").write_text(text[:text.index('"token"', 200)])  # cut inside the second row
+    with pytest.raises(ft.DataError, match=r"dev\.json:1:\d+: not valid JSON \(.*truncated\?\); "
+                                           r"expected official TACRED JSON: a list of objects with token"):
+        ft.read_tacred(str(d / "dev.json"))
+    with pytest.raises(SystemExit, match=r"^evaluate.py --task tacred: .*dev\.json:1:\d+: not valid JSON"):
+        ev.main(["--task", "tacred", "--model-dir", tiny_model_dir, "--data-dir", str(d),
+                 "--output-dir", str(tmp_path / "out")])
+
+
+def test_tacred_record_of_the_wrong_shape(tmp_path):
+    rows = json.load(open(os.path.join(FIX, "tacred", "train.json")))
+    cases = [(dict(rows[0], subj_start="0"), r"row 1 \(id fx001\): unexpected subj_start='0'"),
+             (dict(rows[0], token=" ".join(rows[0]["token"])), r"row 1 \(id fx001\): unexpected token='Anna was"),
+             (["Anna", "was", "born"], r"row 1 is a JSON list"),
+             ({k: v for k, v in rows[0].items() if k != "relation"}, r"row 1 \(id fx001\) lacks \['relation'\]")]
+    for bad, message in cases:
+        (tmp_path / "train.json").write_text(json.dumps([rows[1], bad]))
+        with pytest.raises(ft.DataError, match=r"train\.json: " + message):
+            ft.read_tacred(str(tmp_path / "train.json"))
+
+
+# ----------------------------------------------------------------------------- FewRel
+
+def test_fewrel_truncated_json_names_file_line_and_format(tiny_model_dir, tmp_path):
+    d = tmp_path / "fewrel"
+    d.mkdir()
+    text = open(os.path.join(FIX, "fewrel", "val_wiki.json")).read()
+    (d / "val_wiki.json").write_text(text[:len(text) // 2])
+    with pytest.raises(SystemExit, match=r"^evaluate.py --task fewrel: .*val_wiki\.json:\d+:\d+: not valid JSON "
+                                         r"\(.*truncated\?\); expected FewRel JSON"):
+        ev.main(["--task", "fewrel", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path),
+                 "--output-dir", str(tmp_path / "out")])
+
+
+def test_fewrel_instance_says_what_is_wrong():
+    ok = {"tokens": ["Paris", "is", "in", "France"], "h": ["paris", "Q90", [[0]]], "t": ["france", "Q142", [[3]]]}
+    cases = [({k: v for k, v in ok.items() if k != "t"}, r'"t" is missing or not \[name, id, \[\[positions\], \.\.\.\]\]'),
+             (dict(ok, tokens=["Paris", "is", "in", 4]), r'"tokens" is missing or not a list of strings'),
+             (dict(ok, h=["paris", "Q90", [["0"]]]), r'"h" position \'0\' is not a token index in \[0, 4\)'),
+             ("Paris is in France", r"a JSON str, not an object")]
+    for bad, message in cases:
+        with pytest.raises(ft.DataError, match=r"^val_wiki\.json: P17\[1\] is not a FewRel instance: " + message
+                                               + r"; expected FewRel JSON"):
+            ft.fewrel_to_tacred({"P17": [ok, bad]}, source="val_wiki.json")
+
+
+# ----------------------------------------------------------------------------- Open Entity
+
+def open_entity_lines(tmp_path, edit):
+    """The fixture's train.json with line 3 replaced by edit(record of line 3) (a str: written as is)."""
+    lines = open(os.path.join(FIX, "open_entity", "train.json")).read().splitlines()
+    new = edit(json.loads(lines[2]))
+    lines[2] = new if isinstance(new, str) else json.dumps(new)
+    (tmp_path / "train.json").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "train.json")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: json.dumps(r)[:-9], r"not a JSON line \(Unterminated string|not a JSON line \(Expecting"),
+    (lambda r: "{'mention_span': 'x'}", r"not a JSON line \(Expecting property name"),
+    (lambda r: [r], r"a JSON list, not an object"),
+    (lambda r: {k: v for k, v in r.items() if k != "y_str"}, r"lacks \['y_str'\]"),
+    (lambda r: dict(r, y_str="object"), r"unexpected y_str='object'"),  # set('object') would give no type
+    (lambda r: dict(r, left_context_token="He said"), r"unexpected left_context_token='He said'"),
+    (lambda r: dict(r, mention_span=" "), r"unexpected mention_span=' '"),
+])
+def test_open_entity_bad_line_names_file_and_line(tmp_path, edit, message):
+    path = open_entity_lines(tmp_path, edit)
+    with pytest.raises(ft.DataError, match=r"train\.json:3: " + message + r".*expected Open Entity crowd JSON lines"):
+        ft.read_open_entity(path)
+
+
+def test_open_entity_bytes_that_are_not_utf8(tmp_path):
+    path = tmp_path / "dev.json"
+    path.write_bytes(open(os.path.join(FIX, "open_entity", "dev.json"), "rb").read() + b'{"mention_span": "\xff"}\n')
+    n = len(open(os.path.join(FIX, "open_entity", "dev.json")).read().splitlines())
+    with pytest.raises(ft.DataError, match=rf"dev\.json:{n + 1}: not a JSON line \('utf-8' codec can't decode"):
+        ft.read_open_entity(str(path))
+
+
+# ----------------------------------------------------------------------------- GLUE
+
+def glue_file(task):
+    return os.path.join(FIX, "glue", task, "dev_matched.tsv" if task == "MNLI" else "dev.tsv")
+
+
+@pytest.mark.parametrize("task", ["RTE", "MNLI", "STS-B", "QNLI", "WNLI", "MRPC", "SST-2", "CoLA"])
+def test_glue_row_one_column_short_is_refused(tmp_path, task):
+    """Dropping the last field of the second data row: RTE, MNLI, QNLI, WNLI, STS-B read the label from
+    the last column, so without the check a sentence (or an annotator's label) became the label."""
+    spec = ft.GLUE[task]
+    lines = open(glue_file(task), encoding="utf-8-sig").read().splitlines()
+    row = 1 if spec.width else 2  # 0-based index of the second data row
+    lines[row] = lines[row].rsplit("\t", 1)[0]
+    path = tmp_path / os.path.basename(glue_file(task))
+    path.write_text("\n".join(lines) + "\n")
+    width = len(lines[0].split("\t"))
+    where = "in the header \\(line 1\\)" if spec.width is None else f"in every {task} row"
+    with pytest.raises(ft.DataError, match=rf"{path.name}:{row + 1}: {width - 1} tab-separated fields; "
+                                           rf"expected {width}, as {where}$"):
+        ft.read_glue_tsv(str(path), spec)
+
+
+def test_glue_rte_short_row_was_read_as_a_label(tmp_path):
+    """The reported case: sentence2 missing, so its label would be read as sentence2 and the row kept."""
+    (tmp_path / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta b .\tb a .\tentailment\n"
+                                      "1\tc d .\tnot_entailment\n")
+    with pytest.raises(ft.DataError, match=r"dev\.tsv:3: 3 tab-separated fields; expected 4"):
+        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["RTE"])
+    (tmp_path / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta b .\tb a .\tentailment\textra\n")
+    with pytest.raises(ft.DataError, match=r"dev\.tsv:2: 5 tab-separated fields; expected 4"):
+        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["RTE"])
+
+
+def test_glue_header_and_empty_file(tmp_path):
+    (tmp_path / "dev.tsv").write_text("sentence1\tlabel\na\t0\n")  # an SST-2-like file given as WNLI
+    with pytest.raises(ft.DataError, match=r"dev\.tsv:1: header of 2 tab-separated fields; a WNLI file has at least 4"):
+        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["WNLI"])
+    (tmp_path / "dev.tsv").write_text("")
+    with pytest.raises(ft.DataError, match=r"dev\.tsv: no CoLA data rows"):
+        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["CoLA"])
+
+
+def test_glue_qqp_rows_are_skipped_and_counted(capsys):
+    path = os.path.join(FIX, "glue", "QQP", "train.tsv")
+    assert len(ft.read_glue_tsv(path, ft.GLUE["QQP"])) == 5
+    assert capsys.readouterr().out == f"{path}: skipped 1 QQP rows without 6 fields, as run_glue does\n"
+
+
+def test_glue_cli_refuses_a_short_dev_row(tiny_model_dir, tmp_path):
+    d = tmp_path / "glue_data"
+    shutil.copytree(os.path.join(FIX, "glue", "RTE"), d / "RTE")
+    lines = (d / "RTE" / "dev.tsv").read_text().splitlines()
+    lines[1] = "\t".join(lines[1].split("\t")[:2] + lines[1].split("\t")[3:])  # sentence2 missing
+    (d / "RTE" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=r"^evaluate.py --task glue: .*RTE/dev\.tsv:2: 3 tab-separated fields; "
+                                         r"expected 4"):
+        ev.main(["--task", "glue", "--glue-tasks", "RTE", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path),
+                 "--output-dir", str(tmp_path / "out")])
