@@ -48,8 +48,8 @@ Keys (the ratios below run pretrain.Trainer on the embedded default: real batche
                          default), mean over layers, same micro-batch (one value)
   ig_joint_over_layer    the joint form's attribution time / Eq. 11's
   attr_<form>_over_step  one attribution of --ig-form <form> (joint, target, first_order) / one full
-                         training step; first_order reuses the step's forward, so its cost is the
-                         per-batch step below minus the same step with fixed paths
+                         training step; first_order reuses the step's forward: its cost is the
+                         gradient of P_x to the FFN activations alone (readings group)
   attr_<form>_topk_jaccard_vs_exact  Jaccard of its top --route-ratio neurons with Eq. 11's, same
                          batch and weights (first_order: on the training forward, dropout on)
   readings group (measure_readings), the readings of routing (--route-scope, per-batch routing):
@@ -139,7 +139,9 @@ def matmul_probe(shapes, tries=3):
 
 def interleaved(fns, repeats, peak_shapes, warmup=1):
     """Seconds of each fn per repeat, timed round-robin (start rotating by one each round) together
-    with a matmul probe. -> {name: [seconds] * repeats, "matmul_gflops": [GFLOP/s] * repeats}."""
+    with a matmul probe. -> {name: [seconds] * repeats, "matmul_gflops": [GFLOP/s] * repeats}. A fn that
+    must set up work untimed first (a forward before the attribution that reuses it) returns the
+    seconds of its timed part itself."""
     probe = matmul_probe(peak_shapes)
     for f in fns.values():
         for _ in range(warmup):
@@ -153,8 +155,8 @@ def interleaved(fns, repeats, peak_shapes, warmup=1):
                 out[k].append(probe())
                 continue
             t0 = time.perf_counter()
-            fns[k]()
-            out[k].append(time.perf_counter() - t0)
+            own = fns[k]()
+            out[k].append(own if isinstance(own, float) else time.perf_counter() - t0)
     return out
 
 
@@ -359,15 +361,24 @@ def measure_readings(args):
         ts[f"routed_{scope}"] = trainer(["--method", "trelm", "--route-scope", scope], args)
         reroute(ts[f"routed_{scope}"])
     ts["every1"] = routed(trainer(["--method", "trelm", *every1], args))
-    s = interleaved({f"{k}_step_s": fixed_step(t) for k, t in ts.items()}, args.repeats, model_shapes(args))
+    e1 = ts["every1"]
+    e1.step = 1
+    batch = e1.get_batch(0)
+
+    def first_order():  # the attribution alone, on the training forward it reuses (untimed)
+        out = e1.forward(batch, 0, keep_acts=True)
+        t0 = time.perf_counter()
+        e1.attribute(batch, out)
+        return time.perf_counter() - t0
+    s = interleaved({**{f"{k}_step_s": fixed_step(t) for k, t in ts.items()}, "attr_first_order_s": first_order},
+                    args.repeats, model_shapes(args))
     rounds = [dict(zip(s, r)) for r in zip(*s.values())]
     out = dict(s)
     for scope in ("ffn", "blocks"):
         out[f"routed_{scope}_step_over_full"] = [r[f"routed_{scope}_step_s"] / r["full_step_s"] for r in rounds]
     out["routed_strict_step_over_full"] = [r["routed_strict_step_s"] / r["full_step_s"] for r in rounds]
     out["trelm_step_over_mlm_every1"] = [r["every1_step_s"] / r["mlm_step_s"] for r in rounds]
-    out["attr_first_order_over_step"] = [(r["every1_step_s"] - r["routed_ffn_step_s"]) / r["full_step_s"]
-                                         for r in rounds]
+    out["attr_first_order_over_step"] = [r["attr_first_order_s"] / r["full_step_s"] for r in rounds]
     return out
 
 

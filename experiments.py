@@ -211,22 +211,15 @@ def generic_lines(corpus_path, probe_dir):
         raise SystemExit(f"{probe_dir}: no P*.jsonl probe file")
     matcher = data_mini.AliasMatcher({l: {"aliases": [l]} for l in labels})
     kept, counts = [], {"fact_lines": 0, "text_lines_naming_a_probe_fact": 0}
-    with open(corpus_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{corpus_path}:{n}: not valid JSON ({e})") from e
-            if rec.get("entities"):
-                counts["fact_lines"] += 1
-                continue
-            found = matcher.entities_in(rec["text"])
-            if any((s, o) in pairs for s in found for o in found):
-                counts["text_lines_naming_a_probe_fact"] += 1
-                continue
-            kept.append(json.dumps({"text": rec["text"]}, ensure_ascii=False) + "\n")
+    for _, rec in lama.read_jsonl(corpus_path):  # a bad line names corpus_path:line
+        if rec.get("entities"):
+            counts["fact_lines"] += 1
+            continue
+        found = matcher.entities_in(rec["text"])
+        if any((s, o) in pairs for s in found for o in found):
+            counts["text_lines_naming_a_probe_fact"] += 1
+            continue
+        kept.append(json.dumps({"text": rec["text"]}, ensure_ascii=False) + "\n")
     if not kept:
         raise SystemExit(f"{corpus_path}: no generic text line (every line is a fact line or names a probe fact)")
     counts["generic_lines"] = len(kept)

@@ -1,7 +1,9 @@
 """Tiny BERT (WordPiece) and RoBERTa (byte-level BPE) models and tokenizers built in code, so the
 suite never downloads anything."""
 import os
+import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,3 +77,25 @@ def tiny_model_dir(tmp_path):
     model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def git_repo(tmp_path):
+    """A fresh git repository in tmp_path: .git(*args) -> stdout, .write({path: text}),
+    .commit({path: text}, message) -> the new HEAD."""
+    def git(*a):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    def write(files):
+        for f, text in files.items():
+            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / f).write_text(text)
+
+    def commit(files, message="code"):
+        write(files)
+        git("add", "-A")
+        git("commit", "-qm", message)
+        return git("rev-parse", "HEAD")
+    git("init", "-q")
+    return SimpleNamespace(git=git, write=write, commit=commit, path=tmp_path)

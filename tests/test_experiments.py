@@ -243,52 +243,17 @@ def test_report_status_pending_until_final(tmp_path, monkeypatch):
     assert "hparams not run" in ex.pending_reasons(args, ex.load_results(str(out)))
 
 
-def test_code_changed_since_looks_at_study_code_only(tmp_path):
-    import subprocess
-    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
-                                    check=True, capture_output=True, text=True).stdout.strip()
-    git("init", "-q")
-    (tmp_path / "a.py").write_text("x = 1\n")
-    (tmp_path / "REPORT.md").write_text("old\n")
-    git("add", "-A")
-    git("commit", "-qm", "code")
-    c = git("rev-parse", "HEAD")
-    (tmp_path / "REPORT.md").write_text("new results\n")  # results committed after the run: still current
-    git("commit", "-qam", "results")
-    assert ex.code_changed_since(c, repo=tmp_path) == ""
-    for f in ("tests/test_a.py", "subnetworks.py"):  # code no study run executes: still current
-        (tmp_path / f).parent.mkdir(exist_ok=True)
-        (tmp_path / f).write_text("y = 1\n")
-        git("add", f)
-    git("commit", "-qm", "tests and analysis")
-    assert ex.code_changed_since(c, repo=tmp_path) == ""
-    (tmp_path / "a.py").write_text("x = 2\n")
-    assert ex.code_changed_since(c, repo=tmp_path) == "a.py"
-    assert ex.code_changed_since(c + "-dirty", repo=tmp_path) == "unknown or uncommitted code"
-    assert "not in this clone" in ex.code_changed_since("f" * 40, repo=tmp_path)
-
-
-def test_git_commit_is_dirty_only_when_code_differs(tmp_path):
-    import subprocess
-    import common
-    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
-                                    check=True, capture_output=True, text=True).stdout.strip()
-    git("init", "-q")
-    for f in ("a.py", "requirements.txt", "results/x.json", "tests/test_a.py"):
-        (tmp_path / f).parent.mkdir(exist_ok=True)
-        (tmp_path / f).write_text("1\n")
-    git("add", "-A")
-    git("commit", "-qm", "code")
-    head = git("rev-parse", "HEAD")
-    (tmp_path / "results/x.json").write_text("2\n")  # an earlier run rewrote a tracked result
-    (tmp_path / "tests/test_a.py").write_text("2\n")
-    assert common.git_commit(tmp_path) == head
-    (tmp_path / "requirements.txt").write_text("2\n")
-    assert common.git_commit(tmp_path) == head + "-dirty"
-    git("checkout", "requirements.txt")
-    (tmp_path / "a.py").write_text("2\n")
-    git("add", "a.py")  # staged counts too
-    assert common.git_commit(tmp_path) == head + "-dirty"
+def test_code_changed_since_looks_at_study_code_only(git_repo):
+    c = git_repo.commit({"a.py": "x = 1\n", "REPORT.md": "old\n"})
+    git_repo.commit({"REPORT.md": "new results\n"}, "results")  # results committed after the run: still current
+    assert ex.code_changed_since(c, repo=git_repo.path) == ""
+    # code no study run executes: still current
+    git_repo.commit({"tests/test_a.py": "y = 1\n", "subnetworks.py": "y = 1\n"}, "tests and analysis")
+    assert ex.code_changed_since(c, repo=git_repo.path) == ""
+    git_repo.write({"a.py": "x = 2\n"})
+    assert ex.code_changed_since(c, repo=git_repo.path) == "a.py"
+    assert ex.code_changed_since(c + "-dirty", repo=git_repo.path) == "unknown or uncommitted code"
+    assert "not in this clone" in ex.code_changed_since("f" * 40, repo=git_repo.path)
 
 
 def test_pending_accepts_runs_of_a_commit_a_same_code_check_passed(tmp_path, monkeypatch):

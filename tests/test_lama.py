@@ -70,33 +70,26 @@ def test_read_errors_name_file_and_line(tmp_path):
         lama.read_lama_relation(str(p))
 
 
-@pytest.mark.parametrize("line, expected", [
-    ('{"sub_label": "a", "obj_label": ', "expected one JSON object per line; not valid JSON"),
-    ('["Paris", "France"]', "expected one JSON object per line; found a JSON list"),
-    ('"Paris"', "expected one JSON object per line; found a JSON str"),
-    ('{"sub_label": "a", "obj_label": 5}', "expected string subject and object labels; found 'a' and 5"),
-    ('{"sub": ["a"], "obj": "b"}', "expected string subject and object labels"),
-    ('{"sub_label": "a", "obj_label": "b", "judgments": ["yes"]}', "expected 'judgments' to be a list of objects"),
+FACT, RELATION = '{"sub_label": "x", "obj_label": "y"}', '{"relation": "P0", "template": "[X] is [Y] ."}'
+
+
+@pytest.mark.parametrize("name, good, line, expected", [
+    ("P1.jsonl", FACT, '{"sub_label": "a", "obj_label": ', "expected one JSON object per line; not valid JSON"),
+    ("P1.jsonl", FACT, '["Paris", "France"]', "expected one JSON object per line; found a JSON list"),
+    ("P1.jsonl", FACT, '{"sub_label": "a", "obj_label": 5}', "expected string subject and object labels; found 'a' and 5"),
+    ("P1.jsonl", FACT, '{"sub_label": "a", "obj_label": "b", "judgments": ["yes"]}', "expected 'judgments' to be a list"),
+    ("relations.jsonl", RELATION, "42", "expected one JSON object per line; found a JSON int"),
+    ("relations.jsonl", RELATION, '{"relation": "P1"}', "expected 'relation' and 'template'; found keys ['relation']"),
+    ("relations.jsonl", RELATION, '{"relation": "P1", "template": 5}', "expected a string 'relation' and 'template'"),
+    ("relations.jsonl", RELATION, '{"relation": "P1", "template": "[X] is it ."}', "template '[X] is it .' must contain"),
 ])
-def test_malformed_fact_line_names_file_line_and_expectation(tmp_path, line, expected):
-    p = tmp_path / "P1.jsonl"
-    p.write_text('{"sub_label": "x", "obj_label": "y"}\n\n' + line + "\n")  # line 3: blank lines count
+def test_malformed_line_names_file_line_and_expectation(tmp_path, name, good, line, expected):
+    """A fact file (read_lama_relation) or relations.jsonl (read_templates): line 3 is bad (blank lines count)."""
+    p = tmp_path / name
+    p.write_text(good + "\n\n" + line + "\n")
+    read = lama.read_templates if name == "relations.jsonl" else lama.read_lama_relation
     with pytest.raises(lama.LamaDataError, match=re.escape(f"{p}:3: {expected}")):
-        lama.read_lama_relation(str(p))
-
-
-@pytest.mark.parametrize("line, expected", [
-    ('{"relation": "P1", "template": "[X] is [Y] ."', "expected one JSON object per line; not valid JSON"),
-    ("42", "expected one JSON object per line; found a JSON int"),
-    ('{"relation": "P1"}', "expected 'relation' and 'template'; found keys ['relation']"),
-    ('{"relation": "P1", "template": 5}', "expected a string 'relation' and 'template'; found 'P1' and 5"),
-    ('{"relation": "P1", "template": "[X] is it ."}', "template '[X] is it .' must contain [X] and [Y]"),
-])
-def test_malformed_relations_line_names_file_line_and_expectation(tmp_path, line, expected):
-    p = tmp_path / "relations.jsonl"
-    p.write_text('{"relation": "P0", "template": "[X] is [Y] ."}\n' + line + "\n")
-    with pytest.raises(lama.LamaDataError, match=re.escape(f"{p}:2: {expected}")):
-        lama.read_templates(str(p))
+        read(str(p))
 
 
 def test_non_utf8_line_names_file_and_line(tmp_path):
@@ -371,23 +364,6 @@ def test_model_dir_messages_name_the_flag(tmp_path, tiny_model_dir):
     with pytest.raises(SystemExit, match=r"^--model no-such-org/no-such-model: not a local directory and not in the "
                                          r"Hugging Face cache.*pass the local directory to --model\.$"):
         common.load_mlm("no-such-org/no-such-model")
-
-
-def test_mini_task_accepts_a_run_root(tiny_model_dir, tmp_path, capsys):
-    """evaluate.py --task mini --model-dir RUN_ROOT scores RUN_ROOT/final and says so."""
-    root = tmp_path / "runs" / "trelm"
-    shutil.copytree(tiny_model_dir, root / "final")
-    (root / "checkpoint").mkdir()
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    (probes / "relations.jsonl").write_text('{"relation": "P36", "template": "The capital of [X] is [Y] ."}\n')
-    (probes / "P36.jsonl").write_text(json.dumps({"sub_label": "France", "obj_label": "Paris", "split": "seen"}) + "\n")
-    a = json.load(open(evaluate.main(["--task", "mini", "--model-dir", str(root), "--probe-dir", str(probes),
-                                "--output-dir", str(tmp_path / "a")])))
-    assert f"a pretrain.py run directory; using its final model, {root / 'final'}" in capsys.readouterr().out
-    b = json.load(open(evaluate.main(["--task", "mini", "--model-dir", str(root / "final"), "--probe-dir", str(probes),
-                                "--output-dir", str(tmp_path / "b")])))
-    assert a["config"]["model_path"] == str(root / "final") and a["metrics"] == b["metrics"]
 
 
 def test_help_states_each_default_once():

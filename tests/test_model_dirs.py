@@ -60,7 +60,10 @@ def test_evaluate_scores_the_final_model_of_a_run_root(tiny_model_dir, tmp_path,
     res = json.load(open(ev.main(["--task", "mini", "--model-dir", str(root), "--probe-dir", str(probes),
                                   "--output-dir", str(tmp_path / "out")])))
     assert res["config"]["model_path"] == str(root / "final")
-    assert capsys.readouterr().out.count("using its final model") == 1
+    assert capsys.readouterr().out.count(f"a pretrain.py run directory; using its final model, {root / 'final'}") == 1
+    final = json.load(open(ev.main(["--task", "mini", "--model-dir", str(root / "final"), "--probe-dir", str(probes),
+                                    "--output-dir", str(tmp_path / "final")])))
+    assert res["metrics"] == final["metrics"]
 
 
 def test_run_root_with_no_model_yet_is_one_line(tiny_model_dir, tmp_path):

@@ -109,27 +109,26 @@ def test_probe_results_record_repository_relative_paths(tiny_model_dir, tmp_path
     assert sources and all(s.startswith(rel + os.sep) and s.endswith(".jsonl") for s in sources)
 
 
-def test_untracked_code_makes_a_run_dirty(tmp_path):
-    """`git diff` does not see a new file: an untracked .py file that git does not ignore is code a run may
-    import, so it marks the commit '-dirty'; a new test, an ignored .py file or a new non-code file do not."""
-    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path,
-                                    check=True, capture_output=True, text=True).stdout.strip()
-    git("init", "-q")
-    (tmp_path / "a.py").write_text("1\n")
-    (tmp_path / ".gitignore").write_text("/runs/\n")
-    git("add", "-A")
-    git("commit", "-qm", "code")
-    head = git("rev-parse", "HEAD")
-    for f in ("tests/test_new.py", "runs/x.py", "notes.md"):
-        (tmp_path / f).parent.mkdir(exist_ok=True)
-        (tmp_path / f).write_text("1\n")
-    assert common.git_commit(tmp_path) == head
-    (tmp_path / "a_new.py").write_text("1\n")
-    assert common.git_commit(tmp_path) == head + "-dirty"
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "b.py").write_text("1\n")
-    assert sorted(common.changed_code(head, tmp_path)) == ["a_new.py", "pkg/b.py"]
-    assert common.changed_code(head, tmp_path, ignore=("tests/", "pkg/", "a_new.py")) == []
+def test_git_commit_is_dirty_only_when_code_differs(git_repo):
+    """A run records the code it executed: an edited result or test leaves HEAD clean; edited, staged or
+    new (untracked, not ignored) code marks it '-dirty'; a new test, an ignored .py file or a new non-code
+    file do not (`git diff` alone does not see new files)."""
+    head = git_repo.commit({"a.py": "1\n", "requirements.txt": "1\n", "results/x.json": "1\n",
+                            "tests/test_a.py": "1\n", ".gitignore": "/runs/\n"})
+    git_repo.write({"results/x.json": "2\n", "tests/test_a.py": "2\n"})  # an earlier run rewrote a result
+    git_repo.write({"tests/test_new.py": "1\n", "runs/x.py": "1\n", "notes.md": "1\n"})
+    assert common.git_commit(git_repo.path) == head
+    git_repo.write({"requirements.txt": "2\n"})
+    assert common.git_commit(git_repo.path) == head + "-dirty"
+    git_repo.git("checkout", "requirements.txt")
+    git_repo.write({"a.py": "2\n"})
+    git_repo.git("add", "a.py")  # staged counts too
+    assert common.git_commit(git_repo.path) == head + "-dirty"
+    git_repo.git("reset", "-q", "--hard")
+    git_repo.write({"tests/test_new.py": "1\n", "a_new.py": "1\n", "pkg/b.py": "1\n"})
+    assert common.git_commit(git_repo.path) == head + "-dirty"
+    assert sorted(common.changed_code(head, git_repo.path)) == ["a_new.py", "pkg/b.py"]
+    assert common.changed_code(head, git_repo.path, ignore=("tests/", "pkg/", "a_new.py")) == []
 
 
 def test_committed_results_hold_no_absolute_path():

@@ -128,24 +128,20 @@ def test_glue_row_one_column_short_is_refused(tmp_path, task):
         ft.read_glue_tsv(str(path), spec)
 
 
-def test_glue_rte_short_row_was_read_as_a_label(tmp_path):
-    """The reported case: sentence2 missing, so its label would be read as sentence2 and the row kept."""
-    (tmp_path / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta b .\tb a .\tentailment\n"
-                                      "1\tc d .\tnot_entailment\n")
-    with pytest.raises(ft.DataError, match=r"dev\.tsv:3: 3 tab-separated fields; expected 4"):
-        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["RTE"])
-    (tmp_path / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta b .\tb a .\tentailment\textra\n")
-    with pytest.raises(ft.DataError, match=r"dev\.tsv:2: 5 tab-separated fields; expected 4"):
-        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["RTE"])
-
-
-def test_glue_header_and_empty_file(tmp_path):
-    (tmp_path / "dev.tsv").write_text("sentence1\tlabel\na\t0\n")  # an SST-2-like file given as WNLI
-    with pytest.raises(ft.DataError, match=r"dev\.tsv:1: header of 2 tab-separated fields; a WNLI file has at least 4"):
-        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["WNLI"])
-    (tmp_path / "dev.tsv").write_text("")
-    with pytest.raises(ft.DataError, match=r"dev\.tsv: no CoLA data rows"):
-        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["CoLA"])
+@pytest.mark.parametrize("task, text, expected", [
+    # the reported case: sentence2 missing, so its label was read as sentence2 and the row kept
+    ("RTE", "index\tsentence1\tsentence2\tlabel\n0\ta b .\tb a .\tentailment\n1\tc d .\tnot_entailment\n",
+     r"dev\.tsv:3: 3 tab-separated fields; expected 4"),
+    ("RTE", "index\tsentence1\tsentence2\tlabel\n0\ta b .\tb a .\tentailment\textra\n",
+     r"dev\.tsv:2: 5 tab-separated fields; expected 4"),
+    ("WNLI", "sentence1\tlabel\na\t0\n",  # an SST-2-like file given as WNLI
+     r"dev\.tsv:1: header of 2 tab-separated fields; a WNLI file has at least 4"),
+    ("CoLA", "", r"dev\.tsv: no CoLA data rows"),
+])
+def test_glue_rows_and_header_are_checked(tmp_path, task, text, expected):
+    (tmp_path / "dev.tsv").write_text(text)
+    with pytest.raises(ft.DataError, match=expected):
+        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE[task])
 
 
 def test_glue_qqp_rows_are_skipped_and_counted(capsys):
