@@ -88,6 +88,8 @@ import time
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from transformers import BertConfig, BertForMaskedLM
 
 import common
@@ -259,9 +261,9 @@ def measure_plain(args):
 def trainer(method_flags, args):
     """A pretrain.Trainer on the embedded default with the benchmark batch shape. All trainers of one
     config share one output dir, so the corpus is linked and tokenized once (nothing else is written)."""
-    argv = [*method_flags, "--model", args.model, "--data", args.data, "--batch-size", str(args.batch),
-            "--seq-len", str(args.seq), "--output-dir", args.workdir, "--route-every", str(args.route_every),
-            *args.pretrain_flags]
+    argv = ["--model", args.model, "--data", args.data, "--batch-size", str(args.batch), "--seq-len", str(args.seq),
+            "--output-dir", args.workdir, "--route-every", str(args.route_every), *args.pretrain_flags,
+            *method_flags]  # the variant's own flags last: they win (a per-batch variant's --route-every 1)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's start messages: stdout is the JSON
         return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
 
@@ -416,6 +418,83 @@ def measure_injection(args):
                     args.repeats, model_shapes(args))
     out.update(s)
     out["trelm_norouting_step_over_mlm"] = [t / m for m, t in zip(s["mlm_trainer_step_s"], s["trelm_norouting_step_s"])]
+    return out
+
+
+def trainable_share(t):
+    """Fraction of the model's parameters a step of trainer t updates: everything without routing; under
+    routing the scope's parameters, FFN weights counted at their selected neurons only."""
+    params = list(t.net.mlm.parameters())
+    total = sum(p.numel() for p in params)
+    if t.router is None:
+        return sum(p.numel() for p in params if p.requires_grad) / total
+    n = 0
+    for p in t.router.trainable():
+        dim = t.router.neuron_dim(p)
+        n += p.numel() if dim is None else p.numel() // p.shape[dim] * len(t.router.selected(p))
+    return n / total
+
+
+class MatmulFlops(TorchDispatchMode):
+    """Counts the FLOPs of every op torch's flop_counter has a formula for (matmuls, convolutions,
+    attention) in its block; unlike FlopCounterMode it tracks no modules, whose backward hooks
+    autograd.grad (an attribution) does not support."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def step_flops(fn):
+    """Matmul FLOPs of fn() (MatmulFlops: the routed backward's skipped weight gradients and an
+    attribution's passes included): the analytic cross-check of a measured time."""
+    with MatmulFlops() as counter:
+        fn()
+    return counter.total
+
+
+def measure_costs(args, variants):
+    """The study's cost axis: per variant (name, pretrain flags), the seconds of one training step over a
+    plain MLM step's, interleaved in one process (cost_over_mlm), plus, for variants that route every N > 1
+    steps, one attribution's seconds over N (amortised; the per-batch variants' steps include theirs);
+    the same from counted matmul FLOPs (flops_over_mlm); the trainable share of parameters. Routed
+    variants are routed once before timing (a trained-head model routes from step 0)."""
+    ts, every = {}, {}
+    for name, flags in variants:
+        t = trainer(flags, args)
+        if t.args.routing:
+            reroute(t) if t.args.route_every > 1 else routed(t)
+            every[name] = t.args.route_every
+        ts[name] = t
+    fns = {f"{n}_step_s": fixed_step(t) for n, t in ts.items()}
+    amortised = [n for n in every if every[n] > 1]
+    if amortised:
+        t = ts[amortised[0]]  # every variant attributes the same way (--ig-form of the study): timed once
+        t.step = 1
+        batch = t.get_batch(0)
+        fns["attribution_s"] = lambda: t.attribute(batch, None)
+    s = interleaved(fns, args.repeats, model_shapes(args))
+    mlm = next(n for n, f in variants if f[f.index("--method") + 1] == "mlm")
+    out = {"costs": {}}
+    flops = {n: step_flops(fixed_step(t)) for n, t in ts.items()}
+    if amortised:
+        attr_flops = step_flops(fns["attribution_s"])
+    for n, t in ts.items():
+        extra = s["attribution_s"] if n in amortised else [0.0] * args.repeats
+        ratios = [(st + a / every.get(n, 1)) / m for st, a, m in zip(s[f"{n}_step_s"], extra, s[f"{mlm}_step_s"])]
+        f = flops[n] + (attr_flops / every[n] if n in amortised else 0)
+        out["costs"][n] = {"cost_over_mlm": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
+                           "repeats": ratios, "flops_over_mlm": f / flops[mlm],
+                           "trainable_share": trainable_share(t), "route_every": every.get(n)}
+    out["seconds"] = {k: statistics.median(v) for k, v in s.items()}
     return out
 
 
@@ -632,7 +711,21 @@ def get_parser():
     p.add_argument("--route-every", type=int, default=100, help="IG amortised over this many steps")
     p.add_argument("--inj-steps", type=int, default=20, help="injection group: steps that fill the memory bank first")
     p.add_argument("--workdir", default="runs/bench")
+    p.add_argument("--costs", default=None, metavar="PATH",
+                   help="instead: the study's cost axis (measure_costs of experiments.py's frontier variants at the "
+                        "study's batch x sequence length) written to PATH (results/costs.json)")
     return p
+
+
+def write_costs(args):
+    """bench.py --costs PATH: measure_costs at the study's shape, with the commit and the machine's load."""
+    _, study = configs(argparse.Namespace(**{**vars(args), "config": "study"}))[1]
+    costs = measure_costs(study, experiments.VARIANTS["frontier"])
+    costs.update(commit=common.git_commit(), threads=torch.get_num_threads(), repeats=args.repeats,
+                 loadavg_1min=round(os.getloadavg()[0], 2), shape=[study.batch, study.seq], model=args.model)
+    common.atomic_write_json(args.costs, costs)
+    print(json.dumps({n: round(c["cost_over_mlm"], 3) for n, c in costs["costs"].items()}, indent=1))
+    return costs
 
 
 def main(argv=None):
@@ -646,6 +739,8 @@ def main(argv=None):
     if not 0 < args.max_spread < 1:
         raise SystemExit(f"bench.py: --max-spread: expected a fraction in (0, 1), got {args.max_spread}")
     args.pretrain_flags = []
+    if args.costs:
+        return write_costs(args)
     if args.profile:
         for name, a in configs(args):
             print(format_profile(name, a, profile_step(a, args.profile_steps)), end="\n\n", flush=True)

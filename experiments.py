@@ -102,6 +102,27 @@ VARIANTS = {
                    ("trelm_no-routing", ["--method", "trelm", "--no-routing"])],
     "pilot": [MLM, TRELM],
 }
+# The readings of routing (Sec. 3.3) side by side, every TRELM variant with the memory bank spread over the
+# run (Eq. 8 with q counted as LAMBDA_EPOCHS epochs of the run: the study's 300 steps are ~8 real epochs of
+# the embedded corpus, which would leave lambda ~ 0 after the first quarter)
+LAMBDA_EPOCHS = 4
+_T = ["--method", "trelm", "--lambda-epochs", str(LAMBDA_EPOCHS)]
+VARIANTS["frontier"] = [
+    MLM, DKPLM,
+    ("trelm-norouting", [*_T, "--no-routing"]),
+    ("trelm-strict-e100", [*_T, "--route-scope", "strict"]),  # the reading of the first study
+    ("trelm-blocks-e100", [*_T, "--route-scope", "blocks"]),
+    ("trelm-ffn-e100", [*_T, "--route-scope", "ffn"]),
+    ("trelm-ffn-e1-fo", [*_T, "--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order"]),
+    ("trelm-ffn-e1-random", [*_T, "--route-scope", "ffn", "--route-every", "1", "--route-select", "random"]),
+    ("trelm-strict-e1-fo", [*_T, "--route-scope", "strict", "--route-every", "1", "--ig-form", "first-order"]),
+]
+# reading label of each frontier variant: (scope, route every, selection)
+READINGS = {"trelm-strict-e100": "strict, every 100, Eq. 11", "trelm-blocks-e100": "blocks, every 100, Eq. 11",
+            "trelm-ffn-e100": "ffn, every 100, Eq. 11", "trelm-ffn-e1-fo": "ffn, per batch, first-order",
+            "trelm-ffn-e1-random": "ffn, per batch, random neurons",
+            "trelm-strict-e1-fo": "strict, per batch, first-order", "trelm-norouting": "no routing",
+            "mlm": "baseline", "dkplm": "baseline"}
 FINETUNED = {"trelm", "trelm_no-injection", "trelm_no-memory-bank", "trelm_no-routing", "mlm", "dkplm"}
 SWEEPS = {"theta": [(0.25, "trelm_theta0.25"), (0.5, "trelm"), (0.75, "trelm_theta0.75")],
           "k": [(4, "trelm_k4"), (8, "trelm_k8"), (16, "trelm"), (32, "trelm_k32")],
@@ -369,9 +390,10 @@ def pretrain_variant(args, name, flags, seed, steps, model):
     if os.path.exists(os.path.join(run_dir, "final", "config.json")):
         return run_dir
     every = max(1, steps // max(1, args.snapshots))
-    argv = [*flags, "--model", model(), "--data", args.data, "--output-dir", run_dir, "--seed", str(seed),
+    argv = ["--model", model(), "--data", args.data, "--output-dir", run_dir, "--seed", str(seed),
             "--max-steps", str(steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.train_batch_size),
-            "--snapshot-every", str(every), "--save-every", str(every), "--log-every", "1", *args.pretrain_args.split()]
+            "--snapshot-every", str(every), "--save-every", str(every), "--log-every", "1", *args.pretrain_args.split(),
+            *flags]  # the variant's own flags last: they win over --pretrain-args (a per-batch reading's --route-every)
     run_pretrain(argv + resume_flag(run_dir))
     return run_dir
 
@@ -460,7 +482,7 @@ def run_variants(args, task, steps=None):
     todo = [(n, f, s) for n, f in VARIANTS[task] for s in seeds_of(args)]
     out = {}
     for name, flags, seed in tqdm(todo, desc=f"{task} (variant x seed)", unit="run", position=0):
-        rec = run_record(args, name, flags, seed, steps, model, model_id, want_curve=(task == "efficiency"),
+        rec = run_record(args, name, flags, seed, steps, model, model_id, want_curve=task in ("efficiency", "frontier"),
                          want_ft=task != "pilot" and (args.finetune_all or name in FINETUNED))
         v = out.setdefault(name, {"flags": flags, "seeds": {}, "records": {}})
         v["seeds"][str(seed)], v["records"][str(seed)] = flat(rec), rec
@@ -503,33 +525,33 @@ def values(res, name, key):
     return {s: x.get(key) for s, x in res[name]["seeds"].items()} if name in res else {}
 
 
-def time_to_reach(points, target, key=PRIMARY):
-    """In-process time at which a snapshot curve first reaches `target` (linear interpolation between
-    snapshots; from the first snapshot's time if already reached there), or None."""
+def time_to_reach(points, target, key=PRIMARY, x="elapsed"):
+    """The x (in-process time, or cost) at which a snapshot curve first reaches `target` (linear
+    interpolation between snapshots; from the first snapshot's x if already reached there), or None."""
     prev = None
     for p in points:
         if p[key] is not None and p[key] >= target:
             if prev is None or p[key] == prev[key]:
-                return p["elapsed"]
+                return p[x]
             f = (target - prev[key]) / (p[key] - prev[key])
-            return prev["elapsed"] + max(0.0, f) * (p["elapsed"] - prev["elapsed"])
+            return prev[x] + max(0.0, f) * (p[x] - prev[x])
         prev = p
     return None
 
 
-def efficiency_ratios(res, baseline="dkplm", key=PRIMARY):
-    """Per seed: TRELM's time to the baseline's final score / the baseline's time; unreached seeds give
-    a lower bound (TRELM's whole run / the baseline's)."""
+def efficiency_ratios(res, baseline="dkplm", key=PRIMARY, variant="trelm", x="elapsed"):
+    """Per seed: the variant's x (time or cost) to the baseline's final score / the baseline's x;
+    unreached seeds give a lower bound (the variant's whole run / the baseline's)."""
     out = {}
     for s, rec in res[baseline]["records"].items():
-        tr = res["trelm"]["records"].get(s)
+        tr = res[variant]["records"].get(s)
         if tr is None:
             continue
         dk, pts = rec["curve"]["snapshots"], tr["curve"]["snapshots"]
-        target, t_dk = dk[-1][key], dk[-1]["elapsed"]
-        t_tr = time_to_reach(pts, target, key)
+        target, t_dk = dk[-1][key], dk[-1][x]
+        t_tr = time_to_reach(pts, target, key, x)
         out[s] = {"dkplm_final": target, "dkplm_time": t_dk, "trelm_time": t_tr, "reached": t_tr is not None,
-                  "ratio": (t_tr if t_tr is not None else pts[-1]["elapsed"]) / t_dk}
+                  "ratio": (t_tr if t_tr is not None else pts[-1][x]) / t_dk}
     return out
 
 
@@ -662,6 +684,62 @@ def run_efficiency(args):
                       verdicts={"TRELM time to DKPLM's final <= 0.5 of DKPLM's": eff["ratio_verdict"],
                                 **{f"TRELM time to {n}'s final < its time": v
                                    for n, v in eff["module_verdicts"].items()}})
+
+
+def with_cost(res, costs):
+    """Every snapshot of every run gets x = "cost": its step x the variant's per-step cost over MLM."""
+    for name, v in res.items():
+        ratio = costs[name]["cost_over_mlm"]
+        for rec in v["records"].values():
+            for p in rec["curve"]["snapshots"]:
+                p["cost"] = p["step"] * ratio
+    return res
+
+
+def run_frontier(args):
+    """Probe score against cost (steps x bench-measured per-step cost over plain MLM) for every reading
+    of routing, with the efficiency claims decided on that axis under each reading:
+      "TRELM reaches DKPLM's final score in at most half of DKPLM's cost" (Sec. 4.4, Figs. 4-5)
+      "routing speeds convergence": the reading reaches TRELM-without-routing's final score at less
+      than its cost (Fig. 6)."""
+    path = os.path.join(args.output_dir, "costs.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no cost axis yet; run `python bench.py --costs {path}` on a quiet machine first")
+    costs = json.load(open(path))["costs"]
+    missing = [n for n, _ in VARIANTS["frontier"] if n not in costs]
+    if missing:
+        raise SystemExit(f"{path}: no cost for {missing}; run `python bench.py --costs {path}` again")
+    res = with_cost(run_variants(args, "frontier"), costs)
+    routed = [n for n in READINGS if n.startswith("trelm-") and n != "trelm-norouting" and n in res]
+    verdicts, rows = {}, []
+    for n in [v for v, _ in VARIANTS["frontier"]]:
+        c = costs[n]
+        ratio = efficiency_ratios(res, "dkplm", variant=n, x="cost") if n.startswith("trelm") else None
+        speed = efficiency_ratios(res, "trelm-norouting", variant=n, x="cost") if n in routed else None
+        if ratio is not None:
+            verdicts[f"{n} ({READINGS[n]}): cost to DKPLM's final <= 0.5 of DKPLM's"] = ratio_verdict(ratio)
+        if speed is not None:
+            verdicts[f"{n} ({READINGS[n]}): routing speeds convergence (cost to no-routing's final < its cost)"] = \
+                ratio_verdict(speed, claim=1.0, baseline="TRELM without routing")
+        m, sd = res[n]["mean"], res[n]["std"]
+        mean_ratio = statistics.fmean(r["ratio"] for r in ratio.values()) if ratio else None
+        rows.append(f"| {n} | {READINGS[n]} | {100 * c['trainable_share']:.1f}% | {c['cost_over_mlm']:.3f} "
+                    f"[{c['spread'][0]:.2f}, {c['spread'][1]:.2f}] | {c['flops_over_mlm']:.3f} | "
+                    f"{args.steps * c['cost_over_mlm']:.0f} | {fmt(m.get(PRIMARY), sd.get(PRIMARY))} | "
+                    f"{fmt(m.get('final_l_mlm'), sd.get('final_l_mlm'), scale=1)} | "
+                    f"{'' if mean_ratio is None else format(mean_ratio, '.2f')} |")
+    lines = [f"- {k}: **{v['verdict']}**" + ("" if v.get("diff") is None else f" (mean margin {v['diff']:.2f})")
+             for k, v in verdicts.items()]
+    md = ("## Frontier: probe score against cost, every reading of routing\n"
+          f"Cost = steps x the variant's per-step cost over a plain MLM step (results/costs.json: bench.py "
+          f"interleaved in one process; per-batch variants include their attribution, every-100 variants its "
+          f"amortised share), in MLM-step units; FLOPs: counted matmul FLOPs, the same ratio. {args.steps} steps, "
+          f"seeds {args.seeds}, Eq. 8 over {LAMBDA_EPOCHS} counted epochs for every TRELM variant.\n\n"
+          "| variant | reading | trains | cost / MLM step | FLOPs / MLM step | run cost | score_MRR x 100 | "
+          "final L_MLM | cost to DKPLM's final / DKPLM's |\n|---|---|---|---|---|---|---|---|---|\n"
+          + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n")
+    return write_task(args, "frontier", res, md, verdicts=verdicts, costs=costs,
+                      curves={n: {s: r["curve"] for s, r in v["records"].items()} for n, v in res.items()})
 
 
 def run_pilot(args):
@@ -1001,4 +1079,4 @@ def run_report(args):
 
 TASKS = {"base": run_base, "pilot": run_pilot, "ablation": run_ablation, "injection": run_injection,
          "hparams": run_hparams, "efficiency": run_efficiency, "reproduce": run_reproduce, "report": run_report,
-         "same-code": run_same_code}
+         "same-code": run_same_code, "frontier": run_frontier}

@@ -27,7 +27,8 @@ LABELS = {"mlm": "MLM (no knowledge)", "dkplm": "DKPLM", "trelm": "TRELM",
           "trelm_no-memory-bank": "TRELM w/o memory bank", "trelm_no-routing": "TRELM w/o routing",
           "trelm_inj-long-tail": "long-tail", "trelm_inj-frequent": "frequent", "trelm_inj-all": "all"}
 MAKES = {"ablation": "python evaluate.py --task ablation", "injection": "python evaluate.py --task injection", "efficiency": "python evaluate.py --task efficiency",
-         "hparams": "python evaluate.py --task hparams", "subnetworks": "python subnetworks.py"}
+         "hparams": "python evaluate.py --task hparams", "subnetworks": "python subnetworks.py",
+         "frontier": "python bench.py --costs results/costs.json; python evaluate.py --task frontier"}
 SCORE_LABEL = "score: seen - held-out MRR (x 100)"
 
 
@@ -213,11 +214,39 @@ def fig_subnetworks(results, out):
     save(fig, out, "fig_subnetwork_overlap")
 
 
+def fig_frontier(results, out):
+    """Probe score against cost for every reading of routing (one point per variant, seed std as error
+    bars), and the region the paper's efficiency claim predicts for TRELM: DKPLM's final score or more at
+    half DKPLM's cost or less."""
+    doc = load(results, "frontier")
+    if doc is None:
+        return
+    costs, m = doc["costs"], doc["metrics"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = doc["config"]["steps"]
+    dk_cost, dk_score = steps * costs["dkplm"]["cost_over_mlm"], pct(m["dkplm"]["mean"][PRIMARY])
+    ax.axvspan(0, PAPER["efficiency_ratio"] * dk_cost, ymin=0, ymax=1, color="0.9", lw=0)
+    ax.axhline(dk_score, color="0.6", lw=0.8, ls=":")
+    ax.text(0.02, 0.97, f"paper's claim: TRELM at >= DKPLM's score\nfor <= {PAPER['efficiency_ratio']:g} of its cost "
+            "(shaded, above the dotted line)", transform=ax.transAxes, va="top", fontsize=7)
+    markers = "osD^v<>ph*"
+    for i, (name, v) in enumerate(m.items()):
+        x = steps * costs[name]["cost_over_mlm"]
+        ax.errorbar([x], [pct(v["mean"][PRIMARY])], yerr=[err(v["std"].get(PRIMARY))], fmt=markers[i % len(markers)],
+                    color="0.0" if name.startswith("trelm") else "0.5", capsize=3, label=name)
+    ax.set_xlabel(f"cost of the run: steps x per-step cost over a plain MLM step ({steps} steps)")
+    ax.set_ylabel(SCORE_LABEL)
+    ax.set_xlim(left=0)
+    ax.set_title("Readings of routing: score against cost (mean ± std over seeds)", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    save(fig, out, "frontier")
+
+
 def draw_all(results, out):
     """Every figure from the results JSON in `results`, written to `out` (experiments.py's --task report)."""
     if not os.path.isdir(results):
         raise SystemExit(f"--results {results}: not a directory (run `python evaluate.py --task reproduce` first)")
-    for f in (fig3, fig4_5_6, fig7_8, fig_subnetworks):
+    for f in (fig3, fig4_5_6, fig7_8, fig_frontier, fig_subnetworks):
         f(results, out)
 
 

@@ -159,6 +159,9 @@ def get_parser():
     a("--beta", type=float, default=2.0, help="Eq. 8: lambda_q = lambda0 / beta^q (1 = no decay)")
     a("--lambda-q", default="epoch", choices=("epoch", "fraction"),
       help="Eq. 8's q: the integer pre-training epoch (the paper's) or the fractional epoch")
+    a("--lambda-epochs", type=float, default=0.0,
+      help="Eq. 8 counts the run as this many epochs, whatever the corpus size (0: the real epochs): a short run "
+           "over a small corpus then spans the decay the paper describes instead of reaching lambda ~ 0 early")
     a("--memory-scale", default="embedding", choices=("embedding", "raw"),
       help="Eq. 7: rescale each memory vector to the norm of h_e (embedding) or mix it as stored (raw)")
     a("--memory-init", default="knowledge", choices=("knowledge", "entity"),
@@ -237,6 +240,8 @@ def resolve_config(args):
         bad("--word-min-count", f"expected a positive integer, got {args.word_min_count}")
     if min(args.negatives, args.window_k, args.si_window, args.ig_batch, args.si_refresh) < 0:
         bad("--negatives/--window-k/--si-window/--ig-batch/--si-refresh", "expected non-negative values")
+    if not (np.isfinite(args.lambda_epochs) and args.lambda_epochs >= 0):
+        bad("--lambda-epochs", f"expected a finite number >= 0 (0: the real epochs), got {args.lambda_epochs}")
     if args.beta < 1:
         bad("--beta", f"expected >= 1 (Eq. 8: lambda0 / beta^q; 1 = no decay), got {args.beta}")
     for flag in ("lr", "weight_decay", "grad_clip", "theta", "mlm_prob", "lambda0", "gamma", "beta",
@@ -786,7 +791,7 @@ class Trainer:
             for k, v in self.know.counts(batch, batch["plan"]).items():
                 stats[k] = stats.get(k, 0) + v
             stats["tokens"] = stats.get("tokens", 0) + int(batch["attention_mask"].sum()) * self.world
-        stats["lambda"] = self.know.lam(self.epoch_fraction()) if self.know.bank is not None else 0.0  # Eq. (8)
+        stats["lambda"] = self.know.lam(self.memory_epoch()) if self.know.bank is not None else 0.0  # Eq. (8)
         stats["lr"] = self.optimizer_step()  # step 6
         return stats
 
@@ -804,7 +809,7 @@ class Trainer:
         if "ent_si" in rows:  # (M,) in the collator's mention order
             batch["ent_si"] = torch.tensor([v for e in examples for v in e["ent_si"]], dtype=torch.float32)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        plan = self.know.plan(batch, g, self.net.mlm.get_input_embeddings().weight, self.epoch_fraction())
+        plan = self.know.plan(batch, g, self.net.mlm.get_input_embeddings().weight, self.memory_epoch())
         if plan is not None:  # injected positions are scored by the decoding loss, not L_MLM
             batch["mlm_labels"] = batch["mlm_labels"].clone()
             batch["mlm_labels"][plan.rows, plan.cols] = -100
@@ -946,6 +951,11 @@ class Trainer:
     def epoch_fraction(self):
         """Epochs of data seen so far (fractional)."""
         return self.step * self.global_batch / len(self.know.ds)
+
+    def memory_epoch(self):
+        """Eq. (8)'s epoch: the real one, or --lambda-epochs * the fraction of the run done."""
+        a = self.args
+        return a.lambda_epochs * self.step / a.max_steps if a.lambda_epochs else self.epoch_fraction()
 
 
 def start_logs(t, record):

@@ -169,3 +169,20 @@ def test_bad_flags_name_the_flag(tiny_model_dir, tmp_path):
         bench.main(tiny_argv(tiny_model_dir, tmp_path, "--only", "plain,nosuch"))
     with pytest.raises(SystemExit, match="--max-spread"):
         bench.main(tiny_argv(tiny_model_dir, tmp_path, "--max-spread", "1.5"))
+
+
+def test_costs_of_study_variants_tiny(tiny_model_dir, tmp_path):
+    """bench.py --costs: one cost per variant, MLM's exactly 1, a per-batch variant really routes every step
+    (its own --route-every wins over the bench's), routed variants train a smaller share, and FLOPs
+    counted per step fall under routing."""
+    args = bench.get_parser().parse_args(tiny_argv(tiny_model_dir, tmp_path))
+    args.pretrain_flags = []
+    assert bench.trainer(["--method", "trelm", "--route-every", "1"], args).args.route_every == 1
+    variants = [("mlm", ["--method", "mlm"]), ("full", ["--method", "trelm", "--no-routing"]),
+                ("strict", ["--method", "trelm", "--route-scope", "strict"]),
+                ("e1", ["--method", "trelm", "--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order"])]
+    out = bench.measure_costs(args, variants)["costs"]
+    assert out["mlm"]["cost_over_mlm"] == 1.0 and out["mlm"]["flops_over_mlm"] == 1.0
+    assert out["full"]["trainable_share"] == 1.0 and 0 < out["strict"]["trainable_share"] < 0.2
+    assert out["strict"]["flops_over_mlm"] < out["full"]["flops_over_mlm"]
+    assert out["e1"]["route_every"] == 1 and out["strict"]["route_every"] == 50

@@ -302,3 +302,33 @@ def test_report_names_head_when_only_results_changed(monkeypatch):
     assert ex.code_commit() == "c0ffee"
     monkeypatch.setattr(ex, "code_changed_since", lambda c: "pretrain.py")
     assert ex.code_commit() == "c0ffee-dirty"
+
+
+def test_tiny_frontier_on_the_cost_axis(tiny_model_dir, tmp_path):
+    """--task frontier: refused without results/costs.json; with one, every snapshot's cost is its step x
+    the variant's per-step cost, each routed reading gets both efficiency verdicts on that axis, and the
+    frontier figure is drawn."""
+    argv = study_argv(tiny_model_dir, tmp_path, make_data(tmp_path))
+    argv[argv.index("--seeds") + 1] = "0,1"
+    argv += ["--finetune", "none"]
+    with pytest.raises(SystemExit, match=r"costs.json: no cost axis yet; run `python bench.py --costs"):
+        evaluate.main(["--task", "frontier", *argv])
+    names = [n for n, _ in ex.VARIANTS["frontier"]]
+    costs = {n: {"cost_over_mlm": 1.0 + i / 10, "spread": [1.0, 1.0 + i / 5], "flops_over_mlm": 1.0 - i / 20,
+                 "trainable_share": 0.5, "route_every": None} for i, n in enumerate(names)}
+    os.makedirs(tmp_path / "results")
+    (tmp_path / "results" / "costs.json").write_text(json.dumps({"costs": costs}))
+    evaluate.main(["--task", "frontier", *argv])
+    doc = json.load(open(tmp_path / "results" / "frontier.json"))
+    for n in names:
+        for curve in doc["curves"][n].values():
+            assert [p["cost"] for p in curve["snapshots"]] == [p["step"] * costs[n]["cost_over_mlm"]
+                                                               for p in curve["snapshots"]]
+    routed = [n for n in names if n.startswith("trelm-") and n != "trelm-norouting"]
+    assert len(routed) == 6 and len(doc["verdicts"]) == 2 * len(routed) + 1
+    assert all(v["verdict"] in ("held", "did not hold", "inconclusive") or v["verdict"].startswith("inconclusive")
+               for v in doc["verdicts"].values())
+    md = open(tmp_path / "results" / "frontier.md").read()
+    assert md.count("\n| trelm-") == 7 and "| dkplm | baseline |" in md
+    plots.draw_all(str(tmp_path / "results"), str(tmp_path / "fig"))
+    assert os.path.getsize(tmp_path / "fig" / "frontier.png") > 5000

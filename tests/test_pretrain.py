@@ -761,3 +761,14 @@ def test_process_group_serves_cpu_and_cuda_tensors():
         {"cpu": "gloo", "cuda": "nccl"}
     assert "cpu" not in BackendConfig("nccl").get_device_backend_map()
     assert BackendConfig(pretrain.process_group_backend(False)).get_device_backend_map()["cpu"] == "gloo"
+
+
+def test_lambda_epochs_spreads_eq8_over_the_run(tiny_model_dir, tmp_path):
+    """--lambda-epochs 4 over 8 steps: q = floor(4 s / 8), lambda = 0.5 / 2^q at step s = 0..7, whatever
+    the corpus size (the fixture is 20 sequences: 5 real epochs at batch 4 would give 0.5, 0.5, 0.5, 0.5, 0.5,
+    0.25, ...)."""
+    run(tiny_model_dir, tmp_path, "--no-routing", "--lambda-epochs", "4", method="trelm", steps=8)
+    lam = [json.loads(l)["lambda"] for l in open(tmp_path / "metrics.jsonl")]
+    assert lam == [0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625]
+    with pytest.raises(SystemExit, match="--lambda-epochs: expected a finite number >= 0"):
+        pretrain.resolve_config(pretrain.get_parser().parse_args(["--lambda-epochs", "-1"]))
