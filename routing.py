@@ -66,7 +66,7 @@ What trains besides the paths is a reading, not a fact of the paper (SCOPES, --r
     ffn     only the FFN neurons outside the paths are frozen (their rows of W_in and b_in, their
             columns of W_out); attention, embeddings, LayerNorms, b_out and the MLM head train.
             "We enable partial updates of model parameters, focusing on the FFNs" (Sec. 1).
-The study found that strict stops fact learning (DESIGN.md), hence the three.
+The first study found that strict stops fact learning (docs/study.md), hence the three.
 
 Decisions (the paper does not say):
 - Eq. (11) per layer is the default (form="layer"): for layer l only v^(l) is scaled and the layers
