@@ -117,6 +117,10 @@ VARIANTS["frontier"] = [
     ("trelm-ffn-e1-random", [*_T, "--route-scope", "ffn", "--route-every", "1", "--route-select", "random"]),
     ("trelm-strict-e1-fo", [*_T, "--route-scope", "strict", "--route-every", "1", "--ig-form", "first-order"]),
 ]
+# the reading under which the ablation, injection, hparams and efficiency tasks ran (METHOD_TABLE's trelm defaults)
+FIRST_READING = ("routing scope strict (only the knowledge paths train), re-routed every 100 steps by Eq. 11, the memory "
+                 "bank on Eq. 8's real epochs (lambda ~ 0 after the first quarter of a 300-step run); time axis: "
+                 "in-process seconds")
 # reading label of each frontier variant: (scope, route every, selection)
 READINGS = {"trelm-strict-e100": "strict, every 100, Eq. 11", "trelm-blocks-e100": "blocks, every 100, Eq. 11",
             "trelm-ffn-e100": "ffn, every 100, Eq. 11", "trelm-ffn-e1-fo": "ffn, per batch, first-order",
@@ -974,7 +978,8 @@ def write_report(args):
                   f"{r['seeds']} seeds: {r['resolves']}); estimated pre-training time "
                   f"{r['estimated_hours']:.1f} h for the full study on the machine that ran the pilot. See "
                   "results/pilot.md.", ""]
-    lines += ["| claim (paper) | paper's value | ours (mean ± std) | effect | verdict |", "|---|---|---|---|---|"]
+    lines += [f"Reading of every verdict in the table below: {FIRST_READING}.", "",
+              "| claim (paper) | paper's value | ours (mean ± std) | effect | verdict |", "|---|---|---|---|---|"]
 
     def ours(task, names, key):
         return ", ".join(f"{n} {fmt(m[task][n]['mean'].get(key), m[task][n]['std'].get(key))}"
@@ -1041,6 +1046,12 @@ def write_report(args):
                          ", ".join(f"{x['value']}: {fmt(x[PRIMARY + '_mean'], x[PRIMARY + '_std'])}" for x in pts) +
                          " | " + "; ".join(f"vs {k}: {effect(x)}" for k, x in v["pairs"].items()) +
                          f" | {v['verdict']} |")
+    frontier = os.path.join(args.output_dir, "frontier.md")
+    if os.path.exists(frontier):  # its own readings: every verdict names the one it was made under
+        lines += ["", open(frontier).read().replace("## Frontier", "## Frontier (results/frontier.md)", 1),
+                  f"Figure: {args.figures}/frontier.png. The efficiency verdicts there use the cost axis "
+                  "(results/costs.json), not wall time; the table above used in-process seconds of runs that shared "
+                  "the machine, which measure the load as much as the method (docs/study.md)."]
     noise = [(n, v) for t in ("efficiency", "ablation", "injection", "hparams") for n, v in m.get(t, {}).items()]
     if noise:
         seen = {}
