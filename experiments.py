@@ -51,6 +51,7 @@ machine. Probing and fine-tuning run lama.py's and finetune.py's tasks (task_arg
 would parse), pre-training pretrain.train. The paper's values compared against are in paper_values.py.
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import math
@@ -270,11 +271,23 @@ def base_key(args):
 
 
 def base_checkpoint(args):
-    """Build (or reuse) the base PLM; -> (its final/ model dir, its record)."""
+    """Build (or reuse) the base PLM; -> (its final/ model dir, its record). Processes that need it at
+    once (one study process per seed) take a file lock: the first builds it, the others wait and reuse it."""
     key, root, lines, counts, kg_dir = base_key(args)
     record_path = os.path.join(root, "base.json")
     if os.path.exists(record_path):
         return os.path.join(root, "run", "final"), json.load(open(record_path))
+    os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+    with open(root + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.exists(record_path):  # another process built it while this one waited
+            return os.path.join(root, "run", "final"), json.load(open(record_path))
+        return build_base(args, key, root, lines, counts, kg_dir)
+
+
+def build_base(args, key, root, lines, counts, kg_dir):
+    """base_checkpoint's build: the generic corpus, plain MLM from --base-model, the record (base.json)."""
+    record_path = os.path.join(root, "base.json")
     corpus_dir, run_dir = os.path.join(root, "data"), os.path.join(root, "run")
     if not os.path.exists(os.path.join(corpus_dir, "corpus.jsonl")):
         os.makedirs(corpus_dir, exist_ok=True)

@@ -186,6 +186,28 @@ def test_tiny_pilot_and_reproduce_three_seeds(tiny_model_dir, tmp_path, monkeypa
     assert {t: json.load(open(res / f"{t}.json"))["metrics"] for t in ("ablation", "efficiency")} == before
 
 
+def test_base_checkpoint_is_built_once_by_concurrent_callers(tiny_model_dir, tmp_path, monkeypatch):
+    """One study process per seed: both need the base PLM at once; the file lock lets one build it."""
+    import threading
+    import time
+    argv = study_argv(tiny_model_dir, tmp_path, make_data(tmp_path))
+    args = evaluate.build_parser("base").parse_args(["--task", "base", *argv])
+    built, real = [], ex.build_base
+
+    def slow(*a):
+        built.append(1)
+        time.sleep(0.5)  # the other caller arrives while this one builds
+        return real(*a)
+    monkeypatch.setattr(ex, "build_base", slow)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(ex.base_checkpoint(args)[0])) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and len(got) == 2 and got[0] == got[1]
+
+
 def test_base_checkpoint_is_cached(tiny_model_dir, tmp_path, monkeypatch):
     argv = study_argv(tiny_model_dir, tmp_path, make_data(tmp_path))
     args = evaluate.build_parser("base").parse_args(["--task", "base", *argv])
