@@ -141,6 +141,7 @@ def add_args(parser):
     g = parser.add_argument_group("study (base, pilot, ablation, injection, hparams, efficiency, reproduce)")
     g.add_argument("--steps", type=int, default=300, help="pre-training steps per variant (choose with --task pilot)")
     g.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for a verdict)")
+    g.add_argument("--variants", default=None, help="comma-separated: only these variants of the task (default: all)")
     g.add_argument("--seq-len", type=int, default=64)
     g.add_argument("--train-batch-size", type=int, default=16)
     g.add_argument("--snapshots", type=int, default=4, help="probed checkpoints per efficiency run")
@@ -491,12 +492,23 @@ def flat(rec):
     return out
 
 
+def variants_of(args, task):
+    """VARIANTS[task], or the ones --variants names (each must be one of them)."""
+    if not getattr(args, "variants", None):
+        return VARIANTS[task]
+    names = args.variants.split(",")
+    known = [n for n, _ in VARIANTS[task]]
+    if set(names) - set(known):
+        raise SystemExit(f"--variants: {sorted(set(names) - set(known))} not in --task {task}'s variants {known}")
+    return [(n, f) for n, f in VARIANTS[task] if n in names]
+
+
 def run_variants(args, task, steps=None):
     """Every variant of `task` x every seed (progress bar over both) ->
     {name: {"seeds": {seed: flat numbers}, "mean", "std", "flags", "records": {seed: run record}}}."""
     steps = steps or args.steps
     model, model_id = study_model(args)
-    todo = [(n, f, s) for n, f in VARIANTS[task] for s in seeds_of(args)]
+    todo = [(n, f, s) for n, f in variants_of(args, task) for s in seeds_of(args)]
     out = {}
     for name, flags, seed in tqdm(todo, desc=f"{task} (variant x seed)", unit="run", position=0):
         rec = run_record(args, name, flags, seed, steps, model, model_id, want_curve=task in ("efficiency", "frontier"),
@@ -723,16 +735,17 @@ def run_frontier(args):
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no cost axis yet; run `python bench.py --costs {path}` on a quiet machine first")
     costs = json.load(open(path))["costs"]
-    missing = [n for n, _ in VARIANTS["frontier"] if n not in costs]
+    missing = [n for n, _ in variants_of(args, "frontier") if n not in costs]
     if missing:
         raise SystemExit(f"{path}: no cost for {missing}; run `python bench.py --costs {path}` again")
     res = with_cost(run_variants(args, "frontier"), costs)
     routed = [n for n in READINGS if n.startswith("trelm-") and n != "trelm-norouting" and n in res]
     verdicts, rows = {}, []
-    for n in [v for v, _ in VARIANTS["frontier"]]:
+    for n in [v for v, _ in variants_of(args, "frontier")]:
         c = costs[n]
-        ratio = efficiency_ratios(res, "dkplm", variant=n, x="cost") if n.startswith("trelm") else None
-        speed = efficiency_ratios(res, "trelm-norouting", variant=n, x="cost") if n in routed else None
+        ratio = efficiency_ratios(res, "dkplm", variant=n, x="cost") if n.startswith("trelm") and "dkplm" in res else None
+        speed = efficiency_ratios(res, "trelm-norouting", variant=n, x="cost") \
+            if n in routed and "trelm-norouting" in res else None
         if ratio is not None:
             verdicts[f"{n} ({READINGS[n]}): cost to DKPLM's final <= 0.5 of DKPLM's"] = ratio_verdict(ratio)
         if speed is not None:

@@ -354,3 +354,7 @@ def test_tiny_frontier_on_the_cost_axis(tiny_model_dir, tmp_path):
     assert md.count("\n| trelm-") == 7 and "| dkplm | baseline |" in md
     plots.draw_all(str(tmp_path / "results"), str(tmp_path / "fig"))
     assert os.path.getsize(tmp_path / "fig" / "frontier.png") > 5000
+    evaluate.main(["--task", "frontier", *argv, "--variants", "mlm,trelm-ffn-e1-fo"])  # a subset: reused, no verdict
+    assert set(json.load(open(tmp_path / "results" / "frontier.json"))["metrics"]) == {"mlm", "trelm-ffn-e1-fo"}
+    with pytest.raises(SystemExit, match=r"--variants: \['nope'\] not in --task frontier"):
+        evaluate.main(["--task", "frontier", *argv, "--variants", "mlm,nope"])
