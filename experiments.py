@@ -487,6 +487,7 @@ def flat(rec):
     """The per-seed numbers of a run record that tables and verdicts use."""
     out = {k: v for k, v in rec["probe"].items()}
     out["s_per_step"] = rec["train"]["s_per_step"]
+    out["final_l_mlm"] = rec["train"]["final_l_mlm"]
     for t, v in rec.get("finetune", {}).items():
         out[f"f1_{t}"], out[f"se_f1_{t}"] = v["f1"], v["se"]
     return out
