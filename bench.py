@@ -32,7 +32,7 @@ Keys (the ratios below run pretrain.Trainer on the embedded default: real batche
                          + 6 * masked_tokens * (H * H + H * V) (the MLM head on masked positions)
   <variant>_s            seconds of one step of each Trainer variant (mlm, trelm_full_no_bank,
                          trelm_full, trelm_routed) and of one re-routing on a built batch (ig)
-  routed_step_over_full  routed TRELM step (route-ratio 0.1) / the same step with all parameters training
+  routed_step_over_full  routed TRELM step (scope strict, route-ratio 0.1) / the same step with all parameters training
   ig_over_step           one attribution pass (m = --ig-steps) / one full training step
   bank_step_over_no_bank training step with memory bank read/mix/update / the same without
   trelm_step_over_mlm    amortised TRELM step (injection + SI + CKA + memory bank + routed update +
@@ -273,7 +273,7 @@ def trelm_trainers(args):
     ts = {"mlm": trainer(["--method", "mlm"], args),
           "trelm_full_no_bank": trainer(["--method", "trelm", "--no-routing", "--no-memory-bank"], args),
           "trelm_full": trainer(["--method", "trelm", "--no-routing"], args),
-          "trelm_routed": trainer(["--method", "trelm"], args)}
+          "trelm_routed": trainer(["--method", "trelm", "--route-scope", "strict"], args)}
     reroute(ts["trelm_routed"])
     return ts
 

@@ -182,10 +182,11 @@ def get_parser():
     # Sec. 3.3: routing
     a("--no-routing", action="store_true")
     a("--ig-steps", type=int, default=20, help="m, Riemann steps of integrated gradients")
-    a("--route-scope", default="strict", choices=routing.SCOPES,
-      help="what trains while routed besides the knowledge paths (Eq. 12): strict nothing (only the paths), "
-           "blocks the embeddings and MLM head (inside the Transformer blocks only the paths), ffn everything "
-           "but the FFN neurons outside the paths (routing.py docstring)")
+    a("--route-scope", default="ffn", choices=routing.SCOPES,
+      help="what trains while routed besides the knowledge paths (Eq. 12): ffn everything but the FFN neurons "
+           "outside the paths (the default: the reading closest to the paper's claims in the study, "
+           "results/frontier.md), blocks the embeddings and MLM head (inside the Transformer blocks only the "
+           "paths), strict nothing (only the paths; the first study's reading)")
     a("--route-select", default="attr", choices=("attr", "random"),
       help="attr: the top neurons by attribution (Eq. 9-11); random: as many per layer drawn at random at each "
            "routing (the control: does attribution matter?)")

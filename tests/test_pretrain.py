@@ -650,7 +650,8 @@ def routing_log(out):
 def test_trained_head_routes_from_step_zero(tiny_model_dir, tmp_path, capsys):
     """A model with a trained MLM head routes at step 0; under the strict scope the head is frozen."""
     from common import head_decoder
-    run(tiny_model_dir, tmp_path, "--route-every", "3", "--ig-steps", "3", method="trelm", steps=1)
+    run(tiny_model_dir, tmp_path, "--route-every", "3", "--ig-steps", "3", "--route-scope", "strict", method="trelm",
+        steps=1)
     assert "--route-warmup" not in capsys.readouterr().out
     assert json.load(open(tmp_path / "config.json"))["config"]["route_warmup"] == 0
     t0 = routed_trainer(tiny_model_dir, tmp_path / "fresh")
