@@ -232,13 +232,18 @@ def fig_frontier(results, out):
                 "cost (shaded, above the dotted line)", transform=ax.transAxes, va="top", fontsize=7)
     markers = "osD^v<>ph*"
     for i, (name, v) in enumerate(m.items()):
+        curves = [c["snapshots"] for c in doc["curves"][name].values()]
+        if all(p.get("cost") is not None for c in curves for p in c):  # the snapshots the verdicts read
+            grid, mean, _ = band(curves, "cost", PRIMARY, n=20)
+            ax.plot(grid, 100 * mean, color="0.0" if name.startswith("trelm") else "0.5", lw=0.6, alpha=0.6)
         x = steps * costs[name]["cost_over_mlm"]
         ax.errorbar([x], [pct(v["mean"][PRIMARY])], yerr=[err(v["std"].get(PRIMARY))], fmt=markers[i % len(markers)],
                     color="0.0" if name.startswith("trelm") else "0.5", capsize=3, label=name)
     ax.set_xlabel(f"cost of the run: steps x per-step cost over a plain MLM step ({steps} steps)")
     ax.set_ylabel(SCORE_LABEL)
     ax.set_xlim(left=0)
-    ax.set_title("Readings of routing: score against cost (mean ± std over seeds)", fontsize=9)
+    ax.set_title("Readings of routing: final score against the run's cost (mean ± std over seeds);\n"
+                 "thin lines: the mean snapshot curves the efficiency verdicts read", fontsize=8)
     ax.legend(fontsize=6, loc="lower right")
     save(fig, out, "frontier")
 
