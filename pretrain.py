@@ -536,17 +536,17 @@ class Knowledge:
             negatives = self.sampler.sample(spans[3].cpu(), a.negatives, generator=g).to(self.device)  # (P, K)
         words = self.words(batch) if self.long_tail_word is not None else None  # (rows, cols, key, shown)
         if spans is None and words is None:
-            self.read_memory(None, None, batch, E)  # a collective: this rank joins with no keys
+            self.read_memory(None, None, E)  # a collective: this rank joins with no keys
             return None
         if spans is None:  # long-tail words and no injected entity: an empty entity plan
             z = torch.zeros(0, dtype=torch.long, device=self.device)
             spans = (z, z, z, z, z, z)
             negatives = None if self.sampler is None else z.new_zeros(0, a.negatives)
         rows, cols, mention, targets, ent_id, sel = spans
-        mem, word_mem = self.read_memory(spans, words, batch, E)
+        mem, word_mem = self.read_memory(spans, words, E)
         return Plan(rows, cols, mention, targets, ent_id=ent_id, sel=sel, negatives=negatives, mem=mem,
                     h_e=E[self.tok.mask_token_id].expand(len(sel), -1) if a.no_injection else None,  # ablation
-                    lam=self.lam(epoch) if self.bank is not None else 0.0, match_norm=a.memory_scale == "embedding",
+                    lam=self.lam(epoch), match_norm=a.memory_scale == "embedding",
                     words=None if words is None else WordNotes(*words, mem=word_mem))
 
     def spans(self, batch):
@@ -577,7 +577,7 @@ class Knowledge:
             return None
         return r, c, ids[r, c] + self.kg.num_entities, batch["input_ids"][r, c] == ids[r, c]
 
-    def read_memory(self, spans, words, batch, E):
+    def read_memory(self, spans, words, E):
         """Eq. (7)'s inputs: the (local, global) memory of the S injected mentions and the N long-tail
         words -> (mem (S, H) pairs or None, word mem (N, H) pairs or None). Keys new to the bank are
         added first (ensure: collective), initialised with h_e = E(t) - E(r) (--memory-init knowledge)
@@ -623,7 +623,10 @@ class Knowledge:
                           process_group=self.group)
 
     def lam(self, epoch):
-        """Eq. (8): lambda_q = lambda0 / beta^q, q the integer epoch (--lambda-q epoch) or fractional."""
+        """Eq. (8): lambda_q = lambda0 / beta^q, q the integer epoch (--lambda-q epoch) or fractional; 0
+        without a memory bank (nothing is mixed)."""
+        if self.bank is None:
+            return 0.0
         return MemoryBank.lambda_at(math.floor(epoch) if self.args.lambda_q == "epoch" else epoch,
                                     self.args.lambda0, self.args.beta)
 
@@ -782,7 +785,8 @@ class Trainer:
         for micro in range(a.grad_accum):
             batch = self.get_batch(micro)  # steps 1-2: masking, mentions, knowledge plan (memory read)
             routes = micro == 0 and self.routes_now()
-            out = self.forward(batch, micro, keep_acts=routes and a.ig_form == "first-order")  # step 3
+            first_order = routes and a.ig_form == "first-order" and a.route_select == "attr"
+            out = self.forward(batch, micro, keep_acts=first_order)  # step 3
             if routes:
                 self.route(batch, out)  # step 4: Eq. (9)-(12), the paths this step's backward trains
             (out["loss"] / a.grad_accum).backward()  # step 5
@@ -792,7 +796,7 @@ class Trainer:
             for k, v in self.know.counts(batch, batch["plan"]).items():
                 stats[k] = stats.get(k, 0) + v
             stats["tokens"] = stats.get("tokens", 0) + int(batch["attention_mask"].sum()) * self.world
-        stats["lambda"] = self.know.lam(self.memory_epoch()) if self.know.bank is not None else 0.0  # Eq. (8)
+        stats["lambda"] = self.know.lam(self.memory_epoch())  # Eq. (8)
         stats["lr"] = self.optimizer_step()  # step 6
         return stats
 
@@ -998,7 +1002,9 @@ def train(args):
         if old_max != a.max_steps and t.master:
             print(f"--resume: extending the run from --max-steps {old_max} to {a.max_steps} at step {t.step}: the "
                   f"linear learning-rate decay is recomputed for {a.max_steps} steps (warm-up {a.warmup_steps} "
-                  f"steps as recorded), so the learning rate continues at {lr_at(t.step, a):.3g}", flush=True)
+                  f"steps as recorded), so the learning rate continues at {lr_at(t.step, a):.3g}"
+                  + (f"; Eq. 8's --lambda-epochs {a.lambda_epochs:g} now span {a.max_steps} steps" if a.lambda_epochs
+                     else ""), flush=True)
     if t.warmup_reason and t.master:
         print(f"routing: --model {a.model} has no trained MLM head (freshly initialised); all parameters train for "
               f"the first {a.route_warmup} steps (--route-warmup), then routing starts", flush=True)
