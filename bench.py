@@ -712,20 +712,36 @@ def get_parser():
     p.add_argument("--inj-steps", type=int, default=20, help="injection group: steps that fill the memory bank first")
     p.add_argument("--workdir", default="runs/bench")
     p.add_argument("--costs", default=None, metavar="PATH",
-                   help="instead: the study's cost axis (measure_costs of experiments.py's frontier variants at the "
+                   help="instead: the study's cost axis (measure_costs of experiments.COSTED: the frontier and efficiency variants, at the "
                         "study's batch x sequence length) written to PATH (results/costs.json)")
     return p
 
 
 def write_costs(args):
-    """bench.py --costs PATH: measure_costs at the study's shape, with the commit and the machine's load."""
+    """bench.py --costs PATH: measure_costs at the study's shape, with the commit and the machine's load.
+    An existing PATH keeps its variants; only the ones it lacks are measured (each against a plain MLM step
+    timed beside it again), so adding a variant leaves the others' costs, and the verdicts read off them,
+    as they were. Each variant records the commit and load it was measured at."""
     _, study = configs(argparse.Namespace(**{**vars(args), "config": "study"}))[1]
-    costs = measure_costs(study, experiments.VARIANTS["frontier"])
-    costs.update(commit=common.git_commit(), threads=torch.get_num_threads(), repeats=args.repeats,
-                 loadavg_1min=round(os.getloadavg()[0], 2), shape=[study.batch, study.seq], model=args.model)
-    common.atomic_write_json(args.costs, costs)
-    print(json.dumps({n: round(c["cost_over_mlm"], 3) for n, c in costs["costs"].items()}, indent=1))
-    return costs
+    old = json.load(open(args.costs)) if os.path.exists(args.costs) else {"costs": {}}
+    todo = [v for v in experiments.COSTED if v[0] not in old["costs"]]
+    if not todo:
+        print(f"{args.costs}: every variant of experiments.COSTED has its cost; delete the file to measure all again")
+        return old
+    mlm = next(v for v in experiments.COSTED if v[0] == "mlm")
+    new = measure_costs(study, [mlm, *[v for v in todo if v[0] != "mlm"]])
+    at = dict(commit=common.git_commit(), threads=torch.get_num_threads(), repeats=args.repeats,
+              loadavg_1min=round(os.getloadavg()[0], 2), shape=[study.batch, study.seq], model=args.model)
+    for n, c in new["costs"].items():
+        if n not in old["costs"]:
+            old["costs"][n] = {**c, **at}
+    if "seconds" not in old:  # a first measurement: its run-level record
+        old.update(seconds=new["seconds"], **at)
+    else:
+        old.setdefault("added", []).append({"seconds": new["seconds"], **at})
+    common.atomic_write_json(args.costs, old)
+    print(json.dumps({n: round(c["cost_over_mlm"], 3) for n, c in old["costs"].items()}, indent=1))
+    return old
 
 
 def main(argv=None):

@@ -82,33 +82,15 @@ PLATEAU_TOL = 0.02
 FT_TASKS = ("fewrel", "open-entity")
 
 # (name, pretrain flags); names are shared between tasks so a run is trained once
-TRELM = ("trelm", ["--method", "trelm"])
 MLM = ("mlm", ["--method", "mlm"])
 DKPLM = ("dkplm", ["--method", "dkplm"])
-VARIANTS = {
-    "ablation": [TRELM,
-                 ("trelm_no-injection", ["--method", "trelm", "--no-injection"]),
-                 ("trelm_no-memory-bank", ["--method", "trelm", "--no-memory-bank"]),
-                 ("trelm_no-routing", ["--method", "trelm", "--no-routing"])],
-    "injection": [(f"trelm_inj-{s}", ["--method", "trelm", "--injection", s]) if s != "important" else TRELM
-                  for s in ("long-tail", "frequent", "all", "important")],
-    "hparams": ([(f"trelm_theta{v}", ["--method", "trelm", "--theta", str(v)]) if v != 0.5 else TRELM
-                 for v in (0.25, 0.5, 0.75)]
-                + [(f"trelm_k{v}", ["--method", "trelm", "--window-k", str(v)]) if v != 16 else TRELM
-                   for v in (4, 8, 16, 32)]
-                + [(f"trelm_beta{v}", ["--method", "trelm", "--beta", str(v)]) if v != 2 else TRELM
-                   for v in (1, 2, 3, 4)]),
-    "efficiency": [MLM, DKPLM, TRELM,
-                   ("trelm_no-memory-bank", ["--method", "trelm", "--no-memory-bank"]),
-                   ("trelm_no-routing", ["--method", "trelm", "--no-routing"])],
-    "pilot": [MLM, TRELM],
-}
-# The readings of routing (Sec. 3.3) side by side, every TRELM variant with the memory bank spread over the
-# run (Eq. 8 with q counted as LAMBDA_EPOCHS epochs of the run: the study's 300 steps are ~8 real epochs of
-# the embedded corpus, which would leave lambda ~ 0 after the first quarter)
+# Every TRELM variant of the study spreads the memory bank over the run (Eq. 8 with q counted as
+# LAMBDA_EPOCHS epochs of the run: the study's 300 steps are ~8 real epochs of the embedded corpus, which
+# would leave lambda ~ 0 after the first quarter) and names its reading of routing (Sec. 3.3) explicitly
 LAMBDA_EPOCHS = 4
 _T = ["--method", "trelm", "--lambda-epochs", str(LAMBDA_EPOCHS)]
-VARIANTS["frontier"] = [
+# The readings of routing side by side
+VARIANTS = {"frontier": [
     MLM, DKPLM,
     ("trelm-norouting", [*_T, "--no-routing"]),
     ("trelm-strict-e100", [*_T, "--route-scope", "strict"]),  # the reading of the first study
@@ -117,21 +99,56 @@ VARIANTS["frontier"] = [
     ("trelm-ffn-e1-fo", [*_T, "--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order"]),
     ("trelm-ffn-e1-random", [*_T, "--route-scope", "ffn", "--route-every", "1", "--route-select", "random"]),
     ("trelm-strict-e1-fo", [*_T, "--route-scope", "strict", "--route-every", "1", "--ig-form", "first-order"]),
-]
-# the reading under which the ablation, injection, hparams and efficiency tasks ran (METHOD_TABLE's trelm defaults)
+]}
+# TRELM under the study's reading, the default of `pretrain.py --method trelm` (ffn scope, Eq. 11 every 100
+# steps); the ablations and sweeps are named after it with every flag explicit, so no record made under
+# an older default (the strict reading, STRICT below) is ever reused for them
+TRELM = ("trelm-ffn-e100", [*_T, "--route-scope", "ffn"])
+NOROUTING = VARIANTS["frontier"][2]
+
+
+def trelm(suffix, *flags):
+    return f"{TRELM[0]}_{suffix}", [*TRELM[1], *flags]
+
+
+# role -> variant name: what the tables, verdicts and figures call each run (ROLES: this study; STRICT:
+# the first study's names, whose records in results/strict/ were made under the strict reading)
+ROLES = {"trelm": TRELM[0], "no-routing": NOROUTING[0], "mlm": "mlm", "dkplm": "dkplm",
+         **{r: trelm(r)[0] for r in ("no-injection", "no-memory-bank", "inj-long-tail", "inj-frequent", "inj-all",
+                                     "theta0.25", "theta0.75", "k4", "k8", "k32", "beta1", "beta3", "beta4")}}
+STRICT = {r: r if r in ("mlm", "dkplm", "trelm") else f"trelm_{r}" for r in ROLES}
+VARIANTS.update({
+    "ablation": [TRELM, trelm("no-injection", "--no-injection"), trelm("no-memory-bank", "--no-memory-bank"),
+                 NOROUTING],
+    "injection": [trelm(f"inj-{s}", "--injection", s) if s != "important" else TRELM
+                  for s in ("long-tail", "frequent", "all", "important")],
+    "hparams": ([trelm(f"theta{v}", "--theta", str(v)) if v != 0.5 else TRELM for v in (0.25, 0.5, 0.75)]
+                + [trelm(f"k{v}", "--window-k", str(v)) if v != 16 else TRELM for v in (4, 8, 16, 32)]
+                + [trelm(f"beta{v}", "--beta", str(v)) if v != 2 else TRELM for v in (1, 2, 3, 4)]),
+    "efficiency": [MLM, DKPLM, TRELM, trelm("no-memory-bank", "--no-memory-bank"), NOROUTING],
+    "pilot": [MLM, TRELM],
+})
+# the variants on the cost axis (bench.py --costs)
+COSTED = list({n: (n, f) for t in ("frontier", "efficiency") for n, f in VARIANTS[t]}.values())
+# the reading of the first study's tables (results/strict/: the ablation, injection, hparams and
+# efficiency tasks as run with METHOD_TABLE's trelm defaults of that time)
 FIRST_READING = ("routing scope strict (only the knowledge paths train), re-routed every 100 steps by Eq. 11, the memory "
                  "bank on Eq. 8's real epochs (lambda ~ 0 after the first quarter of a 300-step run); time axis: "
                  "in-process seconds")
+# the reading of this study's tables
+READING = (f"routing scope ffn (every FFN neuron's weights outside the knowledge paths frozen, everything else "
+           f"trains), re-routed every 100 steps by Eq. 11, Eq. 8 over {LAMBDA_EPOCHS} counted epochs of the run "
+           "(mean lambda 0.234 at beta 2); cost axis: steps x bench-measured per-step cost over a plain MLM step")
 # reading label of each frontier variant: (scope, route every, selection)
 READINGS = {"trelm-strict-e100": "strict, every 100, Eq. 11", "trelm-blocks-e100": "blocks, every 100, Eq. 11",
             "trelm-ffn-e100": "ffn, every 100, Eq. 11", "trelm-ffn-e1-fo": "ffn, per batch, first-order",
             "trelm-ffn-e1-random": "ffn, per batch, random neurons",
             "trelm-strict-e1-fo": "strict, per batch, first-order", "trelm-norouting": "no routing",
             "mlm": "baseline", "dkplm": "baseline"}
-FINETUNED = {"trelm", "trelm_no-injection", "trelm_no-memory-bank", "trelm_no-routing", "mlm", "dkplm"}
-SWEEPS = {"theta": [(0.25, "trelm_theta0.25"), (0.5, "trelm"), (0.75, "trelm_theta0.75")],
-          "k": [(4, "trelm_k4"), (8, "trelm_k8"), (16, "trelm"), (32, "trelm_k32")],
-          "beta": [(1, "trelm_beta1"), (2, "trelm"), (3, "trelm_beta3"), (4, "trelm_beta4")]}
+FINETUNED = {ROLES[r] for r in ("trelm", "no-injection", "no-memory-bank", "no-routing", "mlm", "dkplm")}
+SWEEPS = {"theta": [(0.25, ROLES["theta0.25"]), (0.5, TRELM[0]), (0.75, ROLES["theta0.75"])],
+          "k": [(4, ROLES["k4"]), (8, ROLES["k8"]), (16, TRELM[0]), (32, ROLES["k32"])],
+          "beta": [(1, ROLES["beta1"]), (2, TRELM[0]), (3, ROLES["beta3"]), (4, ROLES["beta4"])]}
 HERE = os.path.dirname(os.path.abspath(__file__))  # results' relative paths are relative to this repository
 PATH_FLAGS = ("data_dir", "base_root", "runs_dir", "output_dir", "probe_dir", "figures", "report",
               "model", "base_model", "data")  # the study's flags that name a file or folder (or a keyword)
@@ -649,29 +666,37 @@ def run_base(args):
     return path
 
 
+def ablation_claims(res, roles=ROLES):
+    """Table 6's verdicts: TRELM above each ablation on the score and both F1s."""
+    t = roles["trelm"]
+    return {f"{roles[r]} < {t} [{k}]": verdict(values(res, t, k), values(res, roles[r], k))
+            for r in ("no-injection", "no-memory-bank", "no-routing") for k in (PRIMARY, "f1_fewrel", "f1_open-entity")}
+
+
 def run_ablation(args):
     res = run_variants(args, "ablation")
-    labels = [("trelm", "TRELM"), ("trelm_no-injection", "- knowledge injection"),
-              ("trelm_no-memory-bank", "- memory bank"), ("trelm_no-routing", "- knowledge routing")]
-    verdicts = {f"{n} < trelm [{k}]": verdict(values(res, "trelm", k), values(res, n, k))
-                for n, _ in labels[1:] for k in (PRIMARY, "f1_fewrel", "f1_open-entity")}
+    labels = [(ROLES["trelm"], "TRELM"), (ROLES["no-injection"], "- knowledge injection"),
+              (ROLES["no-memory-bank"], "- memory bank"), (ROLES["no-routing"], "- knowledge routing")]
     md = (header(args, "Table 6 (ablation)") + "Paper's claim: removing any component lowers F1.\n\n" +
           table(res, labels, COLS))
-    return write_task(args, "ablation", res, md, verdicts=verdicts)
+    return write_task(args, "ablation", res, md, verdicts=ablation_claims(res), roles=ROLES)
+
+
+def injection_claims(res, roles=ROLES):
+    """Fig. 3's verdicts: long-tail beats frequent, important (TRELM) beats all and is the best."""
+    t, lt, fr, al = (roles[r] for r in ("trelm", "inj-long-tail", "inj-frequent", "inj-all"))
+    return {"long-tail > frequent": verdict(values(res, lt, PRIMARY), values(res, fr, PRIMARY)),
+            "important > all": verdict(values(res, t, PRIMARY), values(res, al, PRIMARY)),
+            "important best": beats_all(values(res, t, PRIMARY), {n: values(res, n, PRIMARY) for n in (lt, fr, al)})}
 
 
 def run_injection(args):
     res = run_variants(args, "injection")
-    labels = [("trelm_inj-long-tail", "long-tail only"), ("trelm_inj-frequent", "frequent only"),
-              ("trelm_inj-all", "all entities"), ("trelm", "important (TRELM)")]
-    verdicts = {"long-tail > frequent": verdict(values(res, "trelm_inj-long-tail", PRIMARY),
-                                                values(res, "trelm_inj-frequent", PRIMARY)),
-                "important > all": verdict(values(res, "trelm", PRIMARY), values(res, "trelm_inj-all", PRIMARY)),
-                "important best": beats_all(values(res, "trelm", PRIMARY),
-                                            {n: values(res, n, PRIMARY) for n, _ in labels[:3]})}
+    labels = [(ROLES["inj-long-tail"], "long-tail only"), (ROLES["inj-frequent"], "frequent only"),
+              (ROLES["inj-all"], "all entities"), (ROLES["trelm"], "important (TRELM)")]
     md = (header(args, "Fig. 3 (injection strategies)") + "Paper's claim: long-tail beats frequent; important "
           "(long-tail ranked by SI) is best.\n\n" + table(res, labels, COLS[:5]))
-    return write_task(args, "injection", res, md, verdicts=verdicts)
+    return write_task(args, "injection", res, md, verdicts=injection_claims(res), roles=ROLES)
 
 
 def run_hparams(args):
@@ -688,32 +713,48 @@ def run_hparams(args):
     for p, pts in sweeps.items():
         md += (f"\n{p} (paper's best: {PAPER_PEAKS[p]}): " +
                ", ".join(f"{x['value']}: {fmt(x[PRIMARY + '_mean'], x[PRIMARY + '_std'])}" for x in pts) + "\n")
-    return write_task(args, "hparams", res, md, sweeps=sweeps, verdicts=verdicts)
+    return write_task(args, "hparams", res, md, sweeps=sweeps, verdicts=verdicts, roles=ROLES)
+
+
+def load_costs(args, task):
+    """The cost axis (results/costs.json: bench.py --costs) for every variant of `task`, or one line saying
+    what to run."""
+    path = os.path.join(args.output_dir, "costs.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no cost axis yet; run `python bench.py --costs {path}` on a quiet machine first")
+    costs = json.load(open(path))["costs"]
+    missing = [n for n, _ in variants_of(args, task) if n not in costs]
+    if missing:
+        raise SystemExit(f"{path}: no cost for {missing}; run `python bench.py --costs {path}` again")
+    return costs
 
 
 def run_efficiency(args):
-    res = run_variants(args, "efficiency")
-    ratios = efficiency_ratios(res)
-    step = {n: res[n]["mean"]["s_per_step"] for n in res}
-    # Fig. 6: KMB and DKR each speed convergence = full TRELM reaches the ablation's final score sooner
-    modules = {n: efficiency_ratios(res, baseline=n) for n in ("trelm_no-memory-bank", "trelm_no-routing")}
-    eff = {"time_to_dkplm_final": ratios, "ratio_verdict": ratio_verdict(ratios), "mean_s_per_step": step,
+    """Figs. 4-6 on the cost axis: TRELM's cost to DKPLM's final score (Sec. 4.4), and to the final score
+    of TRELM without the memory bank / without routing (Fig. 6: each module speeds convergence)."""
+    costs = load_costs(args, "efficiency")
+    res = with_cost(run_variants(args, "efficiency"), costs)
+    t = ROLES["trelm"]
+    ratios = efficiency_ratios(res, variant=t, x="cost")
+    modules = {r: efficiency_ratios(res, baseline=ROLES[r], variant=t, x="cost") for r in ("no-memory-bank", "no-routing")}
+    eff = {"time_to_dkplm_final": ratios, "ratio_verdict": ratio_verdict(ratios), "x": "cost",
            "time_to_ablation_final": modules,
-           "module_verdicts": {n: ratio_verdict(r, claim=1.0, baseline=n) for n, r in modules.items()},
-           "step_time_over_mlm": {n: t / step["mlm"] for n, t in step.items()},
+           "module_verdicts": {r: ratio_verdict(x, claim=1.0, baseline=ROLES[r]) for r, x in modules.items()},
+           "step_time_over_mlm": {n: costs[n]["cost_over_mlm"] for n in res},
            "curves": {n: {s: r["curve"] for s, r in v["records"].items()} for n, v in res.items()}}
     rows = "".join(f"| {s} | {fmt(r['dkplm_final'])} | {r['dkplm_time']:.0f} | "
                    f"{'not reached' if not r['reached'] else format(r['trelm_time'], '.0f')} | "
                    f"{'> ' if not r['reached'] else ''}{r['ratio']:.2f} |\n" for s, r in ratios.items())
-    md = ("## Figs. 4-6 (efficiency)\nPaper's claim: TRELM reaches DKPLM's quality in at most 50% of its time. "
-          "Times: in-process train-step seconds (metrics.jsonl `elapsed`).\n\n| seed | dkplm final score_MRR x 100 | "
-          "dkplm time (s) | trelm time to reach it (s) | ratio |\n|---|---|---|---|---|\n" + rows +
-          "\nMean seconds per step: " + ", ".join(f"{n} {t:.2f}" for n, t in step.items()) + "\n\n" +
-          table(res, [(n, n) for n in res], COLS))
-    return write_task(args, "efficiency", res, md, efficiency=eff,
-                      verdicts={"TRELM time to DKPLM's final <= 0.5 of DKPLM's": eff["ratio_verdict"],
-                                **{f"TRELM time to {n}'s final < its time": v
-                                   for n, v in eff["module_verdicts"].items()}})
+    md = (f"## Figs. 4-6 (efficiency)\nReading: {READING}.\nPaper's claim: TRELM reaches DKPLM's quality in at most "
+          "50% of its cost. Cost: steps x per-step cost over a plain MLM step (results/costs.json), in MLM steps."
+          "\n\n| seed | dkplm final score_MRR x 100 | dkplm cost | trelm cost to reach it | ratio |\n"
+          "|---|---|---|---|---|\n" + rows +
+          "\nPer-step cost over MLM: " + ", ".join(f"{n} {c:.3f}" for n, c in eff["step_time_over_mlm"].items()) +
+          "\n\n" + table(res, [(n, n) for n in res], COLS))
+    return write_task(args, "efficiency", res, md, efficiency=eff, roles=ROLES,
+                      verdicts={"TRELM cost to DKPLM's final <= 0.5 of DKPLM's": eff["ratio_verdict"],
+                                **{f"TRELM cost to {ROLES[r]}'s final < its cost": v
+                                   for r, v in eff["module_verdicts"].items()}})
 
 
 def with_cost(res, costs):
@@ -732,13 +773,7 @@ def run_frontier(args):
       "TRELM reaches DKPLM's final score in at most half of DKPLM's cost" (Sec. 4.4, Figs. 4-5)
       "routing speeds convergence": the reading reaches TRELM-without-routing's final score at less
       than its cost (Fig. 6)."""
-    path = os.path.join(args.output_dir, "costs.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: no cost axis yet; run `python bench.py --costs {path}` on a quiet machine first")
-    costs = json.load(open(path))["costs"]
-    missing = [n for n, _ in variants_of(args, "frontier") if n not in costs]
-    if missing:
-        raise SystemExit(f"{path}: no cost for {missing}; run `python bench.py --costs {path}` again")
+    costs = load_costs(args, "frontier")
     res = with_cost(run_variants(args, "frontier"), costs)
     routed = [n for n in READINGS if n.startswith("trelm-") and n != "trelm-norouting" and n in res]
     verdicts, rows = {}, []
@@ -780,7 +815,7 @@ def run_pilot(args):
     budgets, rows = int_list("--pilot-steps", args.pilot_steps), {}
     for steps in budgets:
         res = run_variants(args, "pilot", steps=steps)
-        d = verdict(values(res, "trelm", PRIMARY), values(res, "mlm", PRIMARY))
+        d = verdict(values(res, TRELM[0], PRIMARY), values(res, "mlm", PRIMARY))
         sd_diff = None if d.get("se") is None else d["se"] * math.sqrt(d["n"])
         ref = res["mlm"]["mean"][PRIMARY]
         # seeds needed so that 2 SE of the paired difference is below target * |baseline score|
@@ -801,7 +836,7 @@ def run_pilot(args):
     timed = run_record(args, *TRELM, seeds[0], max(budgets), model, model_id, want_ft=True)
     ft_s = sum(v["seconds"] for v in timed.get("finetune", {}).values())
     names = {n for t in ("ablation", "injection", "hparams", "efficiency") for n, _ in VARIANTS[t]}
-    per_step = {n: rows[best]["s_per_step"]["mlm" if n in ("mlm", "dkplm") else "trelm"] for n in names}
+    per_step = {n: rows[best]["s_per_step"]["mlm" if n in ("mlm", "dkplm") else TRELM[0]] for n in names}
     probes = len(names) + len(VARIANTS["efficiency"]) * args.snapshots
     finetuned = len(FINETUNED) if not args.finetune_all else len(names)
     rec["estimate_seconds"] = {"pretrain": sum(per_step.values()) * best * len(seeds),
@@ -811,10 +846,10 @@ def run_pilot(args):
     md = (f"## Pilot: seed spread of {PRIMARY} (x 100), seeds {args.seeds}\n\n| steps | mlm | trelm | probe-set SE "
           "(trelm) | trelm - mlm (paired) | seeds for a {:.0%} difference | s/step mlm, trelm |\n"
           "|---|---|---|---|---|---|---|\n".format(args.target_effect) +
-          "".join(f"| {b} | {fmt(r['mean']['mlm'], r['std']['mlm'])} | {fmt(r['mean']['trelm'], r['std']['trelm'])} | "
-                  f"{fmt(r['probe_se']['trelm'])} | {fmt(r['paired_diff'].get('diff'))} ± {fmt(r['paired_diff'].get('se'))} "
+          "".join(f"| {b} | {fmt(r['mean']['mlm'], r['std']['mlm'])} | {fmt(r['mean'][TRELM[0]], r['std'][TRELM[0]])} | "
+                  f"{fmt(r['probe_se'][TRELM[0]])} | {fmt(r['paired_diff'].get('diff'))} ± {fmt(r['paired_diff'].get('se'))} "
                   f"| {r['seeds_needed'] or 'n/a (mlm score <= 0 or one seed)'} | "
-                  f"{r['s_per_step']['mlm']:.2f}, {r['s_per_step']['trelm']:.2f} |\n" for b, r in rows.items()) +
+                  f"{r['s_per_step']['mlm']:.2f}, {r['s_per_step'][TRELM[0]]:.2f} |\n" for b, r in rows.items()) +
           f"\nRecommended: --steps {best} " + ("(resolves a {:.0%} difference with {} seeds)".format(
               args.target_effect, len(seeds)) if ok else f"(no budget resolves it with {len(seeds)} seeds: needs "
               f"{rows[best]['seeds_needed'] or 'a positive baseline score'}; raise --seeds or the budget)") +
