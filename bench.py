@@ -734,7 +734,7 @@ def write_costs(args):
               loadavg_1min=round(os.getloadavg()[0], 2), shape=[study.batch, study.seq], model=args.model)
     for n, c in new["costs"].items():
         if n not in old["costs"]:
-            old["costs"][n] = {**c, **at}
+            old["costs"][n] = {**c, "measured": at}
     if "seconds" not in old:  # a first measurement: its run-level record
         old.update(seconds=new["seconds"], **at)
     else:
