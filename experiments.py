@@ -179,6 +179,9 @@ def add_args(parser):
     g.add_argument("--ft-eval-limit", type=int, default=700)
     g.add_argument("--ft-epochs", type=int, default=2)
     g.add_argument("--ft-max-seq-len", type=int, default=64)
+    g.add_argument("--floor-budgets", default="1000x2,2000x2",
+                   help="f1-floor: fine-tuning budgets ROWSxEPOCHS whose F1 seed noise is measured on the base PLM")
+    g.add_argument("--floor-effect", type=float, default=0.015, help="f1-floor: the F1 difference to resolve")
     g.add_argument("--pilot-steps", default="150,300",
                    help="pilot: the two budgets compared (runs at --steps are reused by the study)")
     g.add_argument("--target-effect", type=float, default=0.2, help="pilot: relative difference to resolve")
@@ -864,6 +867,82 @@ def run_pilot(args):
     return path
 
 
+def budget_list(value):
+    """--floor-budgets "1000x2,2000x2" -> [(1000, 2), (2000, 2)], or one line naming the bad entry."""
+    out = []
+    for b in value.split(","):
+        try:
+            rows, epochs = (int(x) for x in b.strip().split("x"))
+        except ValueError:
+            raise SystemExit(f"--floor-budgets: {b!r} is not ROWSxEPOCHS (e.g. 1000x2)")
+        out.append((rows, epochs))
+    return out
+
+
+def run_f1_floor(args):
+    """F1's noise floor against the fine-tuning budget, on the base PLM (no pre-training seed: the floor
+    under any variant's F1 noise). Per budget (--floor-budgets ROWSxEPOCHS) and F1 task, --seeds fine-tuning
+    runs; sigma = their F1 std. Two variants' seed-paired difference then has std sigma sqrt 2 (independent
+    runs), so n seeds resolve, by the paired rule (mean > 2 SE), differences of 2 sigma sqrt(2 / n) or more,
+    and --floor-effect needs n >= 8 (sigma / effect)^2 seeds. Recommended: the cheapest budget whose every
+    task resolves --floor-effect with the study's seeds; its F1 time for the study (FINETUNED x seeds x
+    tasks) beside it. Each fine-tuning run is recorded as it ends (results/f1_floor.json), so an
+    interrupted run continues."""
+    seeds, tasks, budgets = seeds_of(args), ft_tasks(args), budget_list(args.floor_budgets)
+    if len(seeds) < 2 or not tasks:
+        raise SystemExit("--task f1-floor needs >= 2 --seeds and an F1 task (--finetune)")
+    model = base_checkpoint(args)[0] if args.model == "base" else args.model
+    path = os.path.join(args.output_dir, "f1_floor.json")
+    config = recorded_config(args)
+    same = ("model", "base_model", "base_steps", "data_dir", "ft_eval_limit", "ft_max_seq_len")
+    prior = json.load(open(path)) if os.path.exists(path) else None
+    if prior is not None and any(prior["config"].get(k) != config.get(k) for k in same):
+        print(f"{path}: made with other settings ({ {k: prior['config'].get(k) for k in same} }); measuring again")
+        prior = None
+    done = prior["runs"] if prior else {}
+    rows = {}
+    for rows_, epochs in budgets:
+        b = f"{rows_}x{epochs}"
+        ft = argparse.Namespace(**{**vars(args), "ft_train_limit": rows_, "ft_epochs": epochs})
+        for t in tasks:
+            for s in seeds:
+                k = f"{b}/{t}/{s}"
+                if k not in done:
+                    done[k] = finetune_f1(ft, model, os.path.join(args.runs_dir, "f1_floor", b, f"{t}_s{s}"), t, s)
+                    common.write_result(args.output_dir, "f1_floor", config["model"], config, seeds, {}, runs=done)
+            f1 = [done[f"{b}/{t}/{s}"]["f1"] for s in seeds]
+            sigma = statistics.stdev(f1)
+            rows[f"{b}/{t}"] = {"rows": rows_, "epochs": epochs, "task": t, "f1_mean": fmean(f1), "sigma": sigma,
+                                "resolves_with_n": 2 * sigma * math.sqrt(2 / len(seeds)),
+                                "seeds_needed": math.ceil(8 * (sigma / args.floor_effect) ** 2),
+                                "seconds": fmean(done[f"{b}/{t}/{s}"]["seconds"] for s in seeds)}
+    ok = [f"{r}x{e}" for r, e in budgets
+          if all(rows[f"{r}x{e}/{t}"]["resolves_with_n"] <= args.floor_effect for t in tasks)]
+    study_h = {f"{r}x{e}": len(FINETUNED) * len(seeds) * sum(rows[f"{r}x{e}/{t}"]["seconds"] for t in tasks) / 3600
+               for r, e in budgets}
+    rec = {"budget": ok[0] if ok else None, "effect": args.floor_effect, "seeds": len(seeds),
+           "study_f1_hours": study_h}
+    md = (f"## F1 noise floor against the fine-tuning budget (base PLM, fine-tuning seeds {args.seeds})\n"
+          f"sigma: F1 std over seeds; a seed-paired difference of two variants has std sigma sqrt 2, so "
+          f"{len(seeds)} seeds resolve differences >= 2 sigma sqrt(2/{len(seeds)}); a {100 * args.floor_effect:.1f}-point "
+          "difference needs 8 (sigma / effect)^2 seeds. The pre-training seed adds its own noise on top: this is "
+          "a floor.\n\n| budget (rows x epochs) | task | F1 mean | sigma | resolves with these seeds | seeds for "
+          f"{100 * args.floor_effect:.1f} points | s per run | study's F1 hours ({len(FINETUNED)} variants x "
+          f"{len(seeds)} seeds) |\n|---|---|---|---|---|---|---|---|\n" +
+          "".join(f"| {r['rows']} x {r['epochs']} | {r['task']} | {fmt(r['f1_mean'])} | {fmt(r['sigma'])} | "
+                  f"{fmt(r['resolves_with_n'])} | {r['seeds_needed']} | {r['seconds']:.0f} | "
+                  f"{study_h[k.split('/')[0]]:.1f} |\n" for k, r in rows.items()) +
+          (f"\nRecommended: {rec['budget']} (every task resolves {100 * args.floor_effect:.1f} points with "
+           f"{len(seeds)} seeds at the floor).\n" if ok else
+           f"\nNo budget measured resolves {100 * args.floor_effect:.1f} points with {len(seeds)} seeds even at the "
+           "floor: F1 is reported without verdicts.\n"))
+    out = common.write_result(args.output_dir, "f1_floor", config["model"], config, seeds, rows, runs=done,
+                              recommendation=rec)
+    common.atomic_write(os.path.join(args.output_dir, "f1_floor.md"), lambda tmp: open(tmp, "w").write(md))
+    print(md)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # REPORT.md
 
@@ -1152,4 +1231,4 @@ def run_report(args):
 
 TASKS = {"base": run_base, "pilot": run_pilot, "ablation": run_ablation, "injection": run_injection,
          "hparams": run_hparams, "efficiency": run_efficiency, "reproduce": run_reproduce, "report": run_report,
-         "same-code": run_same_code, "frontier": run_frontier}
+         "same-code": run_same_code, "frontier": run_frontier, "f1-floor": run_f1_floor}
