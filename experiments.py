@@ -669,10 +669,10 @@ def run_base(args):
     return path
 
 
-def ablation_claims(res, roles=ROLES):
+def ablation_claims(res):
     """Table 6's verdicts: TRELM above each ablation on the score and both F1s."""
-    t = roles["trelm"]
-    return {f"{roles[r]} < {t} [{k}]": verdict(values(res, t, k), values(res, roles[r], k))
+    t = ROLES["trelm"]
+    return {f"{ROLES[r]} < {t} [{k}]": verdict(values(res, t, k), values(res, ROLES[r], k))
             for r in ("no-injection", "no-memory-bank", "no-routing") for k in (PRIMARY, "f1_fewrel", "f1_open-entity")}
 
 
@@ -685,9 +685,9 @@ def run_ablation(args):
     return write_task(args, "ablation", res, md, verdicts=ablation_claims(res), roles=ROLES)
 
 
-def injection_claims(res, roles=ROLES):
+def injection_claims(res):
     """Fig. 3's verdicts: long-tail beats frequent, important (TRELM) beats all and is the best."""
-    t, lt, fr, al = (roles[r] for r in ("trelm", "inj-long-tail", "inj-frequent", "inj-all"))
+    t, lt, fr, al = (ROLES[r] for r in ("trelm", "inj-long-tail", "inj-frequent", "inj-all"))
     return {"long-tail > frequent": verdict(values(res, lt, PRIMARY), values(res, fr, PRIMARY)),
             "important > all": verdict(values(res, t, PRIMARY), values(res, al, PRIMARY)),
             "important best": beats_all(values(res, t, PRIMARY), {n: values(res, n, PRIMARY) for n in (lt, fr, al)})}
@@ -920,7 +920,7 @@ def run_f1_floor(args):
           if all(rows[f"{r}x{e}/{t}"]["resolves_with_n"] <= args.floor_effect for t in tasks)]
     study_h = {f"{r}x{e}": len(FINETUNED) * len(seeds) * sum(rows[f"{r}x{e}/{t}"]["seconds"] for t in tasks) / 3600
                for r, e in budgets}
-    rec = {"budget": ok[0] if ok else None, "effect": args.floor_effect, "seeds": len(seeds),
+    rec = {"budget": ok[0] if ok else None, "resolving": ok, "effect": args.floor_effect, "seeds": len(seeds),
            "study_f1_hours": study_h}
     md = (f"## F1 noise floor against the fine-tuning budget (base PLM, fine-tuning seeds {args.seeds})\n"
           f"sigma: F1 std over seeds; a seed-paired difference of two variants has std sigma sqrt 2, so "
@@ -1088,6 +1088,84 @@ def effect(v, scale=100):
     return f"{scale * v['diff']:+.1f} [{scale * v['lo']:+.1f}, {scale * v['hi']:+.1f}] (n={v['n']})"
 
 
+def claims(res, roles, f1_verdicts=True):
+    """The claims table's rows for one study's results (load_results), its variants named by `roles`
+    (ROLES, or STRICT for the first study's): the paper's value, ours, the seed-paired effect, the verdict
+    (none for F1 when its fine-tuning budget lies below the noise floor, f1_verdicts False)."""
+    m = {t: r["metrics"] for t, r in res.items()}
+    lines, T = [], roles["trelm"]
+
+    def ours(task, names, key):
+        return ", ".join(f"{n} {fmt(m[task][n]['mean'].get(key), m[task][n]['std'].get(key))}"
+                         for n in names if n in m.get(task, {}))
+
+    def row(claim, paper, task, names, key, v):
+        said = v["verdict"] if f1_verdicts or not key.startswith("f1_") else "no verdict (below F1's noise floor)"
+        lines.append(f"| {claim} | {paper} | {ours(task, names, key)} | {effect(v)} | {said} |")
+
+    def pair(task, a, b, key):
+        return verdict(values(m[task], a, key), values(m[task], b, key))
+
+    if "efficiency" in m:
+        P = PAPER
+        for other, paper in (("mlm", f"T-REx P@1 BERT {P['table2_trex_p1']['BERT']} vs TRELM_BERT "
+                                     f"{P['table2_trex_p1']['TRELM_BERT']} (Table 2)"),
+                             ("dkplm", f"T-REx P@1 DKPLM {P['table1_trex_p1']['DKPLM']} vs TRELM "
+                                       f"{P['table1_trex_p1']['TRELM']} (Table 1)")):
+            row(f"TRELM probes better than {other}", paper, "efficiency", [T, other], PRIMARY,
+                pair("efficiency", T, other, PRIMARY))
+        for key, label, paper in (("f1_fewrel", "FewRel F1", lambda o: f"TACRED F1 {'RoBERTa' if o == 'mlm' else 'DKPLM'} "
+                                   f"{P['table5_tacred_f1']['RoBERTa' if o == 'mlm' else 'DKPLM']} vs TRELM "
+                                   f"{P['table5_tacred_f1']['TRELM']} (Table 5)"),
+                                  ("f1_open-entity", "Open Entity F1",
+                                   lambda o: f"TRELM {P['table4_open_entity_f1']['TRELM']} best (Table 4)")):
+            for other in ("mlm", "dkplm"):
+                row(f"TRELM beats {other} on {label}", paper(other), "efficiency", [T, other], key,
+                    pair("efficiency", T, other, key))
+        eff = res["efficiency"]["efficiency"]
+        rs, word = eff["time_to_dkplm_final"], "cost" if eff.get("x") == "cost" else "in-process time"
+        lines.append(f"| TRELM needs <= {P['efficiency_ratio']:.0%} of DKPLM's pre-training {word} to reach its final "
+                     f"score (Sec. 4.4) | {P['efficiency_ratio']} | "
+                     "ratio per seed: " + ", ".join(f"{'>' if not r['reached'] else ''}{r['ratio']:.2f}" for r in rs.values())
+                     + f" | {effect(eff['ratio_verdict'], scale=1)} (0.5 - ratio) | {eff['ratio_verdict']['verdict']} |")
+        for role, label in (("no-memory-bank", "the memory bank"), ("no-routing", "knowledge routing")):
+            n = roles[role]
+            key = role if role in eff["time_to_ablation_final"] else n  # the first study keyed them by name
+            r, v = eff["time_to_ablation_final"][key], eff["module_verdicts"][key]
+            lines.append(f"| {label} speeds convergence (Fig. 6) | ratio < 1 | TRELM's {word} to {n}'s final / its "
+                         f"{word}: " + ", ".join(f"{'>' if not x['reached'] else ''}{x['ratio']:.2f}" for x in r.values())
+                         + f" | {effect(v, scale=1)} (1 - ratio) | {v['verdict']} |")
+    if "ablation" in m:
+        for role, label in (("no-injection", "knowledge injection"), ("no-memory-bank", "memory bank"),
+                            ("no-routing", "knowledge routing")):
+            n = roles[role]
+            for key, paper in ((PRIMARY, "n/a"),
+                               ("f1_fewrel", f"TACRED {PAPER['table6_tacred_f1']['trelm']} vs "
+                                             f"{PAPER['table6_tacred_f1']['trelm_' + role]}"),
+                               ("f1_open-entity", f"Open Entity {PAPER['table6_open_entity_f1']['trelm']} vs "
+                                                  f"{PAPER['table6_open_entity_f1']['trelm_' + role]}")):
+                row(f"removing {label} lowers {key} (Table 6)", paper, "ablation", [T, n], key,
+                    pair("ablation", T, n, key))
+    if "injection" in m:
+        v = res["injection"]["verdicts"]
+        row("long-tail injection beats frequent (Fig. 3)", "yes (figure)", "injection",
+            [roles["inj-long-tail"], roles["inj-frequent"]], PRIMARY, v["long-tail > frequent"])
+        row("important entities beat all entities (Fig. 3)", "yes (figure)", "injection", [T, roles["inj-all"]],
+            PRIMARY, v["important > all"])
+        b = v["important best"]
+        lines.append(f"| important entities are best (Fig. 3) | yes (figure) | "
+                     f"{ours('injection', [T, *(roles[r] for r in ('inj-long-tail', 'inj-frequent', 'inj-all'))], PRIMARY)}"
+                     f" | " + "; ".join(f"vs {k}: {effect(x)}" for k, x in b["pairs"].items()) + f" | {b['verdict']} |")
+    if "hparams" in m:
+        for p, v in res["hparams"]["verdicts"].items():
+            pts = res["hparams"]["sweeps"][p.split()[0]]
+            lines.append(f"| {p} (Figs. 7-8) | {PAPER_PEAKS[p.split()[0]]} | " +
+                         ", ".join(f"{x['value']}: {fmt(x[PRIMARY + '_mean'], x[PRIMARY + '_std'])}" for x in pts) +
+                         " | " + "; ".join(f"vs {k}: {effect(x)}" for k, x in v["pairs"].items()) +
+                         f" | {v['verdict']} |")
+    return lines
+
+
 def write_report(args):
     """REPORT.md: the paper's value, ours (mean ± std), the seed-paired effect with its 2-SE interval and
     the verdict of every claim; a status line saying whether the study is final or pending, and why."""
@@ -1119,74 +1197,21 @@ def write_report(args):
                   f"{r['seeds']} seeds: {r['resolves']}); estimated pre-training time "
                   f"{r['estimated_hours']:.1f} h for the full study on the machine that ran the pilot. See "
                   "results/pilot.md.", ""]
-    lines += [f"Reading of every verdict in the table below: {FIRST_READING}.", "",
-              "| claim (paper) | paper's value | ours (mean ± std) | effect | verdict |", "|---|---|---|---|---|"]
-
-    def ours(task, names, key):
-        return ", ".join(f"{n} {fmt(m[task][n]['mean'].get(key), m[task][n]['std'].get(key))}"
-                         for n in names if n in m.get(task, {}))
-
-    def row(claim, paper, task, names, key, v):
-        lines.append(f"| {claim} | {paper} | {ours(task, names, key)} | {effect(v)} | {v['verdict']} |")
-
-    def pair(task, a, b, key):
-        return verdict(values(m[task], a, key), values(m[task], b, key))
-
-    if "efficiency" in m:
-        P = PAPER
-        for other, paper in (("mlm", f"T-REx P@1 BERT {P['table2_trex_p1']['BERT']} vs TRELM_BERT "
-                                     f"{P['table2_trex_p1']['TRELM_BERT']} (Table 2)"),
-                             ("dkplm", f"T-REx P@1 DKPLM {P['table1_trex_p1']['DKPLM']} vs TRELM "
-                                       f"{P['table1_trex_p1']['TRELM']} (Table 1)")):
-            row(f"TRELM probes better than {other}", paper, "efficiency", ["trelm", other], PRIMARY,
-                pair("efficiency", "trelm", other, PRIMARY))
-        for key, label, paper in (("f1_fewrel", "FewRel F1", lambda o: f"TACRED F1 {'RoBERTa' if o == 'mlm' else 'DKPLM'} "
-                                   f"{P['table5_tacred_f1']['RoBERTa' if o == 'mlm' else 'DKPLM']} vs TRELM "
-                                   f"{P['table5_tacred_f1']['TRELM']} (Table 5)"),
-                                  ("f1_open-entity", "Open Entity F1",
-                                   lambda o: f"TRELM {P['table4_open_entity_f1']['TRELM']} best (Table 4)")):
-            for other in ("mlm", "dkplm"):
-                row(f"TRELM beats {other} on {label}", paper(other), "efficiency", ["trelm", other], key,
-                    pair("efficiency", "trelm", other, key))
-        eff = res["efficiency"]["efficiency"]
-        rs = eff["time_to_dkplm_final"]
-        lines.append(f"| TRELM needs <= {P['efficiency_ratio']:.0%} of DKPLM's pre-training time to reach its final "
-                     f"score (Sec. 4.4) | {P['efficiency_ratio']} | "
-                     "ratio per seed: " + ", ".join(f"{'>' if not r['reached'] else ''}{r['ratio']:.2f}" for r in rs.values())
-                     + f" | {effect(eff['ratio_verdict'], scale=1)} (0.5 - ratio) | {eff['ratio_verdict']['verdict']} |")
-        for n, label in (("trelm_no-memory-bank", "the memory bank"), ("trelm_no-routing", "knowledge routing")):
-            r = eff["time_to_ablation_final"][n]
-            v = eff["module_verdicts"][n]
-            lines.append(f"| {label} speeds convergence (Fig. 6) | ratio < 1 | TRELM's time to {n}'s final / its "
-                         "time: " + ", ".join(f"{'>' if not x['reached'] else ''}{x['ratio']:.2f}" for x in r.values())
-                         + f" | {effect(v, scale=1)} (1 - ratio) | {v['verdict']} |")
-    if "ablation" in m:
-        for n, label in (("trelm_no-injection", "knowledge injection"), ("trelm_no-memory-bank", "memory bank"),
-                         ("trelm_no-routing", "knowledge routing")):
-            for key, paper in ((PRIMARY, "n/a"),
-                               ("f1_fewrel", f"TACRED {PAPER['table6_tacred_f1']['trelm']} vs "
-                                             f"{PAPER['table6_tacred_f1'][n]}"),
-                               ("f1_open-entity", f"Open Entity {PAPER['table6_open_entity_f1']['trelm']} vs "
-                                                  f"{PAPER['table6_open_entity_f1'][n]}")):
-                row(f"removing {label} lowers {key} (Table 6)", paper, "ablation", ["trelm", n], key,
-                    pair("ablation", "trelm", n, key))
-    if "injection" in m:
-        v = res["injection"]["verdicts"]
-        row("long-tail injection beats frequent (Fig. 3)", "yes (figure)", "injection",
-            ["trelm_inj-long-tail", "trelm_inj-frequent"], PRIMARY, v["long-tail > frequent"])
-        row("important entities beat all entities (Fig. 3)", "yes (figure)", "injection", ["trelm", "trelm_inj-all"],
-            PRIMARY, v["important > all"])
-        b = v["important best"]
-        lines.append(f"| important entities are best (Fig. 3) | yes (figure) | "
-                     f"{ours('injection', ['trelm', 'trelm_inj-long-tail', 'trelm_inj-frequent', 'trelm_inj-all'], PRIMARY)}"
-                     f" | " + "; ".join(f"vs {k}: {effect(x)}" for k, x in b["pairs"].items()) + f" | {b['verdict']} |")
-    if "hparams" in m:
-        for p, v in res["hparams"]["verdicts"].items():
-            pts = res["hparams"]["sweeps"][p.split()[0]]
-            lines.append(f"| {p} (Figs. 7-8) | {PAPER_PEAKS[p.split()[0]]} | " +
-                         ", ".join(f"{x['value']}: {fmt(x[PRIMARY + '_mean'], x[PRIMARY + '_std'])}" for x in pts) +
-                         " | " + "; ".join(f"vs {k}: {effect(x)}" for k, x in v["pairs"].items()) +
-                         f" | {v['verdict']} |")
+    floor_path = os.path.join(args.output_dir, "f1_floor.json")
+    floor = json.load(open(floor_path))["recommendation"] if os.path.exists(floor_path) else None
+    f1_ok = floor is None or f"{args.ft_train_limit}x{args.ft_epochs}" in floor["resolving"]
+    if floor is not None:
+        lines += [open(os.path.join(args.output_dir, "f1_floor.md")).read(),
+                  f"F1 verdicts below: {'given' if f1_ok else 'none'} (the study fine-tunes at {args.ft_train_limit} "
+                  f"rows x {args.ft_epochs} epochs).", ""]
+    head = ["| claim (paper) | paper's value | ours (mean ± std) | effect | verdict |", "|---|---|---|---|---|"]
+    lines += [f"Reading of every verdict in the table below: {READING}.", "", *head, *claims(res, ROLES, f1_ok)]
+    strict = load_results(os.path.join(args.output_dir, "strict"))
+    if strict:
+        lines += ["", "## The first study: the strict reading (results/strict/)",
+                  f"Reading of every verdict in this table: {FIRST_READING}. Kept as its own table: under this reading "
+                  "the model learns almost no facts (the frontier below), so these verdicts describe that reading only.",
+                  "", *head, *claims(strict, STRICT, f1_ok)]
     frontier = os.path.join(args.output_dir, "frontier.md")
     if os.path.exists(frontier):  # its own readings: every verdict names the one it was made under
         lines += ["", open(frontier).read().replace("## Frontier", "## Frontier (results/frontier.md)", 1),

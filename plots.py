@@ -23,13 +23,25 @@ STYLES = [dict(color="0.0", ls="-", marker="o"), dict(color="0.35", ls="--", mar
           dict(color="0.55", ls=":", marker="^"), dict(color="0.2", ls="-.", marker="D"),
           dict(color="0.7", ls="-", marker="v")]
 HATCHES = ["", "//", "..", "xx", "\\\\"]
-LABELS = {"mlm": "MLM (no knowledge)", "dkplm": "DKPLM", "trelm": "TRELM",
-          "trelm_no-memory-bank": "TRELM w/o memory bank", "trelm_no-routing": "TRELM w/o routing",
-          "trelm_inj-long-tail": "long-tail", "trelm_inj-frequent": "frequent", "trelm_inj-all": "all"}
+LABELS = {"mlm": "MLM (no knowledge)", "dkplm": "DKPLM", "trelm": "TRELM", "no-memory-bank": "TRELM w/o memory bank",
+          "no-routing": "TRELM w/o routing", "inj-long-tail": "long-tail", "inj-frequent": "frequent", "inj-all": "all"}
 MAKES = {"ablation": "python evaluate.py --task ablation", "injection": "python evaluate.py --task injection", "efficiency": "python evaluate.py --task efficiency",
          "hparams": "python evaluate.py --task hparams", "subnetworks": "python subnetworks.py",
          "frontier": "python bench.py --costs results/costs.json; python evaluate.py --task frontier"}
 SCORE_LABEL = "score: seen - held-out MRR (x 100)"
+
+
+def role_name(doc, role):
+    """The variant that plays `role` (trelm, no-routing, inj-all, ...) in a results doc: its "roles" map
+    (experiments.ROLES), or the first study's names (trelm, trelm_<role>) for a doc that has none."""
+    if "roles" in doc:
+        return doc["roles"][role]
+    return role if role in ("mlm", "dkplm", "trelm") else f"trelm_{role}"
+
+
+def label(doc, name):
+    roles = {n: r for r, n in doc.get("roles", {}).items()}
+    return LABELS.get(roles.get(name, name), name)
 
 
 def load(results, task):
@@ -83,7 +95,7 @@ def fig3(results, out):
     if doc is None:
         return
     m = doc["metrics"]
-    names = ["trelm_inj-long-tail", "trelm_inj-frequent", "trelm_inj-all", "trelm"]
+    names = [role_name(doc, r) for r in ("inj-long-tail", "inj-frequent", "inj-all", "trelm")]
     labels = ["long-tail", "frequent", "all", "important\n(TRELM)"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for i, n in enumerate(names):
@@ -99,18 +111,22 @@ def fig3(results, out):
 
 
 def fig4_5_6(results, out):
+    """Figs. 4-6 on the axis the efficiency results were decided on: cost (steps x per-step cost over a
+    plain MLM step) or, for the first study's results, in-process seconds."""
     doc = load(results, "efficiency")
     if doc is None:
         return
     eff = doc["efficiency"]
-    curves = eff["curves"]
+    curves, x, per_step = eff["curves"], eff.get("x", "elapsed"), eff["step_time_over_mlm"]
+    xlabel = ("cost: steps x per-step cost over a plain MLM step (results/costs.json)" if x == "cost"
+              else "in-process pre-training time (s)")
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for i, (name, seeds) in enumerate(curves.items()):
-        plot_band(ax, *band([c["loss"] for c in seeds.values()], "elapsed", "l_mlm"), STYLES[i % len(STYLES)],
-                  LABELS.get(name, name))
-    ax.set_xlabel("in-process pre-training time (s)")
+        rows = [[{**r, "cost": r["step"] * per_step[name]} for r in c["loss"]] for c in seeds.values()]
+        plot_band(ax, *band(rows, x, "l_mlm"), STYLES[i % len(STYLES)], label(doc, name))
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("$L_{MLM}$ (same loss for every method)")
-    ax.set_title("Fig. 4: MLM loss against pre-training time (mean ± std over seeds)", fontsize=9)
+    ax.set_title("Fig. 4: MLM loss against pre-training cost (mean ± std over seeds)", fontsize=9)
     ax.legend(fontsize=8)
     save(fig, out, "fig4_loss_vs_time")
 
@@ -118,38 +134,40 @@ def fig4_5_6(results, out):
     for i, (name, seeds) in enumerate(curves.items()):
         snaps = [c["snapshots"] for c in seeds.values()]
         st = STYLES[i % len(STYLES)]
-        grid, mean, std = band(snaps, "elapsed", PRIMARY, n=20)
-        plot_band(ax, grid, 100 * mean, 100 * std, st, LABELS.get(name, name))
+        grid, mean, std = band(snaps, x, PRIMARY, n=20)
+        plot_band(ax, grid, 100 * mean, 100 * std, st, label(doc, name))
         for s in snaps:
-            ax.plot([p["elapsed"] for p in s], [pct(p[PRIMARY]) for p in s], color=st["color"], ls="none",
+            ax.plot([p[x] for p in s], [pct(p[PRIMARY]) for p in s], color=st["color"], ls="none",
                     marker=st["marker"], ms=3)
-    ax.set_xlabel("in-process pre-training time (s)")
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(SCORE_LABEL, fontsize=8)
-    ax.set_title("Fig. 5: score of checkpoints against time (mean ± std; markers: snapshots)", fontsize=9)
+    ax.set_title("Fig. 5: score of checkpoints against cost (mean ± std; markers: snapshots)", fontsize=9)
     ax.legend(fontsize=8)
     save(fig, out, "fig5_score_vs_time")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [1.4, 1]})
-    names = list(eff["step_time_over_mlm"])
-    a1.barh(range(len(names)), [eff["step_time_over_mlm"][n] for n in names], color="0.85", edgecolor="0", hatch="//")
+    names = list(per_step)
+    a1.barh(range(len(names)), [per_step[n] for n in names], color="0.85", edgecolor="0", hatch="//")
     a1.axvline(1.0, color="0", lw=0.8)
-    a1.set_yticks(range(len(names)), [LABELS.get(n, n) for n in names], fontsize=8)
+    a1.set_yticks(range(len(names)), [label(doc, n) for n in names], fontsize=8)
     a1.invert_yaxis()
-    a1.set_xlabel("seconds per step / MLM's (in-process)")
-    a1.set_title("step time (incl. attribution)", fontsize=10)
-    groups = {"DKPLM": eff["time_to_dkplm_final"], "w/o memory bank": eff["time_to_ablation_final"]["trelm_no-memory-bank"],
-              "w/o routing": eff["time_to_ablation_final"]["trelm_no-routing"]}
-    for i, (label, ratios) in enumerate(groups.items()):
+    a1.set_xlabel("per-step cost / MLM's (bench.py, interleaved)" if x == "cost" else "seconds per step / MLM's (in-process)")
+    a1.set_title("step cost (incl. attribution)", fontsize=10)
+    modules = eff["time_to_ablation_final"]  # keyed by role, or by name in the first study's results
+    groups = {"DKPLM": eff["time_to_dkplm_final"],
+              **{f"w/o {w}": modules.get(r, modules.get(f"trelm_{r}", {}))
+                 for r, w in (("no-memory-bank", "memory bank"), ("no-routing", "routing"))}}
+    for i, (glabel, ratios) in enumerate(groups.items()):
         r = list(ratios.values())
         if r:
             a2.bar(i, np.mean([x["ratio"] for x in r]), color="0.85", edgecolor="0", hatch=HATCHES[i])
-            for x in r:  # open markers: not reached, the ratio is only a lower bound
-                a2.plot(i, x["ratio"], "ko" if x["reached"] else "k^", mfc="0" if x["reached"] else "1", ms=4)
+            for x_ in r:  # open markers: not reached, the ratio is only a lower bound
+                a2.plot(i, x_["ratio"], "ko" if x_["reached"] else "k^", mfc="0" if x_["reached"] else "1", ms=4)
     a2.set_xticks(range(len(groups)), list(groups), fontsize=8)
     a2.axhline(PAPER["efficiency_ratio"], color="0", ls="--", lw=0.8, label=f"paper's claim vs DKPLM ({PAPER['efficiency_ratio']})")
     a2.axhline(1.0, color="0.5", ls=":", lw=0.8, label="no speed-up (1)")
-    a2.set_ylabel("TRELM's time to the baseline's\nfinal score / baseline's time", fontsize=8)
-    a2.set_title("time to quality (dots: seeds; open: not reached)", fontsize=9)
+    a2.set_ylabel(f"TRELM's {'cost' if x == 'cost' else 'time'} to the baseline's\nfinal score / baseline's", fontsize=8)
+    a2.set_title("cost to quality (dots: seeds; open: not reached)", fontsize=9)
     a2.legend(fontsize=7, loc="upper right")
     fig.suptitle("Fig. 6: efficiency", y=1.02)
     fig.tight_layout()

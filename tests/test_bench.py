@@ -186,3 +186,30 @@ def test_costs_of_study_variants_tiny(tiny_model_dir, tmp_path):
     assert out["full"]["trainable_share"] == 1.0 and 0 < out["strict"]["trainable_share"] < 0.2
     assert out["strict"]["flops_over_mlm"] < out["full"]["flops_over_mlm"]
     assert out["e1"]["route_every"] == 1 and out["strict"]["route_every"] == 50
+
+
+def test_costs_file_keeps_measured_variants_and_adds_the_missing(tmp_path, monkeypatch):
+    """bench.py --costs PATH on an existing file measures only the variants it lacks (against MLM again)
+    and leaves every recorded cost as it was; with nothing missing it measures nothing."""
+    import json
+
+    import experiments
+    names = [n for n, _ in experiments.COSTED]
+    path = tmp_path / "costs.json"
+    old = {n: {"cost_over_mlm": 0.5 + i} for i, n in enumerate(names[:-1])}  # the last one is missing
+    path.write_text(json.dumps({"costs": old, "seconds": {}}))
+    asked = []
+
+    def fake(study, variants):
+        asked.append([n for n, _ in variants])
+        return {"costs": {n: {"cost_over_mlm": 9.0} for n, _ in variants}, "seconds": {"mlm_step_s": 1.0}}
+
+    monkeypatch.setattr(bench, "measure_costs", fake)
+    args = bench.get_parser().parse_args(["--costs", str(path)])
+    bench.write_costs(args)
+    got = json.loads(path.read_text())["costs"]
+    assert asked == [["mlm", names[-1]]]
+    assert {n: got[n]["cost_over_mlm"] for n in names[:-1]} == {n: c["cost_over_mlm"] for n, c in old.items()}
+    assert got[names[-1]]["cost_over_mlm"] == 9.0 and "commit" in got[names[-1]]["measured"]
+    bench.write_costs(args)
+    assert len(asked) == 1

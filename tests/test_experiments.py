@@ -157,6 +157,12 @@ def test_tiny_pilot_and_reproduce_three_seeds(tiny_model_dir, tmp_path, monkeypa
     pilot = json.load(open(tmp_path / "results" / "pilot.json"))
     assert set(pilot["metrics"]) == {"1", "2"} and pilot["recommendation"]["steps"] in (1, 2)
     assert pilot["recommendation"]["estimate_seconds"]["finetune"] > 0
+    with pytest.raises(SystemExit, match="bench.py --costs"):  # efficiency needs the cost axis
+        evaluate.main(["--task", "efficiency", *argv])
+    # a cost axis whose ratios are known: snapshots must sit at step x ratio
+    costs = {n: 1.0 + 0.25 * i for i, (n, _) in enumerate(ex.VARIANTS["efficiency"])}  # mlm first: 1.0
+    (tmp_path / "results" / "costs.json").write_text(json.dumps({"costs": {n: {"cost_over_mlm": c}
+                                                                            for n, c in costs.items()}}))
     evaluate.main(["--task", "reproduce", *argv])
     res = tmp_path / "results"
     base = json.load(open(res / "base.json"))["metrics"]
@@ -169,7 +175,9 @@ def test_tiny_pilot_and_reproduce_three_seeds(tiny_model_dir, tmp_path, monkeypa
     abl = json.load(open(res / "ablation.json"))
     assert all("f1_fewrel" in s and "f1_open-entity" in s for v in abl["metrics"].values() for s in v["seeds"].values())
     eff = json.load(open(res / "efficiency.json"))["efficiency"]
-    assert set(eff["time_to_dkplm_final"]) == {"0", "1", "2"} and eff["step_time_over_mlm"]["mlm"] == 1.0
+    assert set(eff["time_to_dkplm_final"]) == {"0", "1", "2"} and eff["step_time_over_mlm"] == costs
+    for name, seeds in eff["curves"].items():
+        assert all(p["cost"] == p["step"] * costs[name] for c in seeds.values() for p in c["snapshots"])
     report = open(tmp_path / "REPORT.md").read()
     # final or pending depends on the checkout (clean or not) and the tiny pilot's draw; the rule itself is
     # tested in test_report_status_pending_until_final
@@ -358,3 +366,51 @@ def test_tiny_frontier_on_the_cost_axis(tiny_model_dir, tmp_path):
     assert set(json.load(open(tmp_path / "results" / "frontier.json"))["metrics"]) == {"mlm", "trelm-ffn-e1-fo"}
     with pytest.raises(SystemExit, match=r"--variants: \['nope'\] not in --task frontier"):
         evaluate.main(["--task", "frontier", *argv, "--variants", "mlm,nope"])
+
+
+def test_f1_floor_from_known_seed_noise(tmp_path, monkeypatch):
+    """--task f1-floor on fine-tuning F1s whose spread is known: sigma is their std, 3 seeds resolve
+    2 sigma sqrt(2/3), a 1.5-point difference needs ceil(8 (sigma / 0.015)^2) seeds; the cheapest budget
+    that resolves it is recommended; a rerun reuses every recorded fine-tuning run."""
+    f1 = {(500, 0): 0.50, (500, 1): 0.52, (500, 2): 0.54, (1000, 0): 0.600, (1000, 1): 0.605, (1000, 2): 0.610}
+    calls = []
+
+    def fake(args, model_dir, out_dir, task, seed):
+        calls.append((args.ft_train_limit, task, seed))
+        return {"f1": f1[args.ft_train_limit, seed], "se": 0.01, "n_test": 700, "seconds": 2.0}
+
+    monkeypatch.setattr(ex, "finetune_f1", fake)
+    argv = ["--task", "f1-floor", "--model", str(tmp_path), "--seeds", "0,1,2", "--floor-budgets", "500x2,1000x2",
+            "--output-dir", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")]
+    evaluate.main(argv)
+    doc = json.load(open(tmp_path / "results" / "f1_floor.json"))
+    r = doc["metrics"]["500x2/fewrel"]
+    assert r["sigma"] == pytest.approx(0.02) and r["resolves_with_n"] == pytest.approx(2 * 0.02 * math.sqrt(2 / 3))
+    assert r["seeds_needed"] == 15  # 8 * (0.02 / 0.015)^2 = 14.2
+    assert doc["metrics"]["1000x2/open-entity"]["sigma"] == pytest.approx(0.005)
+    assert doc["recommendation"]["budget"] == "1000x2" and doc["recommendation"]["resolving"] == ["1000x2"]
+    assert doc["recommendation"]["study_f1_hours"]["1000x2"] == pytest.approx(6 * 3 * 2 * 2.0 / 3600)
+    assert len(calls) == 12
+    evaluate.main(argv)
+    assert len(calls) == 12
+    with pytest.raises(SystemExit, match="ROWSxEPOCHS"):
+        evaluate.main([*argv[:-4], "--floor-budgets", "1000", *argv[-2:]])
+
+
+def test_f1_rows_carry_no_verdict_below_the_noise_floor():
+    """Table 6's F1 rows: a clear seed-paired F1 gap is 'held' when F1 can resolve it, and gets no verdict
+    when the study's fine-tuning budget lies below F1's noise floor; the probe-score rows keep theirs."""
+    def run(score, f1):
+        seeds = {str(s): {"score_MRR": score + s / 100, "f1_fewrel": f1 + s / 100, "f1_open-entity": f1 + s / 100}
+                 for s in range(3)}
+        mean = {k: sum(v[k] for v in seeds.values()) / 3 for k in seeds["0"]}
+        return {"seeds": seeds, "mean": mean, "std": {k: 0.01 for k in mean}}
+
+    metrics = {ex.ROLES["trelm"]: run(0.20, 0.70)}
+    metrics.update({ex.ROLES[r]: run(0.10, 0.60) for r in ("no-injection", "no-memory-bank", "no-routing")})
+    res = {"ablation": {"metrics": metrics}}
+    rows = [r for r in ex.claims(res, ex.ROLES) if "Table 6" in r]
+    assert len(rows) == 9 and all(r.endswith("| held |") for r in rows)
+    rows = [r for r in ex.claims(res, ex.ROLES, f1_verdicts=False) if "Table 6" in r]
+    assert sum(r.endswith("| held |") for r in rows) == 3  # the score rows
+    assert sum(r.endswith("| no verdict (below F1's noise floor) |") for r in rows) == 6
