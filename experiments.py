@@ -138,7 +138,8 @@ FIRST_READING = ("routing scope strict (only the knowledge paths train), re-rout
 # the reading of this study's tables
 READING = (f"routing scope ffn (every FFN neuron's weights outside the knowledge paths frozen, everything else "
            f"trains), re-routed every 100 steps by Eq. 11, Eq. 8 over {LAMBDA_EPOCHS} counted epochs of the run "
-           "(mean lambda 0.234 at beta 2); cost axis: steps x bench-measured per-step cost over a plain MLM step")
+           "(lambda 0.5, 0.25, 0.125, 0.0625 over the run's quarters at beta 2); cost axis: steps x bench-measured "
+           "per-step cost over a plain MLM step")
 # reading label of each frontier variant: (scope, route every, selection)
 READINGS = {"trelm-strict-e100": "strict, every 100, Eq. 11", "trelm-blocks-e100": "blocks, every 100, Eq. 11",
             "trelm-ffn-e100": "ffn, every 100, Eq. 11", "trelm-ffn-e1-fo": "ffn, per batch, first-order",
