@@ -1219,6 +1219,10 @@ def write_report(args):
                   f"Figure: {args.figures}/frontier.png. The efficiency verdicts there use the cost axis "
                   "(results/costs.json), not wall time; the table above used in-process seconds of runs that shared "
                   "the machine, which measure the load as much as the method (docs/study.md)."]
+    conclusions = os.path.join(args.output_dir, "conclusions.md")
+    if os.path.exists(conclusions):  # prose written by hand from the tables above, committed beside them
+        lines += ["", f"## Conclusions, claim by claim ({conclusions}: written by hand from the tables above)", "",
+                  open(conclusions).read().strip()]
     noise = [(n, v) for t in ("efficiency", "ablation", "injection", "hparams") for n, v in m.get(t, {}).items()]
     if noise:
         seen = {}
