@@ -168,7 +168,9 @@ def fig4_5_6(results, out):
     a2.axhline(1.0, color="0.5", ls=":", lw=0.8, label="no speed-up (1)")
     a2.set_ylabel(f"TRELM's {'cost' if x == 'cost' else 'time'} to the baseline's\nfinal score / baseline's", fontsize=8)
     a2.set_title("cost to quality (dots: seeds; open: not reached)", fontsize=9)
-    a2.legend(fontsize=7, loc="upper right")
+    top = max([1.0] + [x_["ratio"] for r in groups.values() for x_ in r.values()])
+    a2.set_ylim(0, 1.35 * top)  # room for the legend above the bars and the not-reached markers
+    a2.legend(fontsize=7, loc="upper left")
     fig.suptitle("Fig. 6: efficiency", y=1.02)
     fig.tight_layout()
     save(fig, out, "fig6_efficiency")
