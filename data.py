@@ -46,6 +46,7 @@ import re
 
 import numpy as np
 
+from common import DataError
 from data_mini import mini_dir
 
 KG_FILES = {  # our names, then Wikidata5M's own
@@ -53,10 +54,6 @@ KG_FILES = {  # our names, then Wikidata5M's own
     "relations": ("relations.txt", "wikidata5m_relation.txt"),
     "triples": ("triples.txt", "wikidata5m_transductive_train.txt", "wikidata5m_all_triplet.txt"),
 }
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the line and what was expected."""
 
 
 # -----------------------------------------------------------------------------

@@ -73,6 +73,8 @@ import unicodedata
 import uuid
 from importlib import metadata
 
+from common import read_jsonl
+
 VERSION = 2  # bump when the output for given flags changes; mini_dir rebuilds stale caches
 
 DEFAULT_RELATIONS = ("P36", "P1376", "P30", "P37", "P47", "P17", "P131")
@@ -754,34 +756,25 @@ def validate(d):
             if len(cols) != 3 or cols[0] not in ents or cols[1] not in rels or cols[2] not in ents:
                 raise ValueError(f"{d}/kg/triples.txt:{i}: expected known head<TAB>PID<TAB>tail, "
                                  f"found {line!r}")
-    heldout = set()
-    with open(os.path.join(d, "facts.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            x = json.loads(line)
-            if x["split"] == "heldout":
-                heldout.add(tuple(sorted((x["head"], x["tail"]))))
+    heldout = {tuple(sorted((x["head"], x["tail"]))) for _, x in read_jsonl(os.path.join(d, "facts.jsonl"))
+               if x["split"] == "heldout"}
     matcher = AliasMatcher({e: {"aliases": a} for e, a in ents.items()})
-    with open(os.path.join(d, "corpus.jsonl"), encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            x = json.loads(line)
-            if not x.get("text", "").strip():
-                raise ValueError(f"{d}/corpus.jsonl:{i}: empty text")
-            ids = set()
-            for e in x.get("entities", []):
-                if x["text"][e["start"]:e["end"]] not in ents.get(e["id"], []):
-                    raise ValueError(f"{d}/corpus.jsonl:{i}: span {e} is {x['text'][e['start']:e['end']]!r}, "
-                                     f"not an alias of {e['id']}")
-                ids.add(e["id"])
-            ids |= matcher.entities_in(x["text"])
-            bad = [p for p in heldout if p[0] in ids and p[1] in ids]
-            if bad:
-                raise ValueError(f"{d}/corpus.jsonl:{i}: mentions both entities of held-out fact(s) {bad}")
-    with open(os.path.join(d, "probes", "relations.jsonl"), encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            x = json.loads(line)
-            if "[X]" not in x["template"] or "[Y]" not in x["template"]:
-                raise ValueError(f"{d}/probes/relations.jsonl:{i}: template {x['template']!r} "
-                                 f"lacks [X] or [Y]")
+    for i, x in read_jsonl(os.path.join(d, "corpus.jsonl")):
+        if not x.get("text", "").strip():
+            raise ValueError(f"{d}/corpus.jsonl:{i}: empty text")
+        ids = set()
+        for e in x.get("entities", []):
+            if x["text"][e["start"]:e["end"]] not in ents.get(e["id"], []):
+                raise ValueError(f"{d}/corpus.jsonl:{i}: span {e} is {x['text'][e['start']:e['end']]!r}, "
+                                 f"not an alias of {e['id']}")
+            ids.add(e["id"])
+        ids |= matcher.entities_in(x["text"])
+        bad = [p for p in heldout if p[0] in ids and p[1] in ids]
+        if bad:
+            raise ValueError(f"{d}/corpus.jsonl:{i}: mentions both entities of held-out fact(s) {bad}")
+    for i, x in read_jsonl(os.path.join(d, "probes", "relations.jsonl")):
+        if "[X]" not in x["template"] or "[Y]" not in x["template"]:
+            raise ValueError(f"{d}/probes/relations.jsonl:{i}: template {x['template']!r} lacks [X] or [Y]")
 
 
 def main():

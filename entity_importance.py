@@ -53,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
+
 STRATEGIES = ("important", "long-tail", "frequent", "all", "none", "dkplm")
 
 
@@ -286,6 +288,64 @@ def si_column(ds, model, mask_token_id, window=None, batch_size=64, num_proc=Non
     finally:
         if not bars:
             ds_logging.disable_progress_bar()
+
+
+class CorpusSI:
+    """SI(e) (Eq. 1) over the corpus and its corpus-level threshold of "important" (Sec. 3.4: important
+    entities are identified "throughout the corpus"): scored once with the initial model for every
+    candidate mention, or again with the current model every `refresh` epochs (--si-refresh; our
+    decision, docs/departures.md). The scores live in the corpus dataset's ent_si column (si_column).
+
+    candidate (E,) bool: entities whose mentions are scored (long-tail, with a triple); top_fraction:
+    --important-fraction; window: --si-window (0 = the whole sequence); refresh: --si-refresh (0 = never).
+    threshold: the SI an "important" mention reaches (important_threshold); epoch: the epoch whose
+    model scored SI (0: the initial model)."""
+
+    def __init__(self, candidate, top_fraction, window, refresh):
+        self.candidate, self.top_fraction, self.window, self.refresh = candidate, top_fraction, window, refresh
+        self.threshold, self.epoch = None, 0
+
+    def score(self, ds, mlm, mask_token_id, fingerprint, num_proc=None):
+        """ds (without ent_si) -> ds with the SI of every candidate mention by mlm (si_column, cached by
+        `fingerprint`: name the model there), and the threshold of its SI."""
+        ds = si_column(ds, mlm, mask_token_id, window=self.window or None, num_proc=num_proc,
+                       fingerprint=fingerprint, only=self.candidate)
+        self.set_threshold(ds)
+        return ds
+
+    def set_threshold(self, ds):
+        ent, si = data.flat_column(ds, "ent_id", np.int64), data.flat_column(ds, "ent_si", np.float64)
+        self.threshold = important_threshold(si, self.candidate[ent], self.top_fraction)
+
+    def important(self, ds):
+        """(N,) bool over the corpus's mentions: SI at or above the threshold."""
+        return data.flat_column(ds, "ent_si", np.float64) >= self.threshold
+
+    def due(self, epoch):
+        """A refresh is due at the start of epoch floor(epoch)."""
+        return bool(self.refresh) and math.floor(epoch) >= self.epoch + self.refresh
+
+    def refreshed(self, epoch):
+        q = math.floor(epoch)
+        self.epoch = q - q % self.refresh
+
+    def state_dict(self, ds):
+        """None while SI is the initial model's (rebuilt identically at start); after a refresh, the scores
+        (their model is gone)."""
+        return None if not self.epoch else {"epoch": self.epoch, "values": data.flat_column(ds, "ent_si", np.float32)}
+
+    def load_state_dict(self, st, ds):
+        """-> ds with the ent_si column of a checkpoint's state_dict (ds unchanged for None)."""
+        if not st:
+            return ds
+        import pyarrow.compute as pc
+        self.epoch = st["epoch"]
+        counts = np.concatenate([pc.list_value_length(b["ent_id"]).to_numpy(zero_copy_only=False)
+                                 for b in ds.with_format("arrow").iter(batch_size=1 << 16)])  # (rows,)
+        rows = [x.tolist() for x in np.split(st["values"].astype(np.float64), np.cumsum(counts)[:-1])]
+        ds = ds.remove_columns("ent_si").add_column("ent_si", rows)
+        self.set_threshold(ds)
+        return ds
 
 
 # ----------------------------------------------------------------------------- h_e and injection

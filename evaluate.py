@@ -9,8 +9,8 @@
 Tasks by file (each exposes add_args(parser) and TASKS = {task: fn(args) -> results path}):
   lama.py         lama, google-re, trex, lama-uhn, mini   LAMA / LAMA-UHN probing (Sec. 4.2, Tables 1-2)
   finetune.py     tacred, fewrel, open-entity, glue      fine-tuning (Sec. 4.3-4.5, Tables 3-5)
-  experiments.py  base, pilot, ablation, injection, hparams, efficiency, reproduce, report, same-code
-                                                          the study of the paper's claims (Table 6, Figs. 3-8)
+  experiments.py  base, pilot, f1-floor, ablation, injection, hparams, efficiency, frontier, same-code,
+                  reproduce, report                       the study of the paper's claims (Table 6, Figs. 3-8)
 This file owns the flags every task shares (--task, --model-dir, --data-dir, --output-dir, --seed,
 --batch-size); `python evaluate.py --task T --help` lists T's own flags too. A malformed data file
 ends the run with one line naming the file, the line or record, and what was expected (ONE_LINE_ERRORS).
@@ -18,7 +18,6 @@ ends the run with one line naming the file, the line or record, and what was exp
 import argparse
 
 import common
-import data
 import experiments
 import finetune
 import lama
@@ -27,7 +26,7 @@ MODULES = (lama, finetune, experiments)
 TASK_MODULE = {task: mod for mod in MODULES for task in mod.TASKS}  # task -> the module that runs it
 # errors whose message says it all (one line, as pretrain.main prints them): a data file's format (the
 # message names the file and what was expected) and pre-training's non-finite loss (names the step)
-ONE_LINE_ERRORS = (lama.LamaDataError, finetune.DataError, data.DataError, FloatingPointError)
+ONE_LINE_ERRORS = (common.DataError, FloatingPointError)
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -18,34 +18,29 @@ average is the paper's Table 3 AVG (glue_average): each task's main metric x 100
 as two columns. Results: <output-dir>/<task>.json (GLUE: glue-<TASK>.json per task and glue.json),
 paths in them as common.portable_path writes them (relative to the repository or ../shared/data/...).
 
-Relation extraction (--task tacred|fewrel). Input format: official TACRED JSON (`token`,
-`subj_start`, `subj_end`, `obj_start`, `obj_end` with inclusive ends, `relation`). Entity markers
+The benchmark files (formats, readers, where they are found) are finetune_data.py's; a file that
+does not follow its official format ends the run with one line naming the file, the line or record,
+and the format expected.
+
+Relation extraction (--task tacred|fewrel), on TACRED rows (inclusive entity spans). Entity markers
 are four new special tokens [E1] [/E1] (subject) and [E2] [/E2] (object), added to the tokenizer
 (never split, never lower-cased; BERT WordPiece and RoBERTa BPE alike) with the embedding matrix
 resized (new rows drawn around the mean of the old ones). The head reads the concatenated final
 states of [E1] and [E2] ("entity start", Baldini Soares et al. 2019); `--pool cls` reads [CLS].
 Score: the official TACRED scorer (micro P/R/F1 that ignores `no_relation`; precision is 1.0 when
 nothing but no_relation is predicted, recall 0.0 when the gold has no relation, as in score.py).
-FewRel (`val_wiki.json`, {relation_id: [{"tokens", "h": [name, qid, [[positions]]], "t": ...}]})
-is converted to TACRED rows (first mention of head = subject, tail = object) and split per
-relation with --split-seed into --fewrel-split fractions (70/10/20: 490/70/140 of 700); it has no
+FewRel is converted to TACRED rows and split per relation (--fewrel-split, --split-seed); it has no
 no_relation class, so the same scorer gives micro P = R = F1 = accuracy.
 
-Entity typing (--task open-entity). Choi et al. (2018) crowd JSON lines (`mention_span`,
-`left_context_token`, `right_context_token`, `y_str`); gold = y_str intersected with the 9 general
-types (ERNIE's Open Entity setting). The mention is wrapped in [E1] [/E1]; one sigmoid per type,
-binary cross-entropy; predicted set = types with probability > --threshold. Metrics: loose-micro
-P/R/F1 (Table 4), strict accuracy, loose-macro P/R/F1 (Ling and Weld 2012 definitions).
+Entity typing (--task open-entity). Choi et al. (2018) crowd data; gold = y_str intersected with
+the 9 general types (ERNIE's Open Entity setting). The mention is wrapped in [E1] [/E1]; one sigmoid
+per type, binary cross-entropy; predicted set = types with probability > --threshold. Metrics:
+loose-micro P/R/F1 (Table 4), strict accuracy, loose-macro P/R/F1 (Ling and Weld 2012 definitions).
 
-GLUE (--task glue). The standard glue_data/TASK/{train,dev}.tsv layout with the column positions
-of the GLUE / Hugging Face run_glue processors (MNLI: dev_matched.tsv and dev_mismatched.tsv), or
-the `datasets` GLUE loader with --glue-source hf (needs internet). Head on [CLS]; STS-B is a
-regression (one output, MSE). Dev metrics: CoLA Matthews corr.; SST-2, QNLI, RTE, WNLI, MNLI-m/mm
-accuracy; MRPC, QQP accuracy and F1; STS-B Pearson and Spearman. Test labels are not public.
-
-A file that does not follow its official format (not JSON, a record missing a field or with a field of
-the wrong type, a tsv row whose field count differs from its header) raises DataError naming the file,
-the line or record, and the format expected; evaluate.py prints it as one line.
+GLUE (--task glue). glue_data tsv files, or the `datasets` GLUE loader with --glue-source hf (needs
+internet). Head on [CLS]; STS-B is a regression (one output, MSE). Dev metrics: CoLA Matthews corr.;
+SST-2, QNLI, RTE, WNLI, MNLI-m/mm accuracy; MRPC, QQP accuracy and F1; STS-B Pearson and Spearman.
+Test labels are not public.
 
 Symbols and names:
 | symbol | meaning | name here |
@@ -56,13 +51,11 @@ Symbols and names:
 | P, R, F1 | micro precision, recall, F1 | `prf(correct, guessed, gold)` |
 """
 import argparse
-import csv
-import json
 import math
 import os
 import random
 import time
-from collections import Counter, namedtuple
+from collections import Counter
 
 import numpy as np
 import torch
@@ -72,14 +65,11 @@ from tqdm import tqdm
 
 import common
 import lama
+from finetune_data import (FEWREL_FORMAT, GENERAL_TYPES, GLUE, fewrel_to_tacred, find_data, glue_task, load_glue,
+                           read_json, read_open_entity, read_tacred)
 
 NO_RELATION = "no_relation"
 MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")  # subject open/close, object open/close
-class DataError(ValueError):
-    """A benchmark file in the wrong format; the message names the file (and row or line)."""
-
-
-GENERAL_TYPES = ("entity", "event", "group", "location", "object", "organization", "person", "place", "time")
 
 # CPU-sized training defaults (2 cores, MiniLM-L6-H384, batch 16); every one is a flag. Dev and test
 # sets are always scored in full by default (eval_limit 0), so scores compare with published ones.
@@ -90,17 +80,6 @@ TASK_DEFAULTS = {
     "glue": dict(epochs=2, lr=5e-5, max_seq_len=128, train_limit=1000, eval_limit=0),
 }
 DEFAULT_BATCH_SIZE = 16
-
-WHERE = {
-    "tacred": "TACRED is LDC-licensed (LDC2018T24, https://catalog.ldc.upenn.edu/LDC2018T24); pass "
-              "--data-dir with the folder holding its json/train.json, dev.json, test.json",
-    "fewrel": "FewRel: https://github.com/thunlp/FewRel data/val_wiki.json (or train_wiki.json with "
-              "--fewrel-file)",
-    "open-entity": "Open Entity (Choi et al. 2018): http://nlp.cs.washington.edu/entity_type "
-                   "release/crowd/{train,dev,test}.json",
-    "glue": "GLUE: run the GLUE download_glue_data.py script (https://gluebenchmark.com/tasks) and "
-            "pass the glue_data folder, or use --glue-source hf on a machine with internet",
-}
 
 
 def add_args(parser):
@@ -133,281 +112,6 @@ def add_args(parser):
     g.add_argument("--glue-source", choices=("files", "hf"), default="files",
                    help="glue_data tsv files, or the `datasets` GLUE loader when files are missing (internet)")
     return parser
-
-
-# ----------------------------------------------------------------------------- readers
-
-TACRED_KEYS = ("token", "subj_start", "subj_end", "obj_start", "obj_end", "relation")
-TACRED_FORMAT = ("official TACRED JSON: a list of objects with token (list of words), subj_start, subj_end, "
-                 "obj_start, obj_end (inclusive token indices) and relation (string)")
-FEWREL_FORMAT = ('FewRel JSON {relation_id: [{"tokens": [...], "h": [name, id, [[positions]]], "t": [...]}]} '
-                 "(thunlp/FewRel data/val_wiki.json)")
-OPEN_ENTITY_KEYS = ("mention_span", "left_context_token", "right_context_token", "y_str")
-OPEN_ENTITY_FORMAT = ("Open Entity crowd JSON lines: one object per line with mention_span (non-empty string), "
-                      "left_context_token, right_context_token (lists of words) and y_str (list of types)")
-
-
-def read_json(path, expected):
-    """The JSON document in `path`. Text that is not UTF-8 or not JSON raises DataError naming the file,
-    line and column and `expected` (the format in words)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: byte {e.start} is not UTF-8 ({e.reason}); expected {expected}") from None
-    except json.JSONDecodeError as e:
-        ends = e.pos >= len(e.doc.rstrip()) or e.msg.startswith("Unterminated string")  # the text ran out
-        cut = "; the file ends inside the JSON: truncated?" if ends else ""
-        raise DataError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}{cut}); expected {expected}") from None
-
-
-def is_str_list(x):
-    """A JSON list of strings (a sentence's words, a type list)."""
-    return isinstance(x, list) and all(isinstance(w, str) for w in x)
-
-
-def check_spans(rows, source):
-    """Every row needs the TACRED keys, token a list of words, relation a string and inclusive spans
-    0 <= start <= end < len(token) of integers."""
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict):
-            raise DataError(f"{source}: row {i} is a JSON {type(r).__name__}; expected {TACRED_FORMAT}")
-        missing = [k for k in TACRED_KEYS if k not in r]
-        if missing:
-            raise DataError(f"{source}: row {i} (id {r.get('id')}) lacks {missing}; expected TACRED JSON keys "
-                             f"{list(TACRED_KEYS)}")
-        ok = dict(token=is_str_list(r["token"]), relation=isinstance(r["relation"], str),
-                  **{k: type(r[k]) is int for k in TACRED_KEYS[1:5]})
-        wrong = [k for k in TACRED_KEYS if not ok[k]]
-        if wrong:
-            raise DataError(f"{source}: row {i} (id {r.get('id')}): unexpected "
-                            f"{', '.join(f'{k}={r[k]!r:.40}' for k in wrong)}; expected {TACRED_FORMAT}")
-        n = len(r["token"])
-        for a, b in (("subj_start", "subj_end"), ("obj_start", "obj_end")):
-            if not 0 <= r[a] <= r[b] < n:
-                raise DataError(f"{source}: row {i} (id {r.get('id')}): {a}={r[a]}, {b}={r[b]} is not an "
-                                 f"inclusive span inside its {n} tokens")
-    return rows
-
-
-def read_tacred(path):
-    """Official TACRED JSON: one list of rows; span ends are inclusive."""
-    rows = read_json(path, TACRED_FORMAT)
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: top level is a JSON {type(rows).__name__}; expected {TACRED_FORMAT}")
-    return check_spans(rows, path)
-
-
-def fewrel_problem(x):
-    """What keeps `x` from being a FewRel instance {"tokens": [str], "h": [name, id, [[pos, ...], ...]],
-    "t": ...} whose first mentions' positions index its tokens, or None if nothing does."""
-    if not isinstance(x, dict):
-        return f"a JSON {type(x).__name__}, not an object"
-    if not is_str_list(x.get("tokens")):
-        return '"tokens" is missing or not a list of strings'
-    for k in ("h", "t"):
-        e = x.get(k)
-        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[2], list) and e[2]
-                and isinstance(e[2][0], list) and e[2][0]):
-            return f'"{k}" is missing or not [name, id, [[positions], ...]]'
-        bad = [p for p in e[2][0] if type(p) is not int or not 0 <= p < len(x["tokens"])]
-        if bad:
-            return f'"{k}" position {bad[0]!r} is not a token index in [0, {len(x["tokens"])})'
-    return None
-
-
-def check_fewrel(data, source):
-    """FewRel's format: {relation id: [{"tokens": [str], "h": [name, id, [[pos, ...]]], "t": ...}]}."""
-    if not isinstance(data, dict) or not data:
-        raise DataError(f"{source}: top level is {type(data).__name__}{' (empty)' if not data else ''}; "
-                        f"expected {FEWREL_FORMAT}")
-    for pid, rows in data.items():
-        if not isinstance(rows, list) or not rows:
-            raise DataError(f"{source}: {pid!r} holds {type(rows).__name__}, not a non-empty list; "
-                            f"expected {FEWREL_FORMAT}")
-        for i, x in enumerate(rows):
-            problem = fewrel_problem(x)
-            if problem:
-                raise DataError(f"{source}: {pid}[{i}] is not a FewRel instance: {problem}; expected {FEWREL_FORMAT}")
-
-
-def fewrel_to_tacred(data, split_seed=0, percents=(70, 10, 20), source="fewrel"):
-    """FewRel {pid: [{"tokens", "h": [name, qid, [[pos, ...], ...]], "t": ...}]} -> {"train", "dev",
-    "test"} TACRED rows. Subject = first mention of h, object = first mention of t (FewRel positions
-    are contiguous token indices). Each relation's rows are shuffled with Random(split_seed) (relations
-    in sorted order) and cut by `percents`: 700 rows -> 490 / 70 / 140."""
-    if len(percents) != 3 or sum(percents) != 100:
-        raise ValueError(f"--fewrel-split: expected three percentages summing to 100, found {percents}")
-    check_fewrel(data, source)
-    rng = random.Random(split_seed)
-    splits = {"train": [], "dev": [], "test": []}
-    for pid in sorted(data):
-        rows = []
-        for i, x in enumerate(data[pid]):
-            spans = []
-            for key in ("h", "t"):
-                pos = x[key][2][0]
-                if pos != list(range(pos[0], pos[-1] + 1)):
-                    raise DataError(f"{source}: {pid}[{i}].{key} positions {pos} are not contiguous")
-                spans.append((pos[0], pos[-1]))
-            rows.append(dict(id=f"{pid}-{i}", token=x["tokens"], subj_start=spans[0][0], subj_end=spans[0][1],
-                             obj_start=spans[1][0], obj_end=spans[1][1], relation=pid))
-        rng.shuffle(rows)
-        n_train = round(len(rows) * percents[0] / 100)
-        n_dev = round(len(rows) * percents[1] / 100)
-        splits["train"] += rows[:n_train]
-        splits["dev"] += rows[n_train:n_train + n_dev]
-        splits["test"] += rows[n_train + n_dev:]
-    for name, rows in splits.items():
-        check_spans(rows, f"{source} ({name})")
-    return splits
-
-
-def read_open_entity(path):
-    """Choi et al. crowd JSON lines -> [{"id", "words", "start", "end" (inclusive), "types"}], types =
-    y_str intersected with GENERAL_TYPES (in GENERAL_TYPES order; may be empty)."""
-    rows = []
-    with open(path, "rb") as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
-                raise DataError(f"{path}:{ln}: not a JSON line ({e}); expected {OPEN_ENTITY_FORMAT}") from None
-            if not isinstance(r, dict):
-                raise DataError(f"{path}:{ln}: a JSON {type(r).__name__}, not an object; expected {OPEN_ENTITY_FORMAT}")
-            missing = [k for k in OPEN_ENTITY_KEYS if k not in r]
-            if missing:
-                raise DataError(f"{path}:{ln}: lacks {missing}; expected {OPEN_ENTITY_FORMAT}")
-            wrong = [k for k in OPEN_ENTITY_KEYS[1:] if not is_str_list(r[k])]
-            if not (isinstance(r["mention_span"], str) and r["mention_span"].split()):
-                wrong.insert(0, "mention_span")
-            if wrong:
-                raise DataError(f"{path}:{ln}: unexpected {', '.join(f'{k}={r[k]!r:.40}' for k in wrong)}; "
-                                f"expected {OPEN_ENTITY_FORMAT}")
-            mention, left = r["mention_span"].split(), r["left_context_token"]
-            rows.append(dict(id=r.get("annot_id", f"{path}:{ln}"), words=left + mention + r["right_context_token"],
-                             start=len(left), end=len(left) + len(mention) - 1,
-                             types=[t for t in GENERAL_TYPES if t in set(r["y_str"])]))
-    return rows
-
-
-GlueTask = namedtuple("GlueTask", "name width a b y labels dev metrics hf hf_a hf_b")
-# Column positions as in the GLUE / Hugging Face run_glue processors (y = -1: last column). width: the
-# number of columns of a file without a header row (CoLA: source, label, original mark, sentence);
-# None: the first row is a header and every row has as many columns as it.
-GLUE = {t.name: t for t in (
-    GlueTask("CoLA", 4, 3, None, 1, ("0", "1"), ("dev",), ("mcc",), "cola", "sentence", None),
-    GlueTask("SST-2", None, 0, None, 1, ("0", "1"), ("dev",), ("acc",), "sst2", "sentence", None),
-    GlueTask("MRPC", None, 3, 4, 0, ("0", "1"), ("dev",), ("acc", "f1"), "mrpc", "sentence1", "sentence2"),
-    GlueTask("QQP", None, 3, 4, 5, ("0", "1"), ("dev",), ("acc", "f1"), "qqp", "question1", "question2"),
-    GlueTask("STS-B", None, 7, 8, -1, None, ("dev",), ("pearson", "spearman"), "stsb", "sentence1", "sentence2"),
-    GlueTask("MNLI", None, 8, 9, -1, ("contradiction", "entailment", "neutral"),
-             ("dev_matched", "dev_mismatched"), ("acc",), "mnli", "premise", "hypothesis"),
-    GlueTask("QNLI", None, 1, 2, -1, ("entailment", "not_entailment"), ("dev",), ("acc",), "qnli", "question", "sentence"),
-    GlueTask("RTE", None, 1, 2, -1, ("entailment", "not_entailment"), ("dev",), ("acc",), "rte", "sentence1", "sentence2"),
-    GlueTask("WNLI", None, 1, 2, -1, ("0", "1"), ("dev",), ("acc",), "wnli", "sentence1", "sentence2"),
-)}
-HF_SPLIT = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
-            "dev_mismatched": "validation_mismatched"}
-
-
-def glue_task(name):
-    """Canonical GLUE task for a name given case-insensitively, with or without the hyphen."""
-    key = {k.lower().replace("-", ""): k for k in GLUE}.get(name.strip().lower().replace("-", ""))
-    if key is None:
-        raise SystemExit(f"--glue-tasks: unknown task {name!r}; expected some of {', '.join(GLUE)}")
-    return GLUE[key]
-
-
-def read_glue_tsv(path, spec):
-    """[(text_a, text_b or None, label)] from one glue_data tsv. Every row has as many tab-separated
-    fields as the header row (CoLA, headerless: spec.width): a row with more or fewer would put a
-    sentence in the label's place. QQP rows that do not are skipped and counted, as run_glue skips
-    them; in any other task they are an error naming the file and line."""
-    need = max(c for c in (spec.a, spec.b, spec.y) if c is not None) + 1 + (spec.y < 0)  # y = -1: a column of its own
-    rows, width, skipped = [], spec.width, 0
-    with open(path, encoding="utf-8-sig", newline="") as f:  # MRPC files start with a byte-order mark
-        for ln, line in enumerate(csv.reader(f, delimiter="\t", quotechar=None), 1):
-            if width is None:  # the header row
-                if len(line) < need:
-                    raise DataError(f"{path}:{ln}: header of {len(line)} tab-separated fields; a {spec.name} file "
-                                    f"has at least {need} (text in columns {spec.a}, {spec.b}, label in {spec.y})")
-                width = len(line)
-                continue
-            if len(line) != width:
-                if spec.name == "QQP":
-                    skipped += 1
-                    continue
-                raise DataError(f"{path}:{ln}: {len(line)} tab-separated fields; expected {width}, as "
-                                f"{'in the header (line 1)' if spec.width is None else f'in every {spec.name} row'}")
-            a, b, y = line[spec.a], (line[spec.b] if spec.b is not None else None), line[spec.y]
-            if spec.labels is None:
-                try:
-                    y = float(y)
-                except ValueError:
-                    raise DataError(f"{path}:{ln}: {spec.name} label {y!r} is not a number") from None
-            elif y not in spec.labels:
-                raise DataError(f"{path}:{ln}: {spec.name} label {y!r} not in {spec.labels}")
-            rows.append((a, b, y))
-    if not rows:
-        raise DataError(f"{path}: no {spec.name} data rows; expected the glue_data tsv layout "
-                        f"({'a header row, then ' if spec.width is None else ''}one example per line)")
-    if skipped:
-        print(f"{path}: skipped {skipped} {spec.name} rows without {width} fields, as run_glue does", flush=True)
-    return rows
-
-
-def read_glue_hf(spec):
-    """{split: rows} from the Hugging Face `datasets` GLUE loader (downloads: needs internet)."""
-    import datasets
-    try:
-        dd = datasets.load_dataset("nyu-mll/glue", spec.hf)
-    except Exception as e:
-        raise SystemExit(f"--glue-source hf: loading GLUE {spec.name} ('nyu-mll/glue', '{spec.hf}') failed: "
-                         f"{type(e).__name__}: {e}. This loader needs internet; without it, {WHERE['glue']}.") from e
-    out = {}
-    for split in ("train",) + spec.dev:
-        ds = dd[HF_SPLIT[split]]
-        names = getattr(ds.features["label"], "names", None)
-        rows = []
-        for x in ds:
-            if spec.labels is None:
-                y = float(x["label"])
-            else:  # MNLI/QNLI/RTE names match glue_data's labels; binary tasks ('acceptable', ...) -> '0'/'1'
-                y = names[x["label"]] if names and names[x["label"]] in spec.labels else str(x["label"])
-            rows.append((x[spec.hf_a], x[spec.hf_b] if spec.hf_b else None, y))
-        out[split] = rows
-    return out
-
-
-def no_data_root(task):
-    """The error when neither --data-dir nor ../shared/data (lama.default_data_dir) exists."""
-    return SystemExit(f"--task {task}: --data-dir not given and ../shared/data (next to this repository) does "
-                      f"not exist. {WHERE[task]}.")
-
-
-def find_data(args, subdirs, required):
-    """First of --data-dir/<sub> (sub in subdirs) holding every required file; else a clear error."""
-    root = args.data_dir or lama.default_data_dir()
-    if root is None:
-        raise no_data_root(args.task)
-    tried = []
-    for sub in subdirs:
-        d = os.path.normpath(os.path.join(root, sub))
-        if all(os.path.isfile(os.path.join(d, f)) for f in required):
-            return d
-        tried.append(d)
-    raise SystemExit(f"--task {args.task}: no {', '.join(required)} in any of {tried} "
-                     f"(--data-dir {args.data_dir}). {WHERE[args.task]}.")
-
-
-def subsample(rows, limit, seed):
-    """`limit` rows drawn without replacement with Random(seed), in file order (0 or None: all)."""
-    if not limit or limit >= len(rows):
-        return list(rows)
-    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -691,6 +395,13 @@ def summarize(per_seed):
 
 # ----------------------------------------------------------------------------- runs
 
+def subsample(rows, limit, seed):
+    """`limit` rows drawn without replacement with Random(seed), in file order (0 or None: all)."""
+    if not limit or limit >= len(rows):
+        return list(rows)
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
+
+
 def resolve(args, task):
     """A copy of args with the task's defaults filled in and --seeds parsed to a list."""
     cfg = argparse.Namespace(**vars(args))
@@ -735,17 +446,13 @@ def run_seeds(cfg, tok, train_feats, eval_feats, n_pool, n_out, kind, score, des
     return runs
 
 
-def recorded_config(cfg):
-    """The resolved flags as results record them, --seeds aside (the record's `seed`): evaluate.py's path
-    flags (lama.PATH_FLAGS) as common.portable_path writes them, so records name no path of this machine."""
-    return {k: common.portable_path(v) if k in lama.PATH_FLAGS else v for k, v in vars(cfg).items() if k != "seeds"}
-
-
 def _write(cfg, task, runs, data, head):
     """One results JSON: resolved config, seeds, metrics summarized over seeds, per-seed runs with the
     per-class detail, and what data was read (source, labels, sizes used and full sizes). Paths are
-    recorded as common.portable_path writes them."""
-    config = dict(recorded_config(cfg), head=head, std="sample std over seeds (ddof=1)")
+    recorded as common.portable_path writes them (evaluate.py's path flags: lama.PATH_FLAGS); the flags
+    are the resolved ones, --seeds aside (the record's `seed`)."""
+    config = dict(common.recorded_config(cfg, lama.PATH_FLAGS, drop=("seeds",)), head=head,
+                  std="sample std over seeds (ddof=1)")
     data = dict(data, source=common.portable_path(data["source"]))
     return common.write_result(cfg.output_dir, task, common.portable_path(cfg.model_dir), config, cfg.seeds,
                                summarize(runs), per_seed=runs, data=data)
@@ -820,22 +527,6 @@ def run_open_entity(args):
     return _write(cfg, "open-entity", runs, data, head=f"tanh MLP on {_pooled(cfg)}, markers [E1] [/E1]")
 
 
-def load_glue(cfg, spec):
-    """{split: rows} for train and the task's dev files, from glue_data tsv or (--glue-source hf) the hub."""
-    files = ("train.tsv",) + tuple(f"{s}.tsv" for s in spec.dev)
-    root = cfg.data_dir or lama.default_data_dir()
-    for sub in ("", "glue_data") if root else ():
-        d = os.path.normpath(os.path.join(root, sub, spec.name))
-        if all(os.path.isfile(os.path.join(d, f)) for f in files):
-            return {f[:-4]: read_glue_tsv(os.path.join(d, f), spec) for f in files}, d
-    if cfg.glue_source == "hf":
-        return read_glue_hf(spec), f"hf:nyu-mll/glue/{spec.hf}"
-    if root is None:
-        raise no_data_root("glue")
-    raise SystemExit(f"--task glue: {spec.name} needs {', '.join(files)} in {os.path.join(root, spec.name)} or "
-                     f"{os.path.join(root, 'glue_data', spec.name)} (--data-dir {cfg.data_dir}). {WHERE['glue']}.")
-
-
 def run_glue(args):
     cfg = resolve(args, "glue")
     specs = [glue_task(t) for t in cfg.glue_tasks.split(",") if t.strip()]
@@ -860,7 +551,8 @@ def run_glue(args):
         paths.append(_write(cfg, f"glue-{spec.name}", runs, data, head="tanh MLP on [CLS]"))
         summary[spec.name] = summarize(runs)
     columns, average = glue_average(summary)
-    return common.write_result(cfg.output_dir, "glue", common.portable_path(cfg.model_dir), recorded_config(cfg),
+    return common.write_result(cfg.output_dir, "glue", common.portable_path(cfg.model_dir),
+                               common.recorded_config(cfg, lama.PATH_FLAGS, drop=("seeds",)),
                                cfg.seeds, summary, columns=columns, average=average, average_definition=GLUE_AVERAGE,
                                files=[common.portable_path(p) for p in paths])
 

@@ -8,8 +8,8 @@ batched mask-position ranking, P@k / MRR, the LAMA-UHN filters, and the probing 
 
 Tasks (TASKS): lama (Google-RE and T-REx, one results file, as in Table 1), google-re, trex, lama-uhn
 (both corpora after the LAMA-UHN filters), mini (seen vs held-out facts of `--data mini`).
-subnetworks.py reads its facts with this file's readers; experiments.py probes its runs through TASKS.
-A malformed line of any LAMA file raises LamaDataError naming the file, the line and what was expected.
+subnet_data.py (subnetworks) reads its facts with this file's readers; experiments.py probes its runs through TASKS.
+A malformed line of any LAMA file raises common.DataError naming the file, the line and what was expected.
 Results record their paths (flags, the files read) as common.portable_path writes them: relative to the
 repository, or '../shared/data/...' for the data root, absolute only for places elsewhere.
 
@@ -90,34 +90,6 @@ DROP_REASONS = ("judgments", "multi_token", "not_in_common_vocab", "duplicate")
 # -----------------------------------------------------------------------------
 # Reading LAMA files
 
-class LamaDataError(ValueError):
-    """A LAMA input file is missing or malformed: the message names the file, line and expectation."""
-
-
-def read_jsonl(path):
-    """[(line number, dict)] of a JSON-lines file, one JSON object per line; blank lines are skipped."""
-    if not os.path.exists(path):
-        raise LamaDataError(f"{path}: file not found")
-    out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise LamaDataError(f"{path}:{n}: expected UTF-8 text ({e})") from e
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LamaDataError(f"{path}:{n}: expected one JSON object per line; not valid JSON ({e})") from e
-            if not isinstance(rec, dict):
-                raise LamaDataError(f"{path}:{n}: expected one JSON object per line; found a JSON "
-                                    f"{type(rec).__name__} ({line.strip()[:60]})")
-            out.append((n, rec))
-    return out
-
-
 def fill_template(template, sub, mask=MASK):
     """LAMA's cloze query: [X] -> subject label, [Y] -> the mask token."""
     return template.replace("[X]", sub.strip()).replace("[Y]", mask)
@@ -130,22 +102,22 @@ def read_lama_relation(path, template=None):
     generic "[MASK]") when a template is given. Google-RE's "judgments", when present, must be a
     list of objects (judgment_ok reads their "judgment")."""
     facts = []
-    for n, rec in read_jsonl(path):
+    for n, rec in common.read_jsonl(path):
         if "sub_label" in rec and "obj_label" in rec:
             fact = dict(rec)
         elif "sub" in rec and "obj" in rec and "sub_label" not in rec:
             fact = {k: v for k, v in rec.items() if k not in ("sub", "obj")}
             fact.update(sub_label=rec["sub"], obj_label=rec["obj"])
         else:
-            raise LamaDataError(f"{path}:{n}: expected 'sub_label' and 'obj_label' (LAMA format) or "
-                                f"'sub' and 'obj' (label-only format); found keys {sorted(rec)}")
+            raise common.DataError(f"{path}:{n}: expected 'sub_label' and 'obj_label' (LAMA format) or "
+                                   f"'sub' and 'obj' (label-only format); found keys {sorted(rec)}")
         if not isinstance(fact["sub_label"], str) or not isinstance(fact["obj_label"], str):
-            raise LamaDataError(f"{path}:{n}: expected string subject and object labels; found "
-                                f"{fact['sub_label']!r} and {fact['obj_label']!r}")
+            raise common.DataError(f"{path}:{n}: expected string subject and object labels; found "
+                                   f"{fact['sub_label']!r} and {fact['obj_label']!r}")
         judgments = fact.get("judgments")
         if judgments is not None and not (isinstance(judgments, list) and all(isinstance(j, dict) for j in judgments)):
-            raise LamaDataError(f"{path}:{n}: expected 'judgments' to be a list of objects "
-                                f"({{\"judgment\": \"yes\", ...}}); found {judgments!r:.60}")
+            raise common.DataError(f"{path}:{n}: expected 'judgments' to be a list of objects "
+                                   f"({{\"judgment\": \"yes\", ...}}); found {judgments!r:.60}")
         if template is not None:
             fact["masked_sentence"] = fill_template(template, fact["sub_label"])
         facts.append(fact)
@@ -155,14 +127,14 @@ def read_lama_relation(path, template=None):
 def read_templates(path):
     """{relation id: record} from a LAMA relations.jsonl; every template must be a string holding [X] and [Y]."""
     out = {}
-    for n, rec in read_jsonl(path):
+    for n, rec in common.read_jsonl(path):
         if "relation" not in rec or "template" not in rec:
-            raise LamaDataError(f"{path}:{n}: expected 'relation' and 'template'; found keys {sorted(rec)}")
+            raise common.DataError(f"{path}:{n}: expected 'relation' and 'template'; found keys {sorted(rec)}")
         if not isinstance(rec["relation"], str) or not isinstance(rec["template"], str):
-            raise LamaDataError(f"{path}:{n}: expected a string 'relation' and 'template'; found "
-                                f"{rec['relation']!r} and {rec['template']!r}")
+            raise common.DataError(f"{path}:{n}: expected a string 'relation' and 'template'; found "
+                                   f"{rec['relation']!r} and {rec['template']!r}")
         if "[X]" not in rec["template"] or "[Y]" not in rec["template"]:
-            raise LamaDataError(f"{path}:{n}: template {rec['template']!r} must contain [X] and [Y]")
+            raise common.DataError(f"{path}:{n}: template {rec['template']!r} must contain [X] and [Y]")
         out[rec["relation"]] = rec
     return out
 
@@ -185,12 +157,12 @@ def default_data_dir():
 def lama_root(data_dir):
     """DIR/lama after checking it exists; otherwise an error naming the path and the layout."""
     if data_dir is None:
-        raise LamaDataError("--data-dir not given and ../shared/data (next to this repository) does not "
-                            "exist; LAMA probing needs the LAMA files.\n" + LAMA_LAYOUT +
-                            "\n(`--task mini` probes the embedded default data and needs no files.)")
+        raise common.DataError("--data-dir not given and ../shared/data (next to this repository) does not "
+                               "exist; LAMA probing needs the LAMA files.\n" + LAMA_LAYOUT +
+                               "\n(`--task mini` probes the embedded default data and needs no files.)")
     root = os.path.join(data_dir, "lama")
     if not os.path.isdir(root):
-        raise LamaDataError(f"--data-dir {data_dir}: {root} does not exist.\n" + LAMA_LAYOUT)
+        raise common.DataError(f"--data-dir {data_dir}: {root} does not exist.\n" + LAMA_LAYOUT)
     return root
 
 
@@ -220,7 +192,7 @@ def lama_relations(root, corpus):
         raise ValueError(f"unknown LAMA corpus {corpus!r} (expected 'T-REx' or 'Google-RE')")
     if not rels:
         where = os.path.join(root, "Google_RE" if corpus == "Google-RE" else "TREx")
-        raise LamaDataError(f"{where}: no {corpus} relation file found.\n" + LAMA_LAYOUT)
+        raise common.DataError(f"{where}: no {corpus} relation file found.\n" + LAMA_LAYOUT)
     return rels, missing
 
 
@@ -233,7 +205,7 @@ def common_vocab_path(root, uncased):
     if uncased and os.path.exists(lower):
         return lower, False
     if not os.path.exists(cased):
-        raise LamaDataError(f"{cased}: file not found (LAMA's common vocabulary).\n" + LAMA_LAYOUT)
+        raise common.DataError(f"{cased}: file not found (LAMA's common vocabulary).\n" + LAMA_LAYOUT)
     return cased, uncased
 
 
@@ -524,13 +496,12 @@ def lama_candidates(args, root, tok):
 PATH_FLAGS = ("model_dir", "model_path", "data_dir", "output_dir", "probe_dir", "mini_root", "uhn_filter_model")
 
 
-def recorded_config(args, cands, **extra):
-    """The config a probing results file records: every flag, the candidates, `extra`; the paths among
-    them (PATH_FLAGS) as common.portable_path writes them (a hub id or 'self' stays as given)."""
-    config = dict(vars(args), model_path=common.resolve_model(args.model_dir, "--model-dir"), candidates=cands.source,
-                  num_candidates=len(cands.ids), uncased=cands.uncased,
-                  rank="1 + #candidates with a strictly higher score (ties optimistic)", **extra)
-    return {k: common.portable_path(v) if k in PATH_FLAGS else v for k, v in config.items()}
+def probe_config(args, cands, **extra):
+    """The config a probing results file records (common.recorded_config: paths among PATH_FLAGS made
+    portable, a hub id or 'self' as given): every flag, the resolved model path, the candidates, `extra`."""
+    return common.recorded_config(args, PATH_FLAGS, model_path=common.resolve_model(args.model_dir, "--model-dir"),
+                                  candidates=cands.source, num_candidates=len(cands.ids), uncased=cands.uncased,
+                                  rank="1 + #candidates with a strictly higher score (ties optimistic)", **extra)
 
 
 def run_probe_task(args, task, corpora, uhn=False):
@@ -564,7 +535,7 @@ def run_probe_task(args, task, corpora, uhn=False):
     seconds = time.time() - t0
     metrics = {c: macro(res[c]["per_relation"]) for c in corpora}
     counts = {c: dict(res[c]["counts"], total=total_counts(res[c]["counts"])) for c in corpora}
-    config = recorded_config(args, cands, bpe_space_prefix=bool(cands.prefix))
+    config = probe_config(args, cands, bpe_space_prefix=bool(cands.prefix))
     path = common.write_result(args.output_dir, task, config["model_dir"], config, args.seed, metrics,
                                per_relation={c: res[c]["per_relation"] for c in corpora},
                                counts=counts, missing_relations=missing, seconds=round(seconds, 1), **extra)
@@ -589,7 +560,7 @@ def run_mini(args):
     relations = [("mini", rel, rec["template"], os.path.join(probes, f"{rel}.jsonl"), "full")
                  for rel, rec in templates.items() if os.path.exists(os.path.join(probes, f"{rel}.jsonl"))]
     if not relations:
-        raise LamaDataError(f"{probes}: no P*.jsonl file for any relation of relations.jsonl")
+        raise common.DataError(f"{probes}: no P*.jsonl file for any relation of relations.jsonl")
     if args.vocab == "common":
         raise SystemExit("--task mini --vocab common: the embedded data ships no common vocabulary; "
                          "mini ranks over the full model vocabulary (--vocab full)")
@@ -603,7 +574,7 @@ def run_mini(args):
     if "seen" in metrics and "heldout" in metrics and metrics["seen"]["P@1"] is not None \
             and metrics["heldout"]["P@1"] is not None:
         metrics["gap_P@1"] = metrics["seen"]["P@1"] - metrics["heldout"]["P@1"]
-    config = recorded_config(args, cands, probe_dir=probes)
+    config = probe_config(args, cands, probe_dir=probes)
     path = common.write_result(args.output_dir, "mini", config["model_dir"], config, args.seed, metrics,
                                per_relation=res["per_relation"], seconds=round(time.time() - t0, 1),
                                counts=dict(res["counts"], total=total_counts(res["counts"])))

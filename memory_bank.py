@@ -75,6 +75,8 @@ below its resolution.
 
 Tests: python -m pytest -q tests/test_memory_bank.py
 """
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -86,6 +88,17 @@ def lambda_at(q, lambda0=0.5, beta=2.0):
     if beta < 1:
         raise ValueError(f"memory_bank.lambda_at: beta (--beta) must be >= 1 (1 = no decay), got {beta}")
     return lambda0 / beta ** q  # Eq. (8)
+
+
+def lambda_for(mem, step, max_steps, epochs_seen):
+    """Eq. (8) at optimizer step `step` of a run under config.Memory `mem`: lambda0 / beta^q with q the
+    pre-training epoch: the real epochs seen (epochs_seen), or with --lambda-epochs E the run counted as E
+    epochs (E * step / max_steps); its integer part (--lambda-q epoch, the paper's) or the fraction
+    itself. 0 without a memory bank (nothing is mixed)."""
+    if not mem.memory_bank:
+        return 0.0
+    epoch = mem.lambda_epochs * step / max_steps if mem.lambda_epochs else epochs_seen
+    return lambda_at(math.floor(epoch) if mem.lambda_q == "epoch" else epoch, mem.lambda0, mem.beta)
 
 
 def mix(h_e, local, global_, lam, match_norm=True):

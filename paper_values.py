@@ -1,5 +1,5 @@
 """The TRELM paper's reported numbers (arXiv 2403.11203) that the study compares against, and the score
-its probe-based claims are judged on here. experiments.py (verdicts, REPORT.md) and plots.py (figures)
+its probe-based claims are judged on here. The study (study_stats.py, study_report.py) and plots.py (figures)
 both read them from this file, so neither imports the other for them.
 
 F1 and P@1 are in %, as printed. Table 6 as printed has TRELM's TACRED value of Table 5 (78.0) under
@@ -7,7 +7,7 @@ F1 and P@1 are in %, as printed. Table 6 as printed has TRELM's TACRED value of 
 they are read here as TACRED = second printed column, Open Entity = first.
 """
 
-PRIMARY = "score_MRR"  # the study's prior-free probe score (experiments.py) every probe-based claim is judged on
+PRIMARY = "score_MRR"  # the study's prior-free probe score (study_stats.py) every probe-based claim is judged on
 
 PAPER = {
     "table5_tacred_f1": {"BERT": 73.6, "RoBERTa": 75.4, "DKPLM": 77.5, "TRELM": 78.0},

@@ -33,7 +33,7 @@ SCORE_LABEL = "score: seen - held-out MRR (x 100)"
 
 def role_name(doc, role):
     """The variant that plays `role` (trelm, no-routing, inj-all, ...) in a results doc: its "roles" map
-    (experiments.ROLES), or the first study's names (trelm, trelm_<role>) for a doc that has none."""
+    (study_variants.ROLES), or the first study's names (trelm, trelm_<role>) for a doc that has none."""
     if "roles" in doc:
         return doc["roles"][role]
     return role if role in ("mlm", "dkplm", "trelm") else f"trelm_{role}"

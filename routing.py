@@ -68,60 +68,12 @@ What trains besides the paths is a reading, not a fact of the paper (SCOPES, --r
             "We enable partial updates of model parameters, focusing on the FFNs" (Sec. 1).
 The first study found that strict stops fact learning (docs/study.md), hence the three.
 
-Decisions (the paper does not say):
-- Eq. (11) per layer is the default (form="layer"): for layer l only v^(l) is scaled and the layers
-  above see the consequences, exactly as printed, L * m gradient evaluations. It is made cheap:
-  (a) one clean forward caches every layer's output, attention output and v-bar; the steps of
-  layer l then start at layer l: layers < l and layer l's attention return their cached outputs
-  (tiled over the stacked alpha copies; instance `forward` attributes, removed afterwards), layer
-  l's intermediate returns alpha * v-bar, so the forward runs L - l FFN-out + (L - l - 1) full
-  layers and the backward stops at layer l; (b) the alpha steps of a layer are stacked along the
-  batch, as many as the memory bound allows (chunk=0: _chunk_for's activation estimate against
-  memory_mb, --ig-memory-mb; more copies for the upper layers, whose forward is shorter).
-  Total cost is about m * (L+1)/2 layer passes instead of m * L * L. Every layer is attributed.
-- form="joint" scales all L layers in the same pass (m passes). A later layer's unscaled activation
-  u(alpha) then depends on alpha, and the attribution is Attr_j = (1/m) sum_k u_j(alpha_k) *
-  dS/dz_j(alpha_k) (z = alpha * u), the IG of the gates; not Eq. 11. bench.py reports how often it
-  picks the same neurons (ig_topk_jaccard_vs_exact). Both forms satisfy completeness: the
-  attributions of the scaled neurons sum to S(real) - S(scaled neurons zeroed), up to the O(1/m)
-  Riemann error (tests). form="target" is the same integral with only the target positions'
-  activations on the path from 0 (the baseline) to their real value, and summed over those
-  positions only. form="first-order" is joint with m = 1 (u(1) = v-bar): no integral, one gradient.
-- Attributions are summed over every token position and example of the batch (padding gets 0
-  gradient); ffn_attributions runs the model in eval mode (no dropout) with every parameter frozen,
-  so no weight gradient is computed and no .grad accumulates; first_order_attributions uses the
-  training forward as it ran (dropout included) and asks autograd for the activations' gradients
-  only (inputs=acts: no weight gradient, the patched Linears included). The result lives on the
-  model's device (float32): a DDP all-reduce under nccl needs it there.
-- run(model, c) for c > 1 must run the batch tiled c times along dim 0 and return the
-  probabilities of all c copies (pretrain.py tiles its batch and injection plan); a run that does
-  not tile is caught (the encoder's batch is checked against c * B).
-- select_paths ranks by the signed attribution (neurons that raise P_x); threshold mode keeps
-  attr >= threshold * max(attr of the layer) and selects nothing in a layer whose max is <= 0.
-- How the selective update saves compute: parameters a scope freezes have requires_grad False, so
-  autograd computes no gradient for them (and none at all below the lowest trainable tensor). The
-  FFN weights W_in, b_in, W_out stay the model's own Parameters with requires_grad True from
-  Router(...) to detach(), under every scope; the patched FFN Linears (an instance `forward`
-  attribute, so module names and state_dict keys do not change) run the plain F.linear forward
-  with the full weight (the forward does not depend on the paths) and their backward computes the
-  input gradient in full and the weight gradient of the k selected rows (W_in, b_in) / columns
-  (W_out) only, as a full-shaped gradient that is zero elsewhere (the zero fill is memory traffic,
-  the matmul is over k neurons). So the set of trainable parameters never changes while paths
-  change every batch: a DDP wrapper built after Router(...) all-reduces the full-shaped gradients
-  unchanged, and clip_grad_norm_ sees the true norm.
-- Optimizer state: moments for every FFN neuron, updated only where selected (NeuronAdamW): a
-  neuron's moments and step count survive the steps it is not selected, and when it comes back
-  Adam continues it (with its own bias correction) instead of restarting from zero moments, which
-  would move it by about lr at once. Price of per-batch routing: 2x the FFN weights of optimizer
-  memory (plus one step count per neuron) under every scope, strict included, where the old
-  per-period optimizer held moments for the selected slices only. The full-parameter AdamW of a
-  warm-up hands its moments and step count to every neuron (from_adamw).
-- DDP: ranks see different batches; pretrain.py all-reduces the attributions (on the compute
-  device) so every rank selects the same paths; random_paths is a function of (seed, step), the
-  same on every rank and after --resume, with no state to save.
-- peak_memory (bench.py) is the peak of live tensor bytes from the torch profiler's memory events
-  on CPU (tracemalloc does not see torch's allocations; ru_maxrss only grows, so consecutive
-  measurements in one process cannot be separated), torch.cuda.max_memory_allocated on GPU.
+Decisions (the paper does not say), each with its reason and measurement in docs/departures.md,
+"Routing: Eq. 9-12": Eq. 11 per layer made cheap (cached lower layers, alpha steps stacked within
+--ig-memory-mb); how the joint, target and first-order forms differ from it; attributions summed over
+positions and examples; ranking by the signed attribution; how the selective update saves compute
+(frozen parameters get no gradient; the FFN weights keep their full shape); per-neuron Adam state;
+identical paths on every DDP rank.
 """
 import contextlib
 
@@ -386,6 +338,49 @@ def first_order_attributions(acts, S):
     grads = torch.autograd.grad(S, acts, retain_graph=True, allow_unused=True)  # dS/dv per layer, (B, T, I)
     return torch.stack([torch.zeros(a.shape[-1], device=a.device) if g is None else
                         (a.detach().float() * g.float()).reshape(-1, a.shape[-1]).sum(0) for a, g in zip(acts, grads)])
+
+
+class Attribution:
+    """Eq. (9)-(11) under one form (FORMS, --ig-form): the one entry pretrain.py attributes through.
+
+        attribution = Attribution(form, steps=m, chunk=0, memory_mb=1024)
+        with attribution.watch(mlm) as acts:          # around the training forward
+            out = net(batch, ...)                     # out["hidden"]: its last hidden states
+        attr = attribution(mlm, px, {"acts": acts, "hidden": out["hidden"]})   # (L, I)
+
+    px: P_x of the batch (pretrain.py: model.KnowledgeProb): px.of_forward(hidden) on the training forward,
+    px(mlm, c) with a forward of its own on its sequences tiled c times, px.positions() where P_x is
+    defined. The first-order form reads the training forward (watch captures its FFN activations,
+    first_order_attributions); every other form, and first-order without a watched forward, runs
+    passes of its own (ffn_attributions)."""
+
+    def __init__(self, form, steps=20, chunk=0, memory_mb=1024.0):
+        if form not in FORMS:
+            raise ValueError(f"routing.Attribution: form (--ig-form) must be one of {FORMS}, got {form!r}")
+        self.form, self.steps, self.chunk, self.memory_mb = form, steps, chunk, memory_mb
+
+    def watch(self, mlm):
+        """Context manager around the training forward -> the FFN activations it captures (capture_ffn_acts)
+        when this form reads the forward, else None."""
+        return capture_ffn_acts(mlm) if self.form == "first-order" else contextlib.nullcontext()
+
+    def __call__(self, mlm, px, forward=None):
+        """(L, I) float32 attributions on mlm's device. forward: {"acts", "hidden"} of a watched training
+        forward, or None."""
+        if forward is not None and forward.get("acts") is not None:
+            return first_order_attributions(forward["acts"], px.of_forward(forward["hidden"]).sum())
+        return ffn_attributions(mlm, px, steps=self.steps, chunk=self.chunk, form=self.form, memory_mb=self.memory_mb,
+                                positions=px.positions() if self.form == "target" else None)
+
+
+def path_jaccard(a, b):
+    """Mean over layers of |a_l & b_l| / |a_l | b_l| (path stability between two routings; 1 for two
+    empty paths)."""
+    scores = []
+    for x, y in zip(a, b):
+        x, y = set(x.tolist()), set(y.tolist())
+        scores.append(len(x & y) / len(x | y) if x | y else 1.0)
+    return sum(scores) / len(scores)
 
 
 def select_paths(attr, ratio=0.1, threshold=None):
@@ -691,28 +686,3 @@ def from_adamw(adamw, router):
         opt.state[p] = {"step": step.clone() if dim is None else step.to(p.device).expand(p.shape[dim]).clone(),
                         "exp_avg": old["exp_avg"].clone(), "exp_avg_sq": old["exp_avg_sq"].clone()}
     return opt
-
-
-# ----------------------------------------------------------------------------- memory for bench.py
-
-def peak_memory(fn):
-    """Peak bytes of tensor memory that fn() allocates above what was live before it.
-    CUDA: the caching allocator's max_memory_allocated. CPU: the torch profiler's memory events
-    (each op's allocations minus frees in time order; intra-op temporaries are not seen).
-    tracemalloc does not see torch's allocations, and ru_maxrss never goes down, so neither is used."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak

@@ -6,12 +6,13 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config
 import pretrain  # noqa: E402
 
 out = sys.argv[1]
-args = pretrain.resolve_config(pretrain.get_parser().parse_args(sys.argv[2:]))
+args = config.from_argv(sys.argv[2:])
 t = pretrain.Trainer(args)
-while t.step < args.max_steps:
+while t.step < args.optim.max_steps:
     t.train_step()
 torch.save({"bank": t.know.bank.state_dict(), "paths": t.paths, "weights": t.net.mlm.state_dict()},
            os.path.join(out, f"rank{t.rank}.pt"))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import bench_profile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures", "tiny_data")
@@ -95,30 +96,30 @@ def test_profile_tree_nests_labels_and_counts_torch_ops():
             with record_function("fwd"):
                 y = (x @ x).sum()
             y.backward()
-    tree = bench.profile_tree(prof.events(), {"step", "fwd"})
-    step, fwd, bwd = tree[("step",)], tree[("step", "fwd")], tree[("step", bench.BACKWARD)]
+    tree = bench_profile.profile_tree(prof.events(), {"step", "fwd"})
+    step, fwd, bwd = tree[("step",)], tree[("step", "fwd")], tree[("step", bench_profile.BACKWARD)]
     assert fwd[0] + bwd[0] <= step[0] and fwd[0] > 0 and bwd[0] > 0
     assert 0 < fwd[1] <= fwd[0] and step[1] >= fwd[1]  # torch-op time inside its row and counted upward
-    nodes = [p[-1] for p in tree if p[:2] == ("step", bench.BACKWARD) and len(p) == 3]
+    nodes = [p[-1] for p in tree if p[:2] == ("step", bench_profile.BACKWARD) and len(p) == 3]
     assert "MmBackward0" in nodes
-    assert sum(tree[("step", bench.BACKWARD, n)][0] for n in nodes) == pytest.approx(bwd[0])
+    assert sum(tree[("step", bench_profile.BACKWARD, n)][0] for n in nodes) == pytest.approx(bwd[0])
 
 
 def test_labelled_wraps_and_restores_and_refuses_a_missing_name():
     import common
     orig = common.mlm_logits
-    with bench.labelled([("head", "common:mlm_logits")]):
+    with bench_profile.labelled([("head", "common:mlm_logits")]):
         assert common.mlm_logits is not orig and common.mlm_logits.__wrapped__ is orig
     assert common.mlm_logits is orig
     with pytest.raises(SystemExit, match=r"no longer exist.*gone \(common:no_such_function\)"):
-        with bench.labelled([("head", "common:mlm_logits"), ("gone", "common:no_such_function")]):
+        with bench_profile.labelled([("head", "common:mlm_logits"), ("gone", "common:no_such_function")]):
             pass
     assert common.mlm_logits is orig  # nothing was wrapped
 
 
 def test_profile_spans_all_exist():
     """Every function bench.py profiles by name exists (a rename must update PROFILE_SPANS)."""
-    assert [t for _, t in bench.PROFILE_SPANS if bench._resolve(t) is None] == []
+    assert [t for _, t in bench_profile.PROFILE_SPANS if bench_profile._resolve(t) is None] == []
 
 
 def tiny_argv(tiny_model_dir, tmp_path, *extra):
@@ -149,8 +150,8 @@ def test_profile_step_tiny_rows_add_up(tiny_model_dir, tmp_path):
     args.pretrain_flags = []
     prof = bench.profile_step(args, steps=1)
     rows = {label: (depth, ms, pct) for depth, label, ms, pct, _ in prof["rows"]}
-    assert rows[bench.STEP][0] == 0
-    for label in ("get_batch", "forward", bench.BACKWARD, "CKA loss (Eq. 2)",
+    assert rows[bench_profile.STEP][0] == 0
+    for label in ("get_batch", "forward", bench_profile.BACKWARD, "CKA loss (Eq. 2)",
                   "bank observe (Eq. 4-6)", "knowledge plan", "_SliceLinear", "_SliceLinearBackward"):
         assert label in rows, label
     slice_ops = [label for depth, label, ms, pct, _ in prof["rows"] if label.startswith("aten::")]
@@ -159,8 +160,8 @@ def test_profile_step_tiny_rows_add_up(tiny_model_dir, tmp_path):
     top = [pct for depth, label, ms, pct, _ in prof["rows"] if depth == 0]
     assert sum(top) == pytest.approx(100.0)  # routed step + amortised re-routing = the amortised step
     kids = [pct for depth, label, ms, pct, _ in prof["rows"] if depth == 1]
-    assert sum(kids) == pytest.approx(rows[bench.STEP][2])  # the step's parts (with its rest) add up to it
-    text = bench.format_profile("tiny", args, prof)
+    assert sum(kids) == pytest.approx(rows[bench_profile.STEP][2])  # the step's parts (with its rest) add up to it
+    text = bench_profile.format_profile("tiny", args, prof)
     assert "| part | ms / step |" in text and "CKA loss (Eq. 2)" in text
 
 
@@ -177,7 +178,7 @@ def test_costs_of_study_variants_tiny(tiny_model_dir, tmp_path):
     counted per step fall under routing."""
     args = bench.get_parser().parse_args(tiny_argv(tiny_model_dir, tmp_path))
     args.pretrain_flags = []
-    assert bench.trainer(["--method", "trelm", "--route-every", "1"], args).args.route_every == 1
+    assert bench.trainer(["--method", "trelm", "--route-every", "1"], args).cfg.routing.route_every == 1
     variants = [("mlm", ["--method", "mlm"]), ("full", ["--method", "trelm", "--no-routing"]),
                 ("strict", ["--method", "trelm", "--route-scope", "strict"]),
                 ("e1", ["--method", "trelm", "--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order"])]
@@ -193,8 +194,8 @@ def test_costs_file_keeps_measured_variants_and_adds_the_missing(tmp_path, monke
     and leaves every recorded cost as it was; with nothing missing it measures nothing."""
     import json
 
-    import experiments
-    names = [n for n, _ in experiments.COSTED]
+    import study_variants
+    names = [n for n, _ in study_variants.COSTED]
     path = tmp_path / "costs.json"
     old = {n: {"cost_over_mlm": 0.5 + i} for i, n in enumerate(names[:-1])}  # the last one is missing
     path.write_text(json.dumps({"costs": old, "seconds": {}}))
@@ -213,3 +214,14 @@ def test_costs_file_keeps_measured_variants_and_adds_the_missing(tmp_path, monke
     assert got[names[-1]]["cost_over_mlm"] == 9.0 and "commit" in got[names[-1]]["measured"]
     bench.write_costs(args)
     assert len(asked) == 1
+
+
+def test_peak_memory_counts_live_tensors():
+    def fn():
+        a = torch.ones(2_000_000)  # 8 MB
+        b = torch.ones(4_000_000)  # 16 MB, while a is alive
+        del a, b
+        c = torch.ones(1_000_000)  # 4 MB, after both are freed
+        del c
+    peak = bench_profile.peak_memory(fn)
+    assert 24_000_000 <= peak < 24_100_000

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import config
 import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ def test_resume_with_more_steps_extends_the_run(tiny_model_dir, tmp_path, capsys
     out = tmp_path / "r"
     run(tiny_model_dir, out, steps=4)
     first = metrics(out)
-    config = json.load(open(out / "config.json"))
+    recorded = json.load(open(out / "config.json"))
     with pytest.raises(SystemExit, match=r"different run.*--lr 0\.0003 -> 0\.001"):
         run(tiny_model_dir, out, "--resume", "--lr", "1e-3", steps=6)
     capsys.readouterr()
@@ -96,9 +97,9 @@ def test_resume_with_more_steps_extends_the_run(tiny_model_dir, tmp_path, capsys
     assert "extending the run from --max-steps 4 to 6 at step 4" in said and "recomputed for 6 steps" in said
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[:4] == first
-    warmup = config["config"]["warmup_steps"]
-    ext = pretrain.resolve_config(pretrain.get_parser().parse_args(["--max-steps", "6", "--warmup-steps", str(warmup)]))
-    assert [r["lr"] for r in rows[4:]] == [round(pretrain.lr_at(s, ext), 6) for s in (4, 5)]
+    warmup = recorded["config"]["warmup_steps"]
+    ext = config.from_argv(["--max-steps", "6", "--warmup-steps", str(warmup)])
+    assert [r["lr"] for r in rows[4:]] == [round(pretrain.lr_at(s, ext.optim), 6) for s in (4, 5)]
     assert rows[4]["lr"] > 0  # the 4-step schedule had reached 0
     rec = json.load(open(out / "config.json"))
     assert rec["config"]["max_steps"] == 6 and rec["config"]["warmup_steps"] == warmup
@@ -245,8 +246,8 @@ def test_data_errors_are_one_line_and_debug_gives_the_traceback(tiny_model_dir, 
     n = sum(1 for _ in open(FIX + "/corpus.jsonl"))
     with pytest.raises(SystemExit, match=rf"pretrain.py: .*corpus.jsonl:{n + 1}: not valid UTF-8"):
         run(tiny_model_dir, tmp_path / "r", data=str(bad))
-    import data
-    with pytest.raises(data.DataError, match="not valid UTF-8"):
+    import common
+    with pytest.raises(common.DataError, match="not valid UTF-8"):
         run(tiny_model_dir, tmp_path / "r2", "--debug", data=str(bad))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), "--model", tiny_model_dir, "--data",
                         str(tmp_path / "nope"), "--output-dir", str(tmp_path / "r3")],

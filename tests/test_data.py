@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data
 import synth_kg
 
@@ -37,27 +38,28 @@ def _write_kg(tmp_path, ents, rels, triples):
 
 def test_kg_bad_column_count_names_file_and_line(tmp_path):
     d = _write_kg(tmp_path, "Q1\tA\nQ2\tB\n", "P1\tr\n", "Q1\tP1\tQ2\nQ1\tP1\n")
-    with pytest.raises(data.DataError, match=r"triples.txt:2: expected 3 tab-separated columns"):
+    with pytest.raises(common.DataError, match=r"triples.txt:2: expected 3 tab-separated columns"):
         data.load_kg(d)
 
 
 def test_kg_unknown_relation_and_empty_file(tmp_path):
     d = _write_kg(tmp_path, "Q1\tA\nQ2\tB\n", "P1\tr\n", "Q1\tP9\tQ2\n")
-    with pytest.raises(data.DataError, match=r"triples.txt:1: unknown relation 'P9'"):
+    with pytest.raises(common.DataError, match=r"triples.txt:1: unknown relation 'P9'"):
         data.load_kg(d)
     d2 = _write_kg(tmp_path / "x" if (tmp_path / "x").mkdir() is None else None, "", "P1\tr\n", "")
-    with pytest.raises(data.DataError, match=r"entities.txt: empty"):
+    with pytest.raises(common.DataError, match=r"entities.txt: empty"):
         data.load_kg(d2)
 
 
 def test_kg_duplicate_id_names_both_lines(tmp_path):
     d = _write_kg(tmp_path, "Q1\tA\nQ2\tB\nQ1\tC\n", "P1\tr\n", "")
-    with pytest.raises(data.DataError, match=r"entities.txt:3: duplicate id 'Q1' \(first on line 1\)"):
+    with pytest.raises(common.DataError, match=r"entities.txt:3: duplicate id 'Q1' \(first on line 1\)"):
         data.load_kg(d)
 
 
 def test_kg_missing_file_names_expected_names(tmp_path):
-    with pytest.raises(data.DataError, match=r"no entities file; expected one of entities.txt, wikidata5m_entity.txt"):
+    with pytest.raises(common.DataError,
+                       match=r"no entities file; expected one of entities.txt, wikidata5m_entity.txt"):
         data.load_kg(str(tmp_path))
 
 
@@ -79,24 +81,24 @@ def test_corpus_errors_name_file_and_line(tmp_path, kg, bert_tok, num_proc):
     p = tmp_path / "c.jsonl"
     build = lambda: data.build_dataset(str(p), kg, bert_tok, 32, str(tmp_path / "cache"), num_proc=num_proc)
     p.write_text('{"text": "Paris"}\n\n{"text": "x", bad}\n')
-    with pytest.raises(data.DataError, match=r"c.jsonl:3: malformed JSON"):
+    with pytest.raises(common.DataError, match=r"c.jsonl:3: malformed JSON"):
         build()
     if num_proc:
         return  # one error through the workers is enough; the rest are the same code
     p.write_text(json.dumps({"text": "Paris", "entities": [{"id": "Q90", "start": 0, "end": 9}]}) + "\n")
-    with pytest.raises(data.DataError, match=r"c.jsonl:1: entity span \[0, 9\) is outside the text of length 5"):
+    with pytest.raises(common.DataError, match=r"c.jsonl:1: entity span \[0, 9\) is outside the text of length 5"):
         build()
     p.write_text(json.dumps({"text": "Paris", "entities": [{"id": "Q999", "start": 0, "end": 5}]}) + "\n")
-    with pytest.raises(data.DataError, match=r"c.jsonl:1: unknown entity 'Q999'"):
+    with pytest.raises(common.DataError, match=r"c.jsonl:1: unknown entity 'Q999'"):
         build()
     p.write_bytes(b'{"text": "Paris"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(data.DataError, match=r"c.jsonl:2: not valid UTF-8"):
+    with pytest.raises(common.DataError, match=r"c.jsonl:2: not valid UTF-8"):
         build()
     p.write_text("\n  \n")
-    with pytest.raises(data.DataError, match=r"empty corpus"):
+    with pytest.raises(common.DataError, match=r"empty corpus"):
         build()
     p.unlink()
-    with pytest.raises(data.DataError, match=r"corpus file not found"):
+    with pytest.raises(common.DataError, match=r"corpus file not found"):
         build()
 
 
@@ -225,7 +227,7 @@ def test_kg_not_utf8_names_line(tmp_path):
     d = _write_kg(tmp_path, "Q1\tA\n", "P1\tr\n", "")
     with open(os.path.join(d, "entities.txt"), "ab") as f:
         f.write(b"Q2\tcaf\xe9\n")
-    with pytest.raises(data.DataError, match=r"entities.txt:2: not valid UTF-8"):
+    with pytest.raises(common.DataError, match=r"entities.txt:2: not valid UTF-8"):
         data.load_kg(d, cache_dir=str(tmp_path / "c"))
 
 
@@ -263,7 +265,7 @@ def test_mention_counts_equal_a_count_over_the_rows(tmp_path, bert_tok, kg):
         for e in row["ent_id"]:
             ref[e] += 1
     assert ref.sum() == 120 and np.array_equal(data.mention_counts(ds, kg.num_entities), ref)
-    with pytest.raises(data.DataError, match=r"ent_id out of range \[0, 3\)"):
+    with pytest.raises(common.DataError, match=r"ent_id out of range \[0, 3\)"):
         data.mention_counts(ds, 3)
 
 

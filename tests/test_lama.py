@@ -66,7 +66,7 @@ def test_read_lama_relation_both_formats():
 def test_read_errors_name_file_and_line(tmp_path):
     p = tmp_path / "P1.jsonl"
     p.write_text('{"sub_label": "a", "obj_label": "b"}\n{"subject": "a"}\n')
-    with pytest.raises(lama.LamaDataError, match=r"P1.jsonl:2: expected 'sub_label'"):
+    with pytest.raises(common.DataError, match=r"P1.jsonl:2: expected 'sub_label'"):
         lama.read_lama_relation(str(p))
 
 
@@ -88,14 +88,14 @@ def test_malformed_line_names_file_line_and_expectation(tmp_path, name, good, li
     p = tmp_path / name
     p.write_text(good + "\n\n" + line + "\n")
     read = lama.read_templates if name == "relations.jsonl" else lama.read_lama_relation
-    with pytest.raises(lama.LamaDataError, match=re.escape(f"{p}:3: {expected}")):
+    with pytest.raises(common.DataError, match=re.escape(f"{p}:3: {expected}")):
         read(str(p))
 
 
 def test_non_utf8_line_names_file_and_line(tmp_path):
     p = tmp_path / "P1.jsonl"
     p.write_bytes(b'{"sub_label": "a", "obj_label": "b"}\n{"sub_label": "\xff", "obj_label": "b"}\n')
-    with pytest.raises(lama.LamaDataError, match=re.escape(f"{p}:2: expected UTF-8 text")):
+    with pytest.raises(common.DataError, match=re.escape(f"{p}:2: expected UTF-8 text")):
         lama.read_lama_relation(str(p))
 
 
@@ -275,7 +275,7 @@ def test_cli_lama_uhn_end_to_end(tiny_model_dir, tmp_path):
 def test_cli_missing_data_dir_names_the_file(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"(?s)lama does not exist.*data\.zip"):
         evaluate.main(["--task", "trex", "--model-dir", tiny_model_dir, "--data-dir", str(tmp_path)])
-    with pytest.raises(lama.LamaDataError, match=r"(?s)shared/data.*relations\.jsonl.*dl\.fbaipublicfiles"):
+    with pytest.raises(common.DataError, match=r"(?s)shared/data.*relations\.jsonl.*dl\.fbaipublicfiles"):
         lama.lama_root(None)
     root = tmp_path / "lama"
     (root / "TREx").mkdir(parents=True)

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import config
 import data
+import model
 import pretrain
 import routing
 
@@ -170,16 +172,15 @@ def test_torchrun_trelm_ranks_hold_identical_memory_paths_and_weights(tiny_model
 @pytest.mark.parametrize("extra", [(), ("--no-injection",)])
 def test_chunked_attribution_equals_sequential(tiny_model_dir, tmp_path, extra):
     """--ig-chunk stacks alpha steps by tiling the batch and its injection plan: same attributions."""
-    args = pretrain.resolve_config(pretrain.get_parser().parse_args(
+    args = config.from_argv(
         ["--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path), "--batch-size", "4",
-         "--seq-len", "32", "--ig-steps", "6", "--ig-batch", "2", *extra]))
+         "--seq-len", "32", "--ig-steps", "6", "--ig-batch", "2", *extra])
     t = pretrain.Trainer(args)
     batch = t.get_batch(0)
     assert batch["plan"] is not None and len(batch["plan"].rows) > 0
     got = {}
     for chunk in (1, 3):
-        t.args = t.args.replace(ig_chunk=chunk)
-        got[chunk] = t.attribute(batch, None)
+        got[chunk] = routing.Attribution("layer", steps=6, chunk=chunk)(t.net.mlm, t.knowledge_prob(batch))
     torch.testing.assert_close(got[1], got[3], rtol=1e-4, atol=1e-6)
     assert got[1].abs().sum() > 0
 
@@ -194,8 +195,8 @@ def test_fresh_head_delays_routing(tmp_path, tiny_model_dir):
     encoder_only = tmp_path / "encoder_only"
     BertModel(make_model("bert", tok).config).save_pretrained(encoder_only)
     tok.save_pretrained(encoder_only)
-    assert common.load_mlm(str(encoder_only))[0].fresh_mlm_head
-    assert not common.load_mlm(tiny_model_dir)[0].fresh_mlm_head
+    assert not common.has_mlm_head(str(encoder_only))
+    assert common.has_mlm_head(tiny_model_dir)
     run(str(encoder_only), tmp_path / "r", "--route-every", "3", method="trelm", steps=4)
     cfg = json.load(open(tmp_path / "r" / "config.json"))["config"]
     assert cfg["route_warmup"] == 3
@@ -261,7 +262,7 @@ def _captured_step(t, mlm):
 def _trainer(model_dir, out, *extra):
     argv = ["--model", model_dir, "--data", FIX, "--output-dir", str(out), "--batch-size", "8", "--seq-len", "32",
             "--seed", "1", "--no-routing", "--injection", "long-tail", "--window-k", "2", *extra]
-    return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+    return pretrain.Trainer(config.from_argv(argv))
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -269,7 +270,7 @@ def test_one_trelm_step_position_by_position(kind, tmp_path):
     """Eq. 7 input at the injected spans and E_p elsewhere; MLM labels -100 exactly there; lambda =
     Eq. 8; the memory after the step = Eq. 4-6 applied by hand to every mention of a key."""
     t = _trainer(_model_dir(kind, tmp_path), tmp_path / "r")
-    tok, mlm, a = t.tok, t.net.mlm, t.args
+    tok, mlm = t.tok, t.net.mlm
     W = mlm.get_input_embeddings().weight
     with torch.no_grad():  # hand-set embeddings: row i = a fixed pattern scaled by (1 + i / V)
         V, H = W.shape
@@ -291,8 +292,9 @@ def test_one_trelm_step_position_by_position(kind, tmp_path):
     inj = {(int(r), int(c)): int(m) for r, c, m in zip(plan.rows, plan.cols, plan.mention)}
     emb = lambda label: W0[tok(" " + label, add_special_tokens=False)["input_ids"][:16]].mean(0)
     unit = lambda v, n: v * (n / v.norm())
-    g2 = torch.Generator().manual_seed(int(np.random.SeedSequence([a.seed, t.step - 1, 0]).generate_state(1)[0]))
-    rows = t.know.ds[data.micro_batch_indices(t.step - 1, 0, 0, len(t.know.ds), a.batch_size, 1, 1, a.seed)]
+    g2 = torch.Generator().manual_seed(int(np.random.SeedSequence([t.cfg.run.seed, t.step - 1, 0]).generate_state(1)[0]))
+    rows = t.know.ds[data.micro_batch_indices(t.step - 1, 0, 0, len(t.know.ds), t.cfg.data.batch_size, 1, 1,
+                                              t.cfg.run.seed)]
     ref = t.collate([dict(zip(rows, v)) for v in zip(*rows.values())], g2)
     for r in range(ids.shape[0]):
         for c in range(ids.shape[1]):
@@ -380,8 +382,8 @@ def test_relation_decoding_loss_hand_case():
     r_hat = torch.tensor([[1.0] * 4, [1.0, -1.0, 1.0, -1.0], [0.0, 0.0, 0.0, 2.0]])  # rms 2, 1, 1.5
     y = torch.tensor([1, 5, 7])
     want = F.cross_entropy(mlm.cls(h * r_hat), y)
-    torch.testing.assert_close(pretrain.relation_decoding_loss(mlm, h, y, rel), want)
-    assert float(pretrain.relation_decoding_loss(mlm, h[:0], y[:0], rel[:0])) == 0.0
+    torch.testing.assert_close(model.relation_decoding_loss(mlm, h, y, rel), want)
+    assert float(model.relation_decoding_loss(mlm, h[:0], y[:0], rel[:0])) == 0.0
 
 
 def test_no_injection_shows_only_the_mask_embedding(tiny_model_dir, tmp_path):
@@ -402,7 +404,7 @@ def test_no_injection_shows_only_the_mask_embedding(tiny_model_dir, tmp_path):
 
 
 def test_plan_head_and_tile():
-    P = pretrain.Plan(rows=torch.tensor([0, 0, 2]), cols=torch.tensor([1, 2, 3]), mention=torch.tensor([0, 0, 1]),
+    P = model.Plan(rows=torch.tensor([0, 0, 2]), cols=torch.tensor([1, 2, 3]), mention=torch.tensor([0, 0, 1]),
                       targets=torch.tensor([7, 8, 9]), ent_id=torch.tensor([4, 5]), sel=torch.tensor([0, 3]),
                       negatives=torch.tensor([[1], [2], [3]]), mem=(torch.ones(2, 2), torch.zeros(2, 2)))
     h = P.head(2)
@@ -420,14 +422,14 @@ def test_si_refresh_rescores_with_the_current_model(tiny_model_dir, tmp_path):
     import entity_importance as ei
     argv = ["--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "o"), "--batch-size", "4",
             "--seq-len", "32", "--seed", "1", "--no-routing", "--si-refresh", "1", "--lr", "1e-2"]
-    t = pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+    t = pretrain.Trainer(config.from_argv(argv))
     assert len(t.know.ds) == 20 and t.global_batch == 4
     initial = data.flat_column(t.know.ds, "ent_si", np.float64)
     for _ in range(5):
         t.train_step()
-    assert t.know.si_epoch == 0 and np.array_equal(data.flat_column(t.know.ds, "ent_si", np.float64), initial, equal_nan=True)
+    assert t.know.si.epoch == 0 and np.array_equal(data.flat_column(t.know.ds, "ent_si", np.float64), initial, equal_nan=True)
     t.train_step()  # step 6 starts epoch 1: refresh first
-    assert t.know.si_epoch == 1
+    assert t.know.si.epoch == 1
     si = data.flat_column(t.know.ds, "ent_si", np.float64)
     scored = ~np.isnan(si)
     assert scored.sum() > 3 and np.array_equal(scored, ~np.isnan(initial))
@@ -438,8 +440,8 @@ def test_si_refresh_rescores_with_the_current_model(tiny_model_dir, tmp_path):
     n = len(r["ent_start"])
     # the weights SI saw are those of step 5's end; step 6 has changed them since: recompute from a copy
     # of the state before step 6 by re-running steps 1-5 in a fresh trainer
-    t2 = pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(
-        [*argv[:5], str(tmp_path / "o2"), *argv[6:]])))
+    t2 = pretrain.Trainer(config.from_argv(
+        [*argv[:5], str(tmp_path / "o2"), *argv[6:]]))
     for _ in range(5):
         t2.train_step()
     ref = ei.semantic_importance(t2.net.mlm, ids, torch.ones_like(ids), torch.zeros(n, dtype=torch.long),
@@ -449,8 +451,8 @@ def test_si_refresh_rescores_with_the_current_model(tiny_model_dir, tmp_path):
     ok = ~torch.isnan(got)
     assert got[ok].abs().max() > 2e-6  # the tiny random model's SI is small: compare to a few float32 ulps of cos
     torch.testing.assert_close(got[ok], ref[ok].float(), atol=3e-7, rtol=0)
-    cand = t.know.si_candidate[data.flat_column(t.know.ds, "ent_id", np.int64)]
-    assert t.know.si_threshold == ei.important_threshold(si, cand, 0.5)
+    cand = t.know.si.candidate[data.flat_column(t.know.ds, "ent_id", np.int64)]
+    assert t.know.si.threshold == ei.important_threshold(si, cand, 0.5)
 
 
 def test_si_refresh_resumes_exactly_across_the_refresh(tiny_model_dir, tmp_path, monkeypatch):
@@ -472,11 +474,11 @@ def test_si_refresh_resumes_exactly_across_the_refresh(tiny_model_dir, tmp_path,
     argv = ["--method", "trelm", "--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "split"),
             "--max-steps", "8", "--batch-size", "4", "--seq-len", "32", "--log-every", "1", "--seed", "3",
             "--save-every", "3", "--resume", *extra]
-    t = pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+    t = pretrain.Trainer(config.from_argv(argv))
     initial = data.flat_column(t.know.ds, "ent_si", np.float32)
     t.resume()  # the refreshed values come back, not the initial model's
     restored = data.flat_column(t.know.ds, "ent_si", np.float32)
-    assert t.know.si_epoch == 1 and np.array_equal(restored, st["si"]["values"], equal_nan=True)
+    assert t.know.si.epoch == 1 and np.array_equal(restored, st["si"]["values"], equal_nan=True)
     assert not np.array_equal(restored, initial, equal_nan=True)
     monkeypatch.setattr(pretrain.Trainer, "train_step", orig)
     run(tiny_model_dir, tmp_path / "split", "--resume", *extra, method="trelm", steps=8)
@@ -535,7 +537,7 @@ def test_long_tail_words_one_step_by_hand(kind, tmp_path):
     E_p at a masked or replaced one, MLM labels unchanged there; the memory at word keys
     (num_entities + token id) after the step = Eq. 4-6 by hand over every occurrence."""
     t = _trainer(_model_dir(kind, tmp_path), tmp_path / "r", "--long-tail-words")
-    tok, mlm, a = t.tok, t.net.mlm, t.args
+    tok, mlm = t.tok, t.net.mlm
     E = t.know.kg.num_entities
     long_tail = set(t.know.long_tail_word.nonzero()[:, 0].tolist())
     assert long_tail and not long_tail & set(tok.all_special_ids)
@@ -620,10 +622,10 @@ def test_long_tail_words_off_is_todays_step_bitwise(tiny_model_dir, tmp_path):
 
 
 def test_plan_tile_and_head_carry_the_words():
-    w = pretrain.WordNotes(rows=torch.tensor([0, 2]), cols=torch.tensor([3, 1]), key=torch.tensor([20, 21]),
+    w = model.WordNotes(rows=torch.tensor([0, 2]), cols=torch.tensor([3, 1]), key=torch.tensor([20, 21]),
                            shown=torch.tensor([True, False]), mem=(torch.ones(2, 2), torch.zeros(2, 2)))
     z = torch.zeros(0, dtype=torch.long)
-    P = pretrain.Plan(z, z, z, z, ent_id=z, sel=z, words=w)
+    P = model.Plan(z, z, z, z, ent_id=z, sel=z, words=w)
     assert P.head(2).words.rows.tolist() == [0] and P.head(2).words.mem[0].shape == (1, 2)
     t2 = P.tile(2, batch_size=3).words
     assert t2.rows.tolist() == [0, 2, 3, 5] and t2.key.tolist() == [20, 21, 20, 21]
@@ -640,7 +642,7 @@ def test_span_mask_hand_case_with_overlap():
 def routed_trainer(model_dir, out, *extra):
     argv = ["--method", "trelm", "--model", model_dir, "--data", FIX, "--output-dir", str(out), "--batch-size", "4",
             "--seq-len", "32", "--ig-steps", "3", "--route-every", "3", "--max-steps", "8", "--seed", "1", *extra]
-    return pretrain.Trainer(pretrain.resolve_config(pretrain.get_parser().parse_args(argv)))
+    return pretrain.Trainer(config.from_argv(argv))
 
 
 def routing_log(out):
@@ -723,7 +725,7 @@ def test_per_batch_routing_moves_only_the_paths_and_keeps_every_neurons_moments(
 
 
 def path_jaccard_lt1(a, b):
-    return pretrain.path_jaccard(a, b) < 1.0
+    return routing.path_jaccard(a, b) < 1.0
 
 
 def test_random_selection_is_reproducible_and_exact_across_resume(tiny_model_dir, tmp_path):
@@ -738,20 +740,20 @@ def test_random_selection_is_reproducible_and_exact_across_resume(tiny_model_dir
         I = t1.router.sizes[0]
         assert [len(p) for p in t1.paths] == [max(1, round(0.1 * I))] * len(t1.paths)
         draws.append(t1.paths)
-    assert pretrain.path_jaccard(*draws) < 1.0
+    assert routing.path_jaccard(*draws) < 1.0
 
 
 @pytest.mark.parametrize("argv,msg", [(["--ig-chunk", "-1"], "--ig-chunk"), (["--ig-memory-mb", "0"], "--ig-memory-mb"),
                                       (["--route-select", "random", "--route-threshold", "0.5"], "--route-threshold")])
 def test_bad_routing_flags_name_the_flag(argv, msg):
     with pytest.raises(SystemExit, match=msg):
-        pretrain.resolve_config(pretrain.get_parser().parse_args(argv))
+        config.from_argv(argv)
 
 
 def test_path_jaccard_by_hand():
     a = [torch.tensor([0, 1, 2]), torch.tensor([], dtype=torch.long), torch.tensor([5])]
     b = [torch.tensor([1, 2, 3]), torch.tensor([], dtype=torch.long), torch.tensor([6])]
-    assert pretrain.path_jaccard(a, b) == pytest.approx((2 / 4 + 1 + 0) / 3)
+    assert routing.path_jaccard(a, b) == pytest.approx((2 / 4 + 1 + 0) / 3)
 
 
 def test_process_group_serves_cpu_and_cuda_tensors():
@@ -772,4 +774,4 @@ def test_lambda_epochs_spreads_eq8_over_the_run(tiny_model_dir, tmp_path):
     lam = [json.loads(l)["lambda"] for l in open(tmp_path / "metrics.jsonl")]
     assert lam == [0.5, 0.5, 0.25, 0.25, 0.125, 0.125, 0.0625, 0.0625]
     with pytest.raises(SystemExit, match="--lambda-epochs: expected a finite number >= 0"):
-        pretrain.resolve_config(pretrain.get_parser().parse_args(["--lambda-epochs", "-1"]))
+        config.from_argv(["--lambda-epochs", "-1"])

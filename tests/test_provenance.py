@@ -69,6 +69,10 @@ def test_no_import_cycle_among_the_project_modules():
     assert {"evaluate", "experiments", "lama", "plots", "paper_values"} <= set(graph)
     assert graph["plots"] & {"experiments", "evaluate"} == set()  # the figures read the paper's values alone
     assert "evaluate" not in graph["experiments"] | graph["subnetworks"] | graph["lama"]  # the CLI is a leaf
+    # the study's registry imports nothing, and bench.py reads the study through it alone (not its runners)
+    assert graph["study_variants"] == set()
+    assert graph["bench"] & {"experiments", "study_runs", "study_stats", "study_report"} == set()
+    assert graph["plots"] & {"study_runs", "study_stats", "study_report"} == set()
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 

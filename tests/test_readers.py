@@ -1,4 +1,4 @@
-"""Every reader of an official benchmark format in finetune.py (TACRED, FewRel, Open Entity, GLUE)
+"""Every reader of an official benchmark format in finetune_data.py (TACRED, FewRel, Open Entity, GLUE)
 refuses a malformed file with a DataError naming the file, the line or record, and what it expected;
 evaluate.py turns it into one line (no traceback). Malformed files are the tests/fixtures ones, cut or
 edited in tmp_path."""
@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
+import common
 import evaluate as ev
-import finetune as ft
+import finetune_data as fd
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -26,9 +27,9 @@ def test_tacred_truncated_json_names_file_line_and_format(tiny_model_dir, tmp_pa
     d = copy_fixture(tmp_path, "tacred")
     text = (d / "dev.json").read_text()
     (d / "dev.json").write_text(text[:text.index('"token"', 200)])  # cut inside the second row
-    with pytest.raises(ft.DataError, match=r"dev\.json:1:\d+: not valid JSON \(.*truncated\?\); "
+    with pytest.raises(common.DataError, match=r"dev\.json:1:\d+: not valid JSON \(.*truncated\?\); "
                                            r"expected official TACRED JSON: a list of objects with token"):
-        ft.read_tacred(str(d / "dev.json"))
+        fd.read_tacred(str(d / "dev.json"))
     with pytest.raises(SystemExit, match=r"^evaluate.py --task tacred: .*dev\.json:1:\d+: not valid JSON"):
         ev.main(["--task", "tacred", "--model-dir", tiny_model_dir, "--data-dir", str(d),
                  "--output-dir", str(tmp_path / "out")])
@@ -42,8 +43,8 @@ def test_tacred_record_of_the_wrong_shape(tmp_path):
              ({k: v for k, v in rows[0].items() if k != "relation"}, r"row 1 \(id fx001\) lacks \['relation'\]")]
     for bad, message in cases:
         (tmp_path / "train.json").write_text(json.dumps([rows[1], bad]))
-        with pytest.raises(ft.DataError, match=r"train\.json: " + message):
-            ft.read_tacred(str(tmp_path / "train.json"))
+        with pytest.raises(common.DataError, match=r"train\.json: " + message):
+            fd.read_tacred(str(tmp_path / "train.json"))
 
 
 # ----------------------------------------------------------------------------- FewRel
@@ -66,9 +67,9 @@ def test_fewrel_instance_says_what_is_wrong():
              (dict(ok, h=["paris", "Q90", [["0"]]]), r'"h" position \'0\' is not a token index in \[0, 4\)'),
              ("Paris is in France", r"a JSON str, not an object")]
     for bad, message in cases:
-        with pytest.raises(ft.DataError, match=r"^val_wiki\.json: P17\[1\] is not a FewRel instance: " + message
+        with pytest.raises(common.DataError, match=r"^val_wiki\.json: P17\[1\] is not a FewRel instance: " + message
                                                + r"; expected FewRel JSON"):
-            ft.fewrel_to_tacred({"P17": [ok, bad]}, source="val_wiki.json")
+            fd.fewrel_to_tacred({"P17": [ok, bad]}, source="val_wiki.json")
 
 
 # ----------------------------------------------------------------------------- Open Entity
@@ -82,27 +83,30 @@ def open_entity_lines(tmp_path, edit):
     return str(tmp_path / "train.json")
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda r: json.dumps(r)[:-9], r"not a JSON line \(Unterminated string|not a JSON line \(Expecting"),
-    (lambda r: "{'mention_span': 'x'}", r"not a JSON line \(Expecting property name"),
-    (lambda r: [r], r"a JSON list, not an object"),
-    (lambda r: {k: v for k, v in r.items() if k != "y_str"}, r"lacks \['y_str'\]"),
-    (lambda r: dict(r, y_str="object"), r"unexpected y_str='object'"),  # set('object') would give no type
-    (lambda r: dict(r, left_context_token="He said"), r"unexpected left_context_token='He said'"),
-    (lambda r: dict(r, mention_span=" "), r"unexpected mention_span=' '"),
+OPEN_ENTITY = r"expected Open Entity crowd JSON lines"  # the format every message names
+
+
+@pytest.mark.parametrize("edit, message", [  # a line that is not a JSON object: common.read_jsonl's words
+    (lambda r: json.dumps(r)[:-9], OPEN_ENTITY + r".*; not valid JSON \((Unterminated string|Expecting)"),
+    (lambda r: "{'mention_span': 'x'}", OPEN_ENTITY + r".*; not valid JSON \(Expecting property name"),
+    (lambda r: [r], OPEN_ENTITY + r".*; found a JSON list"),
+    (lambda r: {k: v for k, v in r.items() if k != "y_str"}, r"lacks \['y_str'\].*" + OPEN_ENTITY),
+    (lambda r: dict(r, y_str="object"), r"unexpected y_str='object'.*" + OPEN_ENTITY),  # set('object'): no type
+    (lambda r: dict(r, left_context_token="He said"), r"unexpected left_context_token='He said'.*" + OPEN_ENTITY),
+    (lambda r: dict(r, mention_span=" "), r"unexpected mention_span=' '.*" + OPEN_ENTITY),
 ])
 def test_open_entity_bad_line_names_file_and_line(tmp_path, edit, message):
     path = open_entity_lines(tmp_path, edit)
-    with pytest.raises(ft.DataError, match=r"train\.json:3: " + message + r".*expected Open Entity crowd JSON lines"):
-        ft.read_open_entity(path)
+    with pytest.raises(common.DataError, match=r"train\.json:3: " + message):
+        fd.read_open_entity(path)
 
 
 def test_open_entity_bytes_that_are_not_utf8(tmp_path):
     path = tmp_path / "dev.json"
     path.write_bytes(open(os.path.join(FIX, "open_entity", "dev.json"), "rb").read() + b'{"mention_span": "\xff"}\n')
     n = len(open(os.path.join(FIX, "open_entity", "dev.json")).read().splitlines())
-    with pytest.raises(ft.DataError, match=rf"dev\.json:{n + 1}: not a JSON line \('utf-8' codec can't decode"):
-        ft.read_open_entity(str(path))
+    with pytest.raises(common.DataError, match=rf"dev\.json:{n + 1}: expected UTF-8 text \('utf-8' codec can't decode"):
+        fd.read_open_entity(str(path))
 
 
 # ----------------------------------------------------------------------------- GLUE
@@ -115,7 +119,7 @@ def glue_file(task):
 def test_glue_row_one_column_short_is_refused(tmp_path, task):
     """Dropping the last field of the second data row: RTE, MNLI, QNLI, WNLI, STS-B read the label from
     the last column, so without the check a sentence (or an annotator's label) became the label."""
-    spec = ft.GLUE[task]
+    spec = fd.GLUE[task]
     lines = open(glue_file(task), encoding="utf-8-sig").read().splitlines()
     row = 1 if spec.width else 2  # 0-based index of the second data row
     lines[row] = lines[row].rsplit("\t", 1)[0]
@@ -123,9 +127,9 @@ def test_glue_row_one_column_short_is_refused(tmp_path, task):
     path.write_text("\n".join(lines) + "\n")
     width = len(lines[0].split("\t"))
     where = "in the header \\(line 1\\)" if spec.width is None else f"in every {task} row"
-    with pytest.raises(ft.DataError, match=rf"{path.name}:{row + 1}: {width - 1} tab-separated fields; "
+    with pytest.raises(common.DataError, match=rf"{path.name}:{row + 1}: {width - 1} tab-separated fields; "
                                            rf"expected {width}, as {where}$"):
-        ft.read_glue_tsv(str(path), spec)
+        fd.read_glue_tsv(str(path), spec)
 
 
 @pytest.mark.parametrize("task, text, expected", [
@@ -140,13 +144,13 @@ def test_glue_row_one_column_short_is_refused(tmp_path, task):
 ])
 def test_glue_rows_and_header_are_checked(tmp_path, task, text, expected):
     (tmp_path / "dev.tsv").write_text(text)
-    with pytest.raises(ft.DataError, match=expected):
-        ft.read_glue_tsv(str(tmp_path / "dev.tsv"), ft.GLUE[task])
+    with pytest.raises(common.DataError, match=expected):
+        fd.read_glue_tsv(str(tmp_path / "dev.tsv"), fd.GLUE[task])
 
 
 def test_glue_qqp_rows_are_skipped_and_counted(capsys):
     path = os.path.join(FIX, "glue", "QQP", "train.tsv")
-    assert len(ft.read_glue_tsv(path, ft.GLUE["QQP"])) == 5
+    assert len(fd.read_glue_tsv(path, fd.GLUE["QQP"])) == 5
     assert capsys.readouterr().out == f"{path}: skipped 1 QQP rows without 6 fields, as run_glue does\n"
 
 

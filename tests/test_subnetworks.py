@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import lama
+import common
+import subnet_data as SD
+import subnet_overlap as SO
 import subnetworks as S
 from conftest import TEXT, make_bert_tokenizer, make_model
 
@@ -19,7 +21,7 @@ CAPITALS = [("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spa
 
 
 def capital_facts(tok, template="[X] capital [Y] ."):
-    return S.single_token_facts([dict(relation="P36", sub=s, obj=o, template=template) for s, o in CAPITALS], tok)
+    return SD.single_token_facts([dict(relation="P36", sub=s, obj=o, template=template) for s, o in CAPITALS], tok)
 
 
 def test_masked_names_are_linear_weights_of_top_layers(tiny_mlm):
@@ -58,7 +60,7 @@ def test_keep_everything_is_bitwise_identical(tiny_mlm):
     model, tok = tiny_mlm
     facts = [dict(query=f"the capital of france is {tok.mask_token} .", obj_id=5),
              dict(query=f"rome is the capital of {tok.mask_token} italy .", obj_id=6)]
-    batch = S.fact_batch(tok, facts)
+    batch = SD.fact_batch(tok, facts)
     masks = S.WeightMasks(model, 2)
     with torch.no_grad():
         full = S.position_logits(model, None, batch)
@@ -76,7 +78,7 @@ def test_keep_everything_is_bitwise_identical(tiny_mlm):
 
 def test_removing_weights_changes_only_through_mask(tiny_mlm):
     model, tok = tiny_mlm
-    batch = S.fact_batch(tok, [dict(query=f"paris is in {tok.mask_token} .", obj_id=5)])
+    batch = SD.fact_batch(tok, [dict(query=f"paris is in {tok.mask_token} .", obj_id=5)])
     masks = S.WeightMasks(model, 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     removed = [torch.zeros_like(l) for l in masks.logits]
@@ -163,7 +165,7 @@ def test_expected_jaccard_matches_simulation():
     for _ in range(trials):
         A, B = set(rng.choice(n, a, replace=False)), set(rng.choice(n, b, replace=False))
         sim.append(len(A & B) / len(A | B))
-    assert S.expected_jaccard(n, a, b) == pytest.approx(np.mean(sim), abs=0.004)
+    assert SO.expected_jaccard(n, a, b) == pytest.approx(np.mean(sim), abs=0.004)
     # overall over two layers of different sizes
     sim = []
     for _ in range(trials):
@@ -172,18 +174,18 @@ def test_expected_jaccard_matches_simulation():
             A, B = set(rng.choice(nn, aa, replace=False)), set(rng.choice(nn, bb, replace=False))
             i, u = i + len(A & B), u + len(A | B)
         sim.append(i / u)
-    assert S.expected_jaccard_overall([10, 30], [3, 6], [4, 2]) == pytest.approx(np.mean(sim), abs=0.004)
-    assert S.expected_jaccard(10, 10, 10) == pytest.approx(1.0)
+    assert SO.expected_jaccard_overall([10, 30], [3, 6], [4, 2]) == pytest.approx(np.mean(sim), abs=0.004)
+    assert SO.expected_jaccard(10, 10, 10) == pytest.approx(1.0)
     # p-value: n = 4, two sets of 2; P(|A & B| >= 2) = 1 / C(4, 2); P(>= 1) = 1 - P(0) = 1 - 1/6
-    assert S.p_at_least([4], [2], [2], 2) == pytest.approx(1 / 6)
-    assert S.p_at_least([4], [2], [2], 1) == pytest.approx(5 / 6)
-    assert S.p_at_least([4, 4], [2, 2], [2, 2], 4) == pytest.approx(1 / 36)  # both layers identical
+    assert SO.p_at_least([4], [2], [2], 2) == pytest.approx(1 / 6)
+    assert SO.p_at_least([4], [2], [2], 1) == pytest.approx(5 / 6)
+    assert SO.p_at_least([4, 4], [2, 2], [2, 2], 4) == pytest.approx(1 / 36)  # both layers identical
 
 
 def test_overlap_report_hand_case():
     subnet = {4: torch.tensor([0, 1]), 5: torch.tensor([2, 3])}
     paths = {4: torch.tensor([0, 1]), 5: torch.tensor([0, 1])}
-    rep = S.overlap_report(subnet, paths, inter_size=4)
+    rep = SO.overlap_report(subnet, paths, inter_size=4)
     l4, l5 = rep["per_layer"]
     assert (l4["intersection"], l4["jaccard"], l4["expected_intersection"]) == (2, 1.0, 1.0)
     assert l4["p_value"] == pytest.approx(1 / 6) and l5["p_value"] == pytest.approx(1.0)
@@ -204,7 +206,7 @@ def test_mean_tree_and_criteria():
     m["relative_subnetwork"] = rel(-0.4, 0.2, 0.0)
     c = S.criteria(m)
     assert not c["target_p_at_1_drop"] and not c["control_kg_p_at_1"] and c["control_lm_p_at_1"] and not c["all"]
-    assert S.jaccard(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4])) == pytest.approx(0.5)
+    assert SO.jaccard(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4])) == pytest.approx(0.5)
 
 
 def test_subnetwork_neurons_rules(tiny_mlm):
@@ -233,20 +235,20 @@ def test_lama_reader_split_and_queries(tmp_path, tiny_mlm):
     (d / "P36.jsonl").write_text("".join(json.dumps({"sub_label": s.title(), "obj_label": o.title()}) + "\n"
                                          for s, o in CAPITALS + [("united states", "new york")]))
     (d / "labels" / "P1376" / "test.jsonl").write_text(json.dumps({"sub": "Paris", "obj": "France"}) + "\n")
-    facts = S.read_facts(str(d))
+    facts = SD.read_facts(str(d))
     assert len(facts) == 8 and facts[0]["template"] == "The capital of [X] is [Y] ."
-    assert S.read_facts(str(d / "labels"))[0] == dict(relation="P1376", sub="Paris", obj="France",
+    assert SD.read_facts(str(d / "labels"))[0] == dict(relation="P1376", sub="Paris", obj="France",
                                                       template="[X] is the capital of [Y] .")
-    single = S.single_token_facts(facts, tok)
+    single = SD.single_token_facts(facts, tok)
     assert "New York" not in [f["obj"] for f in single]  # two tokens in both tiny vocabularies
-    batch = S.fact_batch(tok, single)
+    batch = SD.fact_batch(tok, single)
     for i, f in enumerate(single):
         assert batch["input_ids"][batch["pos"][0][i], batch["pos"][1][i]] == tok.mask_token_id
         filled = tok(f["query"].replace(tok.mask_token, " " + f["obj"] if tok.mask_token == "<mask>" else f["obj"]))
         assert f["obj_id"] in filled["input_ids"]
     ranks = [1] * len(single)
-    t1, c1 = S.split_facts(single, ranks, seed=3, target_size=2, control_size=100)
-    t2, c2 = S.split_facts(single, ranks, seed=3, target_size=2, control_size=100)
+    t1, c1 = SD.split_facts(single, ranks, seed=3, target_size=2, control_size=100)
+    t2, c2 = SD.split_facts(single, ranks, seed=3, target_size=2, control_size=100)
     assert t1 == t2 and c1 == c2 and len(t1) == 2
     assert not {f["sub"] for f in t1} & {f["sub"] for f in c1}
 
@@ -256,8 +258,8 @@ def test_read_facts_names_a_malformed_line(tmp_path):
     d.mkdir()
     (d / "relations.jsonl").write_text(json.dumps({"relation": "P36", "template": "The capital of [X] is [Y] ."}) + "\n")
     (d / "P36.jsonl").write_text(json.dumps({"sub_label": "France", "obj_label": "Paris"}) + "\n[1, 2]\n")
-    with pytest.raises(lama.LamaDataError, match=r"P36\.jsonl:2: expected one JSON object per line; found a JSON list"):
-        S.read_facts(str(d))
+    with pytest.raises(common.DataError, match=r"P36\.jsonl:2: expected one JSON object per line; found a JSON list"):
+        SD.read_facts(str(d))
 
 
 def test_recorded_paths_resume_the_committed_seeds():
@@ -267,7 +269,7 @@ def test_recorded_paths_resume_the_committed_seeds():
     args = S.build_parser().parse_args(["--data-dir", os.path.join(REPO, "..", "shared", "data"), "--model", "minilm",
                                         "--facts-dir", os.path.join(REPO, "tests", "fixtures", "lama"),
                                         "--training-state", "no/such/state.pt"])
-    rec = S.recorded_config(args)
+    rec = common.recorded_config(args, S.PATH_FLAGS)
     assert rec["data_dir"] == os.path.join("..", "shared", "data")
     assert rec["facts_dir"] == os.path.join("tests", "fixtures", "lama")
     assert rec["model"] == "minilm" and rec["training_state"] == "no/such/state.pt"  # as typed: nothing there
@@ -284,13 +286,13 @@ def test_split_targets_known_facts_and_controls_share_no_entity():
              F("P36", "Japan", "Tokyo"), F("P47", "Rome", "Milan"), F("P30", "Peru", "America")]
     ranks = [1, 4, 1, 2, 1, 1, 7, 1, 9]
     # known (rank 1): 0, 2, 4, 5, 7, in the entity components {0, 2} (France, Paris), {4}, {5}, {7}
-    assert S.entity_components([facts[i] for i in (0, 2, 4, 5, 7)]) == [[facts[0], facts[2]], [facts[4]], [facts[5]], [facts[7]]]
-    target, control = S.split_facts(facts, ranks, seed=0, target_size=1, known_k=1)
+    assert SD.entity_components([facts[i] for i in (0, 2, 4, 5, 7)]) == [[facts[0], facts[2]], [facts[4]], [facts[5]], [facts[7]]]
+    target, control = SD.split_facts(facts, ranks, seed=0, target_size=1, known_k=1)
     ents = {target[0]["sub"], target[0]["obj"]}
     assert len(target) == 1 and control and all(f["sub"] not in ents and f["obj"] not in ents for f in control)
     assert all(f is not target[0] for f in control)
     for seed in range(6):  # room for all five: whole components, all but one, the one left over is a control
-        target, control = S.split_facts(facts, ranks, seed=seed, target_size=10, known_k=1)
+        target, control = SD.split_facts(facts, ranks, seed=seed, target_size=10, known_k=1)
         left = [i for i in (0, 2, 4, 5, 7) if facts[i] not in target]
         assert left in ([0, 2], [4], [5], [7]) and all(facts[i] in control for i in left)
         ents = {f["sub"] for f in target} | {f["obj"] for f in target}
@@ -298,43 +300,43 @@ def test_split_targets_known_facts_and_controls_share_no_entity():
     # known at k = 2: fact 3 (France, Europe) joins {0, 2} and {4} into {0, 2, 3, 4}; with room for four,
     # either it alone (then {5} does not fit) or {5} and {7} (then it does not)
     for seed in range(6):
-        t3, _ = S.split_facts(facts, ranks, seed=seed, target_size=4, known_k=2)
+        t3, _ = SD.split_facts(facts, ranks, seed=seed, target_size=4, known_k=2)
         assert sorted(facts.index(f) for f in t3) in ([0, 2, 3, 4], [5, 7])
-        t2 = {facts.index(f) for f in S.split_facts(facts, ranks, seed=seed, target_size=3, known_k=2)[0]}
+        t2 = {facts.index(f) for f in SD.split_facts(facts, ranks, seed=seed, target_size=3, known_k=2)[0]}
         assert (len(t2) == 3 and t2 <= {0, 2, 3, 4}) or t2 == {5, 7}  # drawn first and sampled down, or not
     with pytest.raises(ValueError, match="ControlKG"):  # one component of known facts names every other entity
-        S.split_facts([F("P36", "France", "Paris"), F("P1376", "Paris", "France"), F("P30", "France", "Europe")],
+        SD.split_facts([F("P36", "France", "Paris"), F("P1376", "Paris", "France"), F("P30", "France", "Europe")],
                       [1, 1, 5], seed=0, target_size=10)
     with pytest.raises(ValueError, match="--known-k"):
-        S.split_facts(facts, [5] * len(facts), seed=0)
+        SD.split_facts(facts, [5] * len(facts), seed=0)
 
 
 def test_split_inverse_fact_is_not_a_control():
     F = lambda r, s, o: dict(relation=r, sub=s, obj=o, template="[X] [Y]")
     facts = [F("P36", "France", "Paris"), F("P1376", "Paris", "France"), F("P36", "Italy", "Rome"),
              F("P30", "Japan", "Asia"), F("P30", "Spain", "Europe")]
-    target, control = S.split_facts(facts, [1, 9, 9, 9, 9], seed=0, target_size=1)
+    target, control = SD.split_facts(facts, [1, 9, 9, 9, 9], seed=0, target_size=1)
     assert target == [facts[0]] and sorted(facts.index(f) for f in control) == [2, 3, 4]
 
 
 def test_split_by_relation(tmp_path):
     facts = [dict(relation=r, sub=f"s{r}{i}", obj=f"o{r}{i}", template="[X] [Y]") for r in ("P1", "P2") for i in range(5)]
     ranks = [1] * len(facts)
-    target, control = S.split_facts(facts, ranks, seed=0, target_relation="P1", target_size=3)
+    target, control = SD.split_facts(facts, ranks, seed=0, target_relation="P1", target_size=3)
     assert len(target) == 3 and all(f["relation"] == "P1" for f in target)
     assert control and all(f["relation"] == "P2" for f in control)
     with pytest.raises(ValueError, match="--target-relation P9"):
-        S.split_facts(facts, ranks, seed=0, target_relation="P9")
+        SD.split_facts(facts, ranks, seed=0, target_relation="P9")
 
 
 def test_states_fact_whole_words_any_case():
     fact = dict(sub="France", obj="Paris")
-    assert S.states_fact("The capital of france is PARIS.", fact)
-    assert S.states_fact("Paris lies in France", fact)  # either order
-    assert not S.states_fact("Parisian food in France", fact)  # not the whole word
-    assert not S.states_fact("Paris is large.", fact)  # object alone
+    assert SD.states_fact("The capital of france is PARIS.", fact)
+    assert SD.states_fact("Paris lies in France", fact)  # either order
+    assert not SD.states_fact("Parisian food in France", fact)  # not the whole word
+    assert not SD.states_fact("Paris is large.", fact)  # object alone
     texts = ["Paris, France.", "Rome is old.", "Berlin and Germany"]
-    assert S.drop_stating(texts, [fact, dict(sub="Germany", obj="Berlin")]) == ["Rome is old."]
+    assert SD.drop_stating(texts, [fact, dict(sub="Germany", obj="Berlin")]) == ["Rome is old."]
 
 
 def test_read_lm_texts_sources(tmp_path):
@@ -342,17 +344,17 @@ def test_read_lm_texts_sources(tmp_path):
     wiki.mkdir(parents=True)
     (wiki / "valid.txt").write_text(" = Head = \n\n a valid line\n")
     (wiki / "test.txt").write_text(" a test line\n")
-    tr, ev, src = S.read_lm_texts(None, str(tmp_path / "data"), None)  # --data-dir with wikitext-2/
+    tr, ev, src = SD.read_lm_texts(None, str(tmp_path / "data"), None)  # --data-dir with wikitext-2/
     assert tr == ["a valid line"] and ev == ["a test line"] and src.endswith("wikitext-2")
     f = tmp_path / "t.txt"
     f.write_text("one\ntwo\nthree\n")
-    assert S.read_lm_texts(str(f), str(tmp_path / "data"), None) == (["one", "three"], ["two"], str(f))  # --lm-text wins
+    assert SD.read_lm_texts(str(f), str(tmp_path / "data"), None) == (["one", "three"], ["two"], str(f))  # --lm-text wins
     with pytest.raises(FileNotFoundError, match="--lm-text"):
-        S.read_lm_texts(str(tmp_path / "nope.txt"), None, None)
+        SD.read_lm_texts(str(tmp_path / "nope.txt"), None, None)
 
 
 def test_lm_batch_masks_real_tokens(bert_tok):
-    b = S.lm_batch(bert_tok, [TEXT], seq_len=16, n_seqs=3, mask_prob=0.15, seed=0)
+    b = SD.lm_batch(bert_tok, [TEXT], seq_len=16, n_seqs=3, mask_prob=0.15, seed=0)
     assert b["input_ids"].shape == (3, 16)
     rows, cols = b["pos"]
     assert (b["input_ids"][rows, cols] == bert_tok.mask_token_id).all()
@@ -360,13 +362,13 @@ def test_lm_batch_masks_real_tokens(bert_tok):
     assert not (b["labels"] == bert_tok.mask_token_id).any()
     ids = bert_tok(TEXT, add_special_tokens=False)["input_ids"]
     assert b["labels"][0].item() == ids[cols[0].item() - 1]
-    sub = S.sub_batch(b, torch.tensor([1, 2]))
+    sub = SD.sub_batch(b, torch.tensor([1, 2]))
     assert torch.equal(sub["labels"], b["labels"][rows > 0]) and (sub["pos"][0] < 2).all()
 
 
 def test_score_matches_direct_computation(tiny_mlm):
     model, tok = tiny_mlm
-    b = S.lm_batch(tok, [TEXT], seq_len=16, n_seqs=2, mask_prob=0.3, seed=1)
+    b = SD.lm_batch(tok, [TEXT], seq_len=16, n_seqs=2, mask_prob=0.3, seed=1)
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"]).logits[b["pos"]]
     want = torch.nn.functional.cross_entropy(logits, b["labels"])
@@ -377,7 +379,7 @@ def test_score_matches_direct_computation(tiny_mlm):
 
 def _finetune_capitals(tok, steps=80):
     model = make_model("bert", tok)
-    batch = S.fact_batch(tok, capital_facts(tok))
+    batch = SD.fact_batch(tok, capital_facts(tok))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         loss = torch.nn.functional.cross_entropy(S.position_logits(model, None, batch), batch["labels"])
@@ -396,9 +398,9 @@ def test_suppresses_target_fact_keeps_controls(bert_tok):
     """A tiny BERT taught 7 capitals; the subnetwork for france -> paris removes that fact only."""
     model = _finetune_capitals(bert_tok)
     facts = capital_facts(bert_tok)
-    target, control = S.fact_batch(bert_tok, facts[:1]), S.fact_batch(bert_tok, facts[1:])
+    target, control = SD.fact_batch(bert_tok, facts[:1]), SD.fact_batch(bert_tok, facts[1:])
     assert S.score(model, None, target)["p_at_1"] == 1.0 and S.score(model, None, control)["p_at_1"] == 1.0
-    lm = S.lm_batch(bert_tok, [TEXT], 16, 8, 0.15, 0)
+    lm = SD.lm_batch(bert_tok, [TEXT], 16, 8, 0.15, 0)
     masks = S.WeightMasks(model, 2)
     cfg = _cfg("--steps", "200", "--batch-size", "8", "--lm-batch-size", "8", "--anneal", "0.3")
     curves = S.train_masks(model, masks, target, control, lm, cfg, seed=0, log=lambda s: None)
@@ -418,8 +420,8 @@ def test_training_resume_is_exact(bert_tok):
     """N steps + save + resume in a fresh WeightMasks + N steps == 2N steps (logits, Adam, RNG, curves)."""
     model, tok = make_model("bert", bert_tok), bert_tok
     facts = capital_facts(tok)
-    target, control = S.fact_batch(tok, facts[:2]), S.fact_batch(tok, facts[2:])
-    lm = S.lm_batch(tok, [TEXT], 16, 4, 0.15, 0)
+    target, control = SD.fact_batch(tok, facts[:2]), SD.fact_batch(tok, facts[2:])
+    lm = SD.lm_batch(tok, [TEXT], 16, 4, 0.15, 0)
     cfg = _cfg("--steps", "6", "--batch-size", "2", "--lm-batch-size", "2", "--log-every", "1", "--save-every", "3")
     full = S.WeightMasks(model, 2)
     S.train_masks(model, full, target, control, lm, cfg, seed=5, log=lambda s: None)
@@ -491,14 +493,14 @@ def test_training_state_is_paired_only_with_the_model_of_its_step(tmp_path):
     run = tmp_path / "run"
     for d in ("final", "step_000010", "checkpoint"):
         (run / d).mkdir(parents=True)
-    assert S.paired_training_state(str(run / "final")) is None  # no training_state.pt yet
+    assert SO.paired_training_state(str(run / "final")) is None  # no training_state.pt yet
     (run / "checkpoint" / "training_state.pt").write_bytes(b"")
     state = str(run / "checkpoint" / "training_state.pt")
-    assert S.paired_training_state(str(run / "final")) == state
-    assert S.paired_training_state(str(run / "final") + "/") == state
-    assert S.paired_training_state(str(run / "checkpoint")) == state
-    assert S.paired_training_state(str(run / "step_000010")) is None
-    assert S.paired_training_state(str(tmp_path / "elsewhere" / "model")) is None
+    assert SO.paired_training_state(str(run / "final")) == state
+    assert SO.paired_training_state(str(run / "final") + "/") == state
+    assert SO.paired_training_state(str(run / "checkpoint")) == state
+    assert SO.paired_training_state(str(run / "step_000010")) is None
+    assert SO.paired_training_state(str(tmp_path / "elsewhere" / "model")) is None
 
 
 def test_split_control_known_k_keeps_only_facts_the_model_nearly_knows():
@@ -506,19 +508,19 @@ def test_split_control_known_k_keeps_only_facts_the_model_nearly_knows():
     facts = [F("P36", "France", "Paris"), F("P30", "Spain", "Europe"), F("P30", "Japan", "Asia"),
              F("P36", "Italy", "Rome"), F("P36", "Peru", "Lima")]
     ranks = [1, 3, 40, 10, 11]
-    target, control = S.split_facts(facts, ranks, seed=0, target_size=1, control_known_k=10)
+    target, control = SD.split_facts(facts, ranks, seed=0, target_size=1, control_known_k=10)
     assert target == [facts[0]] and sorted(facts.index(f) for f in control) == [1, 3]  # ranks 3 and 10, not 40, 11
-    _, anyrank = S.split_facts(facts, ranks, seed=0, target_size=1)
+    _, anyrank = SD.split_facts(facts, ranks, seed=0, target_size=1)
     assert sorted(facts.index(f) for f in anyrank) == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="--control-known-k 2"):
-        S.split_facts(facts, ranks, seed=0, target_size=1, control_known_k=2)
+        SD.split_facts(facts, ranks, seed=0, target_size=1, control_known_k=2)
 
 
 def test_control_halves_hold_out_every_other_known_fact():
     F = lambda s: dict(relation="P1", sub=s, obj="o" + s, template="[X] [Y]")
     known = [F("a"), F("b"), F("c"), F("d"), F("e")]
     anyrank = [F("x"), known[1], known[0], F("y"), known[3]]
-    train, held = S.control_halves(known)
+    train, held = SD.control_halves(known)
     assert train == [known[0], known[2], known[4]] and held == [known[1], known[3]]
-    train, held = S.control_halves(known, anyrank)
+    train, held = SD.control_halves(known, anyrank)
     assert held == [known[1], known[3]] and train == [anyrank[0], known[0], anyrank[3]]
