@@ -91,7 +91,6 @@ from transformers import BertConfig, BertForMaskedLM
 
 import common
 import config
-import data
 import pretrain
 import routing
 import study_variants
@@ -374,8 +373,8 @@ def measure_injection(args):
                                      ..._raw: the same with the memory mixed as stored
       trelm_norouting_step_over_mlm  a TRELM step without routing / a plain MLM step (Trainer, same batch)"""
     mlm, trelm = trainer(["--method", "mlm"], args), trainer(["--method", "trelm", "--no-routing"], args)
-    length = data.flat_column(trelm.know.ds, "ent_end") - data.flat_column(trelm.know.ds, "ent_start")
-    si = data.flat_column(trelm.know.ds, "ent_si", np.float64)
+    length = trelm.store.flat("ent_end") - trelm.store.flat("ent_start")
+    si = trelm.know.si.values.astype(np.float64)
     scored = ~np.isnan(si)  # SI is computed for the candidate mentions (long-tail, with a triple)
     out = {"si_length_corr": [float(np.corrcoef(si[scored], length[scored])[0, 1])], "si_mentions": [int(scored.sum())]}
     for _ in range(args.inj_steps):  # fill the memory with last-layer outputs
@@ -586,6 +585,22 @@ def main(argv=None):
         raise SystemExit(f"bench.py: --repeats and --profile-steps must be >= 1, got {args.repeats}, {args.profile_steps}")
     if not 0 < args.max_spread < 1:
         raise SystemExit(f"bench.py: --max-spread: expected a fraction in (0, 1), got {args.max_spread}")
+    for flag in ("layers", "hidden", "vocab", "batch", "route_every", "inj_steps"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"bench.py: --{flag.replace('_', '-')}: expected a positive integer, got {getattr(args, flag)}")
+    if args.hidden % max(1, args.hidden // 32):
+        raise SystemExit(f"bench.py: --hidden: expected a size divisible by its {args.hidden // 32} attention heads "
+                         f"(hidden // 32), e.g. a multiple of 32, got {args.hidden}")
+    if not 8 <= args.seq <= 512:
+        raise SystemExit(f"bench.py: --seq: expected 8..512 (the models' position embeddings), got {args.seq}")
+    if args.costs:
+        costs_dir = os.path.dirname(os.path.abspath(args.costs))
+        try:
+            os.makedirs(costs_dir, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"bench.py: --costs {args.costs}: cannot create its folder ({e.strerror or e})") from None
+        if not os.access(costs_dir, os.W_OK | os.X_OK):
+            raise SystemExit(f"bench.py: --costs {args.costs}: its folder is not writable (checked before measuring)")
     args.pretrain_flags = []
     if args.costs:
         return write_costs(args)

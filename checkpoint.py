@@ -5,6 +5,8 @@
     <output-dir>/final/          model + tokenizer (AutoModelForMaskedLM / AutoTokenizer loadable)
     <output-dir>/step_NNNNNN/    model snapshots (--snapshot-every)
     <output-dir>/metrics.jsonl, routing.jsonl, config.json
+    <output-dir>/.pretrain.lock  held by the run writing here (pretrain.train, common.output_lock): a second
+                                 run into the same directory is refused; deleted when the run ends
 
 A directory is written into .<name>.tmp and renamed: <name> -> .<name>.old, .<name>.tmp -> <name>,
 then .<name>.old is deleted. A crash between the two renames leaves two complete copies;
@@ -34,7 +36,7 @@ import common
 # Flags that change nothing the run computes. Every other flag, including any added later, must match
 # the checkpoint's on --resume (--max-steps may grow): otherwise the resumed run is silently another run.
 OPERATIONAL = ("output_dir", "save_every", "snapshot_every", "log_every", "num_proc", "device", "resume",
-               "overwrite", "debug")
+               "overwrite", "debug", "cache_dir", "ddp_timeout", "preset")
 RUN_FILES = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old", "final")
 LOGS = ("metrics.jsonl", "routing.jsonl")
 
@@ -42,8 +44,9 @@ LOGS = ("metrics.jsonl", "routing.jsonl")
 # ----------------------------------------------------------------------------- before anything loads
 
 def prepare_output_dir(run):
-    """--output-dir must be writable, and a previous run in it is continued (--resume) or deleted
-    (--overwrite), never silently replaced. run: config.Run."""
+    """--output-dir must be writable, and a previous run in it is continued (--resume: it must hold a
+    complete checkpoint, checked here before any data loads) or deleted (--overwrite), never silently
+    replaced. run: config.Run."""
     out = run.output_dir
     try:
         os.makedirs(out, exist_ok=True)
@@ -51,8 +54,11 @@ def prepare_output_dir(run):
             pass
     except OSError as e:
         raise SystemExit(f"pretrain.py: --output-dir {out}: not writable ({e.strerror or e})")
+    if run.resume:
+        find_checkpoint(out, warn=False)  # Trainer.resume reads it again (and warns) once the model is built
+        return
     previous = [n for n in RUN_FILES if os.path.isdir(os.path.join(out, n))]
-    if run.resume or not previous:
+    if not previous:
         return
     if not run.overwrite:
         raise SystemExit(f"pretrain.py: --output-dir {out} holds a previous run ({', '.join(previous)}); pass "
@@ -98,9 +104,10 @@ def save(out, name, model, tok, training_state=None):
 
 # ----------------------------------------------------------------------------- reading
 
-def find_checkpoint(out):
+def find_checkpoint(out, warn=True):
     """-> (training_state, dir) of the newest complete checkpoint in out: checkpoint/ when it loads,
-    else (a crash inside save()) the newer loadable one of .checkpoint.tmp/ and .checkpoint.old/."""
+    else (a crash inside save()) the newer loadable one of .checkpoint.tmp/ and .checkpoint.old/ (said in
+    a warning unless warn=False)."""
     found, errors = [], []
     for name in ("checkpoint", ".checkpoint.tmp", ".checkpoint.old"):
         d = os.path.join(out, name)
@@ -121,15 +128,18 @@ def find_checkpoint(out):
                          f".checkpoint.tmp/, .checkpoint.old/ with training_state.pt and model.safetensors"
                          + (f"; unreadable: {', '.join(errors)}" if errors else "") + ")")
     step, d, st = max(found, key=lambda f: f[0])
-    print(f"warning: --resume: {out}/checkpoint/ is missing or torn (a crash inside save()); resuming from the "
-          f"newest complete copy, {d} (step {step})", flush=True)
+    if warn:
+        print(f"warning: --resume: {out}/checkpoint/ is missing or torn (a crash inside save()); resuming from the "
+              f"newest complete copy, {d} (step {step})", flush=True)
     return st, d
 
 
-def differences(st, new, world, global_batch, deterministic):
+def differences(st, new, world, global_batch, deterministic, defaults=None):
     """['--flag old -> new', ...]: every run-changing difference between a checkpoint and this run's
-    flags `new` (config.Config.flat()). A larger --max-steps is an extension, not a difference."""
-    old = st["config"]
+    flags `new` (config.Config.flat()). A larger --max-steps is an extension, not a difference; a flag
+    added after the checkpoint was written matches it at its default (`defaults`: config.defaults()),
+    the behaviour the checkpoint's code had."""
+    old = {**{k: v for k, v in (defaults or {}).items() if k in new}, **st["config"]}
     diff = []
     for k in sorted(set(old) | set(new)):
         if k in OPERATIONAL or old.get(k, "(not recorded)") == new.get(k, "(not recorded)"):

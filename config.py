@@ -58,11 +58,22 @@ METHOD_TABLE = {
 }
 METHODS = tuple(METHOD_TABLE)
 
+# --preset: the paper's setting on 8 GPUs. TRELM states the model, the data (26M Wikipedia sequences +
+# Wikidata5M) and the hardware (8 x A100-80G) but no optimisation setting; the values below come from
+# DKPLM's released code and RoBERTa, each with its source in docs/departures.md ("Presets").
+PAPER_STEPS = 4 * -(-26_000_000 // 256)  # 4 epochs of the paper's 26M sequences at a global batch of 256 (32 x 8 GPUs)
+PRESETS = {
+    name: dict(model=model, seq_len=128, batch_size=32, grad_accum=1, lr=1e-4, max_steps=PAPER_STEPS,
+               warmup_steps=PAPER_STEPS // 10)
+    for name, model in (("roberta-base", "roberta-base"), ("bert-base", "bert-base-uncased"))
+}
+
 
 @dataclass(frozen=True)
 class Run:
     method: str
     model: str
+    preset: Optional[str]
     output_dir: str
     seed: int
     save_every: int
@@ -73,11 +84,13 @@ class Run:
     debug: bool
     deterministic: bool
     device: str
+    ddp_timeout: float
 
 
 @dataclass(frozen=True)
 class Data:
     data: str
+    cache_dir: Optional[str]
     seq_len: int
     batch_size: int
     grad_accum: int
@@ -103,6 +116,7 @@ class Injection:
     important_fraction: float
     si_window: int
     si_refresh: int
+    si_batch: int
     theta: float
     negatives: int
 
@@ -183,6 +197,9 @@ def get_parser(description=None):
     a = g.add_argument
     a("--method", default="trelm", choices=METHODS)
     a("--model", default=common.DEFAULT_MODEL, help="HF masked-LM id or local dir; 'minilm' = the packaged MiniLM-L6-H384")
+    a("--preset", default=None, choices=tuple(PRESETS),
+      help="the paper's setting for 8 GPUs (PRESETS: model, --seq-len, --batch-size, --lr, --warmup-steps, "
+           "--max-steps; sources in docs/departures.md); flags given on the command line win")
     a("--output-dir", default=None, help="default: runs/<method>")
     a("--seed", type=int, default=0)
     a("--save-every", type=int, default=100, help="write checkpoint/ (for --resume) every N steps (0: at the end only)")
@@ -197,9 +214,14 @@ def get_parser(description=None):
       help="bitwise repeatable: torch.use_deterministic_algorithms (CPU index_put_ accumulate is otherwise "
            "a threaded atomic add), the thread count recorded and checked on --resume")
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    a("--ddp-timeout", type=float, default=120.0,
+      help="minutes a DDP collective may wait for the slowest rank (torch.distributed's default is 10 for nccl)")
     g = p.add_argument_group("data (Sec. 4.1)")
     a = g.add_argument
-    a("--data", default="mini", help="'mini' (embedded default, built offline) or a DIR with kg/ and corpus.jsonl")
+    a("--data", default="mini", help="a store prepared by `python data.py prepare`, 'mini' (the embedded default) or "
+                                     "a DIR with kg/ and corpus.jsonl or corpus.txt (both prepared on first use)")
+    a("--cache-dir", default=None, help=f"the caches' root (embedded data, parsed KGs, stores prepared on first use, "
+                                        f"SI scores); default ${common.CACHE_ENV} or data_cache/ in this repository")
     a("--seq-len", type=int, default=128)
     a("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (gradient sync on the last only)")
@@ -225,6 +247,7 @@ def get_parser(description=None):
     a("--si-window", type=int, default=8, help="SI(e) is computed on +-N tokens around the mention (0 = whole sequence)")
     a("--si-refresh", type=int, default=0,
       help="recompute SI(e) over the corpus with the current model every N epochs (0 = never: SI of the initial model)")
+    a("--si-batch", type=int, default=64, help="sequences per SI(e) batch (each rank scores its share of the shards)")
     a("--theta", type=float, default=0.5, help="Eq. 3: L = theta*L_MLM + (1-theta)*L_CKA")
     a("--negatives", type=int, default=16, help="K negatives per target drawn from Q (Eq. 2)")
     g = p.add_argument_group("knowledge-augmented memory bank (Sec. 3.2, Eq. 4-8)")
@@ -299,7 +322,8 @@ def check(ns):
         v = getattr(ns, flag)
         if v is not None and not math.isfinite(v):  # nan passes every comparison below
             bad("--" + flag.replace("_", "-"), f"expected a finite number, got {v}")
-    for flag in ("max_steps", "batch_size", "grad_accum", "ig_steps", "route_every", "log_every", "word_min_count"):
+    for flag in ("max_steps", "batch_size", "grad_accum", "ig_steps", "route_every", "log_every", "word_min_count",
+                 "si_batch"):
         if getattr(ns, flag) < 1:
             bad("--" + flag.replace("_", "-"), f"expected a positive integer, got {getattr(ns, flag)}")
     for flag in ("negatives", "window_k", "si_window", "ig_batch", "si_refresh", "ig_chunk", "save_every",
@@ -307,15 +331,27 @@ def check(ns):
         v = getattr(ns, flag)
         if v is not None and v < 0:
             bad("--" + flag.replace("_", "-"), f"expected an integer >= 0, got {v}")
+    if ns.seed >= 2 ** 32:
+        bad("--seed", f"expected an integer in [0, 2**32) (numpy's seed range), got {ns.seed}")
+    if ns.warmup_steps is not None and ns.warmup_steps > ns.max_steps:
+        bad("--warmup-steps", f"expected <= --max-steps ({ns.max_steps}): the learning rate would never reach "
+                              f"--lr, got {ns.warmup_steps}")
+    if not (math.isfinite(ns.ddp_timeout) and ns.ddp_timeout > 0):
+        bad("--ddp-timeout", f"expected minutes > 0, got {ns.ddp_timeout}")
     if ns.num_proc is not None and ns.num_proc < 1:
         bad("--num-proc", f"expected a positive integer, got {ns.num_proc}")
     if not 8 <= ns.seq_len <= 4096:
         bad("--seq-len", f"expected 8..4096, got {ns.seq_len}")
     if not 0.0 < ns.mlm_prob < 1.0:
         bad("--mlm-prob", f"expected a share in (0, 1) (at 0 L_MLM is 0 at every step), got {ns.mlm_prob}")
-    for flag in ("theta", "lambda0", "gamma", "important_fraction"):
+    for flag in ("theta", "lambda0", "gamma"):
         if not 0.0 <= getattr(ns, flag) <= 1.0:
             bad("--" + flag.replace("_", "-"), f"expected a value in [0, 1], got {getattr(ns, flag)}")
+    if not 0.0 < ns.important_fraction <= 1.0:
+        bad("--important-fraction", f"expected (0, 1] (at 0 no mention is important), got {ns.important_fraction}")
+    if METHOD_TABLE[ns.method].sampler and ns.negatives < 1:
+        bad("--negatives", f"expected >= 1 with --method {ns.method} (Eq. 2 with no negative is L_CKA = 0 at every "
+                           f"step), got {ns.negatives}")
     if ns.lr <= 0:
         bad("--lr", f"expected > 0, got {ns.lr}")
     if ns.weight_decay < 0 or ns.grad_clip < 0:
@@ -347,6 +383,21 @@ def check(ns):
             bad("--long-tail-words", f"adds memory-bank keys (TRELM only); not valid with --method {ns.method}")
     if ns.method == "mlm" and ns.injection not in (None, "none"):
         bad("--injection", "--method mlm injects nothing; use --method trelm or dkplm")
+    for flag in ("device", "memory_device"):
+        if getattr(ns, flag) == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                bad("--" + flag.replace("_", "-"), "cuda: no CUDA device is available here; expected cpu")
+    try:  # the model's position embeddings bound --seq-len (a hub id not in the cache: load_mlm says so later)
+        from transformers import AutoConfig
+        mc = AutoConfig.from_pretrained(common.resolve_model(ns.model), local_files_only=True)
+    except (OSError, ValueError):
+        mc = None
+    positions = getattr(mc, "max_position_embeddings", None)
+    if positions and "roberta" in mc.model_type:
+        positions -= mc.pad_token_id + 1  # RoBERTa's positions start after its padding index
+    if positions and ns.seq_len > positions:
+        bad("--seq-len", f"expected <= {positions} (the positions of --model {ns.model}), got {ns.seq_len}")
 
 
 def recorded_warmup(ns):
@@ -376,5 +427,16 @@ def resolve(ns):
 
 
 def from_argv(argv=None, description=None):
-    """The command line (default: sys.argv) -> a resolved Config; description: --help's text."""
-    return resolve(get_parser(description).parse_args(argv))
+    """The command line (default: sys.argv) -> a resolved Config; description: --help's text. A --preset's
+    values become the defaults, so every flag given on the command line wins."""
+    p = get_parser(description)
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
+    return resolve(p.parse_args(argv))
+
+
+def defaults():
+    """{flag dest: default}: what a flag added after a checkpoint was written meant before it existed."""
+    p = get_parser()
+    return {a.dest: a.default for a in p._actions if a.dest != "help"}

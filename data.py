@@ -1,468 +1,69 @@
-"""Pre-training data (TRELM Sec. 4.1): knowledge graph, corpus, entity linking, tokenization,
-span mapping, the step-indexed data order and the MLM collator.
+"""Pre-training data (TRELM Sec. 4.1): the prepare step, the prepared store, the data order and the MLM collator.
 
-Inputs (a --data DIR holds both):
-  KG in Wikidata5M's layout, DIR/kg/:
-    entities.txt   QID<TAB>alias<TAB>alias...    (Wikidata5M: wikidata5m_entity.txt)
-    relations.txt  PID<TAB>alias<TAB>alias...    (wikidata5m_relation.txt)
-    triples.txt    head<TAB>relation<TAB>tail    (wikidata5m_transductive_train.txt)
-  Corpus, DIR/corpus.jsonl: {"text": str, "entities": [{"id": QID, "start": int, "end": int}]}
-    with character offsets [start, end); a line without "entities" is linked by AliasLinker.
-    DIR/corpus.txt (one document per line) is linked the same way.
-`--data mini` builds the embedded default from real facts and text that pip packages ship
-(data_mini.py), cached under the output directory.
+    python data.py prepare --corpus PATH --kg DIR --model NAME --seq-len N --out DIR [--num-proc N]
+    torchrun --nproc_per_node=8 pretrain.py --data DIR ...      # DIR: the prepared store (no tokenization)
 
-Scale (Wikidata5M: 3.09M entities, 21M triples; Wikipedia: 26M sequences):
-- load_kg parses the KG once with a columnar numpy reader (4 MiB of lines at a time, no Python
-  object per triple) in a child process, into .npy files under a cache keyed by the files' stamps
-  and the parser's source; every later load (each rank, each run) memory-maps them. Ids are looked
-  up by binary search over fixed-width bytes (IdIndex), aliases are one UTF-8 buffer + offsets.
-- build_dataset goes through `datasets` (Arrow files, memory-mapped): linking, tokenization and
-  packing run in one map over blocks of 1000 lines with num_proc workers; each cache is keyed by
-  every input (corpus stamp, KG key, tokenizer hash, max_len) and the source of the code that
-  shapes it.
-- mention_counts (entity frequency) is one vectorised pass over the Arrow column.
-Measured figures: docs/measurements.md, "Scale"; synthetic Wikidata5M-shaped data: synth_kg.py.
+The prepare step (run once, before training, as nanoGPT's prepare scripts) reads a corpus in any
+layout of corpus.py (our corpus.jsonl / .txt, Wikidata5M's wikidata5m_text.txt, WikiExtractor --json
+output with or without --links, the Hugging Face wikimedia/wikipedia parquet files) and a KG in
+Wikidata5M's layout (kg.py); links, tokenizes and packs it with --num-proc worker processes, and
+writes a store of memory-mapped numpy files in compact dtypes, in shards, each written atomically:
+
+    DIR/store.json                 tokenizer, sequence length, KG key, corpus, counts; written last
+    DIR/shard-00000/tokens.npy     (T,) uint16 when the vocabulary fits (else uint32): every sequence,
+                                   [CLS] ... [SEP], end to end
+                   seq.npy         (N + 1,) int32 token offset of each sequence
+                   word_start.npy  (ceil(T / 8),) uint8: 1 bit per token, set where a word starts
+                   ment.npy        (N + 1,) int32 offset of each sequence's mentions
+                   ent_start.npy, ent_end.npy  (M,) uint16 token span [start, end) inside its sequence
+                   ent_id.npy      (M,) int32 KG entity index
+A killed prepare, rerun, finishes only the missing shards. Why numpy files and not `datasets`: the
+columns are fixed-width arrays that every rank memory-maps as they are (no Arrow list columns, no
+Python object per row, no copy of the text), and one .npy per column and shard is the simplest
+atomic unit; `datasets` still reads the parquet layout (corpus.py).
+
+`--data mini` (the embedded default, data_mini.py) and a `--data DIR` holding kg/ and corpus.jsonl or
+corpus.txt are prepared on first use, into the cache (cache_root: --cache-dir, $TRELM_CACHE, or
+data_cache/ here), under a file lock: concurrent processes wait on the lock, not on each other's
+collectives. A prepared DIR (store.json) is read as it is.
 
 Decisions:
-- A corpus line without given spans is linked by AliasLinker: the longest case-sensitive alias
-  match at word boundaries.
-- Documents are packed into --seq-len sequences within blocks of 1000 lines, so the sequences do
-  not depend on --num-proc.
+- Documents are packed into --seq-len sequences within blocks of PACK_BLOCK documents, so the sequences
+  do not depend on --num-proc; a shard holds SHARD_BLOCKS blocks (the unit of writing and resuming).
+- A document longer than a sequence is cut into pieces; a mention crossing a cut is dropped.
 - The data order and the MLM masking are functions of (seed, step, rank, micro-batch): a resume
   needs no data state.
 
 A training batch (see MLMCollator) is a dict of tensors:
-    input_ids (B,T), attention_mask (B,T), mlm_labels (B,T) (-100 = not predicted),
-    ent_batch (M,), ent_start (M,), ent_end (M,)  token span [start, end) of mention m in row ent_batch[m]
-    ent_id (M,)                                    KG entity index of mention m
-Only mentions lying entirely inside a sequence are kept; one cut by truncation is dropped.
+    input_ids (B,T), attention_mask (B,T), mlm_labels (B,T) (-100 = not predicted), orig_ids (B,T),
+    word_start (B,T), ent_batch (M,), ent_start (M,), ent_end (M,)  token span [start, end) of mention m
+    in row ent_batch[m], ent_id (M,) KG entity index of mention m
 
-Tests: python -m pytest -q tests/test_data.py
+Tests: python -m pytest -q tests/test_data.py tests/test_readers.py tests/test_prepare.py
 """
+import argparse
+import fcntl
+import gc
 import json
 import os
-import re
+import shutil
+import sys
+import time
 
 import numpy as np
 
-from common import DataError
+import corpus as corpora
+from common import DataError, cache_key, cache_root, code_version, file_stamp, writable_dir
 from data_mini import mini_dir
+from kg import AliasLinker, load_kg
 
-KG_FILES = {  # our names, then Wikidata5M's own
-    "entities": ("entities.txt", "wikidata5m_entity.txt"),
-    "relations": ("relations.txt", "wikidata5m_relation.txt"),
-    "triples": ("triples.txt", "wikidata5m_transductive_train.txt", "wikidata5m_all_triplet.txt"),
-}
-
-
-# -----------------------------------------------------------------------------
-# Knowledge graph: parsed once by a columnar numpy reader into flat arrays, cached under the cache
-# dir as .npy files that every later load (every rank of every run) memory-maps.
-
-class StrTable:
-    """A read-only sequence of strings stored as one UTF-8 byte buffer and (start, end) offsets.
-    table[i] decodes string i; no Python object per string is kept."""
-
-    def __init__(self, buf, start, end):
-        self.buf, self.start, self.end = buf, start, end  # (B,) uint8, (N,) int64, (N,) int64
-
-    def __len__(self):
-        return len(self.start)
-
-    def __getitem__(self, i):
-        return self.buf[self.start[i]:self.end[i]].tobytes().decode("utf-8")
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-
-class AliasTable:
-    """Aliases per entity: table[i] -> list of str, table[i][0] the label. Entity i's aliases are
-    strings ptr[i]:ptr[i + 1] of one StrTable."""
-
-    def __init__(self, strings, ptr):
-        self.strings, self.ptr = strings, ptr  # StrTable over all aliases, (E + 1,) int64
-
-    def __len__(self):
-        return len(self.ptr) - 1
-
-    def __getitem__(self, i):
-        return [self.strings[a] for a in range(self.ptr[i], self.ptr[i + 1])]
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-
-class IdIndex:
-    """ID -> index lookup by binary search over the ids sorted as fixed-width bytes (numpy 'S'),
-    a Mapping-like stand-in for a {QID: index} dict with no Python object per id."""
-
-    def __init__(self, ids, order):
-        self.sorted = ids[order]  # (N,) S{w} ids in byte order
-        self.order = order  # (N,) index of each sorted id
-
-    def lookup(self, keys):
-        """keys: (n,) array of bytes ids (any 'S' width) -> (n,) int64 index, -1 where unknown."""
-        keys = np.asarray(keys)
-        if not len(self.sorted) or not len(keys):
-            return np.full(len(keys), -1, np.int64)
-        pos = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
-        return np.where(self.sorted[pos] == keys, self.order[pos], -1).astype(np.int64)
-
-    def get(self, key, default=None):
-        k = key.encode("utf-8")
-        if not k or k.endswith(b"\0") or len(k) > self.sorted.dtype.itemsize:
-            return default
-        i = int(self.lookup(np.array([k]))[0])
-        return default if i < 0 else i
-
-    def __getitem__(self, key):
-        i = self.get(key)
-        if i is None:
-            raise KeyError(key)
-        return i
-
-    def __contains__(self, key):
-        return self.get(key) is not None
-
-    def __len__(self):
-        return len(self.sorted)
-
-
-class KG:
-    """A knowledge graph in flat arrays (see load_kg). entity_ids / entity_labels are StrTables,
-    entity_aliases an AliasTable, entity_index an IdIndex (QID -> index); relations (822 in
-    Wikidata5M) are plain lists and a dict. triples: (N, 3) int32 head, relation, tail indices.
-    `key` identifies the parsed content (input files and parser version) for downstream caches;
-    a KG pickles as its cache directory (datasets.map workers re-open the memory maps)."""
-
-    def __init__(self, path):
-        self.path = path
-        load = lambda name: np.load(os.path.join(path, name + ".npy"), mmap_mode="r")
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        self.key = meta["key"]
-        ids = load("entity_ids")  # (E,) S{w}
-        self.entity_ids = StrTable(ids.view(np.uint8), np.arange(len(ids)) * ids.itemsize,
-                                   np.arange(len(ids)) * ids.itemsize + load("entity_id_len"))
-        alias_off = load("alias_off")  # (A + 1,)
-        self.entity_aliases = AliasTable(StrTable(load("alias_buf"), alias_off[:-1], alias_off[1:]), load("alias_ptr"))
-        ptr = self.entity_aliases.ptr
-        self.entity_labels = StrTable(self.entity_aliases.strings.buf, alias_off[ptr[:-1]], alias_off[ptr[:-1] + 1])
-        self.entity_index = IdIndex(ids, load("entity_order"))
-        self.relation_ids, self.relation_aliases = meta["relation_ids"], meta["relation_aliases"]
-        self.relation_index = {p: i for i, p in enumerate(self.relation_ids)}
-        self.relation_labels = [a[0] for a in self.relation_aliases]
-        self.triples = load("triples")  # (N, 3) int32
-
-    def __reduce__(self):
-        return KG, (self.path,)
-
-    @property
-    def num_entities(self):
-        return len(self.entity_ids)
-
-
-def _find_kg_file(kg_dir, kind):
-    for name in KG_FILES[kind]:
-        path = os.path.join(kg_dir, name)
-        if os.path.exists(path):
-            return path
-    raise DataError(f"{kg_dir}: no {kind} file; expected one of {', '.join(KG_FILES[kind])} "
-                    f"(Wikidata5M layout: https://deepgraphlearning.github.io/project/wikidata5m)")
-
-
-CHUNK_BYTES = 1 << 22  # the columnar reader parses 4 MiB of whole lines at a time
-
-
-def _tsv_chunks(path):
-    """Columnar TSV reader: yield, per chunk of whole lines, (a, fs, fe, fline, fcol, nfields):
-    a (B,) uint8 bytes of the chunk; for every field of every non-blank line its byte range
-    [fs, fe) in a, 1-based line number fline and column fcol; nfields (F,) the field count of the
-    field's line. Lines end at \n; a line's fields are split at \t."""
-    line0 = 0
-    with open(path, "rb") as f:
-        rest = b""
-        while True:
-            block = f.read(CHUNK_BYTES)
-            b = rest + block
-            cut = b.rfind(b"\n") + 1 if block else len(b)
-            b, rest = b[:cut], b[cut:]
-            if not b:
-                if not block:
-                    return
-                continue
-            try:
-                b.decode("utf-8")
-            except UnicodeDecodeError as e:
-                n, col = line0 + b.count(b"\n", 0, e.start) + 1, e.start - b.rfind(b"\n", 0, e.start) - 1
-                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {col} of the line)") from None
-            a = np.frombuffer(b, np.uint8)
-            nl = np.flatnonzero(a == 10)  # (L,) line ends
-            if not len(nl) or nl[-1] != len(a) - 1:
-                nl = np.append(nl, len(a))  # last line without a newline
-            fe = np.sort(np.concatenate([np.flatnonzero(a == 9), nl]))  # (F,) field ends
-            fs = np.concatenate([[0], fe[:-1] + 1])  # (F,) field starts
-            lidx = np.searchsorted(nl, fe)  # (F,) chunk-local line of each field
-            nf = np.bincount(lidx, minlength=len(nl))  # (L,) fields per line
-            fcol = np.arange(len(fe)) - (np.cumsum(nf) - nf)[lidx]
-            line_start = np.concatenate([[0], nl[:-1] + 1])
-            keep = (nl - line_start)[lidx] > 0  # blank lines have no fields
-            yield a, fs[keep], fe[keep], line0 + lidx[keep] + 1, fcol[keep], nf[lidx[keep]]
-            line0 += len(nl) if b.endswith(b"\n") else len(nl) - 1
-
-
-def _gather(a, fs, fe):
-    """Concatenate the byte ranges [fs, fe) of a -> (buf (sum len,) uint8, len (n,) int64)."""
-    n = fe - fs
-    idx = np.arange(int(n.sum())) + np.repeat(fs - (np.cumsum(n) - n), n)
-    return a[idx], n
-
-
-def _fixed_width(buf, n, width):
-    """Ragged byte strings (buf, lengths n) -> (len(n),) S{width} array, null-padded (longer ones cut)."""
-    out = np.zeros((len(n), max(width, 1)), np.uint8)
-    m = np.minimum(n, width)
-    row = np.repeat(np.arange(len(n)), m)
-    col = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
-    out[row, col] = buf[np.repeat(np.cumsum(n) - n, m) + col]
-    return out.view(f"S{max(width, 1)}").ravel()
-
-
-def _line_text(a, fs, fe):
-    return a[fs:fe].tobytes().decode("utf-8", "replace")[:80]
-
-
-def _read_aliases(path):
-    """ID<TAB>alias... lines -> (ids (N,) S{w}, id_len (N,), alias_buf, alias_len (A,), alias_ptr (N+1,))."""
-    ids, id_len, id_line, abuf, alen, count = [], [], [], [], [], []
-    for a, fs, fe, line, col, nf in _tsv_chunks(path):
-        bad = (nf < 2) | (fe == fs)
-        if bad.any():
-            n = int(line[bad][0])
-            ls, le = fs[line == n][0], fe[line == n][-1]
-            raise DataError(f"{path}:{n}: expected 'ID<TAB>alias[<TAB>alias...]' with non-empty "
-                            f"fields, found {int(nf[line == n][0])} column(s): {_line_text(a, ls, le)!r}")
-        first = col == 0
-        b, n = _gather(a, fs[first], fe[first])
-        ids.append(b)
-        id_len.append(n)
-        id_line.append(line[first])
-        b, n = _gather(a, fs[~first], fe[~first])
-        abuf.append(b)
-        alen.append(n)
-        count.append(nf[first] - 1)
-    if not ids:
-        raise DataError(f"{path}: empty; expected at least one 'ID<TAB>alias' line")
-    id_len, id_line = np.concatenate(id_len), np.concatenate(id_line)
-    keys = _fixed_width(np.concatenate(ids), id_len, int(id_len.max()))  # (N,) S{w}
-    order = np.argsort(keys, kind="stable")
-    dup = np.flatnonzero(keys[order][1:] == keys[order][:-1])
-    if len(dup):
-        j = dup[np.argmin(id_line[order[dup + 1]])]  # the first repeat in file order
-        raise DataError(f"{path}:{id_line[order[j + 1]]}: duplicate id {keys[order[j]].decode()!r} "
-                        f"(first on line {id_line[order[j]]})")
-    ptr = np.concatenate([[0], np.cumsum(np.concatenate(count))]).astype(np.int64)
-    return keys, id_len, order, np.concatenate(abuf), np.concatenate(alen), ptr
-
-
-def _ragged_strings(buf, n):
-    off = np.concatenate([[0], np.cumsum(n)])
-    return [buf[off[i]:off[i + 1]].tobytes().decode("utf-8") for i in range(len(n))]
-
-
-def _parse_kg(kg_dir, out):
-    """Parse the three KG files into .npy arrays and meta.json under out (see KG); load_kg runs it
-    as `python data.py --parse-kg KG_DIR OUT` in a child process."""
-    ent_path, rel_path, tri_path = (_find_kg_file(kg_dir, k) for k in ("entities", "relations", "triples"))
-    ids, id_len, order, abuf, alen, aptr = _read_aliases(ent_path)
-    rids, rid_len, rorder, rbuf, rlen, rptr = _read_aliases(rel_path)
-    ralias = _ragged_strings(rbuf, rlen)
-    rel_aliases = [ralias[rptr[i]:rptr[i + 1]] for i in range(len(rids))]
-    ent_index, rel_index = IdIndex(ids, order), IdIndex(rids, rorder)
-    rows = []
-    for a, fs, fe, line, col, nf in _tsv_chunks(tri_path):
-        if (nf != 3).any():
-            n = int(line[nf != 3][0])
-            ls, le = fs[line == n][0], fe[line == n][-1]
-            raise DataError(f"{tri_path}:{n}: expected 3 tab-separated columns 'head<TAB>relation<TAB>tail', "
-                            f"found {int(nf[line == n][0])}: {_line_text(a, ls, le)!r}")
-        h, r, t = ((_gather(a, fs[col == c], fe[col == c])) for c in range(3))
-        rel = np.where(r[1] <= rids.itemsize, rel_index.lookup(_fixed_width(*r, rids.itemsize)), -1)
-        if (rel < 0).any():
-            k = np.argmax(rel < 0)
-            bad = a[fs[col == 1][k]:fe[col == 1][k]].tobytes().decode()
-            raise DataError(f"{tri_path}:{line[col == 1][k]}: unknown relation {bad!r} (not in the relations file)")
-        head = np.where(h[1] <= ids.itemsize, ent_index.lookup(_fixed_width(*h, ids.itemsize)), -1)
-        tail = np.where(t[1] <= ids.itemsize, ent_index.lookup(_fixed_width(*t, ids.itemsize)), -1)
-        # Wikidata5M's triples mention entities without aliases; those triples are unusable here
-        ok = (head >= 0) & (tail >= 0)
-        rows.append(np.stack([head[ok], rel[ok], tail[ok]], 1).astype(np.int32))
-    save = lambda name, x: np.save(os.path.join(out, name + ".npy"), x)
-    save("triples", np.concatenate(rows) if rows else np.zeros((0, 3), np.int32))
-    save("entity_ids", ids)
-    save("entity_id_len", id_len)
-    save("entity_order", order)
-    save("alias_buf", abuf)
-    save("alias_off", np.concatenate([[0], np.cumsum(alen)]).astype(np.int64))
-    save("alias_ptr", aptr)
-    rel_ids = _ragged_strings(*_gather(rids.view(np.uint8), np.arange(len(rids)) * rids.itemsize,
-                                       np.arange(len(rids)) * rids.itemsize + rid_len))
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(dict(relation_ids=rel_ids, relation_aliases=rel_aliases), f)
-
-
-def file_stamp(path):
-    """What identifies an input file's version for the caches: real path, size, mtime (ns)."""
-    st = os.stat(path)
-    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
-
-
-def code_version(*objs):
-    """Hash of the source of the functions/classes that shape a cache: editing them invalidates it."""
-    import hashlib
-    import inspect
-    return hashlib.sha256("\n".join(inspect.getsource(o) for o in objs).encode()).hexdigest()[:16]
-
-
-def _key(obj):
-    import hashlib
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def load_kg(kg_dir, cache_dir=None):
-    """Read a KG in Wikidata5M's layout into flat arrays (KG), parsed once and cached.
-
-    The parsed arrays live in cache_dir/kg-<key>/ (default data_cache/kg/ next to this file), key =
-    hash of (real path, size, mtime) of the three KG files and of the parser's source code, so an
-    edited KG file or parser is re-parsed. Processes that load the same KG at once (the ranks of a
-    node) take a file lock: the first parses (in a child process), the others wait and memory-map
-    its files, sharing the pages. A cache built for an older version of the same kg_dir is removed."""
-    paths = [_find_kg_file(kg_dir, k) for k in ("entities", "relations", "triples")]
-    cache_dir = os.path.join(MINI_ROOT, "kg") if cache_dir is None else cache_dir
-    src = os.path.realpath(kg_dir)
-    key = _key([[file_stamp(p) for p in paths], code_version(_tsv_chunks, _gather, _fixed_width, _read_aliases,
-                                                             _parse_kg, IdIndex, KG)])
-    final = os.path.join(cache_dir, "kg-" + key)
-    if not os.path.exists(os.path.join(final, "meta.json")):
-        import fcntl
-        import shutil
-        import tempfile
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(final + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            if not os.path.exists(os.path.join(final, "meta.json")):
-                tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-kg-")
-                try:
-                    # parse in a child process: its transient arrays (peak ~1.9x the KG files' bytes at
-                    # 1/10 Wikidata5M) die with it instead of staying in this process's malloc arenas
-                    import subprocess
-                    import sys
-                    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--parse-kg", kg_dir, tmp],
-                                       capture_output=True, text=True)
-                    if r.returncode != 0:
-                        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-                        if last.startswith("DataError: "):
-                            raise DataError(last[len("DataError: "):])
-                        raise RuntimeError(f"data.py --parse-kg {kg_dir} failed:\n{r.stderr[-3000:]}")
-                    with open(os.path.join(tmp, "meta.json")) as f:
-                        meta = json.load(f)
-                    with open(os.path.join(tmp, "meta.json"), "w") as f:
-                        json.dump(dict(meta, key=key, kg_dir=src, files=[file_stamp(p) for p in paths]), f)
-                    os.rename(tmp, final)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                for old in os.listdir(cache_dir):  # older parses of this kg_dir
-                    m = os.path.join(cache_dir, old, "meta.json")
-                    if old.startswith("kg-") and old != "kg-" + key and os.path.exists(m):
-                        with open(m) as f:
-                            if json.load(f).get("kg_dir") == src:
-                                shutil.rmtree(os.path.join(cache_dir, old), ignore_errors=True)
-                                if os.path.exists(os.path.join(cache_dir, old + ".lock")):
-                                    os.remove(os.path.join(cache_dir, old + ".lock"))
-    return KG(final)
+PACK_BLOCK = 1000  # documents per block; sequences are packed within a block
+SHARD_BLOCKS = 100  # blocks per shard: the unit written atomically and resumed
+FORMAT = 1  # store.json "format"
 
 
 # -----------------------------------------------------------------------------
-# Entity linking
-
-class AliasLinker:
-    """Longest-match alias linker.
-
-    Rules: matching is case-sensitive ("Paris" links, "paris" does not: KG labels carry their
-    case, and lowercase matches of names are mostly common words); an alias matches only at word
-    boundaries (it starts at a word and no letter or digit follows it); aliases shorter than
-    `min_len` characters are ignored (they link noise: "a", "US"). Scanning left to right, the
-    longest alias starting at a position wins and matches do not overlap. Aliases shared by several
-    entities go to the entity listed first in the KG (a documented, deterministic choice).
-    """
-
-    _word = re.compile(r"\w+|[^\w\s]", re.UNICODE)
-
-    def __init__(self, kg, min_len=3):
-        self.by_first = {}  # first word -> {alias: entity index}
-        for e, aliases in enumerate(kg.entity_aliases):
-            for a in aliases:
-                if len(a) < min_len:
-                    continue
-                first = self._word.match(a)  # the same tokens link() scans ("Port-au-Prince" -> "Port")
-                if first is not None:
-                    self.by_first.setdefault(first.group(), {}).setdefault(a, e)
-        # first word -> (alias lengths longest first, {alias: entity}): a position costs one dict lookup
-        # per distinct length, not one comparison per alias (Wikidata has thousands of "John ..." aliases)
-        self.by_first = {w: (sorted({len(a) for a in d}, reverse=True), d) for w, d in self.by_first.items()}
-        self.kg = kg
-
-    def link(self, text):
-        """-> [{"id": QID, "start", "end"}] non-overlapping, sorted by start."""
-        out, pos = [], 0
-        for m in self._word.finditer(text):
-            if m.start() < pos or m.group() not in self.by_first:
-                continue
-            lengths, aliases = self.by_first[m.group()]
-            for n in lengths:
-                end = m.start() + n
-                e = aliases.get(text[m.start():end])
-                if e is not None and (end == len(text) or not text[end].isalnum()):
-                    out.append({"id": self.kg.entity_ids[e], "start": m.start(), "end": end})
-                    pos = end
-                    break
-        return out
-
-
-# -----------------------------------------------------------------------------
-# Corpus
-
-def parse_record(raw, n, path, kg, linker):
-    """One corpus line -> {"text", "entities": [{"id", "start", "end"}]}, validated; raw is the line
-    (None if it is not UTF-8), n its 1-based number. JSONL lines without "entities" and TXT lines
-    (one document per line) are linked with `linker`."""
-    if raw is None:
-        raise DataError(f"{path}:{n}: not valid UTF-8 (expected a UTF-8 text file)")
-    if not path.endswith(".jsonl"):
-        text = raw.rstrip("\n")
-        return {"text": text, "entities": linker.link(text)}
-    try:
-        rec = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{n}: malformed JSON ({e.msg}); expected "
-                        '{"text": ..., "entities": [{"id","start","end"}]}') from e
-    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-        raise DataError(f'{path}:{n}: expected an object with a string "text" field')
-    text = rec["text"]
-    if "entities" not in rec:
-        return {"text": text, "entities": linker.link(text)}
-    for e in rec["entities"]:
-        if not isinstance(e, dict) or not {"id", "start", "end"} <= set(e):
-            raise DataError(f'{path}:{n}: each entity needs "id", "start", "end"; found {e!r}')
-        if not isinstance(e["id"], str) or e["id"] not in kg.entity_index:
-            raise DataError(f"{path}:{n}: unknown entity {e['id']!r} (not in the KG entities file)")
-        if not (isinstance(e["start"], int) and isinstance(e["end"], int) and 0 <= e["start"] < e["end"] <= len(text)):
-            raise DataError(f"{path}:{n}: entity span [{e['start']}, {e['end']}) is outside "
-                            f"the text of length {len(text)}")
-    return {"text": text, "entities": [{"id": e["id"], "start": e["start"], "end": e["end"]} for e in rec["entities"]]}
-
+# Tokenization and packing (a block of documents at a time, in the prepare workers)
 
 def char_to_token_spans(offsets, entities):
     """Map character spans to token spans. offsets: [(s, e)] per token (no special tokens).
@@ -536,100 +137,266 @@ def pack_docs(batch, cls, sep, max_len):
     return out
 
 
-PACK_BLOCK = 1000  # corpus lines per block; sequences are packed within a block
+def store_key(stamps, kg, tok, seq_len, shard_blocks=SHARD_BLOCKS, alias_linker=True, titles=None):
+    """What a store is prepared from: the corpus files' stamps, the KG's key, the tokenizer, the sequence
+    length, the blocking, the linking flags and the source of the code that shapes it."""
+    return cache_key([stamps, kg.key, tokenizer_key(tok), seq_len, PACK_BLOCK, shard_blocks, alias_linker,
+                      None if titles is None else file_stamp(titles),
+                      code_version(corpora.parse, corpora.link, corpora.strip_anchors, AliasLinker, char_to_token_spans,
+                                   tokenize_docs, pack_docs, _prepare_block, _arrays, _write_shard)])
 
 
-def _corpus_lines(path, stamp):
-    """datasets generator: the non-blank lines of a corpus file and their 1-based numbers, in blocks
-    of PACK_BLOCK lines, one block per row (stamp, the file's size and mtime, is an argument only
-    so that datasets' cache key changes with it)."""
-    block = {"line": [], "raw": []}
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    raw = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    raw = None  # parse_record names the line
-                block["line"].append(n)
-                block["raw"].append(raw)
-                if len(block["line"]) == PACK_BLOCK:
-                    yield block
-                    block = {"line": [], "raw": []}
-    if block["line"]:
-        yield block
+def tokenizer_key(tok):
+    """What identifies a tokenizer for a store: class, vocabulary and special tokens."""
+    return cache_key([type(tok).__name__, sorted(tok.get_vocab().items()), tok.all_special_ids,
+                      tok.cls_token_id, tok.sep_token_id])
 
 
-_LINKERS = {}  # KG key -> AliasLinker, built once per process (each datasets.map worker builds its own)
+_WORKER = {}  # what the prepare workers share (set before the pool forks): kg, linker, tokenizer, ...
 
 
-def _preprocess(batch, tokenizer, kg, max_len, path):
-    """datasets.map function (batched, num_proc workers): per block of lines, validate and link them
-    (parse_record), tokenize them (tokenize_docs) and pack them into sequences (pack_docs)."""
-    if kg.key not in _LINKERS:
-        _LINKERS[kg.key] = AliasLinker(kg)
-    out = {}
-    for lines, raws in zip(batch["line"], batch["raw"]):
-        recs = [parse_record(raw, n, path, kg, _LINKERS[kg.key]) for raw, n in zip(raws, lines)]
-        docs = tokenize_docs({"text": [r["text"] for r in recs], "entities": [r["entities"] for r in recs]},
-                             tokenizer, kg.entity_index)
-        for k, v in pack_docs(docs, tokenizer.cls_token_id, tokenizer.sep_token_id, max_len).items():
-            out.setdefault(k, []).extend(v)
-    return out
+def _prepare_block(job):
+    """One block of documents -> its packed sequences as arrays, and its mention counts by source."""
+    layout, units = job
+    w = _WORKER
+    docs = [corpora.parse(layout, ref, raw, w["kg"], w["linker"], w["titles"]) for ref, raw in units]
+    sources = {}
+    for d in docs:
+        for e in d["entities"]:
+            sources[e["source"]] = sources.get(e["source"], 0) + 1
+    toks = tokenize_docs({"text": [d["text"] for d in docs], "entities": [d["entities"] for d in docs]},
+                         w["tok"], w["kg"].entity_index)
+    packed = pack_docs(toks, w["tok"].cls_token_id, w["tok"].sep_token_id, w["seq_len"])
+    kept = sum(len(x) for x in packed["ent_id"])
+    return _arrays(packed, w["token_dtype"]), sources, kept
 
 
-def build_dataset(corpus_path, kg, tokenizer, max_len, cache_dir, num_proc=None):
-    """Linked, tokenized, packed Arrow dataset under cache_dir. kg: a KG from load_kg.
+def _arrays(packed, token_dtype):
+    """pack_docs lists -> flat arrays in the store's dtypes."""
+    lens = [len(x) for x in packed["input_ids"]]
+    counts = [len(x) for x in packed["ent_id"]]
+    flat = lambda k, dt: np.fromiter((v for x in packed[k] for v in x), dt, sum(lens if k in ("input_ids", "word_start")
+                                                                                  else counts))
+    return {"tokens": flat("input_ids", token_dtype), "word_start": flat("word_start", bool),
+            "lens": np.asarray(lens, np.int64), "counts": np.asarray(counts, np.int64),
+            "ent_start": flat("ent_start", np.uint16), "ent_end": flat("ent_end", np.uint16),
+            "ent_id": flat("ent_id", np.int32)}
 
-    Two datasets passes, both cached: the corpus lines in blocks of PACK_BLOCK (keyed by the file's
-    real path, size and mtime), then one map that validates, links, tokenizes and packs each block,
-    in num_proc processes (each builds its own AliasLinker once). Documents are packed within their
-    block, and datasets shards between rows (= blocks), so the sequences do not depend on num_proc.
-    The map's cache key is the hash of the corpus file's stamp, the KG's key (its files and parser
-    version), the tokenizer (datasets' own hash of it), max_len and the source code of every
-    function that shapes the rows: changing any of them re-links, nothing else does."""
-    import datasets
-    from datasets.fingerprint import Hasher
-    datasets.disable_progress_bars()
-    if not os.path.exists(corpus_path):
-        raise DataError(f"{corpus_path}: corpus file not found (expected JSONL or one document per line)")
-    with open(corpus_path, "rb") as f:
-        if not any(line.strip() for line in f):  # stops at the first non-blank line
-            raise DataError(f"{corpus_path}: empty corpus (no non-blank lines)")
-    stamp = file_stamp(corpus_path)
-    lines = datasets.Dataset.from_generator(  # stamp as a string: a list in gen_kwargs is read as shards
-        _corpus_lines, gen_kwargs=dict(path=corpus_path, stamp=json.dumps(stamp)), cache_dir=os.path.join(cache_dir, "hf"),
-        features=datasets.Features({"line": datasets.List(datasets.Value("int64")),
-                                    "raw": datasets.List(datasets.Value("string"))}))
-    key = _key([stamp, kg.key, Hasher.hash(tokenizer), max_len, PACK_BLOCK,
-                code_version(_corpus_lines, parse_record, AliasLinker, char_to_token_spans, tokenize_docs, pack_docs,
-                             _preprocess)])
-    ds = lines.map(_preprocess, batched=True, batch_size=1, remove_columns=lines.column_names,
-                   fn_kwargs=dict(tokenizer=tokenizer, kg=kg, max_len=max_len, path=corpus_path),
-                   num_proc=num_proc, new_fingerprint=key, desc="link+tokenize+pack")
-    _LINKERS.pop(kg.key, None)  # a Wikidata5M-sized linker is GBs; training does not need it
-    if len(ds) == 0:
+
+def _write_shard(out, index, blocks):
+    """The blocks of one shard -> out/shard-NNNNN/ (written in a temp dir, then renamed)."""
+    cat = lambda k: np.concatenate([b[k] for b in blocks])
+    final = os.path.join(out, f"shard-{index:05d}")
+    tmp = os.path.join(out, f".shard-{index:05d}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    lens, counts = cat("lens"), cat("counts")
+    if lens.sum() >= 1 << 31:
+        raise DataError(f"shard {index}: {lens.sum()} tokens do not fit int32 offsets; prepare with a smaller --shard-docs")
+    arrays = {"tokens": cat("tokens"), "seq": np.concatenate([[0], np.cumsum(lens)]).astype(np.int32),
+              "word_start": np.packbits(cat("word_start")), "ment": np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+              "ent_start": cat("ent_start"), "ent_end": cat("ent_end"), "ent_id": cat("ent_id")}
+    for k, v in arrays.items():
+        np.save(os.path.join(tmp, k + ".npy"), v)
+    os.rename(tmp, final)
+    return {"sequences": len(lens), "tokens": int(lens.sum()), "mentions": int(counts.sum())}
+
+
+def prepare(corpus_path, kg_dir, tok, seq_len, out, num_proc=None, titles=None, alias_linker=True,
+            shard_blocks=SHARD_BLOCKS, kg_cache=None, quiet=False):
+    """Link, tokenize and pack a corpus (any layout of corpus.py) into a store at `out` (module
+    docstring); shards already written are kept (a killed prepare resumes). -> the store.json record."""
+    t0 = time.time()
+    layout, files = corpora.detect(corpus_path)
+    kg = load_kg(kg_dir, kg_cache)
+    stamps = [file_stamp(f) for f in files]
+    key = store_key(stamps, kg, tok, seq_len, shard_blocks, alias_linker, titles)
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, "store.json")
+    if os.path.exists(meta_path):
+        meta = json.load(open(meta_path))
+        if meta.get("key") == key:
+            return meta
+        raise DataError(f"--out {out}: holds a store prepared from other inputs (corpus, KG, tokenizer, --seq-len or "
+                        f"code); choose another --out or delete it")
+    marker = os.path.join(out, "inputs.json")  # a partial store: its shards must come from these inputs
+    if os.path.exists(marker) and json.load(open(marker)).get("key") != key and \
+            any(n.startswith("shard-") for n in os.listdir(out)):
+        raise DataError(f"--out {out}: holds part of a store prepared from other inputs; delete it or choose another --out")
+    with open(marker, "w") as f:
+        json.dump({"key": key}, f)
+    vocab = len(tok)
+    _WORKER.update(kg=kg, tok=tok, seq_len=seq_len, token_dtype=np.uint16 if vocab <= 1 << 16 else np.uint32,
+                   titles=corpora.read_titles(titles) if titles else None,
+                   linker=AliasLinker(kg) if alias_linker else _NoLinker())
+    shards, sources, kept = [], {}, 0
+    done = lambda i: os.path.isdir(os.path.join(out, f"shard-{i:05d}"))
+
+    def jobs():  # blocks of shards still to write, in order; the others are read past
+        block = []
+        for n, unit in enumerate(corpora.units(layout, files)):
+            block.append(unit)
+            if len(block) == PACK_BLOCK:
+                if not done(n // PACK_BLOCK // shard_blocks):
+                    yield layout, block
+                block = []
+        if block and not done(n // PACK_BLOCK // shard_blocks):
+            yield layout, block
+    pool = None
+    if num_proc and num_proc > 1:
+        import multiprocessing
+        gc.freeze()  # the linker's objects stay shared with the forked workers (no GC writes to their pages)
+        pool = multiprocessing.get_context("fork").Pool(num_proc)
+    try:
+        results = pool.imap(_prepare_block, jobs()) if pool else map(_prepare_block, jobs())
+        shard, n_blocks, index = [], 0, 0
+        while done(index):
+            index += 1
+        for arrays, src, k in results:
+            shard.append(arrays)
+            for s, c in src.items():
+                sources[s] = sources.get(s, 0) + c
+            kept += k
+            if len(shard) == shard_blocks:
+                _write_shard(out, index, shard)
+                shard, index = [], index + 1
+                while done(index):
+                    index += 1
+            n_blocks += 1
+        if shard:
+            _write_shard(out, index, shard)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+        _WORKER.clear()
+        gc.unfreeze()
+    names = sorted(n for n in os.listdir(out) if n.startswith("shard-"))
+    for n in names:
+        s = Store.shard_counts(os.path.join(out, n))
+        shards.append(dict(name=n, **s))
+    tokens = sum(s["tokens"] for s in shards)
+    if tokens == 0:
         raise DataError(f"{corpus_path}: no sequences after tokenization (empty texts?)")
-    return ds
+    disk = sum(os.path.getsize(os.path.join(out, n, f)) for n in names for f in os.listdir(os.path.join(out, n)))
+    meta = {"format": FORMAT, "key": key, "layout": layout, "corpus": stamps, "kg_dir": os.path.abspath(kg_dir),
+            "kg_key": kg.key, "tokenizer": tokenizer_key(tok), "vocab_size": vocab, "seq_len": seq_len,
+            "token_dtype": np.dtype(_token_dtype(vocab)).name, "shards": shards,
+            "sequences": sum(s["sequences"] for s in shards), "tokens": tokens,
+            "mentions": sum(s["mentions"] for s in shards), "bytes_per_token": round(disk / tokens, 4),
+            "disk_bytes": disk}
+    if sources:  # this run's documents only (a resumed prepare counts the shards it wrote)
+        meta["mention_sources_linked"] = sources
+        meta["mentions_kept_in_sequences"] = kept
+    meta["seconds"] = round(time.time() - t0, 1)
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, meta_path)
+    os.remove(marker)
+    if not quiet:
+        print(census_line(meta), flush=True)
+    return meta
 
 
-def flat_column(ds, name, dtype=np.int64):
-    """(N,) numpy array of a build_dataset list column (e.g. ent_id, ent_si) flattened over all rows, in
-    row order, read in Arrow batches (nothing per row in Python)."""
-    import pyarrow.compute as pc
-    parts = [pc.list_flatten(b[name]).to_numpy(zero_copy_only=False)
-             for b in ds.with_format("arrow").iter(batch_size=1 << 16)]
-    parts = [p.astype(dtype) for p in parts if p.size]  # an all-empty batch flattens to a null-typed array
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+def _token_dtype(vocab):
+    return np.uint16 if vocab <= 1 << 16 else np.uint32
 
 
-def mention_counts(ds, num_entities):
-    """Entity frequency (Sec. 3.1): (E,) int64 linked mentions per entity over a build_dataset
-    dataset, one vectorised pass over its Arrow ent_id column (nothing per row in Python)."""
-    ids = flat_column(ds, "ent_id")
+class _NoLinker:
+    """--no-alias-linker: mentions come from the corpus's own spans and anchors only."""
+    min_len = 3
+
+    def link(self, text):
+        return []
+
+
+def census_line(meta):
+    src = meta.get("mention_sources_linked", {})
+    by = ", ".join(f"{k} {v:,}" for k, v in sorted(src.items()))
+    return (f"prepared {meta['layout']} corpus: {meta['sequences']:,} sequences of <= {meta['seq_len']} tokens, "
+            f"{meta['tokens']:,} tokens, {meta['mentions']:,} mentions in sequences" + (f" (linked: {by})" if by else "")
+            + f", {len(meta['shards'])} shard(s), {meta['bytes_per_token']:.2f} bytes per token on disk")
+
+
+# -----------------------------------------------------------------------------
+# The prepared store (read by every rank, memory-mapped)
+
+class Store:
+    """A prepared store (module docstring), its shards memory-mapped and read as one sequence list.
+
+    len(store), store.rows(idx) -> [{"input_ids", "word_start", "ent_start", "ent_end", "ent_id"}] (numpy);
+    store.flat(name) a column over every sequence in order; store.mention_index(idx) the positions of
+    the sequences' mentions in that order (a per-mention array such as SI is indexed by them)."""
+
+    COLUMNS = ("tokens", "seq", "word_start", "ment", "ent_start", "ent_end", "ent_id")
+
+    def __init__(self, path):
+        meta_path = os.path.join(path, "store.json")
+        if not os.path.exists(meta_path):
+            raise DataError(f"--data {path}: not a prepared store (no store.json; a prepare that did not finish? "
+                            f"run `python data.py prepare ... --out {path}` again)")
+        self.path, self.meta = path, json.load(open(meta_path))
+        if self.meta.get("format") != FORMAT:
+            raise DataError(f"{meta_path}: store format {self.meta.get('format')}, this code reads {FORMAT}; prepare again")
+        self.shards = [{k: np.load(os.path.join(path, s["name"], k + ".npy"), mmap_mode="r") for k in self.COLUMNS}
+                       for s in self.meta["shards"]]
+        self.seq0 = np.cumsum([0] + [len(s["seq"]) - 1 for s in self.shards])  # (S + 1,) first sequence of each shard
+        self.ment0 = np.cumsum([0] + [len(s["ent_id"]) for s in self.shards])  # (S + 1,) first mention of each shard
+
+    @staticmethod
+    def shard_counts(shard_dir):
+        seq = np.load(os.path.join(shard_dir, "seq.npy"), mmap_mode="r")
+        return {"sequences": len(seq) - 1, "tokens": int(seq[-1]),
+                "mentions": len(np.load(os.path.join(shard_dir, "ent_id.npy"), mmap_mode="r"))}
+
+    def __len__(self):
+        return int(self.seq0[-1])
+
+    def locate(self, i):
+        """Global sequence index -> (shard, local index)."""
+        s = int(np.searchsorted(self.seq0, i, side="right")) - 1
+        return s, i - int(self.seq0[s])
+
+    def rows(self, idx):
+        out = []
+        for i in idx:
+            s, j = self.locate(int(i))
+            sh = self.shards[s]
+            a, b = int(sh["seq"][j]), int(sh["seq"][j + 1])
+            m0, m1 = int(sh["ment"][j]), int(sh["ment"][j + 1])
+            bits = np.unpackbits(sh["word_start"][a // 8:(b + 7) // 8])[a % 8:a % 8 + b - a].astype(bool)
+            out.append({"input_ids": np.asarray(sh["tokens"][a:b], np.int64), "word_start": bits,
+                        "ent_start": np.asarray(sh["ent_start"][m0:m1], np.int64),
+                        "ent_end": np.asarray(sh["ent_end"][m0:m1], np.int64),
+                        "ent_id": np.asarray(sh["ent_id"][m0:m1], np.int64)})
+        return out
+
+    def mention_index(self, idx):
+        """(M,) positions, in the order of store.flat("ent_id"), of the mentions of sequences idx."""
+        parts = []
+        for i in idx:
+            s, j = self.locate(int(i))
+            sh = self.shards[s]
+            parts.append(np.arange(int(sh["ment"][j]), int(sh["ment"][j + 1])) + int(self.ment0[s]))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def flat(self, name, dtype=np.int64):
+        """(M,) ent_start / ent_end / ent_id over every mention, or (T,) tokens over every token, in order."""
+        return np.concatenate([np.asarray(s[name], dtype) for s in self.shards])
+
+    def check_tokenizer(self, tok, flag="--model"):
+        if tokenizer_key(tok) != self.meta["tokenizer"]:
+            raise DataError(f"--data {self.path}: prepared with another tokenizer than {flag}'s (store.json "
+                            f"'tokenizer' {self.meta['tokenizer']}); prepare it again with this --model")
+
+
+def mention_counts(store, num_entities):
+    """Entity frequency (Sec. 3.1): (E,) int64 linked mentions per entity over the store."""
+    ids = store.flat("ent_id")
     if ids.size and (ids.min() < 0 or ids.max() >= num_entities):
-        raise DataError(f"dataset ent_id out of range [0, {num_entities}): found [{ids.min()}, {ids.max()}] "
-                        "(a dataset built for another KG?)")
+        raise DataError(f"store ent_id out of range [0, {num_entities}): found [{ids.min()}, {ids.max()}] "
+                        "(a store prepared with another KG?)")
     return np.bincount(ids, minlength=num_entities).astype(np.int64)
 
 
@@ -669,43 +436,66 @@ def span_mask(ent_batch, ent_start, ent_end, shape):
     edge.index_put_((ent_batch, ent_end), -torch.ones_like(ent_end), accumulate=True)
     return edge.cumsum(dim=1)[:, :t] > 0
 
-
-def word_counts(ds, plain):
+def word_counts(store, plain):
     """Long-tail word frequency (Sec. 3.4): (V,) int64 occurrences of each token id as a whole word
-    (whole_words) outside every linked mention span, over a build_dataset dataset, one vectorised
-    pass per Arrow batch (nothing per row in Python)."""
-    import pyarrow.compute as pc
+    (whole_words) outside every linked mention span, over the store, one vectorised pass per shard."""
     import torch
     counts = np.zeros(len(plain), dtype=np.int64)
-    flat = lambda col: pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-    for b in ds.with_format("arrow").iter(batch_size=1 << 14):
-        ids, ws = flat(b["input_ids"]), flat(b["word_start"]).astype(bool)  # (N,) rows end to end
-        lens = pc.list_value_length(b["input_ids"]).to_numpy().astype(np.int64)
-        row0 = np.repeat(np.cumsum(lens) - lens, pc.list_value_length(b["ent_id"]).to_numpy().astype(np.int64))
-        start, end = torch.from_numpy(flat(b["ent_start"]) + row0), torch.from_numpy(flat(b["ent_end"]) + row0)
-        in_span = span_mask(torch.zeros_like(start), start, end, (1, ids.size))  # (1,N)
-        # rows start with [CLS] and end with [SEP], so a row's neighbours never leak into the next
-        word = whole_words(torch.from_numpy(ids)[None], torch.from_numpy(ws)[None], plain) & ~in_span  # (1,N)
-        word = word[0].numpy()
-        counts += np.bincount(ids[word], minlength=len(plain))
+    for sh in store.shards:
+        ids = np.asarray(sh["tokens"], np.int64)  # (T,) every sequence end to end
+        ws = np.unpackbits(np.asarray(sh["word_start"]))[:ids.size].astype(bool)
+        row0 = np.repeat(np.asarray(sh["seq"][:-1], np.int64), np.diff(np.asarray(sh["ment"])))  # (M,)
+        start = torch.from_numpy(np.asarray(sh["ent_start"], np.int64) + row0)
+        end = torch.from_numpy(np.asarray(sh["ent_end"], np.int64) + row0)
+        in_span = span_mask(torch.zeros_like(start), start, end, (1, ids.size))  # (1,T)
+        # sequences start with [CLS] and end with [SEP], so a sequence's neighbours never leak into the next
+        word = whole_words(torch.from_numpy(ids)[None], torch.from_numpy(ws)[None], plain) & ~in_span  # (1,T)
+        counts += np.bincount(ids[word[0].numpy()], minlength=len(plain))
     return counts
 
 
-MINI_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")  # where --data mini is built
+# -----------------------------------------------------------------------------
+# --data: a prepared store, or raw data prepared on first use into the cache
+
+def open_data(data, tok, seq_len, cache_dir=None, num_proc=None):
+    """--data mini | DIR (kg/ + corpus.jsonl or corpus.txt) | a prepared store -> (Store, kg_dir). Raw data
+    is prepared on first use under <cache root>/prepared/<its key>/, under a file lock: a process that
+    finds another preparing it waits on the lock (no collective), then reads the store."""
+    root = cache_root(cache_dir)
+    if data != "mini" and os.path.exists(os.path.join(data, "store.json")):
+        store = Store(data)
+        if store.meta["seq_len"] != seq_len:
+            raise DataError(f"--data {data}: prepared with --seq-len {store.meta['seq_len']}, not {seq_len}")
+        if not os.path.isdir(store.meta["kg_dir"]):
+            raise DataError(f"--data {data}: its KG {store.meta['kg_dir']} (store.json 'kg_dir') is not there")
+        store.check_tokenizer(tok)
+        return store, store.meta["kg_dir"]
+    kg_dir, corpus_path = resolve_data(data, root)
+    kg_cache = os.path.join(root, "kg")
+    layout, files = corpora.detect(corpus_path)
+    key = store_key([file_stamp(f) for f in files], load_kg(kg_dir, kg_cache), tok, seq_len)
+    out = os.path.join(root, "prepared", f"{os.path.basename(os.path.dirname(corpus_path))}-{key}")
+    if not os.path.exists(os.path.join(out, "store.json")):
+        writable_dir(os.path.dirname(out), "--cache-dir")
+        with open(out + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            prepare(corpus_path, kg_dir, tok, seq_len, out, num_proc=num_proc, kg_cache=kg_cache, quiet=True)
+    return Store(out), kg_dir
 
 
-def resolve_data(data, mini_root=MINI_ROOT):
-    """--data mini | DIR -> (kg_dir, corpus_path). mini is built once under mini_root and reused."""
+def resolve_data(data, root=None):
+    """--data mini | DIR -> (kg_dir, corpus_path). mini is built once under the cache root and reused."""
     if data == "mini":
-        d = mini_dir(mini_root)
+        d = mini_dir(cache_root(root))
     else:
         d = data
         if not os.path.isdir(d):
-            raise DataError(f"--data {data}: not a directory (expected 'mini' or a DIR with kg/ and corpus.jsonl)")
+            raise DataError(f"--data {data}: not a directory (expected 'mini', a prepared store, or a DIR with kg/ "
+                            f"and corpus.jsonl)")
     for name in ("corpus.jsonl", "corpus.txt"):
         if os.path.exists(os.path.join(d, name)):
             return os.path.join(d, "kg"), os.path.join(d, name)
-    raise DataError(f"--data {data}: {d} has no corpus.jsonl or corpus.txt")
+    raise DataError(f"--data {data}: {d} has no store.json (a prepared store), corpus.jsonl or corpus.txt")
 
 
 # -----------------------------------------------------------------------------
@@ -751,16 +541,12 @@ class MLMCollator:
         ids = torch.full((B, T), self.tok.pad_token_id, dtype=torch.long)
         attn = torch.zeros((B, T), dtype=torch.long)
         ws = torch.zeros((B, T), dtype=torch.bool)
-        eb, es, ee, ei = [], [], [], []
         for b, e in enumerate(examples):
             n = len(e["input_ids"])
-            ids[b, :n] = torch.tensor(e["input_ids"])
+            ids[b, :n] = torch.as_tensor(e["input_ids"])
             attn[b, :n] = 1
-            ws[b, :n] = torch.tensor(e["word_start"], dtype=torch.bool)
-            eb += [b] * len(e["ent_id"])
-            es += e["ent_start"]
-            ee += e["ent_end"]
-            ei += e["ent_id"]
+            ws[b, :n] = torch.as_tensor(e["word_start"], dtype=torch.bool)
+        ment = lambda k: torch.as_tensor(np.concatenate([np.asarray(e[k], np.int64) for e in examples]))  # (M,)
         labels = ids.clone()
         candidates = attn.bool() & ~torch.isin(ids, self.special)  # (B, T)
         if self.whole_word:
@@ -777,16 +563,50 @@ class MLMCollator:
         ids[chosen & (r < 0.8)] = self.tok.mask_token_id
         rand_pos = chosen & (r >= 0.8) & (r < 0.9)
         ids[rand_pos] = torch.randint(len(self.tok), (int(rand_pos.sum()),), generator=generator)
-        t = lambda x: torch.tensor(x, dtype=torch.long)
+        counts = torch.tensor([len(e["ent_id"]) for e in examples])
         return dict(input_ids=ids, attention_mask=attn, mlm_labels=labels, orig_ids=labels.where(chosen, ids),
-                    word_start=ws, ent_batch=t(eb), ent_start=t(es), ent_end=t(ee), ent_id=t(ei))
+                    word_start=ws, ent_batch=torch.repeat_interleave(torch.arange(B), counts), ent_start=ment("ent_start"),
+                    ent_end=ment("ent_end"), ent_id=ment("ent_id"))
+
+
+def get_parser():
+    p = argparse.ArgumentParser(prog="data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("prepare", help="link, tokenize and pack a corpus into a store (once, before training)")
+    a.add_argument("--corpus", required=True, help="a corpus in any layout of corpus.py (file or folder)")
+    a.add_argument("--kg", required=True, help="KG folder in Wikidata5M's layout (kg.py)")
+    a.add_argument("--model", default="minilm", help="the model whose tokenizer packs the store (pretrain.py --model)")
+    a.add_argument("--seq-len", type=int, default=128, help="sequence length (pretrain.py --seq-len)")
+    a.add_argument("--out", required=True, help="the store's folder (pretrain.py --data)")
+    a.add_argument("--num-proc", type=int, default=1, help="worker processes (each links, tokenizes and packs blocks)")
+    a.add_argument("--titles", default=None, help="'Title<TAB>Q-id' lines: Wikipedia anchors and page titles -> Wikidata")
+    a.add_argument("--no-alias-linker", action="store_true", help="mentions from given spans and anchors only")
+    a.add_argument("--shard-docs", type=int, default=PACK_BLOCK * SHARD_BLOCKS,
+                   help=f"documents per shard (a multiple of {PACK_BLOCK}): the unit written atomically and resumed")
+    a.add_argument("--cache-dir", default=None, help="where the parsed KG is cached (default: $TRELM_CACHE or data_cache/)")
+    return p
+
+
+def main(argv=None):
+    """`python data.py prepare ...` (the module docstring); bad input ends in one line."""
+    args = get_parser().parse_args(argv)
+    if not 8 <= args.seq_len <= 4096:
+        raise SystemExit(f"data.py: --seq-len: expected 8..4096, got {args.seq_len}")
+    if args.num_proc < 1:
+        raise SystemExit(f"data.py: --num-proc: expected a positive integer, got {args.num_proc}")
+    if args.shard_docs < PACK_BLOCK or args.shard_docs % PACK_BLOCK:
+        raise SystemExit(f"data.py: --shard-docs: expected a positive multiple of {PACK_BLOCK}, got {args.shard_docs}")
+    if args.titles and not os.path.isfile(args.titles):
+        raise SystemExit(f"data.py: --titles {args.titles}: no such file")
+    from common import load_tokenizer
+    tok = load_tokenizer(args.model)
+    try:
+        prepare(args.corpus, args.kg, tok, args.seq_len, args.out, args.num_proc, args.titles,
+                not args.no_alias_linker, args.shard_docs // PACK_BLOCK,
+                kg_cache=os.path.join(cache_root(args.cache_dir), "kg"))
+    except DataError as e:
+        raise SystemExit(f"data.py: {e}") from None
 
 
 if __name__ == "__main__":
-    import sys
-    if len(sys.argv) != 4 or sys.argv[1] != "--parse-kg":
-        sys.exit("usage: python data.py --parse-kg KG_DIR OUT (load_kg runs this; see its docstring)")
-    try:
-        _parse_kg(sys.argv[2], sys.argv[3])
-    except DataError as e:
-        sys.exit(f"DataError: {e}")
+    main()

@@ -8,9 +8,9 @@ input embedding of every token of e's span is replaced by the pseudo token h_e =
 
 | paper                      | here                                                                  |
 |----------------------------|-----------------------------------------------------------------------|
-| entity frequency           | `data.mention_counts(ds, E)` -> (E,), once over the corpus             |
+| entity frequency           | `data.mention_counts(store, E)` -> (E,), once over the corpus          |
 | long-tail entities         | `long_tail_mask(freq, percentile, inclusive)` -> (E,) bool             |
-| SI(e), Eq. 1               | `semantic_importance(...)` -> (M,); over the corpus: `si_column` (ent_si) |
+| SI(e), Eq. 1               | `semantic_importance(...)` -> (M,); over the corpus: `CorpusSI`        |
 | h_o, h_rep                 | context-pooled window of each mention, original / span replaced        |
 | "important"                | `important_threshold(si, candidate, top_fraction)`, one corpus threshold |
 | (e, r, t)                  | `KnowledgeInjector.triple` (E, 3), one triple per head entity          |
@@ -28,32 +28,30 @@ Decisions (each explained in docs/departures.md, "Eq. 1" and "h_e"):
 - One seeded triple per head entity; E = mean input embedding of the label's tokens; no new parameters.
 
 Mentions come as flat tensors over the batch (see data.py): ent_batch (M,) row, ent_start (M,),
-ent_end (M,) token span [start, end), ent_id (M,) KG entity index, ent_si (M,) from the ent_si
-column. How pretrain.py uses it:
+ent_end (M,) token span [start, end), ent_id (M,) KG entity index, ent_si (M,) their SI. How
+pretrain.py uses it (knowledge.Knowledge):
 
-    freq = data.mention_counts(ds, E)                                     # once, (E,)
+    freq = data.mention_counts(store, E)                                  # once, (E,)
     lt = long_tail_mask(freq, 50.0, inclusive=True)                       # (E,) bool
     injector = KnowledgeInjector(kg, tokenizer, seed=0)
-    cand = lt & injector.has_knowledge.numpy()                            # (E,) SI candidates
-    ds = si_column(ds, model, tokenizer.mask_token_id, window=8, only=cand)  # once: column ent_si
-    thr = important_threshold(data.flat_column(ds, "ent_si", np.float64),
-                              cand[data.flat_column(ds, "ent_id")], top_fraction=0.5)
+    si = CorpusSI(lt & injector.has_knowledge.numpy(), 0.5, window=8, refresh=0)  # candidates (E,)
+    si.score(store, model, tokenizer.mask_token_id, directory, rank, world)  # once: si.values (M,), si.threshold
     # per batch:
-    sel = select_mentions("important", ent_id, lt, si=ent_si, si_threshold=thr,
+    sel = select_mentions("important", ent_id, lt, si=ent_si, si_threshold=si.threshold,
                           eligible=injector.injectable(ent_id))           # (M,) bool
     row, col, mention, _ = span_positions(ent_batch, ent_start, ent_end, selected=sel)  # (P,) each
     h_e = injector.embed(model.get_input_embeddings().weight, ent_id[sel])  # (S, H), written at the spans
 
 Tests: `python -m pytest -q tests/test_entity_importance.py`.
 """
-import inspect
 import math
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
+import common
 
 STRATEGIES = ("important", "long-tail", "frequent", "all", "none", "dkplm")
 
@@ -241,85 +239,110 @@ def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eli
     return ok & (klt > 0) & (klt > (total / count)[ent_batch])
 
 
-def si_column(ds, model, mask_token_id, window=None, batch_size=64, num_proc=None, fingerprint="", only=None):
-    """Add the column "ent_si" (per row: SI of each of its mentions, in ent_id order) to a
-    datasets.Dataset with input_ids / ent_start / ent_end / ent_id columns, with the current `model`
-    (Sec. 3.4: important entities are identified over the corpus before pre-training). only: (E,)
-    bool over entities, score only their mentions (the others get NaN; "important" and DKPLM's
-    score use the SI of long-tail mentions with a triple only, half the cost). Batched, cached by
-    the dataset's fingerprint, the source of semantic_importance and `fingerprint` (name the model
-    and the settings there), with a
-    progress bar; num_proc > 1 forks workers that share the model."""
-    from datasets.fingerprint import Hasher
-    dev = next(model.parameters()).device
-    table = None if only is None else torch.as_tensor(np.asarray(only, dtype=bool))
-
-    def add(rows):
-        n = [len(x) for x in rows["input_ids"]]
-        B, T = len(n), max(n)
-        ids = torch.zeros(B, T, dtype=torch.long)
-        attn = torch.zeros(B, T, dtype=torch.long)
-        for i, x in enumerate(rows["input_ids"]):
-            ids[i, :n[i]] = torch.tensor(x)
-            attn[i, :n[i]] = 1
-        counts = [len(x) for x in rows["ent_start"]]
-        eb = torch.repeat_interleave(torch.arange(B), torch.tensor(counts))  # (M,)
-        es = torch.tensor([v for x in rows["ent_start"] for v in x], dtype=torch.long)
-        ee = torch.tensor([v for x in rows["ent_end"] for v in x], dtype=torch.long)
-        keep = torch.ones(len(eb), dtype=torch.bool) if table is None else \
-            table[torch.tensor([v for x in rows["ent_id"] for v in x], dtype=torch.long)]  # (M,)
-        si = torch.full((len(eb),), float("nan"))
-        si[keep] = semantic_importance(model, ids.to(dev), attn.to(dev), eb[keep].to(dev), es[keep].to(dev),
+def score_rows(store, shard, rows, mlm, mask_token_id, window, candidate, batch_size):
+    """SI of the candidate mentions of sequences `rows` (a range of one store shard), by mlm on its device ->
+    (M,) float32 over those sequences' mentions in store order, NaN for the mentions not scored. The
+    sequences are padded into one (B, T) batch; each mention gets its own window (semantic_importance)."""
+    dev = next(mlm.parameters()).device
+    sh = store.shards[shard]
+    seq, ment = np.asarray(sh["seq"][rows.start:rows.stop + 1], np.int64), np.asarray(sh["ment"][rows.start:rows.stop + 1], np.int64)
+    n, counts = np.diff(seq), np.diff(ment)
+    B, T = len(n), int(n.max())
+    ids = torch.zeros(B, T, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        ids[b, :n[b]] = torch.from_numpy(np.asarray(sh["tokens"][seq[b]:seq[b + 1]], np.int64))
+        attn[b, :n[b]] = 1
+    m0, m1 = int(ment[0]), int(ment[-1])
+    eb = torch.repeat_interleave(torch.arange(B), torch.from_numpy(counts))  # (M,)
+    es, ee = (torch.from_numpy(np.asarray(sh[k][m0:m1], np.int64)) for k in ("ent_start", "ent_end"))
+    keep = torch.from_numpy(candidate[np.asarray(sh["ent_id"][m0:m1], np.int64)])  # (M,)
+    si = torch.full((len(eb),), float("nan"))
+    if keep.any():
+        si[keep] = semantic_importance(mlm, ids.to(dev), attn.to(dev), eb[keep].to(dev), es[keep].to(dev),
                                        ee[keep].to(dev), mask_token_id, window=window, chunk=4 * batch_size).cpu()
-        si = si.tolist()
-        out, at = [], 0
-        for c in counts:
-            out.append(si[at:at + c])
-            at += c
-        return {"ent_si": out}
-    from datasets.utils import logging as ds_logging
-    key = Hasher.hash((ds._fingerprint, fingerprint, window, mask_token_id, inspect.getsource(semantic_importance),
-                       None if table is None else np.packbits(table.numpy()).tobytes()))  # SI's code too
-    bars = ds_logging.is_progress_bar_enabled()
-    ds_logging.enable_progress_bar()
-    try:
-        return ds.map(add, batched=True, batch_size=batch_size, num_proc=num_proc, new_fingerprint=key,
-                      desc="SI(e) over the corpus")
-    finally:
-        if not bars:
-            ds_logging.disable_progress_bar()
+    return si.numpy()
+
+
+def score_shards(store, mlm, mask_token_id, window, candidate, directory, shards, batch_size=64, progress=True):
+    """SI (Eq. 1) of every candidate mention of the given store shards, batch_size sequences at a time,
+    each shard written to directory/shard-NNNNN.npy ((M_s,) float32, NaN: not a candidate) when done,
+    atomically; a shard already there is skipped (a restarted run resumes). Nothing is forked."""
+    from tqdm import tqdm
+    todo = [s for s in shards if not os.path.exists(os.path.join(directory, f"shard-{s:05d}.npy"))]
+    total = sum(len(store.shards[s]["seq"]) - 1 for s in todo)
+    with tqdm(total=total, desc="SI(e) over the corpus", unit="seq", disable=not progress or not todo) as bar:
+        for s in todo:
+            N = len(store.shards[s]["seq"]) - 1
+            parts = []
+            for a in range(0, N, batch_size):
+                parts.append(score_rows(store, s, range(a, min(a + batch_size, N)), mlm, mask_token_id, window,
+                                        candidate, batch_size))
+                bar.update(min(batch_size, N - a))
+            common.atomic_write(os.path.join(directory, f"shard-{s:05d}.npy"),
+                                lambda tmp, v=np.concatenate(parts).astype(np.float32): np.save(open(tmp, "wb"), v))
+
+
+def shares(store, candidate, world):
+    """The store's shards dealt to `world` ranks so that each scores about as many candidate mentions:
+    -> [[shard, ...] per rank] (largest first to the least loaded rank; a function of the store alone)."""
+    work = [int(candidate[np.asarray(sh["ent_id"], np.int64)].sum()) for sh in store.shards]
+    out, load = [[] for _ in range(world)], [0] * world
+    for s in sorted(range(len(work)), key=lambda s: (-work[s], s)):
+        r = load.index(min(load))
+        out[r].append(s)
+        load[r] += work[s]
+    return [sorted(x) for x in out]
 
 
 class CorpusSI:
     """SI(e) (Eq. 1) over the corpus and its corpus-level threshold of "important" (Sec. 3.4: important
     entities are identified "throughout the corpus"): scored once with the initial model for every
     candidate mention, or again with the current model every `refresh` epochs (--si-refresh; our
-    decision, docs/departures.md). The scores live in the corpus dataset's ent_si column (si_column).
+    decision, docs/departures.md).
 
     candidate (E,) bool: entities whose mentions are scored (long-tail, with a triple); top_fraction:
     --important-fraction; window: --si-window (0 = the whole sequence); refresh: --si-refresh (0 = never).
-    threshold: the SI an "important" mention reaches (important_threshold); epoch: the epoch whose
-    model scored SI (0: the initial model)."""
+    values (M,) float32: SI of every mention of the store in its order, NaN where not scored;
+    threshold: the SI an "important" mention reaches (important_threshold); epoch: the epoch whose model
+    scored SI (0: the initial model)."""
 
-    def __init__(self, candidate, top_fraction, window, refresh):
+    def __init__(self, candidate, top_fraction, window, refresh, batch_size=64):
         self.candidate, self.top_fraction, self.window, self.refresh = candidate, top_fraction, window, refresh
-        self.threshold, self.epoch = None, 0
+        self.batch_size = batch_size
+        self.values, self.threshold, self.epoch = None, None, 0
 
-    def score(self, ds, mlm, mask_token_id, fingerprint, num_proc=None):
-        """ds (without ent_si) -> ds with the SI of every candidate mention by mlm (si_column, cached by
-        `fingerprint`: name the model there), and the threshold of its SI."""
-        ds = si_column(ds, mlm, mask_token_id, window=self.window or None, num_proc=num_proc,
-                       fingerprint=fingerprint, only=self.candidate)
-        self.set_threshold(ds)
-        return ds
+    def score(self, store, mlm, mask_token_id, directory, rank=0, world=1):
+        """SI of every candidate mention of the store by mlm, at scale: this rank scores its share of the
+        shards (shares) on mlm's device and writes each to `directory` (score_shards: a rerun skips what is
+        there); every rank then reads every shard, so all use the same values. Under DDP (world > 1) the
+        one collective comes after this rank's share: it waits only for the slowest share. A shard a rank
+        cannot see on disk (no shared filesystem) comes from the rank that scored it."""
+        import torch.distributed as dist
+        mine = shares(store, self.candidate, world)[rank]
+        score_shards(store, mlm, mask_token_id, self.window or None, self.candidate, directory, mine,
+                     self.batch_size, progress=rank == 0)
+        path = lambda s: os.path.join(directory, f"shard-{s:05d}.npy")
+        got = {s: np.load(path(s)) for s in range(len(store.shards)) if os.path.exists(path(s))}
+        if world > 1:
+            missing = [None] * world
+            dist.all_gather_object(missing, [s for s in range(len(store.shards)) if s not in got])
+            wanted = set().union(*map(set, missing))
+            if wanted:
+                sent = [None] * world
+                dist.all_gather_object(sent, {s: got[s] for s in mine if s in wanted})
+                for part in sent:
+                    got.update(part)
+        self.values = np.concatenate([got[s] for s in range(len(store.shards))])
+        self.set_threshold(store)
 
-    def set_threshold(self, ds):
-        ent, si = data.flat_column(ds, "ent_id", np.int64), data.flat_column(ds, "ent_si", np.float64)
-        self.threshold = important_threshold(si, self.candidate[ent], self.top_fraction)
+    def set_threshold(self, store):
+        self.threshold = important_threshold(self.values.astype(np.float64), self.candidate[store.flat("ent_id")],
+                                             self.top_fraction)
 
-    def important(self, ds):
-        """(N,) bool over the corpus's mentions: SI at or above the threshold."""
-        return data.flat_column(ds, "ent_si", np.float64) >= self.threshold
+    def important(self):
+        """(M,) bool over the store's mentions: SI at or above the threshold."""
+        return self.values >= self.threshold
 
     def due(self, epoch):
         """A refresh is due at the start of epoch floor(epoch)."""
@@ -329,23 +352,15 @@ class CorpusSI:
         q = math.floor(epoch)
         self.epoch = q - q % self.refresh
 
-    def state_dict(self, ds):
-        """None while SI is the initial model's (rebuilt identically at start); after a refresh, the scores
+    def state_dict(self):
+        """None while SI is the initial model's (scored identically at start); after a refresh, the scores
         (their model is gone)."""
-        return None if not self.epoch else {"epoch": self.epoch, "values": data.flat_column(ds, "ent_si", np.float32)}
+        return None if not self.epoch else {"epoch": self.epoch, "values": self.values}
 
-    def load_state_dict(self, st, ds):
-        """-> ds with the ent_si column of a checkpoint's state_dict (ds unchanged for None)."""
-        if not st:
-            return ds
-        import pyarrow.compute as pc
-        self.epoch = st["epoch"]
-        counts = np.concatenate([pc.list_value_length(b["ent_id"]).to_numpy(zero_copy_only=False)
-                                 for b in ds.with_format("arrow").iter(batch_size=1 << 16)])  # (rows,)
-        rows = [x.tolist() for x in np.split(st["values"].astype(np.float64), np.cumsum(counts)[:-1])]
-        ds = ds.remove_columns("ent_si").add_column("ent_si", rows)
-        self.set_threshold(ds)
-        return ds
+    def load_state_dict(self, st, store):
+        if st:
+            self.epoch, self.values = st["epoch"], np.asarray(st["values"], np.float32)
+            self.set_threshold(store)
 
 
 # ----------------------------------------------------------------------------- h_e and injection
@@ -374,7 +389,7 @@ class KnowledgeInjector:
     Entities whose chosen tail or relation label tokenizes to nothing have no knowledge.
 
     kg: an object with entity_ids, entity_labels, relation_labels, triples (np.int32 (N, 3):
-        head, relation, tail indices), e.g. data.KG.
+        head, relation, tail indices), e.g. kg.KG.
     Attributes: has_knowledge (E,) bool tensor; triple (E, 3) long, -1 rows where no knowledge.
     """
 

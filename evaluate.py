@@ -6,16 +6,22 @@
     python evaluate.py --task tacred|fewrel|open-entity|glue --model-dir D
     python evaluate.py --task reproduce                     # the small-scale study, end to end
 
-Tasks by file (each exposes add_args(parser) and TASKS = {task: fn(args) -> results path}):
+Tasks by file (each exposes add_args(parser), check(args) and TASKS = {task: fn(args) -> results path}):
   lama.py         lama, google-re, trex, lama-uhn, mini   LAMA / LAMA-UHN probing (Sec. 4.2, Tables 1-2)
   finetune.py     tacred, fewrel, open-entity, glue      fine-tuning (Sec. 4.3-4.5, Tables 3-5)
   experiments.py  base, pilot, f1-floor, ablation, injection, hparams, efficiency, frontier, same-code,
                   reproduce, report                       the study of the paper's claims (Table 6, Figs. 3-8)
 This file owns the flags every task shares (--task, --model-dir, --data-dir, --output-dir, --seed,
---batch-size); `python evaluate.py --task T --help` lists T's own flags too. A malformed data file
-ends the run with one line naming the file, the line or record, and what was expected (ONE_LINE_ERRORS).
+--batch-size); `python evaluate.py --task T --help` lists T's own flags too. Every flag is checked
+(check, and the task module's check(args)) before any data is read or any model trained: a bad one ends
+the run in one line naming it and its range. A task then holds <output-dir>/.<task>.lock (study tasks:
+one per task and --seeds, experiments.lock_names) until it ends, taken before anything is written
+there: a second run of the same task into the same --output-dir is refused in one line, and an
+unwritable --output-dir is refused before the task trains. A malformed data file ends the run with one
+line naming the file, the line or record, and what was expected (ONE_LINE_ERRORS).
 """
 import argparse
+import contextlib
 
 import common
 import experiments
@@ -58,16 +64,33 @@ def build_parser(task=None):
     return p
 
 
+def check(args):
+    """The shared flags' ranges (the task module checks its own): one line naming the flag."""
+    if not 0 <= args.seed < 2 ** 32:
+        raise SystemExit(f"--seed: expected an integer in [0, 2**32) (numpy's seed range), got {args.seed}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise SystemExit(f"--batch-size: expected a positive integer (or leave it out: the task's own), "
+                         f"got {args.batch_size}")
+
+
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", choices=list(TASK_MODULE))
     task = pre.parse_known_args(argv)[0].task
     args = build_parser(task).parse_args(argv)
-    common.seed_everything(args.seed)
-    try:
-        return TASK_MODULE[args.task].TASKS[args.task](args)
-    except ONE_LINE_ERRORS as e:
-        raise SystemExit(f"evaluate.py --task {args.task}: {e}") from e
+    module = TASK_MODULE[args.task]
+    check(args)
+    module.check(args)
+    names = experiments.lock_names(args) if module is experiments else [args.task]
+    with contextlib.ExitStack() as locks:
+        for name in names:
+            label = f"evaluate.py --task {args.task}: --output-dir"
+            locks.enter_context(common.output_lock(args.output_dir, name, label))
+        common.seed_everything(args.seed)
+        try:
+            return module.TASKS[args.task](args)
+        except ONE_LINE_ERRORS as e:
+            raise SystemExit(f"evaluate.py --task {args.task}: {e}") from e
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ The study in files: study_variants.py (what is run), study_stats.py (the score a
 study_runs.py (one run: the base PLM, pre-training, probing, fine-tuning, the per-run JSON that is the
 unit of resume), study_report.py (REPORT.md), this file (the tasks that combine them). efficiency and
 frontier need the cost axis, results/costs.json (`python bench.py --costs results/costs.json`).
-Outputs: <output-dir>/<task>.json (metrics.<variant>.seeds.<seed>, mean, std; verdicts), <task>.md.
+Outputs: <output-dir>/<task>.json (metrics.<variant>.seeds.<seed>, mean, std; verdicts), <task>.md. Every
+flag and each variant's pretrain.py flags are checked before anything runs (check); a task holds one lock
+per results file it writes while it runs (lock_names).
 Paths in them (flags, the base PLM's dir, run keys' --data / --model) are recorded as common.portable_path
 writes them: relative to the repository (the data root as ../shared/data), so they read the same on every
 machine. The paper's values compared against are in paper_values.py.
@@ -36,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import config
 import plots
 from paper_values import PAPER_PEAKS, PRIMARY
 from study_report import COLS, code_checks, code_commit, fmt, header, load_results, table, write_report
@@ -46,6 +49,8 @@ from study_variants import (BATCH_SIZE, FINETUNED, LAMBDA_EPOCHS, PRETRAIN_ARGS,
                             SWEEPS, TRELM, VARIANTS)
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # results' relative paths are relative to this repository
+REPRODUCED = ("base", "pilot", "f1-floor", "ablation", "efficiency", "injection", "hparams", "frontier", "report")
+BY_SEEDS = ("pilot", "ablation", "injection", "hparams", "efficiency", "frontier")  # run as one process per seed
 PATH_FLAGS = ("data_dir", "base_root", "runs_dir", "output_dir", "probe_dir", "figures", "report",
               "model", "base_model", "data")  # the study's flags that name a file or folder (or a keyword)
 
@@ -89,6 +94,56 @@ def add_args(parser):
     g.add_argument("--check-variants", default=None,
                    help="same-code: comma-separated variants (default: every variant of the tasks in --output-dir)")
     g.add_argument("--check-steps", type=int, default=4, help="same-code: steps of each deterministic run")
+
+
+def check(args):
+    """The study's flags (evaluate.main calls it before the base PLM is built or any run trains): one line
+    naming the flag and the range it must lie in. Every variant the task pre-trains is checked as pretrain.py
+    would check it (config.check), with the study's shape and --pretrain-args; the cost axis is present
+    where the task needs it (load_costs)."""
+    def bad(flag, expected, got):
+        raise SystemExit(f"{flag}: expected {expected}, got {got}")
+    if any(not 0 <= s < 2 ** 32 for s in seeds_of(args)):
+        bad("--seeds", "comma-separated integers in [0, 2**32)", repr(args.seeds))
+    for flag, lo, note in (("steps", 1, ""), ("train_batch_size", 1, ""), ("snapshots", 1, ""), ("base_steps", 1, ""),
+                           ("ft_train_limit", 0, " (0: all rows)"), ("ft_eval_limit", 0, " (0: all rows)"),
+                           ("ft_epochs", 1, ""), ("ft_max_seq_len", 8, " (room for the markers)"),
+                           ("check_steps", 1, "")):
+        if getattr(args, flag) < lo:
+            bad("--" + flag.replace("_", "-"), f"an integer >= {lo}{note}", getattr(args, flag))
+    for flag in ("floor_effect", "target_effect"):
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) > 0):
+            bad("--" + flag.replace("_", "-"), "a finite difference > 0", getattr(args, flag))
+    if any(rows < 0 or epochs < 1 for rows, epochs in budget_list(args.floor_budgets)):
+        bad("--floor-budgets", "ROWSxEPOCHS with ROWS >= 0 (0: all rows) and EPOCHS >= 1", repr(args.floor_budgets))
+    if min(int_list("--pilot-steps", args.pilot_steps)) < 1:
+        bad("--pilot-steps", "comma-separated step counts >= 1", repr(args.pilot_steps))
+    ft_tasks(args)
+    if args.task == "same-code" and not args.against:
+        raise SystemExit("--task same-code needs --against COMMIT (the commit the results were made at)")
+    model = args.base_model if args.model == "base" else args.model
+    shape = ["--model", model, "--seq-len", str(args.seq_len), "--batch-size", str(args.train_batch_size),
+             "--max-steps", str(args.steps), *args.pretrain_args.split()]
+    for task in REPRODUCED if args.task == "reproduce" else (args.task,):
+        if task in ("efficiency", "frontier"):  # the cost axis (bench.py --costs): refused now, not hours in
+            load_costs(args, task)
+        for name, flags in variants_of(args, task) if task in VARIANTS else []:
+            ns, unknown = config.get_parser().parse_known_args(shape + flags)
+            if unknown:
+                raise SystemExit(f"--pretrain-args {args.pretrain_args!r}: {unknown} are not pretrain.py flags")
+            try:
+                config.check(ns)
+            except SystemExit as e:
+                raise SystemExit(f"--task {task}, variant {name} (its flags with --seq-len, --train-batch-size, "
+                                 f"--steps and --pretrain-args): {e}") from None
+
+
+def lock_names(args):
+    """The locks evaluate.main holds in --output-dir while --task runs, one per results file it writes: the
+    task's name, with --seeds for the tasks the study runs as one process per seed at once (docs/study.md:
+    `--task ablation --seeds 0`, `--seeds 1`, `--seeds 2`, then aggregated); reproduce holds every task's."""
+    tasks = ("reproduce", *REPRODUCED) if args.task == "reproduce" else (args.task,)
+    return [f"{t}.seeds-{args.seeds}" if t in BY_SEEDS else t for t in tasks]
 
 
 def write_task(args, task, res, md, **extra):
@@ -413,8 +468,6 @@ def run_same_code(args):
     checkout of --against and in this one, final weights and every logged loss compared bitwise. The
     outcome is appended to <output-dir>/code_checks.json; REPORT.md's pending check accepts runs of a
     commit whose every variant passed against code equal to the current."""
-    if not args.against:
-        raise SystemExit("--task same-code needs --against COMMIT (the commit the results were made at)")
     if args.check_variants:
         names = [n.strip() for n in args.check_variants.split(",") if n.strip()]
     else:
@@ -474,8 +527,6 @@ def run_reproduce(args):
     than --steps). Two sections it copies as they are: the first study's table (results/strict/, made by
     that study's code) and the conclusions (results/conclusions.md, written by hand). Every run and
     fine-tuning run recorded in --output-dir is reused, so on a machine with the results nothing retrains."""
-    for task in ("efficiency", "frontier"):  # the cost axis (bench.py --costs): refused now, not hours in
-        load_costs(args, task)
     run_base(args)
     run_pilot(args)
     if len(seeds_of(args)) >= 2 and ft_tasks(args):

@@ -402,21 +402,62 @@ def subsample(rows, limit, seed):
     return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
 
 
+def seed_list(args):
+    """--seeds "1,2,3" -> [1, 2, 3] (default: [--seed]), or one line naming --seeds and what was expected."""
+    try:
+        seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        seeds = []
+    if not seeds or any(not 0 <= s < 2 ** 32 for s in seeds):
+        raise SystemExit(f"--seeds: expected comma-separated integers in [0, 2**32) like 1,2,3, got {args.seeds!r}")
+    return seeds
+
+
+def check(args):
+    """This file's flags (evaluate.main calls it before any data is read; None = TASK_DEFAULTS): one line
+    naming the flag and the range it must lie in."""
+    def bad(flag, expected, got):
+        raise SystemExit(f"{flag}: expected {expected}, got {got}")
+    seed_list(args)
+    for flag, lo, note in (("epochs", 1, ""), ("max_seq_len", 8, " (room for the markers)"), ("split_seed", 0, ""),
+                           ("train_limit", 0, " (0: all rows)"), ("eval_limit", 0, " (0: all rows)")):
+        v = getattr(args, flag)
+        if v is not None and v < lo:
+            bad("--" + flag.replace("_", "-"), f"an integer >= {lo}{note}", v)
+    for flag in ("lr", "warmup", "weight_decay", "max_grad_norm", "threshold"):
+        v = getattr(args, flag)
+        if v is not None and not math.isfinite(v):
+            bad("--" + flag.replace("_", "-"), "a finite number", v)
+    if args.lr is not None and args.lr <= 0:
+        bad("--lr", "a learning rate > 0", args.lr)
+    if not 0 <= args.warmup <= 1:
+        bad("--warmup", "a fraction of the steps in [0, 1]", args.warmup)
+    if args.weight_decay < 0:
+        bad("--weight-decay", "a value >= 0", args.weight_decay)
+    if args.max_grad_norm <= 0:
+        bad("--max-grad-norm", "a norm > 0 (clipping to 0 zeroes every gradient)", args.max_grad_norm)
+    if not 0 < args.threshold < 1:
+        bad("--threshold", "a probability in (0, 1)", args.threshold)
+    try:
+        percents = [int(x) for x in args.fewrel_split.split(",")]
+    except ValueError:
+        percents = []
+    if len(percents) != 3 or sum(percents) != 100 or min(percents) < 0:
+        bad("--fewrel-split", "three percentages >= 0 summing to 100, like 70,10,20", repr(args.fewrel_split))
+    if not [glue_task(t) for t in args.glue_tasks.split(",") if t.strip()]:
+        bad("--glue-tasks", "comma-separated GLUE tasks, like CoLA,RTE", repr(args.glue_tasks))
+    common.resolve_model(args.model_dir, "--model-dir")
+
+
 def resolve(args, task):
-    """A copy of args with the task's defaults filled in and --seeds parsed to a list."""
+    """A copy of args (checked: check) with the task's defaults filled in and --seeds parsed to a list."""
     cfg = argparse.Namespace(**vars(args))
     for k, v in TASK_DEFAULTS[task].items():
         if getattr(cfg, k, None) is None:
             setattr(cfg, k, v)
-    cfg.batch_size = getattr(cfg, "batch_size", None) or DEFAULT_BATCH_SIZE
-    try:
-        cfg.seeds = [int(s) for s in str(cfg.seeds).split(",")] if cfg.seeds else [cfg.seed]
-    except ValueError:
-        raise SystemExit(f"--seeds: expected comma-separated integers like 1,2,3, found {cfg.seeds!r}") from None
-    if cfg.max_seq_len < 8:
-        raise SystemExit(f"--max-seq-len: expected at least 8 (room for markers), found {cfg.max_seq_len}")
-    if cfg.epochs < 1:
-        raise SystemExit(f"--epochs: expected at least 1, found {cfg.epochs}")
+    if getattr(cfg, "batch_size", None) is None:
+        cfg.batch_size = DEFAULT_BATCH_SIZE
+    cfg.seeds = seed_list(cfg)
     cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     return cfg
 
@@ -471,10 +512,7 @@ def relation_extraction(args, task):
     else:
         d = find_data(cfg, ("", "fewrel"), (cfg.fewrel_file,))
         source = os.path.join(d, cfg.fewrel_file)
-        try:
-            percents = tuple(int(x) for x in cfg.fewrel_split.split(","))
-        except ValueError:
-            raise SystemExit(f"--fewrel-split: expected three integers like 70,10,20, found {cfg.fewrel_split!r}") from None
+        percents = tuple(int(x) for x in cfg.fewrel_split.split(","))  # checked: check
         splits = fewrel_to_tacred(read_json(source, FEWREL_FORMAT), cfg.split_seed, percents, source)
     labels = sorted({r["relation"] for rows in splits.values() for r in rows})
     if NO_RELATION in labels:

@@ -18,15 +18,15 @@ them, with or without mentions.
 | paper                          | here                                                   |
 |--------------------------------|--------------------------------------------------------|
 | entity frequency, long-tail    | freq (E,), long_tail (E,) bool                         |
-| SI(e), "important" (Eq. 1)     | si: entity_importance.CorpusSI; the ds column ent_si   |
+| SI(e), "important" (Eq. 1)     | si: entity_importance.CorpusSI (si.values per mention) |
 | h_e = E(t) - E(r)              | injector.embed (KnowledgeInjector)                     |
 | Q (Eq. 2)                      | sampler (NegativeSampler)                              |
 | M_local, M_global (Eq. 4-6)    | bank (MemoryBank): read before, observe after           |
 
 Tests: python -m pytest -q tests/test_pretrain.py
 """
+import os
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -34,41 +34,32 @@ import torch.distributed as dist
 
 import data
 from cka import NegativeSampler, label_token_counts
-from entity_importance import CorpusSI, KnowledgeInjector, entity_pool, kg_degree, long_tail_mask, select_mentions, \
-    span_positions
+from common import cache_key, code_version
+from entity_importance import CorpusSI, KnowledgeInjector, entity_pool, kg_degree, long_tail_mask, score_rows, \
+    select_mentions, semantic_importance, span_positions
 from memory_bank import MemoryBank
 from model import Plan, WordNotes
-
-
-@contextmanager
-def rank0_first(ddp, master):
-    """Rank 0 runs the block first (it writes a cache), the other ranks after it (they read it)."""
-    if ddp and not master:
-        dist.barrier()
-    yield
-    if ddp and master:
-        dist.barrier()
 
 
 class Knowledge:
     """Which mentions of a micro-batch get knowledge injected, with what targets, negatives and memory
     (plan), and the memory-bank update after the forward (observe); the corpus-level state behind them
     (module docstring). inj, mem: the run's config.Injection and config.Memory; method: its
-    config.Method; ds: the corpus (data.build_dataset), with an ent_si column once SI is scored."""
+    config.Method; store: the prepared corpus (data.Store); SI scores are kept under cache/si/."""
 
-    def __init__(self, inj, mem, method, kg, tok, ds, mlm, device, *, seed, model_name, num_proc, ddp, master):
-        self.inj, self.mem, self.kg, self.tok, self.ds, self.device = inj, mem, kg, tok, ds, device
-        self.model_name, self.num_proc, self.ddp, self.master = model_name, num_proc, ddp, master
-        self.group = dist.group.WORLD if ddp else None
+    def __init__(self, inj, mem, method, kg, tok, store, mlm, device, *, seed, model_name, cache, rank, world):
+        self.inj, self.mem, self.kg, self.tok, self.store, self.device = inj, mem, kg, tok, store, device
+        self.model_name, self.cache, self.rank, self.world = model_name, cache, rank, world
+        self.group = dist.group.WORLD if world > 1 else None
         self.injector = self.sampler = self.bank = self.long_tail_word = self.si = self.degree = None
         if inj.injection != "none":
             self.injector = KnowledgeInjector(kg, tok, seed=seed)
-            self.freq = data.mention_counts(ds, kg.num_entities)  # batched pass over the Arrow column
+            self.freq = data.mention_counts(store, kg.num_entities)  # one pass over the ent_id column
             self.long_tail = torch.as_tensor(long_tail_mask(self.freq, inj.long_tail_percentile, inclusive=True))
             if inj.injection in ("important", "dkplm"):  # SI once over the corpus (Sec. 3.4), initial model
                 self.si = CorpusSI(self.long_tail.numpy() & self.injector.has_knowledge.numpy(),
                                    inj.important_fraction, inj.si_window, inj.si_refresh)
-                self.ds = self.score_si(mlm, ds)
+                self.score_si(mlm)
             if inj.injection == "dkplm":
                 self.degree = kg_degree(kg.triples, kg.num_entities)
         if method.sampler and inj.injection != "none":
@@ -79,7 +70,7 @@ class Knowledge:
                                    device=mem.memory_device, context_only=mem.memory_window == "context")
         if mem.long_tail_words and mem.memory_bank:  # once over the corpus (Sec. 3.4), like entity frequency
             self.plain = data.plain_tokens(tok).to(device)  # (V,)
-            self.word_freq = data.word_counts(ds, self.plain.cpu())  # (V,)
+            self.word_freq = data.word_counts(store, self.plain.cpu())  # (V,)
             lt = long_tail_mask(self.word_freq, mem.word_percentile, inclusive=True) & \
                 (self.word_freq >= mem.word_min_count)
             self.long_tail_word = torch.as_tensor(lt).to(device)  # (V,) bool
@@ -187,45 +178,53 @@ class Knowledge:
 
     # -- SI over the corpus (Eq. 1) ------------------------------------------------------
 
-    def score_si(self, mlm, ds):
-        """ds (without ent_si) with SI(e) (Eq. 1) of every candidate mention by mlm (the initial model, or
-        the current one under --si-refresh), cached by the model's fingerprint; rank 0 first under DDP."""
+    def score_si(self, mlm):
+        """SI(e) (Eq. 1) of every candidate mention by mlm (the initial model, or the current one under
+        --si-refresh), each rank scoring its share of the store's shards (CorpusSI.score); the scores are
+        kept under <cache>/si/<store>-<model, settings and code>/, so a restarted run reads them back."""
         W = mlm.get_input_embeddings().weight
-        key = f"{self.model_name}|{tuple(W.shape)}|{float(W.detach().double().sum()):.10e}"
-        with rank0_first(self.ddp, self.master):
-            return self.si.score(ds, mlm.to(self.device), self.tok.mask_token_id, key, self.num_proc)
+        key = cache_key([self.model_name, list(W.shape), f"{float(W.detach().double().sum()):.10e}", self.inj.si_window,
+                         self.tok.mask_token_id, code_version(semantic_importance, score_rows),
+                         np.packbits(self.si.candidate).tobytes().hex()])
+        directory = os.path.join(self.cache, "si", f"{self.store.meta['key']}-{key}")
+        os.makedirs(directory, exist_ok=True)
+        self.si.score(self.store, mlm.to(self.device), self.tok.mask_token_id, directory, self.rank, self.world)
 
     def refresh_si(self, mlm, epoch, step):
         """--si-refresh N: at the start of every N-th epoch, SI(e) of the corpus's candidates again with
         the current model, and a new threshold (docs/departures.md)."""
         if self.si is None or not self.si.due(epoch):
             return
-        before = self.si.important(self.ds)
-        self.ds = self.score_si(mlm, self.ds.remove_columns("ent_si"))
+        before = self.si.important()
+        self.score_si(mlm)
         self.si.refreshed(epoch)
-        if self.master:
-            after = self.si.important(self.ds)
+        if self.rank == 0:
+            after = self.si.important()
             print(f"SI refreshed at epoch {self.si.epoch} (step {step}): {int(after.sum())} important mentions, "
                   f"Jaccard {(before & after).sum() / max(1, (before | after).sum()):.3f} with the previous set",
                   file=sys.stderr, flush=True)
+
+    def batch_si(self, idx):
+        """(M,) float32 SI of the mentions of sequences idx (the collator's mention order), or None."""
+        return None if self.si is None else torch.from_numpy(self.si.values[self.store.mention_index(idx)])
 
     # -- checkpoint state and census ------------------------------------------------------
 
     def state_dict(self):
         return {"bank": self.bank.state_dict() if self.bank is not None else None,
-                "si": None if self.si is None else self.si.state_dict(self.ds)}
+                "si": None if self.si is None else self.si.state_dict()}
 
     def load_state_dict(self, st):
         """The bank, and the SI column a refresh before the checkpoint computed (its model is gone)."""
         if self.bank is not None:
             self.bank.load_state_dict(st["bank"])
         if self.si is not None:
-            self.ds = self.si.load_state_dict(st.get("si"), self.ds)
+            self.si.load_state_dict(st.get("si"), self.store)
 
     def census(self):
         """Over the whole corpus: sequences, linked mentions, entities linked, and the mentions --injection
         may inject (entity has a KG triple and is in the strategy's pool, entity_pool)."""
-        c = {"sequences": len(self.ds)}
+        c = {"sequences": len(self.store)}
         if self.injector is None:
             return c
         freq = torch.as_tensor(self.freq)  # (N_e,) linked mentions per entity

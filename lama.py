@@ -52,6 +52,7 @@ Symbols -> code:
 """
 import json
 import os
+import re
 import time
 from collections import Counter
 
@@ -512,7 +513,8 @@ def run_probe_task(args, task, corpora, uhn=False):
         rels, miss = lama_relations(root, corpus)
         relations += rels
         missing[corpus] = miss
-    args.batch_size = args.batch_size or PROBE_BATCH_SIZE
+    if args.batch_size is None:
+        args.batch_size = PROBE_BATCH_SIZE
     model, tok = load_model(args)
     cands = lama_candidates(args, root, tok)
     extra = {}
@@ -549,7 +551,7 @@ def mini_probe_dir(args):
     """The probes/ folder of the embedded default data (`--data mini`, built if missing)."""
     if args.probe_dir:
         return args.probe_dir
-    kg_dir, _ = data.resolve_data("mini", args.mini_root or data.MINI_ROOT)
+    kg_dir, _ = data.resolve_data("mini", args.mini_root)
     return os.path.join(os.path.dirname(kg_dir), "probes")
 
 
@@ -561,10 +563,8 @@ def run_mini(args):
                  for rel, rec in templates.items() if os.path.exists(os.path.join(probes, f"{rel}.jsonl"))]
     if not relations:
         raise common.DataError(f"{probes}: no P*.jsonl file for any relation of relations.jsonl")
-    if args.vocab == "common":
-        raise SystemExit("--task mini --vocab common: the embedded data ships no common vocabulary; "
-                         "mini ranks over the full model vocabulary (--vocab full)")
-    args.batch_size = args.batch_size or PROBE_BATCH_SIZE
+    if args.batch_size is None:
+        args.batch_size = PROBE_BATCH_SIZE
     model, tok = load_model(args)
     cands = Candidates(tok)
     t0 = time.time()
@@ -611,3 +611,18 @@ def add_args(parser):
     g.add_argument("--probe-dir", default=None, help="mini: a probes/ folder (default: data.mini_dir's)")
     g.add_argument("--mini-root", default=None,
                    help="mini: where `--data mini` is built (default: data_cache/ beside the code, as pretrain.py)")
+
+
+def check(args):
+    """This file's flags (evaluate.main calls it before any data is read): one line naming the flag."""
+    if args.uhn_top_k < 1:
+        raise SystemExit(f"--uhn-top-k: expected an integer >= 1, got {args.uhn_top_k}")
+    if args.task == "mini" and args.vocab == "common":
+        raise SystemExit("--task mini --vocab common: the embedded data ships no common vocabulary; "
+                         "mini ranks over the full model vocabulary (--vocab full)")
+    device = args.device or "cpu"
+    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
+        raise SystemExit(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available here; expected cpu")
+    common.resolve_model(args.model_dir, "--model-dir")

@@ -45,6 +45,7 @@ checkpoint.OPERATIONAL must match, --max-steps may grow to extend the run) or de
 never replaced silently. --deterministic makes the same command bitwise repeatable. Data and
 divergence errors print one line (--debug: the traceback).
 """
+import datetime
 import gc
 import json
 import os
@@ -62,9 +63,12 @@ import common
 import config
 import data
 import routing
-from knowledge import Knowledge, rank0_first
+from knowledge import Knowledge
+from kg import load_kg
 from memory_bank import lambda_for
 from model import KnowledgeMLM, KnowledgeProb
+
+STARTED = time.time()  # this process's start, near enough: startup_s in config.json counts from here
 
 
 def lr_at(step, optim):
@@ -89,13 +93,14 @@ def process_group_backend(use_cuda):
     return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
 
 
-def setup_process(device):
-    """-> (ddp, rank, world, torch.device): torchrun's environment (RANK set) starts DDP."""
+def setup_process(device, timeout_minutes):
+    """-> (ddp, rank, world, torch.device): torchrun's environment (RANK set) starts DDP, whose collectives
+    wait up to --ddp-timeout minutes for the slowest rank."""
     if int(os.environ.get("RANK", -1)) == -1:
         want = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         return False, 0, 1, torch.device(want)
     use_cuda = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group(backend=process_group_backend(use_cuda))
+    dist.init_process_group(backend=process_group_backend(use_cuda), timeout=datetime.timedelta(minutes=timeout_minutes))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local)
@@ -113,8 +118,10 @@ class Trainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.ddp, self.rank, self.world, self.device = setup_process(cfg.run.device)
+        self.ddp, self.rank, self.world, self.device = setup_process(cfg.run.device, cfg.run.ddp_timeout)
         self.master = self.rank == 0
+        if self.master:  # train() prepared it; a Trainer driven directly (bench, tests) logs its routings there too
+            os.makedirs(cfg.run.output_dir, exist_ok=True)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         common.seed_everything(cfg.run.seed + self.rank)
         mlm, self.tok = common.load_mlm(cfg.run.model)
@@ -123,17 +130,14 @@ class Trainer:
         r = cfg.routing  # a trained head routes from step 0; routing would freeze a random one
         self.warmup_reason = "fresh MLM head" if r.routing and r.route_warmup and \
             not common.has_mlm_head(cfg.run.model) else None
-        kg_dir, corpus = data.resolve_data(cfg.data.data)
-        kg = data.load_kg(kg_dir)
-        with rank0_first(self.ddp, self.master):  # rank 0 tokenizes first; the others read its Arrow cache
-            ds = data.build_dataset(corpus, kg, self.tok, cfg.data.seq_len,
-                                    os.path.join(cfg.run.output_dir, "data_cache"), cfg.data.num_proc)
+        cache = common.cache_root(cfg.data.cache_dir)
+        self.store, kg_dir = data.open_data(cfg.data.data, self.tok, cfg.data.seq_len, cache, cfg.data.num_proc)
+        kg = load_kg(kg_dir, os.path.join(cache, "kg"))
         self.collate = data.MLMCollator(self.tok, cfg.data.mlm_prob, cfg.data.whole_word_mask)
         self.global_batch = cfg.data.batch_size * cfg.data.grad_accum * self.world
         method = config.METHOD_TABLE[cfg.run.method]
-        self.know = Knowledge(cfg.injection, cfg.memory, method, kg, self.tok, ds, mlm, self.device,
-                              seed=cfg.run.seed, model_name=cfg.run.model, num_proc=cfg.data.num_proc,
-                              ddp=self.ddp, master=self.master)
+        self.know = Knowledge(cfg.injection, cfg.memory, method, kg, self.tok, self.store, mlm, self.device,
+                              seed=cfg.run.seed, model_name=cfg.run.model, cache=cache, rank=self.rank, world=self.world)
         self.net = KnowledgeMLM(mlm, self.know.injector, method.decoding, method.loss).to(self.device)
         self.attribution = routing.Attribution(r.ig_form, r.ig_steps, r.ig_chunk, r.ig_memory_mb) \
             if r.routing and r.route_select == "attr" else None  # Eq. (9)-(11)
@@ -173,6 +177,8 @@ class Trainer:
                 stats[k] = stats.get(k, 0) + v
             stats["tokens"] = stats.get("tokens", 0) + int(batch["attention_mask"].sum()) * self.world
         stats["lambda"] = self.lam()  # Eq. (8)
+        if self.know.bank is not None:
+            stats["bank_bytes"] = self.know.bank.nbytes()
         stats["lr"] = self.optimizer_step()  # step 6
         return stats
 
@@ -180,15 +186,14 @@ class Trainer:
         """Micro-batch `micro` of this step on this rank, with its knowledge plan (batch["plan"]).
         Masking and negatives are a function of (seed, step, slot in the global batch), whatever the layout."""
         d, seed = self.cfg.data, self.cfg.run.seed
-        idx = data.micro_batch_indices(self.step, micro, self.rank, len(self.know.ds), d.batch_size, d.grad_accum,
+        idx = data.micro_batch_indices(self.step, micro, self.rank, len(self.store), d.batch_size, d.grad_accum,
                                        self.world, seed)
-        rows = self.know.ds[idx]
-        examples = [dict(zip(rows, v)) for v in zip(*rows.values())]
         g = torch.Generator().manual_seed(int(np.random.SeedSequence(
             [seed, self.step, micro * self.world + self.rank]).generate_state(1)[0]))
-        batch = self.collate(examples, g)
-        if "ent_si" in rows:  # (M,) in the collator's mention order
-            batch["ent_si"] = torch.tensor([v for e in examples for v in e["ent_si"]], dtype=torch.float32)
+        batch = self.collate(self.store.rows(idx), g)
+        si = self.know.batch_si(idx)
+        if si is not None:  # (M,) in the collator's mention order
+            batch["ent_si"] = si
         batch = {k: v.to(self.device) for k, v in batch.items()}
         plan = self.know.plan(batch, g, self.net.mlm.get_input_embeddings().weight, self.lam())
         if plan is not None:  # injected positions are scored by the decoding loss, not L_MLM
@@ -224,7 +229,7 @@ class Trainer:
 
     def epoch_fraction(self):
         """Epochs of data seen so far (fractional)."""
-        return self.step * self.global_batch / len(self.know.ds)
+        return self.step * self.global_batch / len(self.store)
 
     def lam(self):
         """Eq. (8)'s lambda at this step (memory_bank.lambda_for)."""
@@ -294,7 +299,8 @@ class Trainer:
         """Continue exactly from <output-dir>'s checkpoint -> the run's recorded --max-steps."""
         out = self.cfg.run.output_dir
         st, ck = checkpoint.find_checkpoint(out)
-        diff = checkpoint.differences(st, self.cfg.flat(), self.world, self.global_batch, self.cfg.run.deterministic)
+        diff = checkpoint.differences(st, self.cfg.flat(), self.world, self.global_batch, self.cfg.run.deterministic,
+                                      config.defaults())
         if diff:
             raise SystemExit(f"--resume: {ck} was written by a different run; a resumed run must be the same run "
                              f"(start a new --output-dir, or --overwrite this one). Differences: " + ", ".join(diff))
@@ -343,6 +349,14 @@ def start_logs(t, record):
 
 
 def train(cfg):
+    """One run, holding <output-dir>/.pretrain.lock from before anything is written there to its end (rank 0:
+    one run per --output-dir at a time; common.output_lock)."""
+    master = int(os.environ.get("RANK", 0)) == 0
+    with common.output_lock(cfg.run.output_dir, "pretrain", "pretrain.py: --output-dir") if master else nullcontext():
+        _train(cfg)
+
+
+def _train(cfg):
     checkpoint.prepare_output_dir(cfg.run)
     if cfg.run.deterministic:
         make_deterministic()
@@ -365,12 +379,17 @@ def train(cfg):
     if t.warmup_reason and t.master:
         print(f"routing: --model {run.model} has no trained MLM head (freshly initialised); all parameters train for "
               f"the first {cfg.routing.route_warmup} steps (--route-warmup), then routing starts", flush=True)
-    record = {"config": cfg.flat(), "commit": common.git_commit(), "world_size": t.world,
+    startup = [None] * t.world  # seconds from each rank's start to its first step: how long ranks wait on each other
+    if t.ddp:
+        dist.all_gather_object(startup, round(time.time() - STARTED, 2))
+    else:
+        startup = [round(time.time() - STARTED, 2)]
+    record = {"config": cfg.flat(), "commit": common.git_commit(), "world_size": t.world, "startup_s": startup,
               "global_batch": t.global_batch, "threads": torch.get_num_threads(), **census}
     if t.master:
         common.atomic_write_json(os.path.join(run.output_dir, "config.json"), start_logs(t, record))
         d = cfg.data
-        print(f"{run.method}: {len(t.know.ds)} sequences, global batch {t.global_batch} "
+        print(f"{run.method}: {len(t.store)} sequences, global batch {t.global_batch} "
               f"({d.batch_size} x {d.grad_accum} accum x {t.world} procs), {o.max_steps} steps, device {t.device}",
               flush=True)
         if t.know.injector is not None:

@@ -130,7 +130,7 @@ def base_key(args):
     key = {"base_model": args.base_model, "corpus_sha256": hashlib.sha256("".join(lines).encode()).hexdigest(),
            "steps": args.base_steps, "seq_len": args.seq_len, "batch_size": args.train_batch_size, "seed": 0}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return key, os.path.join(args.base_root or data.MINI_ROOT, f"base-{digest}"), lines, counts, kg_dir
+    return key, os.path.join(args.base_root or common.cache_root(), f"base-{digest}"), lines, counts, kg_dir
 
 
 def base_checkpoint(args):
@@ -200,8 +200,9 @@ def task_args(module, task, **flags):
 
 
 def run_task(module, task, **flags):
-    """Run an evaluate.py task of `module` (lama, finetune) as the CLI would, seeded by its --seed."""
+    """Run an evaluate.py task of `module` (lama, finetune) as the CLI would, its flags checked, seeded by its --seed."""
     args = task_args(module, task, **flags)
+    module.check(args)
     common.seed_everything(args.seed)
     return module.TASKS[task](args)
 

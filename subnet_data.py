@@ -185,7 +185,7 @@ def drop_stating(texts, facts):
 def heldout_generic_text(data_root):
     """Lines of the embedded default's real-text pool (data_mini.text_pool, same seed) that its
     corpus does not contain: generic English the pre-trained model never saw."""
-    kg_dir, corpus = data.resolve_data("mini", data_root or data.MINI_ROOT)
+    kg_dir, corpus = data.resolve_data("mini", data_root)
     with open(os.path.join(os.path.dirname(kg_dir), "manifest.json")) as f:
         seed = json.load(f)["seed"]
     seen = "\n".join(rec["text"] for _, rec in common.read_jsonl(corpus))

@@ -493,7 +493,7 @@ def build_parser():
                    "(default: ../shared/data next to this repository, as evaluate.py)")
     p.add_argument("--lm-text", default=None, help="ControlLM text: a WikiText-2 dir (valid.txt/test.txt) or a text "
                    "file; overrides --data-dir")
-    p.add_argument("--data-root", default=None, help="where the embedded default is built (default: data.MINI_ROOT, as pretrain.py)")
+    p.add_argument("--data-root", default=None, help="where the embedded default is built (default: the cache root, as pretrain.py --cache-dir)")
     p.add_argument("--target-relation", default=None, help="TargetKG = known facts of this relation (e.g. P36); default: any")
     p.add_argument("--known-k", type=int, default=1, help="TargetKG facts have their object at rank <= k under the full model")
     p.add_argument("--target-size", type=int, default=25, help="number of TargetKG facts (fewer if fewer are known)")
@@ -595,9 +595,52 @@ def run_seed(model, args, config, seed, sets_train, sets_eval, full, path_sets, 
     return rec
 
 
+def check(args):
+    """Every flag against its range before anything is loaded or written: one line naming the flag."""
+    def bad(flag, expected, got):
+        raise SystemExit(f"subnetworks.py: {flag}: expected {expected}, got {got}")
+    for flag, lo in (("known_k", 1), ("target_size", 1), ("control_size", 2), ("control_known_k", 0), ("split_seed", 0),
+                     ("lm_seqs", 1), ("lm_len", 8), ("steps", 1), ("batch_size", 1), ("lm_batch_size", 1),
+                     ("random_seeds", 1), ("ig_steps", 1), ("save_every", 0), ("log_every", 1)):
+        if getattr(args, flag) < lo:
+            bad("--" + flag.replace("_", "-"), f"an integer >= {lo}", getattr(args, flag))
+    if args.top_layers is not None and args.top_layers < 1:
+        bad("--top-layers", "an integer >= 1 (or leave it out: half of the layers)", args.top_layers)
+    if any(not 0 <= s < 2 ** 32 for s in args.seeds):
+        bad("--seeds", "integers in [0, 2**32)", args.seeds)
+    for flag in ("lr", "warmup", "anneal", "init_prob", "tau", "w_suppress", "w_maintain", "w_sparse", "w_sparse_max",
+                 "sparse_hold", "route_ratio", "neuron_frac"):
+        if not math.isfinite(getattr(args, flag)):
+            bad("--" + flag.replace("_", "-"), "a finite number", getattr(args, flag))
+    for flag in ("warmup", "anneal", "sparse_hold"):
+        if not 0 <= getattr(args, flag) <= 1:
+            bad("--" + flag.replace("_", "-"), "a fraction of the steps in [0, 1]", getattr(args, flag))
+    if not 0 < args.init_prob < 1:
+        bad("--init-prob", "a probability in (0, 1)", args.init_prob)
+    for flag in ("route_ratio", "neuron_frac"):
+        if not 0 < getattr(args, flag) <= 1:
+            bad("--" + flag.replace("_", "-"), "a fraction in (0, 1]", getattr(args, flag))
+    for flag in ("lr", "tau"):
+        if getattr(args, flag) <= 0:
+            bad("--" + flag.replace("_", "-"), "a value > 0", getattr(args, flag))
+    for flag in ("w_suppress", "w_maintain", "w_sparse", "w_sparse_max"):
+        if getattr(args, flag) < 0:
+            bad("--" + flag.replace("_", "-"), "a weight >= 0", getattr(args, flag))
+
+
 def main(argv=None):
+    """The CLI: flags checked (check), then the run holds <output-dir>/.subnetworks.lock and
+    <work-dir>/.subnetworks.lock (common.output_lock) until it ends."""
     args = build_parser().parse_args(argv)
+    check(args)
     command = "python subnetworks.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    with common.output_lock(args.output_dir, "subnetworks", "subnetworks.py: --output-dir"), \
+            common.output_lock(args.work_dir, "subnetworks", "subnetworks.py: --work-dir"):
+        run(args, command)
+
+
+def run(args, command):
+    """Masks for every --seeds (run_seed), their means and the overlaps; <output-dir>/subnetworks.json."""
     if args.model is None:
         args.model = TRAINED_DEFAULT if os.path.isdir(TRAINED_DEFAULT) else common.DEFAULT_MODEL
         if args.model == common.DEFAULT_MODEL:
@@ -615,10 +658,13 @@ def main(argv=None):
     model, tok = common.load_mlm(args.model)
     model.eval()
     args.top_layers = args.top_layers or max(1, model.config.num_hidden_layers // 2)
+    if args.top_layers > model.config.num_hidden_layers:
+        raise SystemExit(f"subnetworks.py: --top-layers: expected at most the {model.config.num_hidden_layers} "
+                         f"layers of --model {args.model}, got {args.top_layers}")
 
     facts_dir = args.facts_dir
     if facts_dir is None:
-        kg_dir, _ = data.resolve_data("mini", args.data_root or data.MINI_ROOT)
+        kg_dir, _ = data.resolve_data("mini", args.data_root)
         facts_dir = os.path.join(os.path.dirname(kg_dir), "probes")
     facts = single_token_facts(read_facts(facts_dir), tok)
     _, ranks = label_ranks(model, None, fact_batch(tok, facts))  # full model, every fact

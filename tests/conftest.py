@@ -79,6 +79,19 @@ def tiny_model_dir(tmp_path):
     return d
 
 
+def store_from_rows(path, rows):
+    """A one-shard data.Store at `path` holding `rows` (pack_docs' lists: input_ids, word_start, ent_start,
+    ent_end, ent_id per sequence), written as the prepare step writes a shard."""
+    import json
+    import numpy as np
+    import data
+    os.makedirs(path, exist_ok=True)
+    data._write_shard(str(path), 0, [data._arrays(rows, np.uint16)])
+    json.dump({"format": data.FORMAT, "shards": [{"name": "shard-00000"}], "key": "test"},
+              open(os.path.join(path, "store.json"), "w"))
+    return data.Store(str(path))
+
+
 @pytest.fixture
 def git_repo(tmp_path):
     """A fresh git repository in tmp_path: .git(*args) -> stdout, .write({path: text}),

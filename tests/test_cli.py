@@ -141,16 +141,19 @@ def test_refused_resume_writes_nothing_and_routing_log_is_trimmed(tmp_path, tiny
     assert [r["step"] for r in strip(split / "routing.jsonl")] == [0, 2, 4, 6]
 
 
-def test_unknown_new_flag_is_run_changing(tiny_model_dir, tmp_path):
-    """A flag the checkpoint does not record (added later by another change) is refused, not ignored."""
+def test_a_flag_added_after_the_checkpoint_matches_it_at_its_default(tiny_model_dir, tmp_path):
+    """A flag the checkpoint does not record (added later by another change) stands for the behaviour the
+    checkpoint's code had: at its default the resume goes on, at any other value it is refused."""
     out = tmp_path / "r"
     run(tiny_model_dir, out, steps=2)
     path = out / "checkpoint" / "training_state.pt"
     st = torch.load(path, weights_only=False)
     del st["config"]["whole_word_mask"]
     torch.save(st, path)
-    with pytest.raises(SystemExit, match=r"--whole-word-mask \(not recorded\) -> False"):
-        run(tiny_model_dir, out, "--resume", steps=2)
+    with pytest.raises(SystemExit, match=r"--whole-word-mask False -> True"):
+        run(tiny_model_dir, out, "--resume", "--whole-word-mask", steps=3)
+    run(tiny_model_dir, out, "--resume", steps=3)
+    assert [r["step"] for r in metrics(out)][-1] == 3
 
 
 def test_resume_refuses_another_world_size(tiny_model_dir, tmp_path):

@@ -1,5 +1,5 @@
-"""data.py: KG reader, alias linker, span mapping (WordPiece and byte-level BPE), packing,
-MLM masking, the step-indexed data order, and the errors bad input must raise."""
+"""data.py and kg.py: KG reader, alias linker, span mapping (WordPiece and byte-level BPE), packing into
+the prepared store, MLM masking, the step-indexed data order, and the errors bad input must raise."""
 import json
 import os
 
@@ -9,14 +9,27 @@ import torch
 
 import common
 import data
+import kg as kgmod
 import synth_kg
+from kg import KG, AliasLinker, load_kg
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_data")
+KG_DIR = os.path.join(FIX, "kg")
 
 
 @pytest.fixture
 def kg():
-    return data.load_kg(os.path.join(FIX, "kg"))
+    return load_kg(KG_DIR)
+
+
+def build(corpus, tok, seq_len, out, kg_dir=KG_DIR, num_proc=None, kg_cache=None):
+    """data.prepare into `out`, then the store."""
+    data.prepare(str(corpus), str(kg_dir), tok, seq_len, str(out), num_proc=num_proc, kg_cache=kg_cache, quiet=True)
+    return data.Store(str(out))
+
+
+def all_rows(store):
+    return [{k: v.tolist() for k, v in r.items()} for r in store.rows(range(len(store)))]
 
 
 def test_load_kg(kg):
@@ -39,39 +52,39 @@ def _write_kg(tmp_path, ents, rels, triples):
 def test_kg_bad_column_count_names_file_and_line(tmp_path):
     d = _write_kg(tmp_path, "Q1\tA\nQ2\tB\n", "P1\tr\n", "Q1\tP1\tQ2\nQ1\tP1\n")
     with pytest.raises(common.DataError, match=r"triples.txt:2: expected 3 tab-separated columns"):
-        data.load_kg(d)
+        load_kg(d)
 
 
 def test_kg_unknown_relation_and_empty_file(tmp_path):
     d = _write_kg(tmp_path, "Q1\tA\nQ2\tB\n", "P1\tr\n", "Q1\tP9\tQ2\n")
     with pytest.raises(common.DataError, match=r"triples.txt:1: unknown relation 'P9'"):
-        data.load_kg(d)
+        load_kg(d)
     d2 = _write_kg(tmp_path / "x" if (tmp_path / "x").mkdir() is None else None, "", "P1\tr\n", "")
     with pytest.raises(common.DataError, match=r"entities.txt: empty"):
-        data.load_kg(d2)
+        load_kg(d2)
 
 
 def test_kg_duplicate_id_names_both_lines(tmp_path):
     d = _write_kg(tmp_path, "Q1\tA\nQ2\tB\nQ1\tC\n", "P1\tr\n", "")
     with pytest.raises(common.DataError, match=r"entities.txt:3: duplicate id 'Q1' \(first on line 1\)"):
-        data.load_kg(d)
+        load_kg(d)
 
 
 def test_kg_missing_file_names_expected_names(tmp_path):
     with pytest.raises(common.DataError,
                        match=r"no entities file; expected one of entities.txt, wikidata5m_entity.txt"):
-        data.load_kg(str(tmp_path))
+        load_kg(str(tmp_path))
 
 
 def test_linker_longest_match_case_and_boundaries(kg):
-    linker = data.AliasLinker(kg)
+    linker = AliasLinker(kg)
     text = "The United Kingdom and the United States; Parisian food in Paris. france, Rome."
     got = [(text[e["start"]:e["end"]], e["id"]) for e in linker.link(text)]
     # "United Kingdom" not "United"; "Parisian" is not "Paris" (word boundary); lowercase "france" is not linked
     assert got == [("United Kingdom", "Q145"), ("United States", "Q30"), ("Paris", "Q90"), ("Rome", "Q220")]
     assert linker.link("City of Light is Paris")[0] == {"id": "Q90", "start": 0, "end": 13}  # multi-word alias
     import types
-    punct = data.AliasLinker(types.SimpleNamespace(entity_aliases=[["Port-au-Prince"], ["St. John's"]],
+    punct = AliasLinker(types.SimpleNamespace(entity_aliases=[["Port-au-Prince"], ["St. John's"]],
                                                    entity_ids=["A", "B"]))
     assert [e["id"] for e in punct.link("From Port-au-Prince to St. John's.")] == ["A", "B"]
 
@@ -79,27 +92,27 @@ def test_linker_longest_match_case_and_boundaries(kg):
 @pytest.mark.parametrize("num_proc", [None, 2])
 def test_corpus_errors_name_file_and_line(tmp_path, kg, bert_tok, num_proc):
     p = tmp_path / "c.jsonl"
-    build = lambda: data.build_dataset(str(p), kg, bert_tok, 32, str(tmp_path / "cache"), num_proc=num_proc)
+    build_c = lambda: build(p, bert_tok, 32, tmp_path / "store", num_proc=num_proc)
     p.write_text('{"text": "Paris"}\n\n{"text": "x", bad}\n')
     with pytest.raises(common.DataError, match=r"c.jsonl:3: malformed JSON"):
-        build()
+        build_c()
     if num_proc:
         return  # one error through the workers is enough; the rest are the same code
     p.write_text(json.dumps({"text": "Paris", "entities": [{"id": "Q90", "start": 0, "end": 9}]}) + "\n")
     with pytest.raises(common.DataError, match=r"c.jsonl:1: entity span \[0, 9\) is outside the text of length 5"):
-        build()
+        build_c()
     p.write_text(json.dumps({"text": "Paris", "entities": [{"id": "Q999", "start": 0, "end": 5}]}) + "\n")
     with pytest.raises(common.DataError, match=r"c.jsonl:1: unknown entity 'Q999'"):
-        build()
+        build_c()
     p.write_bytes(b'{"text": "Paris"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(common.DataError, match=r"c.jsonl:2: not valid UTF-8"):
-        build()
+        build_c()
     p.write_text("\n  \n")
     with pytest.raises(common.DataError, match=r"empty corpus"):
-        build()
+        build_c()
     p.unlink()
     with pytest.raises(common.DataError, match=r"corpus file not found"):
-        build()
+        build_c()
 
 
 @pytest.mark.parametrize("which", ["bert", "roberta"])
@@ -135,12 +148,12 @@ def test_pack_drops_mentions_cut_by_truncation(bert_tok, kg):
     assert out["ent_id"] == [[], []]
 
 
-def test_build_dataset_links_and_caches(tmp_path, bert_tok, kg):
-    ds = data.build_dataset(os.path.join(FIX, "corpus.jsonl"), kg, bert_tok, 64, str(tmp_path))
-    assert len(ds) >= 2
-    n_ent = sum(len(x) for x in ds["ent_id"])
+def test_prepare_links_and_packs(tmp_path, bert_tok, kg):
+    store = build(os.path.join(FIX, "corpus.jsonl"), bert_tok, 64, tmp_path / "s")
+    assert len(store) >= 2
+    n_ent = sum(len(r["ent_id"]) for r in all_rows(store))
     assert n_ent == 20 * 2 + 20 * 4  # 2 given mentions x 20 lines + 4 linked ("Berlin ... Germany ... Germany ... Europe")
-    for row in ds:
+    for row in all_rows(store):
         for s, e, i in zip(row["ent_start"], row["ent_end"], row["ent_id"]):
             label = bert_tok.decode(row["input_ids"][s:e]).replace(" ", "")
             assert label in [a.lower().replace(" ", "") for a in kg.entity_aliases[i]]
@@ -200,13 +213,13 @@ def _reference_kg(kg_dir):
 def test_columnar_reader_equals_plain_python_on_a_synthetic_kg(tmp_path, monkeypatch):
     synth_kg.main(["--out", str(tmp_path / "s"), "--scale", "0.001", "--docs", "0", "--seed", "3"])
     kg_dir = str(tmp_path / "s" / "kg")
-    monkeypatch.setattr(data, "CHUNK_BYTES", 997)  # many chunk boundaries, cut mid-line
+    monkeypatch.setattr(kgmod, "CHUNK_BYTES", 997)  # many chunk boundaries, cut mid-line
     out = tmp_path / "parsed"
     out.mkdir()
-    data._parse_kg(kg_dir, str(out))
+    kgmod._parse_kg(kg_dir, str(out))
     meta = json.load(open(out / "meta.json"))
     json.dump(dict(meta, key="test"), open(out / "meta.json", "w"))
-    kg = data.KG(str(out))
+    kg = KG(str(out))
     ents, rels, e_ix, tri = _reference_kg(kg_dir)
     assert kg.num_entities == len(ents) == 3085 and list(kg.entity_ids) == [c[0] for c in ents]
     assert list(kg.entity_aliases) == [c[1:] for c in ents] and list(kg.entity_labels) == [c[1] for c in ents]
@@ -228,7 +241,7 @@ def test_kg_not_utf8_names_line(tmp_path):
     with open(os.path.join(d, "entities.txt"), "ab") as f:
         f.write(b"Q2\tcaf\xe9\n")
     with pytest.raises(common.DataError, match=r"entities.txt:2: not valid UTF-8"):
-        data.load_kg(d, cache_dir=str(tmp_path / "c"))
+        load_kg(d, cache_dir=str(tmp_path / "c"))
 
 
 def test_editing_the_kg_relinks_and_drops_removed_entities(tmp_path, bert_tok):
@@ -238,30 +251,32 @@ def test_editing_the_kg_relinks_and_drops_removed_entities(tmp_path, bert_tok):
     shutil.copytree(os.path.join(FIX, "kg"), kg_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Berlin is in Germany . Paris is in Deutschland .\n" * 3)
-    build = lambda kg: data.build_dataset(str(corpus), kg, bert_tok, 64, str(tmp_path / "cache"))
-    linked = lambda kg, ds: sorted(kg.entity_ids[e] for row in ds["ent_id"] for e in row)
-    kg1 = data.load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc"))
-    ds1 = build(kg1)
-    assert all(f["filename"].startswith(str(tmp_path / "cache")) for f in ds1.cache_files)
+    store = lambda out: build(corpus, bert_tok, 64, tmp_path / out, kg_dir=kg_dir, kg_cache=str(tmp_path / "kgc"))
+    linked = lambda kg, st: sorted(kg.entity_ids[e] for e in st.flat("ent_id"))
+    kg1 = load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc"))
+    ds1 = store("s1")
     assert linked(kg1, ds1) == sorted(["Q64", "Q183", "Q90"] * 3)
-    again = build(data.load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc")))
-    assert again.cache_files == ds1.cache_files  # unchanged inputs: the cache is reused
+    stamp = os.stat(tmp_path / "s1" / "shard-00000" / "tokens.npy").st_mtime_ns
+    assert store("s1").meta == ds1.meta  # unchanged inputs: the store is reused as it is
+    assert os.stat(tmp_path / "s1" / "shard-00000" / "tokens.npy").st_mtime_ns == stamp
     ents = (kg_dir / "entities.txt").read_text().splitlines()
     ents = [l for l in ents if not l.startswith("Q90\t")]  # remove Paris ...
     ents = [l + "\tDeutschland" if l.startswith("Q183\t") else l for l in ents]  # ... give Germany a new alias
     (kg_dir / "entities.txt").write_text("\n".join(ents) + "\n")
-    kg2 = data.load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc"))
+    kg2 = load_kg(str(kg_dir), cache_dir=str(tmp_path / "kgc"))
     assert kg2.key != kg1.key and "Q90" not in kg2.entity_index
     assert [d for d in os.listdir(tmp_path / "kgc") if not d.endswith(".lock")] == ["kg-" + kg2.key]  # old parse removed
-    ds2 = build(kg2)
-    assert ds2.cache_files != ds1.cache_files
+    with pytest.raises(common.DataError, match="holds a store prepared from other inputs"):
+        store("s1")  # a prepared --out is never silently replaced
+    ds2 = store("s2")
+    assert ds2.meta["kg_key"] == kg2.key != ds1.meta["kg_key"]
     assert linked(kg2, ds2) == sorted(["Q64", "Q183", "Q183"] * 3)
 
 
 def test_mention_counts_equal_a_count_over_the_rows(tmp_path, bert_tok, kg):
-    ds = data.build_dataset(os.path.join(FIX, "corpus.jsonl"), kg, bert_tok, 32, str(tmp_path))
+    ds = build(os.path.join(FIX, "corpus.jsonl"), bert_tok, 32, tmp_path / "s")
     ref = np.zeros(kg.num_entities, np.int64)
-    for row in ds:
+    for row in all_rows(ds):
         for e in row["ent_id"]:
             ref[e] += 1
     assert ref.sum() == 120 and np.array_equal(data.mention_counts(ds, kg.num_entities), ref)
@@ -285,6 +300,6 @@ def test_synth_kg_is_seeded_and_wikidata5m_shaped(tmp_path):
 def test_linking_under_num_proc_gives_the_same_dataset(tmp_path, bert_tok, kg):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Berlin is in Germany . The United Kingdom and Paris , France .\n" * 2500)
-    one = data.build_dataset(str(corpus), kg, bert_tok, 64, str(tmp_path / "a"))
-    two = data.build_dataset(str(corpus), kg, bert_tok, 64, str(tmp_path / "b"), num_proc=2)
-    assert one.to_dict() == two.to_dict() and sum(len(x) for x in one["ent_id"]) == 5 * 2500
+    one = build(corpus, bert_tok, 64, tmp_path / "a")
+    two = build(corpus, bert_tok, 64, tmp_path / "b", num_proc=2)
+    assert all_rows(one) == all_rows(two) and len(one.flat("ent_id")) == 5 * 2500

@@ -1,4 +1,5 @@
 """Tests for entity_importance.py: long tail, SI (Eq. 1), strategies, h_e, injection."""
+import os
 import types
 
 import numpy as np
@@ -235,26 +236,46 @@ def test_select_mentions_eligible_and_errors():
         ei.select_mentions("dkplm", ent_id, long_tail, si=si)
 
 
-def test_si_column_matches_semantic_importance(bert_tok, tmp_path):
-    import datasets
-    model = make_model("bert", bert_tok)
+def _si_store(bert_tok, path, ent_id):
+    """The three test sentences as a one-shard store, their mentions' entities `ent_id` (per sequence)."""
+    from conftest import store_from_rows
     ids, am, b, s, e = encode_batch(bert_tok, SENTS, ENTS)
-    rows = {"input_ids": [ids[i, :int(am[i].sum())].tolist() for i in range(3)], "ent_id": [[0, 0]] * 3,
+    rows = {"input_ids": [ids[i, :int(am[i].sum())].tolist() for i in range(3)], "ent_id": ent_id,
+            "word_start": [[0] * int(am[i].sum()) for i in range(3)],
             "ent_start": [s[b == i].tolist() for i in range(3)], "ent_end": [e[b == i].tolist() for i in range(3)]}
-    ds = datasets.Dataset.from_dict(rows)
-    out = ei.si_column(ds, model, bert_tok.mask_token_id, window=2, batch_size=2, fingerprint="tiny")
+    return store_from_rows(path, rows), (ids, am, b, s, e)
+
+
+def test_corpus_si_matches_semantic_importance(bert_tok, tmp_path):
+    """CorpusSI.score over a store (batches of 2 sequences, written per shard) = semantic_importance on the
+    whole batch, for the candidate mentions only (NaN elsewhere); a rerun reads the shard file back."""
+    model = make_model("bert", bert_tok)
+    store, (ids, am, b, s, e) = _si_store(bert_tok, tmp_path / "s", [[0, 0]] * 3)
     ref = ei.semantic_importance(model, ids, am, b, s, e, bert_tok.mask_token_id, window=2)
-    got = torch.tensor([v for x in out["ent_si"] for v in x])
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
-    assert [len(x) for x in out["ent_si"]] == [2, 2, 2]
-    rows["ent_id"] = [[0, 1], [2, 3], [0, 4]]
-    only = np.array([True, False, False, True, False])
-    part = ei.si_column(datasets.Dataset.from_dict(rows), model, bert_tok.mask_token_id, window=2, batch_size=2,
-                        fingerprint="tiny", only=only)
-    got = torch.tensor([v for x in part["ent_si"] for v in x])
-    scored = torch.tensor([True, False, False, True, True, False])
-    torch.testing.assert_close(got[scored], ref[scored], atol=1e-5, rtol=0)
-    assert torch.isnan(got[~scored]).all()
+    si = ei.CorpusSI(np.ones(5, bool), 0.5, window=2, refresh=0, batch_size=2)
+    si.score(store, model, bert_tok.mask_token_id, str(tmp_path / "si"))
+    torch.testing.assert_close(torch.from_numpy(si.values), ref, atol=1e-5, rtol=0)
+    assert si.threshold == ei.important_threshold(si.values.astype(np.float64), np.ones(6, bool), 0.5)
+    store, _ = _si_store(bert_tok, tmp_path / "s2", [[0, 1], [2, 3], [0, 4]])
+    part = ei.CorpusSI(np.array([True, False, False, True, False]), 0.5, window=2, refresh=0, batch_size=2)
+    part.score(store, model, bert_tok.mask_token_id, str(tmp_path / "si2"))
+    scored = np.array([True, False, False, True, True, False])
+    torch.testing.assert_close(torch.from_numpy(part.values[scored]), ref[scored], atol=1e-5, rtol=0)
+    assert np.isnan(part.values[~scored]).all()
+    os.remove(os.path.join(tmp_path, "s2", "shard-00000", "tokens.npy"))  # a rerun must not need the text again
+    again = ei.CorpusSI(part.candidate, 0.5, window=2, refresh=0, batch_size=2)
+    again.score(store, model, bert_tok.mask_token_id, str(tmp_path / "si2"))
+    assert np.array_equal(again.values, part.values, equal_nan=True)
+
+
+def test_shares_balance_candidate_mentions_and_cover_every_shard():
+    from types import SimpleNamespace
+    shard = lambda ids: {"ent_id": np.asarray(ids)}
+    store = SimpleNamespace(shards=[shard([0] * 5), shard([1] * 9), shard([0, 1]), shard([0] * 4), shard([])])
+    cand = np.array([True, False])  # candidate mentions per shard: 5, 0, 1, 4, 0
+    assert ei.shares(store, cand, 2) == [[0, 1, 4], [2, 3]]  # 5 against 5
+    assert ei.shares(store, cand, 1) == [[0, 1, 2, 3, 4]]
+    assert sorted(sum(ei.shares(store, cand, 3), [])) == [0, 1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- KnowledgeInjector

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import config
+from kg import load_kg
 import data
 import model
 import pretrain
@@ -161,7 +162,7 @@ def test_torchrun_trelm_ranks_hold_identical_memory_paths_and_weights(tiny_model
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
     assert len(a["bank"]["sorted_keys"]) > 0
-    num_entities = data.load_kg(os.path.join(FIX, "kg")).num_entities
+    num_entities = load_kg(os.path.join(FIX, "kg")).num_entities
     assert (int(a["bank"]["sorted_keys"].max()) >= num_entities) == ("--long-tail-words" in extra)  # word keys
     for k, v in a["bank"].items():
         assert (torch.equal(v, b["bank"][k]) if torch.is_tensor(v) else v == b["bank"][k]), k
@@ -275,7 +276,7 @@ def test_one_trelm_step_position_by_position(kind, tmp_path):
     with torch.no_grad():  # hand-set embeddings: row i = a fixed pattern scaled by (1 + i / V)
         V, H = W.shape
         W.copy_(torch.sin(torch.arange(V)[:, None] * 0.37 + torch.arange(H)[None] * 1.3) * (1 + torch.arange(V)[:, None] / V))
-    t.step = len(t.know.ds) // t.global_batch + 1  # in epoch q = 1: lambda = 0.5 / 2
+    t.step = len(t.store) // t.global_batch + 1  # in epoch q = 1: lambda = 0.5 / 2
     peek = t.get_batch(0)
     plan = peek["plan"]
     assert plan is not None and len(plan.rows) > 0
@@ -293,9 +294,9 @@ def test_one_trelm_step_position_by_position(kind, tmp_path):
     emb = lambda label: W0[tok(" " + label, add_special_tokens=False)["input_ids"][:16]].mean(0)
     unit = lambda v, n: v * (n / v.norm())
     g2 = torch.Generator().manual_seed(int(np.random.SeedSequence([t.cfg.run.seed, t.step - 1, 0]).generate_state(1)[0]))
-    rows = t.know.ds[data.micro_batch_indices(t.step - 1, 0, 0, len(t.know.ds), t.cfg.data.batch_size, 1, 1,
-                                              t.cfg.run.seed)]
-    ref = t.collate([dict(zip(rows, v)) for v in zip(*rows.values())], g2)
+    rows = t.store.rows(data.micro_batch_indices(t.step - 1, 0, 0, len(t.store), t.cfg.data.batch_size, 1, 1,
+                                                 t.cfg.run.seed))
+    ref = t.collate(rows, g2)
     for r in range(ids.shape[0]):
         for c in range(ids.shape[1]):
             if (r, c) in inj:
@@ -423,19 +424,19 @@ def test_si_refresh_rescores_with_the_current_model(tiny_model_dir, tmp_path):
     argv = ["--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "o"), "--batch-size", "4",
             "--seq-len", "32", "--seed", "1", "--no-routing", "--si-refresh", "1", "--lr", "1e-2"]
     t = pretrain.Trainer(config.from_argv(argv))
-    assert len(t.know.ds) == 20 and t.global_batch == 4
-    initial = data.flat_column(t.know.ds, "ent_si", np.float64)
+    assert len(t.store) == 20 and t.global_batch == 4
+    initial = t.know.si.values.astype(np.float64)
     for _ in range(5):
         t.train_step()
-    assert t.know.si.epoch == 0 and np.array_equal(data.flat_column(t.know.ds, "ent_si", np.float64), initial, equal_nan=True)
+    assert t.know.si.epoch == 0 and np.array_equal(t.know.si.values.astype(np.float64), initial, equal_nan=True)
     t.train_step()  # step 6 starts epoch 1: refresh first
     assert t.know.si.epoch == 1
-    si = data.flat_column(t.know.ds, "ent_si", np.float64)
+    si = t.know.si.values.astype(np.float64)
     scored = ~np.isnan(si)
     assert scored.sum() > 3 and np.array_equal(scored, ~np.isnan(initial))
     assert np.abs(si[scored] - initial[scored]).max() > 1e-6  # another model scored them
-    row = next(i for i in range(len(t.know.ds)) if t.know.ds[i]["ent_id"])
-    r = t.know.ds[row]
+    row = next(i for i in range(len(t.store)) if len(t.store.rows([i])[0]["ent_id"]))
+    r = {**t.store.rows([row])[0], "ent_si": t.know.si.values[t.store.mention_index([row])]}
     ids = torch.tensor([r["input_ids"]])
     n = len(r["ent_start"])
     # the weights SI saw are those of step 5's end; step 6 has changed them since: recompute from a copy
@@ -451,7 +452,7 @@ def test_si_refresh_rescores_with_the_current_model(tiny_model_dir, tmp_path):
     ok = ~torch.isnan(got)
     assert got[ok].abs().max() > 2e-6  # the tiny random model's SI is small: compare to a few float32 ulps of cos
     torch.testing.assert_close(got[ok], ref[ok].float(), atol=3e-7, rtol=0)
-    cand = t.know.si.candidate[data.flat_column(t.know.ds, "ent_id", np.int64)]
+    cand = t.know.si.candidate[t.store.flat("ent_id")]
     assert t.know.si.threshold == ei.important_threshold(si, cand, 0.5)
 
 
@@ -475,9 +476,9 @@ def test_si_refresh_resumes_exactly_across_the_refresh(tiny_model_dir, tmp_path,
             "--max-steps", "8", "--batch-size", "4", "--seq-len", "32", "--log-every", "1", "--seed", "3",
             "--save-every", "3", "--resume", *extra]
     t = pretrain.Trainer(config.from_argv(argv))
-    initial = data.flat_column(t.know.ds, "ent_si", np.float32)
+    initial = t.know.si.values.copy()
     t.resume()  # the refreshed values come back, not the initial model's
-    restored = data.flat_column(t.know.ds, "ent_si", np.float32)
+    restored = t.know.si.values
     assert t.know.si.epoch == 1 and np.array_equal(restored, st["si"]["values"], equal_nan=True)
     assert not np.array_equal(restored, initial, equal_nan=True)
     monkeypatch.setattr(pretrain.Trainer, "train_step", orig)
@@ -492,16 +493,16 @@ def test_si_refresh_resumes_exactly_across_the_refresh(tiny_model_dir, tmp_path,
 
 # ----------------------------------------------------------------------------- --long-tail-words
 
-def _hand_corpus(tok):
-    """Four sequences, one linked mention ("France" in the first), as build_dataset lays them out."""
-    import datasets
+def _hand_corpus(tok, path):
+    """Four sequences, one linked mention ("France" in the first), as the prepare step lays them out."""
+    from conftest import store_from_rows
     texts = ["Paris is the capital of France.", "Berlin, the capital of Germany", "Tokyo is in -Japan",
              "Zq is in Japan"]
     ents = [[{"id": "Q142", "start": 24, "end": 30}], [], [], []]
     docs = data.tokenize_docs({"text": texts, "entities": ents}, tok, {"Q142": 0})
     rows = [data.pack_docs({k: [v[i]] for k, v in docs.items()}, tok.cls_token_id, tok.sep_token_id, 32)
             for i in range(len(texts))]
-    return datasets.Dataset.from_dict({k: [r[k][0] for r in rows] for k in rows[0]})
+    return store_from_rows(path, {k: [r[k][0] for r in rows] for k in rows[0]})
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -513,7 +514,7 @@ def test_long_tail_word_selection_on_a_hand_made_corpus(kind, tmp_path):
     tok = make_bert_tokenizer(tmp_path) if kind == "bert" else make_roberta_tokenizer(tmp_path)
     plain = data.plain_tokens(tok)
     assert not plain[tok.cls_token_id] and not plain[tok.convert_tokens_to_ids(",")]
-    counts = data.word_counts(_hand_corpus(tok), plain)
+    counts = data.word_counts(_hand_corpus(tok, tmp_path / "store"), plain)
     got = {tok.convert_ids_to_tokens(int(i)): int(counts[i]) for i in np.nonzero(counts)[0]}
     if kind == "bert":  # France is the mention; "." and "," are punctuation; "-" starts japan's word
         want = {"paris": 1, "is": 3, "the": 2, "capital": 2, "of": 2, "berlin": 1, "germany": 1, "tokyo": 1,
