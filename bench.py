@@ -91,13 +91,14 @@ from transformers import BertConfig, BertForMaskedLM
 
 import common
 import config
+import optim
 import pretrain
 import routing
 import study_variants
 from bench_profile import IG, MIN_ROW_PCT, PROFILE_SPANS, SLICE_OPS, STEP, format_profile, labelled, peak_memory, \
     profile_tree, step_flops
 from memory_bank import span_input
-from model import KnowledgeMLM
+from model import KnowledgeMLM, KnowledgeProb
 
 # Calibrated on a quiet 2-core machine (2026-12-01, d99ab94, --repeats 5): ratio spreads up to 18% of
 # their value, the memory bank's ~3% of extra work measured 0.96-1.07; under load (load average
@@ -216,8 +217,8 @@ def make_model(args):
     """A BERT masked LM of the benchmark shape (default: MiniLM-L6-H384's config), random init."""
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                     num_attention_heads=max(1, args.hidden // 32), intermediate_size=4 * args.hidden,
-                     max_position_embeddings=max(512, args.seq))
+                     num_attention_heads=getattr(args, "heads", None) or max(1, args.hidden // 32),
+                     intermediate_size=4 * args.hidden, max_position_embeddings=max(512, args.seq))
     return BertForMaskedLM(cfg)
 
 
@@ -243,7 +244,7 @@ def measure_plain(args):
     """A plain MLM step through pretrain.py's own model wrapper and optimizer; its MFU."""
     model = make_model(args)
     net = KnowledgeMLM(model).train()
-    opt = pretrain.make_optimizer(net.parameters(), argparse.Namespace(lr=1e-4, weight_decay=0.01))
+    opt = optim.make_optimizer(net.parameters(), argparse.Namespace(lr=1e-4, weight_decay=0.01))
     ids, attn, labels = make_batch(args)
 
     def step():
@@ -283,8 +284,9 @@ def routed(t):
     re-routes only where its --route-every says (every step at 1; at its first, untimed step otherwise)."""
     if t.router is None:
         t.start_routing()
-    if t.paths is None:
-        t.route(t.get_batch(0))
+    if t.paths is None and not (t.attribution is not None and t.attribution.in_backward):
+        t.route(t.get_batch(0))  # (loss-grad chooses its paths in the first step's backward)
+        t.routed()
     return t
 
 
@@ -336,31 +338,81 @@ def measure_routing(args):
     return res
 
 
+# the per-batch readings (scope ffn, --route-every 1), one per attribution form cheap enough to run every step:
+# key suffix -> the --ig-form flags (first-order: on the training forward; first-order-subset: a pass of its own
+# over one sequence; loss-grad: inside the training backward)
+EVERY1 = {"": ["--ig-form", "first-order"], "_fo_subset": ["--ig-form", "first-order-subset", "--ig-batch", "1"],
+          "_loss_grad": ["--ig-form", "loss-grad"]}
+
+
 def measure_readings(args):
-    """The readings of routing against plain MLM and full-parameter TRELM, one interleaved run: routed
-    steps under scope strict / blocks / ffn with fixed paths (routed once), the per-batch step (scope
-    ffn, --route-every 1, first-order attribution on the step's own forward, which it includes)."""
-    every1 = ["--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order"]
+    """The readings of routing against plain MLM and full-parameter TRELM, one interleaved run: routed steps
+    under scope strict / blocks / ffn with fixed paths (routed once), and the per-batch steps (scope ffn,
+    --route-every 1, EVERY1's attribution forms, each step including its attribution). Beside each ratio its
+    FLOP floor (<key>_floor: the same ratio of counted matmul FLOPs, step_flops on the same step), and the
+    top --route-ratio Jaccard of the cheap forms' paths with Eq. 11's and first-order's on one batch."""
     ts = {"mlm": trainer(["--method", "mlm"], args), "full": trainer(["--method", "trelm", "--no-routing"], args)}
     for scope in routing.SCOPES:
         ts[f"routed_{scope}"] = routed(trainer(["--method", "trelm", "--route-scope", scope], args))
-    e1 = ts["every1"] = routed(trainer(["--method", "trelm", *every1], args))
+    for suffix, form in EVERY1.items():
+        ts["every1" + suffix] = routed(trainer(["--method", "trelm", "--route-scope", "ffn", "--route-every", "1",
+                                                *form], args))
+    e1, fos = ts["every1"], ts["every1_fo_subset"]
     batch = e1.get_batch(0)
 
-    def first_order():  # the attribution alone, on the training forward it reuses (untimed)
-        out = e1.forward(batch, 0, e1.attribution)
-        t0 = time.perf_counter()
-        e1.attribution(e1.net.mlm, e1.knowledge_prob(batch), out)
-        return time.perf_counter() - t0
-    s = interleaved({**{f"{k}_step_s": t.train_step for k, t in ts.items()}, "attr_first_order_s": first_order},
-                    args.repeats, model_shapes(args))
+    def attribution(t):  # the attribution alone (first-order: on the training forward it reuses, untimed)
+        def f():
+            out = t.forward(batch, 0, t.attribution)
+            t0 = time.perf_counter()
+            t.attribution(t.net.mlm, t.knowledge_prob(batch), out)
+            return time.perf_counter() - t0
+        return f
+    s = interleaved({**{f"{k}_step_s": t.train_step for k, t in ts.items()}, "attr_first_order_s": attribution(e1),
+                     "attr_fo_subset_s": attribution(fos)}, args.repeats, model_shapes(args))
+    flops = {k: step_flops(t.train_step) for k, t in ts.items()}
+    flops["attr_first_order"] = step_flops(attribution(e1))
+    flops["attr_fo_subset"] = step_flops(attribution(fos))
     rounds = [dict(zip(s, r)) for r in zip(*s.values())]
     out = dict(s)
-    for scope in ("ffn", "blocks"):
-        out[f"routed_{scope}_step_over_full"] = [r[f"routed_{scope}_step_s"] / r["full_step_s"] for r in rounds]
-    out["routed_strict_step_over_full"] = [r["routed_strict_step_s"] / r["full_step_s"] for r in rounds]
-    out["trelm_step_over_mlm_every1"] = [r["every1_step_s"] / r["mlm_step_s"] for r in rounds]
-    out["attr_first_order_over_step"] = [r["attr_first_order_s"] / r["full_step_s"] for r in rounds]
+
+    def ratio(key, num, den):
+        out[key] = [r[f"{num}_s"] / r[f"{den}_s"] for r in rounds]
+        out[key + "_floor"] = [flops[num.removesuffix("_step")] / flops[den.removesuffix("_step")]]
+    for scope in routing.SCOPES:
+        ratio(f"routed_{scope}_step_over_full", f"routed_{scope}_step", "full_step")
+    for suffix in EVERY1:
+        ratio(f"trelm_step_over_mlm_every1{suffix}", f"every1{suffix}_step", "mlm_step")
+    ratio("attr_first_order_over_step", "attr_first_order", "full_step")
+    ratio("attr_fo_subset_over_step", "attr_fo_subset", "full_step")
+    out["attr_loss_grad_over_step"] = [(r["every1_loss_grad_step_s"] - r["routed_ffn_step_s"]) / r["full_step_s"]
+                                       for r in rounds]  # the in-backward selection's extra time over fixed paths
+    out.update(path_jaccards(ts, batch))
+    return out
+
+
+def path_jaccards(ts, batch):
+    """Top --route-ratio Jaccard of the cheap forms' paths with Eq. 11's (the layer form) and first-order's,
+    all on one batch at the same weights (a fresh trainer's: no step taken): first-order on the training
+    forward, first-order-subset on its own pass, loss-grad from a training backward (not stepped)."""
+    t, r = ts["every1"], ts["every1"].cfg.routing
+    px = t.knowledge_prob(batch)
+    paths = {"eq11": routing.select_paths(routing.Attribution("layer", r.ig_steps, r.ig_chunk, r.ig_memory_mb)(
+        t.net.mlm, px), ratio=r.route_ratio)}
+    t.net.train()
+    fo = routing.Attribution("first-order")
+    paths["first_order"] = routing.select_paths(fo(t.net.mlm, px, t.forward(batch, 0, fo)), ratio=r.route_ratio)
+    subset = routing.Attribution("first-order-subset")(t.net.mlm, KnowledgeProb(t.net, batch, 1))  # as EVERY1's
+    paths["fo_subset"] = routing.select_paths(subset, ratio=r.route_ratio)
+    k = max(1, round(r.route_ratio * t.router.sizes[0]))
+    t.router.arm(k)
+    t.forward(batch, 0)["loss"].backward()
+    paths["loss_grad"] = [p.cpu() for p in t.router.paths]
+    t.optimizer.zero_grad(set_to_none=True)
+    out = {}
+    for f in ("first_order", "fo_subset", "loss_grad"):
+        out[f"paths_{f}_jaccard_vs_eq11"] = [routing.path_jaccard(paths[f], paths["eq11"])]
+        if f != "first_order":
+            out[f"paths_{f}_jaccard_vs_first_order"] = [routing.path_jaccard(paths[f], paths["first_order"])]
     return out
 
 
@@ -506,8 +558,28 @@ def profile_step(args, steps=3):
 
 # ----------------------------------------------------------------------------- main
 
+def paper_model(workdir):
+    """BERT-base (BertConfig()'s 12 x 768, 12 heads, 3072 FFN) with random weights and the shipped tokenizer's
+    30,522 tokens, saved once under workdir: the paper's model shape, no download."""
+    d = os.path.join(workdir, "bert-base-random")
+    if not os.path.exists(os.path.join(d, "config.json")):
+        tok = common.load_tokenizer(common.DEFAULT_MODEL)
+        torch.manual_seed(0)
+        BertForMaskedLM(BertConfig(vocab_size=len(tok))).save_pretrained(d)
+        tok.save_pretrained(d)
+    return d
+
+
 def configs(args):
-    """[(name, args)]: the default shape, and with --config study the study's (study_variants.py)."""
+    """[(name, args)]: the default shape, with --config study the study's too (study_variants.py); with
+    --config paper BERT-base's alone (paper_model; --paper-batch x --paper-seq)."""
+    if args.config == "paper":
+        paper = copy.copy(args)
+        paper.layers, paper.hidden, paper.heads, paper.vocab = 12, 768, 12, 30522
+        paper.batch, paper.seq = args.paper_batch, args.paper_seq
+        paper.model = paper_model(os.path.join(args.workdir, "paper"))
+        paper.workdir = os.path.join(args.workdir, "paper")
+        return [("paper", paper)]
     out = [("default", args)]
     if args.config == "study":
         flags = study_variants.PRETRAIN_ARGS.split()
@@ -529,8 +601,11 @@ def get_parser():
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved timing (>= 2 for a spread)")
     p.add_argument("--only", default=None, help=f"comma list of measurement groups: {','.join(MEASUREMENTS)}")
-    p.add_argument("--config", default="default", choices=("default", "study"),
-                   help="study: also time the study's shape (batch 16 x 64, its --route-every) beside the default")
+    p.add_argument("--config", default="default", choices=("default", "study", "paper"),
+                   help="study: also time the study's shape (batch 16 x 64, its --route-every) beside the default; "
+                        "paper: BERT-base's shape alone (groups plain and readings unless --only says otherwise)")
+    p.add_argument("--paper-batch", type=int, default=4, help="--config paper: sequences per step")
+    p.add_argument("--paper-seq", type=int, default=256, help="--config paper: tokens per sequence")
     p.add_argument("--max-spread", type=float, default=MAX_SPREAD,
                    help="a ratio whose (max - min) over repeats exceeds this fraction of its value marks the run unreliable")
     p.add_argument("--profile", action="store_true", help="print the torch-profiler table of a TRELM step instead")
@@ -577,7 +652,7 @@ def write_costs(args):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    groups = (args.only or ",".join(MEASUREMENTS)).split(",")
+    groups = (args.only or ("plain,readings" if args.config == "paper" else ",".join(MEASUREMENTS))).split(",")
     for g in groups:
         if g not in MEASUREMENTS:
             raise SystemExit(f"bench.py: --only {args.only}: unknown group {g!r}; expected some of {','.join(MEASUREMENTS)}")
@@ -620,7 +695,7 @@ def main(argv=None):
                **report(samples, args.max_spread)}
         for w in out["warnings"]:
             print(f"bench.py [{name}] WARNING: {w}", file=sys.stderr)
-        if name == "default":
+        if name in ("default", "paper"):
             res.update(out)
         else:
             res[name] = out

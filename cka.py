@@ -34,16 +34,17 @@ import torch.nn.functional as F
 import common
 
 
-def label_token_counts(kg, tokenizer, vocab_size):
+def label_token_counts(kg, tokenizer, vocab_size, chunk=65536):
     """(V,) int64: how often each token occurs in the tokenized KG entity labels (each entity's
-    label once, as a mid-sentence word with a leading space, no special tokens). Special tokens
-    (e.g. [UNK]) get count 0 so they are never drawn as negatives."""
-    labels = [" " + s for s in kg.entity_labels]
-    ids = tokenizer(labels, add_special_tokens=False)["input_ids"] if labels else []
-    flat = np.fromiter((t for x in ids for t in x), np.int64, sum(len(x) for x in ids))
-    if flat.size and flat.max() >= vocab_size:
-        raise ValueError(f"cka.label_token_counts: token id {flat.max()} >= vocab_size {vocab_size}")
-    counts = np.bincount(flat, minlength=vocab_size).astype(np.int64)
+    label once, as a mid-sentence word with a leading space, no special tokens), tokenized `chunk`
+    labels at a time. Special tokens (e.g. [UNK]) get count 0 so they are never drawn as negatives."""
+    counts = np.zeros(vocab_size, np.int64)
+    for i in range(0, len(kg.entity_labels), chunk):  # a chunk at a time: Wikidata5M has 4.8M labels
+        ids = tokenizer([" " + s for s in kg.entity_labels[i:i + chunk]], add_special_tokens=False)["input_ids"]
+        flat = np.fromiter((t for x in ids for t in x), np.int64, sum(len(x) for x in ids))
+        if flat.size and flat.max() >= vocab_size:
+            raise ValueError(f"cka.label_token_counts: token id {flat.max()} >= vocab_size {vocab_size}")
+        counts += np.bincount(flat, minlength=vocab_size)
     counts[[i for i in tokenizer.all_special_ids if i < vocab_size]] = 0
     return counts
 

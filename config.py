@@ -57,6 +57,15 @@ METHOD_TABLE = {
     "mlm": Method(injection="none", decoding="none", loss="mlm", sampler=False, bank=False, routing=False),
 }
 METHODS = tuple(METHOD_TABLE)
+LOSSES_OF_DKPLM = ("sum", "theta")  # --dkplm-loss: model.LOSSES keys
+
+
+def method_of(cfg):
+    """The Method a run trains: its METHOD_TABLE row, with DKPLM's readings (--dkplm-loss, --dkplm-decoder)."""
+    row = METHOD_TABLE[cfg.run.method]
+    if cfg.run.method == "dkplm":
+        row = replace(row, loss=cfg.injection.dkplm_loss, decoding=cfg.injection.dkplm_decoder)
+    return row
 
 # --preset: the paper's setting on 8 GPUs. TRELM states the model, the data (26M Wikipedia sequences +
 # Wikidata5M) and the hardware (8 x A100-80G) but no optimisation setting; the values below come from
@@ -119,6 +128,10 @@ class Injection:
     si_batch: int
     theta: float
     negatives: int
+    kg_grad: str
+    dkplm_loss: str
+    dkplm_decoder: str
+    dkplm_select: str
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,15 @@ def get_parser(description=None):
     a("--si-batch", type=int, default=64, help="sequences per SI(e) batch (each rank scores its share of the shards)")
     a("--theta", type=float, default=0.5, help="Eq. 3: L = theta*L_MLM + (1-theta)*L_CKA")
     a("--negatives", type=int, default=16, help="K negatives per target drawn from Q (Eq. 2)")
+    a("--kg-grad", default="on", choices=("on", "off"),
+      help="h_e = E(t) - E(r) (and DKPLM's relation) takes gradients into the word embeddings (on), or is read from "
+           "them detached (off: as DKPLM's code, whose KG tables are frozen)")
+    a("--dkplm-loss", default="sum", choices=tuple(LOSSES_OF_DKPLM),
+      help="DKPLM: L_MLM + L_dec as its released code (sum), or theta * L_MLM + (1 - theta) * L_dec (theta)")
+    a("--dkplm-decoder", default="relation", choices=("relation", "plain"),
+      help="DKPLM: decode the entity tokens from h * r_hat (relation) or from h (plain)")
+    a("--dkplm-select", default="above-mean", choices=("above-mean", "at-least-mean"),
+      help="DKPLM: KLT strictly above its sequence's mean (a sequence's only candidate never is), or at least it")
     g = p.add_argument_group("knowledge-augmented memory bank (Sec. 3.2, Eq. 4-8)")
     a = g.add_argument
     a("--no-memory-bank", action="store_true")
@@ -375,9 +397,16 @@ def check(ns):
             bad("--" + flag.replace("_", "-"), f"expected (0, 100], got {getattr(ns, flag)}")
     if ns.resume and ns.overwrite:
         bad("--resume/--overwrite", "pass one: --resume continues the run in --output-dir, --overwrite deletes it")
+    if ns.method != "dkplm":
+        for flag, default in (("dkplm_loss", "sum"), ("dkplm_decoder", "relation"), ("dkplm_select", "above-mean")):
+            if getattr(ns, flag) != default:
+                bad("--" + flag.replace("_", "-"), f"is a DKPLM reading; not valid with --method {ns.method}")
+    if ns.method == "mlm" and ns.kg_grad != "on":
+        bad("--kg-grad", "--method mlm injects nothing")
     if ns.method != "trelm":
+        allowed = ("no_injection",) if ns.method == "dkplm" else ()  # DKPLM with the mask embedding at its spans
         for flag in ("no_injection", "no_memory_bank", "no_routing"):
-            if getattr(ns, flag):
+            if getattr(ns, flag) and flag not in allowed:
                 bad("--" + flag.replace("_", "-"), f"is a TRELM ablation; not valid with --method {ns.method}")
         if ns.long_tail_words:
             bad("--long-tail-words", f"adds memory-bank keys (TRELM only); not valid with --method {ns.method}")

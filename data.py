@@ -10,6 +10,7 @@ Wikidata5M's layout (kg.py); links, tokenizes and packs it with --num-proc worke
 writes a store of memory-mapped numpy files in compact dtypes, in shards, each written atomically:
 
     DIR/store.json                 tokenizer, sequence length, KG key, corpus, counts; written last
+    DIR/q_counts.npy, label_tokens.npy, label_lens.npy   the KG's entity labels tokenized once (label_tables)
     DIR/shard-00000/tokens.npy     (T,) uint16 when the vocabulary fits (else uint32): every sequence,
                                    [CLS] ... [SEP], end to end
                    seq.npy         (N + 1,) int32 token offset of each sequence
@@ -55,6 +56,8 @@ import numpy as np
 import corpus as corpora
 from common import DataError, cache_key, cache_root, code_version, file_stamp, writable_dir
 from data_mini import mini_dir
+from cka import label_token_counts
+from entity_importance import MAX_LABEL_TOKENS, _tokenize_labels
 from kg import AliasLinker, load_kg
 
 PACK_BLOCK = 1000  # documents per block; sequences are packed within a block
@@ -143,7 +146,8 @@ def store_key(stamps, kg, tok, seq_len, shard_blocks=SHARD_BLOCKS, alias_linker=
     return cache_key([stamps, kg.key, tokenizer_key(tok), seq_len, PACK_BLOCK, shard_blocks, alias_linker,
                       None if titles is None else file_stamp(titles),
                       code_version(corpora.parse, corpora.link, corpora.strip_anchors, AliasLinker, char_to_token_spans,
-                                   tokenize_docs, pack_docs, _prepare_block, _arrays, _write_shard)])
+                                   tokenize_docs, pack_docs, _prepare_block, _arrays, _write_shard, label_tables,
+                                   label_token_counts, _tokenize_labels)])
 
 
 def tokenizer_key(tok):
@@ -209,6 +213,7 @@ def prepare(corpus_path, kg_dir, tok, seq_len, out, num_proc=None, titles=None, 
     t0 = time.time()
     layout, files = corpora.detect(corpus_path)
     kg = load_kg(kg_dir, kg_cache)
+    t_kg = time.time()
     stamps = [file_stamp(f) for f in files]
     key = store_key(stamps, kg, tok, seq_len, shard_blocks, alias_linker, titles)
     os.makedirs(out, exist_ok=True)
@@ -229,6 +234,7 @@ def prepare(corpus_path, kg_dir, tok, seq_len, out, num_proc=None, titles=None, 
     _WORKER.update(kg=kg, tok=tok, seq_len=seq_len, token_dtype=np.uint16 if vocab <= 1 << 16 else np.uint32,
                    titles=corpora.read_titles(titles) if titles else None,
                    linker=AliasLinker(kg) if alias_linker else _NoLinker())
+    t_linker = time.time()
     shards, sources, kept = [], {}, 0
     done = lambda i: os.path.isdir(os.path.join(out, f"shard-{i:05d}"))
 
@@ -271,6 +277,8 @@ def prepare(corpus_path, kg_dir, tok, seq_len, out, num_proc=None, titles=None, 
             pool.join()
         _WORKER.clear()
         gc.unfreeze()
+    for k, v in label_tables(kg, tok).items():  # (E,) or (V,): small beside the shards
+        np.save(os.path.join(out, k + ".npy"), v)
     names = sorted(n for n in os.listdir(out) if n.startswith("shard-"))
     for n in names:
         s = Store.shard_counts(os.path.join(out, n))
@@ -288,7 +296,8 @@ def prepare(corpus_path, kg_dir, tok, seq_len, out, num_proc=None, titles=None, 
     if sources:  # this run's documents only (a resumed prepare counts the shards it wrote)
         meta["mention_sources_linked"] = sources
         meta["mentions_kept_in_sequences"] = kept
-    meta["seconds"] = round(time.time() - t0, 1)
+    meta["seconds"] = dict(total=round(time.time() - t0, 1), kg=round(t_kg - t0, 1), linker=round(t_linker - t_kg, 1),
+                           shards=round(time.time() - t_linker, 1))  # kg: a parse once per KG (then cached)
     tmp = meta_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -309,6 +318,15 @@ class _NoLinker:
 
     def link(self, text):
         return []
+
+
+def label_tables(kg, tok):
+    """Every entity label tokenized once (as a mid-sentence word, no special tokens), for the knowledge side
+    of every run on the store: Q's token counts over the whole labels (Eq. 2, cka.label_token_counts) and
+    the labels cut at h_e's MAX_LABEL_TOKENS (entity_importance.KnowledgeInjector). At Wikidata5M's 4.8M
+    labels this is minutes of tokenizer time a rank would otherwise spend before its first step."""
+    tokens, lens = _tokenize_labels(tok, kg.entity_labels[:], MAX_LABEL_TOKENS)
+    return {"q_counts": label_token_counts(kg, tok, len(tok)), "label_tokens": tokens.numpy(), "label_lens": lens.numpy()}
 
 
 def census_line(meta):
@@ -384,6 +402,14 @@ class Store:
     def flat(self, name, dtype=np.int64):
         """(M,) ent_start / ent_end / ent_id over every mention, or (T,) tokens over every token, in order."""
         return np.concatenate([np.asarray(s[name], dtype) for s in self.shards])
+
+    def labels(self):
+        """(tokens (E, L) int32, lens (E,)) of every entity label (label_tables), memory-mapped."""
+        return tuple(np.load(os.path.join(self.path, k + ".npy"), mmap_mode="r") for k in ("label_tokens", "label_lens"))
+
+    def q_counts(self):
+        """(V,) int64 token counts over the entity labels: Q of Eq. 2 (label_tables)."""
+        return np.load(os.path.join(self.path, "q_counts.npy"))
 
     def check_tokenizer(self, tok, flag="--model"):
         if tokenizer_key(tok) != self.meta["tokenizer"]:

@@ -520,9 +520,11 @@ def fact_sentences(chosen, split, entities, mentions_per_fact, rng):
     return out
 
 
-def fact_lines(sentences, heldout_pairs, sentences_per_line, rng):
+def fact_lines(sentences, heldout_pairs, sentences_per_line, rng, matcher):
     """Shuffle the fact sentences and join 1..sentences_per_line of them per line, starting a new
-    line whenever a sentence would put both entities of a held-out pair on one line."""
+    line whenever a sentence would put both entities of a held-out pair on one line: its annotated
+    entities and every entity whose alias it contains (matcher, as validate reads a line). A sentence
+    that holds both entities of a held-out pair itself is left out."""
     sentences = list(sentences)
     rng.shuffle(sentences)
     lines, cur, cur_ids, target = [], [], set(), rng.randint(1, sentences_per_line)
@@ -536,7 +538,9 @@ def fact_lines(sentences, heldout_pairs, sentences_per_line, rng):
         lines.append({"text": text, "entities": ents})
 
     for s in sentences:
-        ids = {e["id"] for e in s[1]}
+        ids = {e["id"] for e in s[1]} | matcher.entities_in(s[0])
+        if any(tuple(sorted((a, b))) in heldout_pairs for a in ids for b in ids):
+            continue  # a seen fact's sentence that names both entities of a held-out one ("Navi Mumbai ... India")
         clash = any(tuple(sorted((a, b))) in heldout_pairs for a in ids for b in cur_ids)
         if cur and (len(cur) >= target or clash):
             close()
@@ -651,9 +655,9 @@ def build_mini(out_dir, seed=0, **size_flags):
     sentence_counts = {}
     for _, _, pair in sentences:
         sentence_counts[pair] = sentence_counts.get(pair, 0) + 1
-    corpus = fact_lines(sentences, heldout_pairs, flags["sentences_per_line"], rng("lines"))
-
     matcher = AliasMatcher(entities)
+    corpus = fact_lines(sentences, heldout_pairs, flags["sentences_per_line"], rng("lines"), matcher)
+
     pool = text_pool(rng("chunks"))
     clean = []
     for source, line in pool:

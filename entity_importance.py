@@ -54,6 +54,7 @@ import torch.nn.functional as F
 import common
 
 STRATEGIES = ("important", "long-tail", "frequent", "all", "none", "dkplm")
+MAX_LABEL_TOKENS = 16  # h_e's E(x) averages at most this many tokens of a label
 
 
 # ----------------------------------------------------------------------------- long tail
@@ -199,7 +200,7 @@ def entity_pool(strategy, long_tail):
 
 
 def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eligible=None, ent_batch=None,
-                    degree=None):
+                    degree=None, at_least_mean=False):
     """(M,) bool: which mentions get knowledge injected (Fig. 3 strategies, and DKPLM's).
 
     strategy: "none" nothing; "all" every mention; "long-tail" mentions of long-tail entities;
@@ -208,7 +209,8 @@ def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eli
       threshold of `important_threshold`; "dkplm" DKPLM's knowledge-aware long-tail score
       KLT(e) = 1[e long-tail] * SI(e) * KC(e) (KC = `degree`, the entity's KG degree), selecting the
       mentions whose KLT is positive and above the mean KLT of the eligible mentions of their
-      sequence (ent_batch).
+      sequence (ent_batch); at_least_mean: at or above it (a sequence's only candidate is then selected:
+      strictly above, it never is; --dkplm-select).
     si: (M,) SI per mention ("important", "dkplm"; only long-tail eligible mentions are read, others
       may be NaN). long_tail: (E,) bool over KG entities.
     eligible: optional (M,) bool, mentions that can be injected at all (see
@@ -236,7 +238,8 @@ def select_mentions(strategy, ent_id, long_tail, si=None, si_threshold=None, eli
     rows = int(ent_batch.max()) + 1 if ent_batch.numel() else 0
     total = torch.zeros(rows, device=dev).index_add_(0, ent_batch, klt)  # (rows,)
     count = torch.zeros(rows, device=dev).index_add_(0, ent_batch, ok.float()).clamp(min=1)
-    return ok & (klt > 0) & (klt > (total / count)[ent_batch])
+    mean = (total / count)[ent_batch]
+    return ok & (klt > 0) & (klt >= mean if at_least_mean else klt > mean)
 
 
 def score_rows(store, shard, rows, mlm, mask_token_id, window, candidate, batch_size):
@@ -389,11 +392,12 @@ class KnowledgeInjector:
     Entities whose chosen tail or relation label tokenizes to nothing have no knowledge.
 
     kg: an object with entity_ids, entity_labels, relation_labels, triples (np.int32 (N, 3):
-        head, relation, tail indices), e.g. kg.KG.
+        head, relation, tail indices), e.g. kg.KG. entity_tokens: (tokens (E, L) int32, lens (E,)) of every
+        entity label tokenized as here (data.label_tables), or None: the chosen tails are tokenized here.
     Attributes: has_knowledge (E,) bool tensor; triple (E, 3) long, -1 rows where no knowledge.
     """
 
-    def __init__(self, kg, tokenizer, seed=0, max_label_tokens=16):
+    def __init__(self, kg, tokenizer, seed=0, max_label_tokens=MAX_LABEL_TOKENS, entity_tokens=None):
         E = len(kg.entity_ids)
         tri = np.asarray(kg.triples, dtype=np.int64).reshape(-1, 3)  # (N, 3)
         if tri.size and (tri[:, [0, 2]].min() < 0 or tri[:, [0, 2]].max() >= E
@@ -409,7 +413,12 @@ class KnowledgeInjector:
         chosen = tri[pick]  # (K, 3)
 
         tails = np.unique(chosen[:, 2])
-        tail_tok, tail_len = _tokenize_labels(tokenizer, [kg.entity_labels[t] for t in tails], max_label_tokens)
+        if entity_tokens is None:
+            tail_tok, tail_len = _tokenize_labels(tokenizer, [kg.entity_labels[t] for t in tails], max_label_tokens)
+        else:  # every label tokenized once by the prepare step (data.label_tables): the tails' rows
+            tail_len = torch.from_numpy(np.asarray(entity_tokens[1][tails], np.int64))  # (U,)
+            width = max(int(tail_len.max()) if len(tail_len) else 0, 1)  # as _tokenize_labels pads them
+            tail_tok = torch.from_numpy(np.asarray(entity_tokens[0][tails][:, :width], np.int32))  # (U, Lt)
         rel_tok, rel_len = _tokenize_labels(tokenizer, list(kg.relation_labels), max_label_tokens)
         tail_row = np.searchsorted(tails, chosen[:, 2])  # (K,) row in tail_tok
         ok = (tail_len[tail_row] > 0).numpy() & (rel_len[chosen[:, 1]] > 0).numpy()

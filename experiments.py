@@ -50,7 +50,7 @@ from study_variants import (BATCH_SIZE, FINETUNED, LAMBDA_EPOCHS, PRETRAIN_ARGS,
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # results' relative paths are relative to this repository
 REPRODUCED = ("base", "pilot", "f1-floor", "ablation", "efficiency", "injection", "hparams", "frontier", "report")
-BY_SEEDS = ("pilot", "ablation", "injection", "hparams", "efficiency", "frontier")  # run as one process per seed
+BY_SEEDS = ("pilot", "ablation", "injection", "hparams", "efficiency", "frontier", "dkplm", "scale")  # one process a seed
 PATH_FLAGS = ("data_dir", "base_root", "runs_dir", "output_dir", "probe_dir", "figures", "report",
               "model", "base_model", "data")  # the study's flags that name a file or folder (or a keyword)
 
@@ -125,7 +125,7 @@ def check(args):
     shape = ["--model", model, "--seq-len", str(args.seq_len), "--batch-size", str(args.train_batch_size),
              "--max-steps", str(args.steps), *args.pretrain_args.split()]
     for task in REPRODUCED if args.task == "reproduce" else (args.task,):
-        if task in ("efficiency", "frontier"):  # the cost axis (bench.py --costs): refused now, not hours in
+        if task in ("efficiency", "frontier", "scale"):  # the cost axis (bench.py --costs): refused now, not hours in
             load_costs(args, task)
         for name, flags in variants_of(args, task) if task in VARIANTS else []:
             ns, unknown = config.get_parser().parse_known_args(shape + flags)
@@ -323,6 +323,48 @@ def run_frontier(args):
           "final L_MLM | cost to DKPLM's final / DKPLM's |\n|---|---|---|---|---|---|---|---|---|\n"
           + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n")
     return write_task(args, "frontier", res, md, verdicts=verdicts, costs=costs,
+                      curves={n: {s: r["curve"] for s, r in v["records"].items()} for n, v in res.items()})
+
+
+def run_dkplm(args):
+    """Why our DKPLM learns facts slower than plain MLM (docs/departures.md, "DKPLM baseline"): each reading of
+    DKPLM (one flag at a time) against ours, and DKPLM and MLM trained 4x as long (DKPLM's own plateau)."""
+    res = run_variants(args, "dkplm")
+    long = run_variants(args, "dkplm-plateau", steps=4 * args.steps)
+    dk = ROLES["dkplm"]
+    verdicts = {f"{n} probes better than dkplm": verdict(values(res, n, PRIMARY), values(res, dk, PRIMARY))
+                for n in res if n != dk}
+    verdicts[f"mlm probes better than dkplm at {4 * args.steps} steps"] = \
+        verdict(values(long, "mlm", PRIMARY), values(long, dk, PRIMARY))
+    md = (header(args, "Our DKPLM, reading by reading") + "Each reading changes one flag of `--method dkplm` "
+          "(study_variants.VARIANTS['dkplm']); verdicts against dkplm by the study's rule.\n\n"
+          + table(res, [(n, n) for n in res], COLS[:5]) + f"\n\n### {4 * args.steps} steps\n\n"
+          + table(long, [(n, n) for n in long], COLS[:5]) + "\n\n"
+          + "\n".join(f"- {k}: **{v['verdict']}**" for k, v in verdicts.items()) + "\n")
+    return write_task(args, "dkplm", res, md, verdicts=verdicts,
+                      plateau={n: {k: v[k] for k in ("flags", "seeds", "mean", "std")} for n, v in long.items()},
+                      plateau_steps=4 * args.steps)
+
+
+def run_scale(args):
+    """The claims at a second scale (study_variants.SCALE2: --data the 4x folder, --steps and --base-steps 4x,
+    the cost axis of that data in <output-dir>/costs.json): injection + CKA + memory (TRELM without routing
+    against MLM), routing (TRELM against TRELM without routing), attribution (against random neurons held
+    as long), TRELM against DKPLM, and the cost to DKPLM's final score of TRELM, TRELM without routing and
+    plain MLM (a claim MLM passes too is no evidence for TRELM)."""
+    costs = load_costs(args, "scale")
+    res = with_cost(run_variants(args, "scale"), costs)
+    t, nr, rnd = ROLES["trelm"], ROLES["no-routing"], "trelm-ffn-e100-random"
+    pairs = {"injection + CKA + memory bank: TRELM without routing > MLM": (nr, "mlm"),
+             "routing: TRELM > TRELM without routing": (t, nr), "attribution: TRELM > random neurons held as long": (t, rnd),
+             "TRELM > DKPLM": (t, "dkplm")}
+    verdicts = {k: verdict(values(res, a, PRIMARY), values(res, b, PRIMARY)) for k, (a, b) in pairs.items()}
+    ratios = {n: efficiency_ratios(res, "dkplm", variant=n, x="cost") for n in (t, nr, "mlm")}
+    for n, r in ratios.items():
+        verdicts[f"{n}: cost to DKPLM's final <= 0.5 of DKPLM's"] = ratio_verdict(r)
+    md = (header(args, "The claims at a second scale") + table(res, [(n, n) for n in res], COLS[:5]) + "\n\n"
+          + "\n".join(f"- {k}: **{v['verdict']}**" for k, v in verdicts.items()) + "\n")
+    return write_task(args, "scale", res, md, verdicts=verdicts, costs=costs, efficiency=ratios,
                       curves={n: {s: r["curve"] for s, r in v["records"].items()} for n, v in res.items()})
 
 
@@ -546,4 +588,5 @@ def run_report(args):
 
 TASKS = {"base": run_base, "pilot": run_pilot, "ablation": run_ablation, "injection": run_injection,
          "hparams": run_hparams, "efficiency": run_efficiency, "reproduce": run_reproduce, "report": run_report,
-         "same-code": run_same_code, "frontier": run_frontier, "f1-floor": run_f1_floor}
+         "same-code": run_same_code, "frontier": run_frontier, "f1-floor": run_f1_floor, "dkplm": run_dkplm,
+         "scale": run_scale}

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from cka import NegativeSampler, label_token_counts
+from cka import NegativeSampler
 from common import cache_key, code_version
 from entity_importance import CorpusSI, KnowledgeInjector, entity_pool, kg_degree, long_tail_mask, score_rows, \
     select_mentions, semantic_importance, span_positions
@@ -53,7 +53,7 @@ class Knowledge:
         self.group = dist.group.WORLD if world > 1 else None
         self.injector = self.sampler = self.bank = self.long_tail_word = self.si = self.degree = None
         if inj.injection != "none":
-            self.injector = KnowledgeInjector(kg, tok, seed=seed)
+            self.injector = KnowledgeInjector(kg, tok, seed=seed, entity_tokens=store.labels())
             self.freq = data.mention_counts(store, kg.num_entities)  # one pass over the ent_id column
             self.long_tail = torch.as_tensor(long_tail_mask(self.freq, inj.long_tail_percentile, inclusive=True))
             if inj.injection in ("important", "dkplm"):  # SI once over the corpus (Sec. 3.4), initial model
@@ -63,7 +63,7 @@ class Knowledge:
             if inj.injection == "dkplm":
                 self.degree = kg_degree(kg.triples, kg.num_entities)
         if method.sampler and inj.injection != "none":
-            self.sampler = NegativeSampler(label_token_counts(kg, tok, len(tok)))
+            self.sampler = NegativeSampler(store.q_counts())
         if mem.memory_bank:
             self.bank = MemoryBank(mlm.config.hidden_size, window_k=mem.window_k, gamma=mem.gamma,
                                    dtype=torch.bfloat16 if mem.memory_dtype == "bf16" else torch.float32,
@@ -111,7 +111,8 @@ class Knowledge:
             return None
         sel = select_mentions(self.inj.injection, eid, self.long_tail, si=batch.get("ent_si"),
                               si_threshold=None if self.si is None else self.si.threshold,
-                              eligible=self.injector.injectable(eid), ent_batch=batch["ent_batch"], degree=self.degree)
+                              eligible=self.injector.injectable(eid), ent_batch=batch["ent_batch"], degree=self.degree,
+                              at_least_mean=self.inj.dkplm_select == "at-least-mean")
         if not sel.any():
             return None
         m = sel.nonzero()[:, 0]

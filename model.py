@@ -126,26 +126,39 @@ def cka_decoding(net, h_span, targets, plan):
 
 def relation_decoding(net, h_span, targets, plan):
     """DKPLM: relation-conditioned full-softmax decoding (relation_decoding_loss)."""
-    relation = h_span if plan is None else \
-        net.injector.relation_embed(net.mlm.get_input_embeddings().weight, plan.ent_id)[plan.mention]  # (P, H)
+    relation = h_span if plan is None else net.injector.relation_embed(net.kg_table(), plan.ent_id)[plan.mention]  # (P, H)
     return relation_decoding_loss(net.mlm, h_span, targets, relation)
 
 
+def plain_decoding(net, h_span, targets, plan):
+    """DKPLM's decoding without the relation (--dkplm-decoder plain): the full-softmax MLM head on h itself."""
+    if h_span.shape[0] == 0:
+        return h_span.sum() * 0.0
+    return F.cross_entropy(common.mlm_logits(net.mlm, h_span).float(), targets)
+
+
 # Method.decoding -> (loss name, fn(net, h_span (P, H), targets (P,), plan or None) -> scalar)
-DECODERS = {"cka": ("l_cka", cka_decoding), "relation": ("l_dec", relation_decoding)}
-# Method.loss -> fn(l_mlm, l_decoding, theta): Eq. (3) for TRELM; DKPLM's code sums its two losses
+DECODERS = {"cka": ("l_cka", cka_decoding), "relation": ("l_dec", relation_decoding), "plain": ("l_dec", plain_decoding)}
+# Method.loss -> fn(l_mlm, l_decoding, theta): Eq. (3) for TRELM; DKPLM's code sums its two losses (its paper,
+# as we read it, weights them as Eq. 3 does: --dkplm-loss theta)
 LOSSES = {"theta": total_loss, "sum": lambda l_mlm, l_dec, theta: l_mlm + l_dec}
 
 
 class KnowledgeMLM(torch.nn.Module):
     """Masked LM + knowledge injection + MLM / CKA / entity-decoding losses in one forward.
-    decoding and loss: a Method's (METHOD_TABLE)."""
+    decoding and loss: a Method's (config.method_of); kg_grad: E(t), E(r) of h_e and of DKPLM's relation
+    take gradients into the word embeddings (True) or not (--kg-grad off)."""
 
-    def __init__(self, mlm, injector=None, decoding="none", loss="mlm"):
+    def __init__(self, mlm, injector=None, decoding="none", loss="mlm", kg_grad=True):
         super().__init__()
         self.mlm = mlm
         self.injector = injector
-        self.decoding, self.loss = decoding, loss
+        self.decoding, self.loss, self.kg_grad = decoding, loss, kg_grad
+
+    def kg_table(self):
+        """The table E(x) of h_e = E(t) - E(r) is read from: the word embeddings (V, H), or their detached view."""
+        W = self.mlm.get_input_embeddings().weight
+        return W if self.kg_grad else W.detach()
 
     def inputs(self, input_ids, plan):
         """(B, T, H) encoder input: E_p, and Eq. (7) at the injected spans and the shown long-tail words."""
@@ -153,7 +166,7 @@ class KnowledgeMLM(torch.nn.Module):
         x = emb(input_ids)  # (B, T, H)
         if plan is None:
             return x
-        h_e = plan.h_e if plan.h_e is not None else self.injector.embed(emb.weight, plan.ent_id)  # (S, H)
+        h_e = plan.h_e if plan.h_e is not None else self.injector.embed(self.kg_table(), plan.ent_id)  # (S, H)
         x = span_input(x, plan.rows, plan.cols, plan.mention, h_e, plan.mem, plan.lam, plan.match_norm)  # Eq. (7)
         w = plan.words
         if w is not None:  # Eq. (7) at the shown long-tail words, their own embedding E_p in the place of h_e

@@ -67,24 +67,9 @@ from knowledge import Knowledge
 from kg import load_kg
 from memory_bank import lambda_for
 from model import KnowledgeMLM, KnowledgeProb
+from optim import from_adamw, lr_at, make_optimizer
 
 STARTED = time.time()  # this process's start, near enough: startup_s in config.json counts from here
-
-
-def lr_at(step, optim):
-    """Linear warm-up to --lr, then linear decay to 0 at --max-steps (optim: config.Optim)."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    return optim.lr * max(0.0, (optim.max_steps - step) / max(1, optim.max_steps - optim.warmup_steps))
-
-
-def make_optimizer(params, optim):
-    """AdamW over the parameters that train: weight decay on matrices, none on biases and LayerNorms."""
-    params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 def process_group_backend(use_cuda):
@@ -135,13 +120,15 @@ class Trainer:
         kg = load_kg(kg_dir, os.path.join(cache, "kg"))
         self.collate = data.MLMCollator(self.tok, cfg.data.mlm_prob, cfg.data.whole_word_mask)
         self.global_batch = cfg.data.batch_size * cfg.data.grad_accum * self.world
-        method = config.METHOD_TABLE[cfg.run.method]
+        method = config.method_of(cfg)
         self.know = Knowledge(cfg.injection, cfg.memory, method, kg, self.tok, self.store, mlm, self.device,
                               seed=cfg.run.seed, model_name=cfg.run.model, cache=cache, rank=self.rank, world=self.world)
-        self.net = KnowledgeMLM(mlm, self.know.injector, method.decoding, method.loss).to(self.device)
+        self.net = KnowledgeMLM(mlm, self.know.injector, method.decoding, method.loss,
+                                cfg.injection.kg_grad == "on").to(self.device)
         self.attribution = routing.Attribution(r.ig_form, r.ig_steps, r.ig_chunk, r.ig_memory_mb) \
             if r.routing and r.route_select == "attr" else None  # Eq. (9)-(11)
         self.router, self.paths = None, None  # routing.Router and its knowledge paths, from --route-warmup on
+        self.routing_began = None  # (attribution seconds, the paths before) of the routing this step's backward ends
         self.step, self.elapsed, self.saved_step = 0, 0.0, None  # saved_step: the checkpoint on disk, if any
         self.optimizer = make_optimizer(self.net.parameters(), cfg.optim)
         self.wrap()
@@ -169,7 +156,9 @@ class Trainer:
             out = self.forward(batch, micro, self.attribution if routes else None)  # step 3
             if routes:
                 self.route(batch, out)  # step 4: Eq. (9)-(12), the paths this step's backward trains
-            (out["loss"] / c.data.grad_accum).backward()  # step 5
+            (out["loss"] / c.data.grad_accum).backward()  # step 5 (--ig-form loss-grad: its paths chosen in it)
+            if routes:
+                self.routed()
             self.know.observe(batch, out["hidden"])  # step 5: Eq. (4)-(6)
             for k in [k for k in out if k.startswith("l_")] + ["loss"]:
                 stats[k] = stats.get(k, 0.0) + float(out[k].detach()) / c.data.grad_accum
@@ -243,30 +232,40 @@ class Trainer:
     def start_routing(self):
         """From --route-warmup on, only the --route-scope parameters train, the FFN weights only at the
         knowledge paths (routing.Router); AdamW's moments carry over into moments for every FFN neuron,
-        stepped only where selected (routing.from_adamw)."""
+        stepped only where selected (optim.from_adamw)."""
         r = self.cfg.routing
         self.router = routing.Router(self.net.mlm, r.route_scope, r.train_layernorm, r.train_head_bias)
-        self.optimizer = routing.from_adamw(self.optimizer, self.router)
+        self.optimizer = from_adamw(self.optimizer, self.router)
         self.wrap()
 
     def route(self, batch, out=None):
         """Eq. (9)-(12): the knowledge paths of this and the next --route-every - 1 steps: the top
         --route-ratio FFN neurons of each layer by attribution (on out, this step's forward, when the
         --ig-form reads it), all-reduced over ranks (identical paths everywhere), or as many drawn at
-        random (--route-select random). One line to routing.jsonl."""
-        r, t0, old = self.cfg.routing, time.time(), self.paths
+        random (--route-select random). --ig-form loss-grad only arms the router: the backward that
+        follows chooses them (routing.Router.arm). routed() logs them."""
+        r, t0 = self.cfg.routing, time.time()
+        k = max(1, round(r.route_ratio * self.router.sizes[0]))
         if self.attribution is None:  # --route-select random
-            L, I = len(self.router.sizes), self.router.sizes[0]
-            paths = routing.random_paths(L, I, max(1, round(r.route_ratio * I)), self.cfg.run.seed, self.step)
+            self.router.set_paths(routing.random_paths(len(self.router.sizes), self.router.sizes[0], k, self.cfg.run.seed,
+                                                       self.step))
+        elif self.attribution.in_backward:
+            self.router.arm(k, dist.all_reduce if self.ddp else None)
         else:
             with self.autocast:
                 attr = self.attribution(self.net.mlm, self.knowledge_prob(batch), out)  # (L, I)
             if self.ddp:
                 dist.all_reduce(attr)
-            paths = routing.select_paths(attr, ratio=r.route_ratio, threshold=r.route_threshold)
-        self.paths = [p.cpu() for p in paths]
-        self.router.set_paths(self.paths)
-        self.log_routing({"step": self.step, "attr_s": round(time.time() - t0, 3), "selected": [len(p) for p in paths],
+            self.router.set_paths(routing.select_paths(attr, ratio=r.route_ratio, threshold=r.route_threshold))
+        self.routing_began = time.time() - t0, self.paths
+
+    def routed(self):
+        """After the backward of a routing step: its paths (what --resume restores) and one line to routing.jsonl
+        (attr_s: the attribution's seconds before the backward; loss-grad's share of the backward is not split out)."""
+        seconds, old = self.routing_began
+        self.paths = [p.cpu() for p in self.router.paths]
+        self.log_routing({"step": self.step, "attr_s": round(seconds, 3),
+                          "selected": [len(p) for p in self.paths],
                           "jaccard_prev": None if old is None else round(routing.path_jaccard(old, self.paths), 4)})
 
     def knowledge_prob(self, batch):

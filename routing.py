@@ -4,7 +4,8 @@ TRELM asks, for a batch, which FFN neurons carry the knowledge it needs, and tra
 "knowledge paths" ("we efficiently identify knowledge paths for each batch in parallel", Sec. 3.3):
 
   1. attribution (Eq. 9-11): how much each FFN intermediate neuron v_i^(l) (post-activation) adds to
-     S = sum_x P_x, the summed probability of the correct answer; baseline 0. Four forms (FORMS):
+     S = sum_x P_x, the summed probability of the correct answer; baseline 0. Four forms (IG_FORMS) and
+     two cheap ones for per-batch routing (FORMS: first-order-subset, loss-grad; Attribution):
        layer        Eq. (11) as printed: integrated gradients (IG), one layer scaled at a time, m steps
        joint        IG with all layers scaled together in the same pass (about (L+1)/2 times cheaper)
        target       joint, but only the activations at the positions where P_x is defined (the CKA
@@ -18,12 +19,12 @@ TRELM asks, for a batch, which FFN neurons carry the knowledge it needs, and tra
   3. selective update (Eq. 12): T_{v_input^(i)} -> T_{v_inter^(j)} -> T_{v_output^(k)}. Router(model,
      scope) patches the FFN Linears with a custom autograd Function whose backward computes weight
      gradients for the selected neurons only (read at backward time: router.set_paths may come after
-     the forward), and NeuronAdamW steps only those neurons.
+     the forward), and optim.NeuronAdamW steps only those neurons.
 
 Not a script. pretrain.py --method trelm calls it; per-batch first-order routing, one process or DDP:
 
     router = Router(mlm, scope)                  # before DDP(...) is built: requires_grad is fixed
-    opt = from_adamw(full_adamw, router)         # or NeuronAdamW(router.trainable(), router, lr=...)
+    opt = optim.from_adamw(full_adamw, router)   # or optim.NeuronAdamW(router.trainable(), router, lr=...)
     for each step:
         with capture_ffn_acts(mlm) as acts:
             out = model(batch)                   # the training forward (DDP or not)
@@ -86,7 +87,8 @@ from common import ffn_modules, head_decoder
 
 # ----------------------------------------------------------------------------- Eq. (9)-(11)
 
-FORMS = ("layer", "joint", "target", "first-order")  # module docstring: one line each
+IG_FORMS = ("layer", "joint", "target", "first-order")  # what ffn_attributions computes (module docstring)
+FORMS = (*IG_FORMS, "first-order-subset", "loss-grad")  # --ig-form: Attribution
 _ACT_BYTES = 4  # fp32 activations (bf16 autocast halves them: the bound is then conservative)
 
 
@@ -127,8 +129,8 @@ def ffn_attributions(model, run, steps=20, chunk=1, form="layer", memory_mb=1024
     chunk: alpha steps per forward (1: run(model) only, no tiling needed); 0 = as many as fit in
     memory_mb (estimate, _chunk_for).
     """
-    if form not in FORMS:
-        raise ValueError(f"routing.ffn_attributions: form (--ig-form) must be one of {FORMS}, got {form!r}")
+    if form not in IG_FORMS:
+        raise ValueError(f"routing.ffn_attributions: form must be one of {IG_FORMS}, got {form!r}")
     if steps < 1:
         raise ValueError(f"routing.ffn_attributions: steps (--ig-steps) must be >= 1, got {steps}")
     if chunk < 0:
@@ -351,13 +353,17 @@ class Attribution:
     px: P_x of the batch (pretrain.py: model.KnowledgeProb): px.of_forward(hidden) on the training forward,
     px(mlm, c) with a forward of its own on its sequences tiled c times, px.positions() where P_x is
     defined. The first-order form reads the training forward (watch captures its FFN activations,
-    first_order_attributions); every other form, and first-order without a watched forward, runs
-    passes of its own (ffn_attributions)."""
+    first_order_attributions); first-order-subset is the same on a forward of its own over px's
+    sequences (--ig-batch: the cost shrinks with them); the integrated-gradient forms run passes of their
+    own (ffn_attributions). loss-grad attributes inside the training backward itself (in_backward:
+    Router.arm), to the training loss L rather than P_x: -(v . dL/dv) summed over tokens, read from the
+    gradient the backward forms anyway, before each layer's weight gradients, so it costs no pass."""
 
     def __init__(self, form, steps=20, chunk=0, memory_mb=1024.0):
         if form not in FORMS:
             raise ValueError(f"routing.Attribution: form (--ig-form) must be one of {FORMS}, got {form!r}")
         self.form, self.steps, self.chunk, self.memory_mb = form, steps, chunk, memory_mb
+        self.in_backward = form == "loss-grad"
 
     def watch(self, mlm):
         """Context manager around the training forward -> the FFN activations it captures (capture_ffn_acts)
@@ -367,10 +373,13 @@ class Attribution:
     def __call__(self, mlm, px, forward=None):
         """(L, I) float32 attributions on mlm's device. forward: {"acts", "hidden"} of a watched training
         forward, or None."""
+        if self.in_backward:
+            raise RuntimeError("routing.Attribution: --ig-form loss-grad attributes inside the backward (Router.arm)")
         if forward is not None and forward.get("acts") is not None:
             return first_order_attributions(forward["acts"], px.of_forward(forward["hidden"]).sum())
-        return ffn_attributions(mlm, px, steps=self.steps, chunk=self.chunk, form=self.form, memory_mb=self.memory_mb,
-                                positions=px.positions() if self.form == "target" else None)
+        form = "first-order" if self.form == "first-order-subset" else self.form
+        return ffn_attributions(mlm, px, steps=self.steps, chunk=self.chunk, form=form, memory_mb=self.memory_mb,
+                                positions=px.positions() if form == "target" else None)
 
 
 def path_jaccard(a, b):
@@ -444,6 +453,8 @@ class _SliceLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         # matmuls in gy's dtype: under autocast that is the dtype F.linear ran in (bf16), else a no-op
         gx = gy.matmul(weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None  # (..., in)
+        if not ctx.rows and ctx.router.armed is not None:  # loss-grad: this layer's paths from v . dL/dv
+            ctx.router.select(ctx.layer, x, gx)
         need_w = _engine_needs(ctx, 1)
         need_b = ctx.needs_input_grad[2] and _engine_needs(ctx, 2)
         gw = gb = None
@@ -472,7 +483,7 @@ class Router:
 
         router = Router(model, scope)        # requires_grad per scope, FFN Linears patched
         router.set_paths(paths)              # any time before the backward that should use them
-        opt = NeuronAdamW(router.trainable(), router, lr=...)
+        opt = optim.NeuronAdamW(router.trainable(), router, lr=...)
         ... loss.backward(); opt.step() ...
         router.detach()                      # original forwards and requires_grad flags back
 
@@ -489,7 +500,7 @@ class Router:
         if any("forward" in vars(m.dense) for pair in ffns for m in pair):
             raise RuntimeError("routing.Router: the model's FFN Linears are already patched; detach() the other "
                                "Router first")
-        self.model, self.scope, self.paths = model, scope, None
+        self.model, self.scope, self.paths, self.armed = model, scope, None, None
         self.sizes = [inter.dense.out_features for inter, _ in ffns]  # I per layer
         self._neuron = {}  # id(FFN parameter) -> (neuron dim, layer)
         for l, (inter, out) in enumerate(ffns):
@@ -550,6 +561,24 @@ class Router:
                              f"neuron indices in [0, {self.sizes[l]}), got {paths[l].tolist()}")
         self.paths = checked
 
+    def arm(self, k, reduce=None):
+        """The next backward chooses the paths itself (--ig-form loss-grad): at each layer's W_out, before
+        that layer's weight gradients are formed, the k neurons with the largest -(v . dL/dv) summed over
+        tokens (v the FFN activation, L the training loss). reduce(scores) (I,), in place: e.g. a DDP
+        all-reduce, so every rank selects the same neurons."""
+        self.armed = (k, reduce)
+        self.paths = [None] * len(self.sizes)
+
+    def select(self, layer, v, grad_v):
+        """Inside the backward: layer's paths from its activation v and dL/dv (both (..., I))."""
+        k, reduce = self.armed
+        scores = -(v.float() * grad_v.float()).reshape(-1, v.shape[-1]).sum(0)  # (I,) first-order, of L
+        if reduce is not None:
+            reduce(scores)
+        self.paths[layer] = torch.topk(scores, k).indices.sort().values
+        if all(p is not None for p in self.paths):
+            self.armed = None
+
     def paths_of(self, layer):
         """The selected neurons of layer `layer` (LongTensor on the model's device)."""
         if self.paths is None:
@@ -579,110 +608,3 @@ class Router:
         for p, f in self._flags:
             p.requires_grad_(f)
         self.model, self.paths, self._linears, self._flags = None, None, [], []
-
-
-# ----------------------------------------------------------------------------- optimizer with per-neuron state
-
-def _adamw_(w, g, m, v, t, lr, b1, b2, eps, wd):
-    """torch.optim.AdamW's update of w in place (moments m, v in place); t: the step count after
-    this step, a scalar tensor or one per neuron broadcastable against w."""
-    w.mul_(1 - lr * wd)  # decoupled weight decay
-    m.lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
-    t = t.double()
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    step_size = (lr / (1 - b1 ** t)).to(dtype)  # lr / (1 - b1^t)
-    bc2_sqrt = ((1 - b2 ** t) ** 0.5).to(dtype)
-    w.sub_(m.div(v.sqrt().div_(bc2_sqrt).add_(eps)).mul_(step_size))  # w -= lr m-hat / (sqrt(v-hat) + eps)
-
-
-class NeuronAdamW(torch.optim.Optimizer):
-    """AdamW whose FFN parameters keep moments and a step count per neuron and step only the
-    selected neurons: every other element of weight and state stays bitwise unchanged, so a
-    neuron's moments survive the steps it is not selected. Other parameters: plain AdamW with a
-    scalar step. Same formula as torch.optim.AdamW (decoupled weight decay; two groups like
-    pretrain.make_optimizer: weight_decay for ndim >= 2, 0 otherwise).
-
-    neurons: an object with neuron_dim(p) -> int or None and selected(p) -> LongTensor of the
-    indices along that axis that step now; a Router. None: every parameter is plain AdamW.
-    State per FFN parameter: exp_avg, exp_avg_sq (p's shape), step (I,) float32 on p's device.
-    """
-
-    def __init__(self, params, neurons=None, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1 and lr >= 0 and eps >= 0):
-            raise ValueError(f"routing.NeuronAdamW: need lr >= 0, eps >= 0, betas in [0, 1), got lr={lr}, "
-                             f"betas={betas}, eps={eps}")
-        params = list(params)
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-        super().__init__(groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self.neurons = neurons
-
-    def _dim(self, p):
-        return None if self.neurons is None else self.neurons.neuron_dim(p)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            (b1, b2), hp = group["betas"], (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                dim, st = self._dim(p), self.state[p]
-                if not st:
-                    st["step"] = (torch.zeros((), dtype=torch.float32) if dim is None else
-                                  torch.zeros(p.shape[dim], dtype=torch.float32, device=p.device))  # () or (I,)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if dim is None:
-                    st["step"] += 1
-                    _adamw_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], *hp)
-                    continue
-                idx = self.neurons.selected(p)  # (k,)
-                if idx.numel() == 0:
-                    continue
-                t = st["step"].index_select(0, idx).add_(1)  # (k,) each neuron's own step count
-                st["step"].index_copy_(0, idx, t)
-                shape = [1] * p.dim()
-                shape[dim] = -1  # t broadcast along the neuron axis: (k, 1), (1, k) or (k,)
-                w, m, v = (x.index_select(dim, idx) for x in (p, st["exp_avg"], st["exp_avg_sq"]))  # k rows / columns
-                _adamw_(w, p.grad.index_select(dim, idx), m, v, t.view(shape), *hp)
-                for full, part in ((p, w), (st["exp_avg"], m), (st["exp_avg_sq"], v)):
-                    full.index_copy_(dim, idx, part)
-        return loss
-
-    def load_state_dict(self, state_dict):
-        """The base class's, plus: per-neuron step counts go to their parameter's device (the base
-        class leaves "step" where the checkpoint was mapped, fine for a scalar step only)."""
-        super().load_state_dict(state_dict)
-        for p, st in self.state.items():
-            if "step" in st and st["step"].dim():
-                st["step"] = st["step"].to(p.device)
-
-
-def from_adamw(adamw, router):
-    """NeuronAdamW over router.trainable() that continues the full-parameter torch.optim.AdamW that
-    trained before routing started: its lr, betas, eps and weight decay; every parameter it holds
-    state for keeps exp_avg and exp_avg_sq, and an FFN parameter's step count becomes the step
-    count of each of its neurons (a parameter it never stepped starts fresh)."""
-    hp = {(g["lr"], tuple(g["betas"]), g["eps"]) for g in adamw.param_groups if g["params"]}
-    decay = {g["weight_decay"] for g in adamw.param_groups for p in g["params"] if p.ndim >= 2}
-    no_decay = {g["weight_decay"] for g in adamw.param_groups for p in g["params"] if p.ndim < 2}
-    if len(hp) != 1 or len(decay) > 1 or no_decay - {0.0}:
-        raise ValueError("routing.from_adamw: expected one lr/betas/eps, one weight decay for ndim >= 2 and 0 for "
-                         f"the rest (pretrain.make_optimizer's groups), got {hp}, {decay}, {no_decay}")
-    lr, betas, eps = hp.pop()
-    opt = NeuronAdamW(router.trainable(), router, lr=lr, betas=betas, eps=eps, weight_decay=decay.pop() if decay else 0.0)
-    for p in router.trainable():
-        old = adamw.state.get(p)
-        if not old:
-            continue
-        dim = router.neuron_dim(p)
-        step = old["step"].detach().float().cpu()
-        opt.state[p] = {"step": step.clone() if dim is None else step.to(p.device).expand(p.shape[dim]).clone(),
-                        "exp_avg": old["exp_avg"].clone(), "exp_avg_sq": old["exp_avg_sq"].clone()}
-    return opt

@@ -7,8 +7,8 @@
 Stages (each records its measurements in the JSON; a stage already recorded is skipped unless named):
   synth    a Wikidata5M-sized KG (synth_kg.py: ~4.8M entities, ~21M triples, the full release's shape) and
            a corpus of >= 20M tokens in WikiExtractor --json --links layout, with titles.tsv
-  prepare  `python data.py prepare --num-proc 2` on them: tokens/s per core, bytes per token on disk, peak
-           RSS of the process tree (the KG parse child, the linker, the workers)
+  prepare  `python data.py prepare --num-proc 2 --shard-docs 4000` on them: tokens/s per core, bytes per
+           token on disk, peak RSS of the process tree (the KG parse child, the linker, the workers)
   si       SI(e) (Eq. 1) with a BERT-base-shaped model (BertConfig() and the shipped MiniLM tokenizer's 30,522
            tokens, random weights) over one shard of the store: candidate mentions per second (one process)
   ddp      `torchrun --nproc_per_node=2 pretrain.py --data <a 2-shard store of the corpus's first documents>`,
@@ -101,12 +101,13 @@ def stage_prepare(a, w):
     shutil.rmtree(os.path.join(w, "cache"), ignore_errors=True)
     cmd = [sys.executable, "data.py", "prepare", "--corpus", os.path.join(synth, "extracted"), "--kg",
            os.path.join(synth, "kg"), "--titles", os.path.join(synth, "titles.tsv"), "--model", "minilm", "--seq-len",
-           "512", "--out", store, "--num-proc", "2", "--cache-dir", os.path.join(w, "cache")]
+           "512", "--out", store, "--num-proc", "2", "--shard-docs", "4000", "--cache-dir", os.path.join(w, "cache")]
     seconds, peak, _ = run_measured(cmd, os.path.join(w, "prepare.log"))
     meta = json.load(open(os.path.join(store, "store.json")))
-    return dict(seconds=round(seconds, 1), num_proc=2, tokens=meta["tokens"], sequences=meta["sequences"],
+    t = meta["seconds"]  # the KG parse and the linker are per KG (once per node), the shards per token
+    return dict(seconds=round(seconds, 1), breakdown=t, num_proc=2, tokens=meta["tokens"], sequences=meta["sequences"],
                 mentions=meta["mentions"], sources=meta["mention_sources_linked"], shards=len(meta["shards"]),
-                tokens_per_s_per_core=round(meta["tokens"] / seconds / 2), bytes_per_token=meta["bytes_per_token"],
+                tokens_per_s_per_core=round(meta["tokens"] / t["shards"] / 2), bytes_per_token=meta["bytes_per_token"],
                 peak_tree_rss_gb=round(peak / 2**30, 2), command=" ".join(cmd[1:]))
 
 
@@ -190,7 +191,8 @@ STAGES = {"synth": stage_synth, "prepare": stage_prepare, "si": stage_si, "ddp":
 def project(r):
     """Per-unit figures -> English Wikipedia + Wikidata5M on one 8 x A100 node (module docstring)."""
     p, si = r["prepare"], r["si"]
-    prepare_h = WIKIPEDIA_TOKENS / (p["tokens_per_s_per_core"] * NODE_CORES) / 3600
+    prepare_h = (WIKIPEDIA_TOKENS / (p["tokens_per_s_per_core"] * NODE_CORES) + p["breakdown"]["kg"]
+                 + p["breakdown"]["linker"]) / 3600
     mentions = WIKIPEDIA_TOKENS * si["mentions_per_token"]
     candidates = mentions * si["candidate_share"]
     flops_per_candidate = 2 * 2 * 85e6 * 20  # 2 windows of ~20 tokens (+-8 around a span) through BERT-base's encoder

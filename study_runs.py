@@ -373,7 +373,7 @@ def run_variants(args, task, steps=None):
     out = {}
     for name, flags, seed in tqdm(todo, desc=f"{task} (variant x seed)", unit="run", position=0):
         rec = run_record(args, name, flags, seed, steps, model, model_id,
-                         want_curve=task in ("efficiency", "frontier"),
+                         want_curve=task in ("efficiency", "frontier", "scale"),
                          want_ft=task != "pilot" and (args.finetune_all or name in FINETUNED))
         v = out.setdefault(name, {"flags": flags, "seeds": {}, "records": {}})
         v["seeds"][str(seed)], v["records"][str(seed)] = flat(rec), rec

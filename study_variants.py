@@ -43,7 +43,24 @@ VARIANTS = {
         ("trelm-ffn-e1-fo", [*_T, "--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order"]),
         ("trelm-ffn-e1-random", [*_T, "--route-scope", "ffn", "--route-every", "1", "--route-select", "random"]),
         ("trelm-strict-e1-fo", [*_T, "--route-scope", "strict", "--route-every", "1", "--ig-form", "first-order"]),
+        # the random controls of the every-100 readings: as many neurons per layer drawn at random, held for the
+        # same 100 steps as Eq. 11's paths (does attribution matter when paths are held?)
+        ("trelm-ffn-e100-random", [*_T, "--route-scope", "ffn", "--route-select", "random"]),
+        ("trelm-strict-e100-random", [*_T, "--route-scope", "strict", "--route-select", "random"]),
     ],
+    # --task dkplm: why our DKPLM learns facts slower than plain MLM, one reading of DKPLM at a time
+    # (docs/departures.md, "DKPLM baseline"): the loss weighting, the relation in the decoder, the gradient of
+    # the KG embeddings, the selection's tie rule, and the pseudo token itself
+    "dkplm": [MLM, DKPLM, ("dkplm_theta", [*DKPLM[1], "--dkplm-loss", "theta"]),
+              ("dkplm_plain", [*DKPLM[1], "--dkplm-decoder", "plain"]),
+              ("dkplm_kg-detach", [*DKPLM[1], "--kg-grad", "off"]),
+              ("dkplm_select-ge", [*DKPLM[1], "--dkplm-select", "at-least-mean"]),
+              ("dkplm_no-injection", [*DKPLM[1], "--no-injection"])],
+    # and the plateau: DKPLM and MLM trained 4x as long (--task dkplm runs both lists)
+    "dkplm-plateau": [MLM, DKPLM],
+    # --task scale: the claims' variants at a second scale (about 4x the facts, corpus and steps: SCALE2)
+    "scale": [MLM, DKPLM, NOROUTING, TRELM, ("trelm-ffn-e100-random", [*_T, "--route-scope", "ffn",
+                                                                     "--route-select", "random"])],
     # --task ablation, Table 6: TRELM without each of its three components
     "ablation": [TRELM, trelm("no-injection", "--no-injection"), trelm("no-memory-bank", "--no-memory-bank"),
                  NOROUTING],
@@ -74,7 +91,11 @@ SWEEPS = {"theta": [(0.25, ROLES["theta0.25"]), (0.5, TRELM[0]), (0.75, ROLES["t
           "k": [(4, ROLES["k4"]), (8, ROLES["k8"]), (16, TRELM[0]), (32, ROLES["k32"])],
           "beta": [(1, ROLES["beta1"]), (2, TRELM[0]), (3, ROLES["beta3"]), (4, ROLES["beta4"])]}
 # the variants on the cost axis (bench.py --costs)
-COSTED = list({n: (n, f) for t in ("frontier", "efficiency") for n, f in VARIANTS[t]}.values())
+COSTED = list({n: (n, f) for t in ("frontier", "efficiency", "dkplm") for n, f in VARIANTS[t]}.values())
+# the second scale (--task scale): the embedded default's own sources drawn about 4x larger (data_mini.py
+# --facts-per-relation 250 --text-lines 4200: 1,458 facts for 400, 196k corpus words for 49k) and trained
+# 4x as many steps (the same epochs); its data folder is built by `python data_mini.py --out-dir DIR` + these flags
+SCALE2 = {"data_flags": ["--facts-per-relation", "250", "--text-lines", "4200"], "steps_factor": 4}
 
 # The reading of the first study's tables (results/strict/: the ablation, injection, hparams and
 # efficiency tasks as run with METHOD_TABLE's trelm defaults of that time)
@@ -91,4 +112,6 @@ READINGS = {"trelm-strict-e100": "strict, every 100, Eq. 11", "trelm-blocks-e100
             "trelm-ffn-e100": "ffn, every 100, Eq. 11", "trelm-ffn-e1-fo": "ffn, per batch, first-order",
             "trelm-ffn-e1-random": "ffn, per batch, random neurons",
             "trelm-strict-e1-fo": "strict, per batch, first-order", "trelm-norouting": "no routing",
+            "trelm-ffn-e100-random": "ffn, every 100, random neurons",
+            "trelm-strict-e100-random": "strict, every 100, random neurons",
             "mlm": "baseline", "dkplm": "baseline"}

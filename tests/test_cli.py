@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import config
+import optim
 import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +100,7 @@ def test_resume_with_more_steps_extends_the_run(tiny_model_dir, tmp_path, capsys
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[:4] == first
     warmup = recorded["config"]["warmup_steps"]
     ext = config.from_argv(["--max-steps", "6", "--warmup-steps", str(warmup)])
-    assert [r["lr"] for r in rows[4:]] == [round(pretrain.lr_at(s, ext.optim), 6) for s in (4, 5)]
+    assert [r["lr"] for r in rows[4:]] == [round(optim.lr_at(s, ext.optim), 6) for s in (4, 5)]
     assert rows[4]["lr"] > 0  # the 4-step schedule had reached 0
     rec = json.load(open(out / "config.json"))
     assert rec["config"]["max_steps"] == 6 and rec["config"]["warmup_steps"] == warmup

@@ -217,6 +217,13 @@ def test_select_mentions_dkplm_score_and_degree():
     eligible = torch.tensor([True, True, False, True, True, True])  # mention 2 cannot be injected
     out = ei.select_mentions("dkplm", ent_id, long_tail, si=si, ent_batch=ent_batch, degree=deg, eligible=eligible)
     assert out.tolist() == [True, True, False, False, False, True]  # row 0 mean (1.5+1+0)/3 = .83 < 1.0
+    # a sequence whose only candidate is its mean: never selected strictly above it, selected at least it
+    one = dict(ent_batch=torch.tensor([0, 0]), degree=deg, eligible=torch.tensor([True, True]))
+    args = ("dkplm", torch.tensor([0, 4]), long_tail)  # entity 4 is frequent: KLT 0, counted in the mean
+    assert ei.select_mentions(*args, si=torch.tensor([0.5, 0.1]), **one).tolist() == [True, False]  # 1.5 > .75
+    one["ent_batch"] = torch.tensor([0, 1])  # each mention alone in its sequence: KLT = its mean
+    assert ei.select_mentions(*args, si=torch.tensor([0.5, 0.1]), **one).tolist() == [False, False]
+    assert ei.select_mentions(*args, si=torch.tensor([0.5, 0.1]), at_least_mean=True, **one).tolist() == [True, False]
 
 
 def test_select_mentions_eligible_and_errors():

@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import common
 import config
-from kg import load_kg
 import data
 import model
+import optim
 import pretrain
 import routing
+from kg import load_kg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures", "tiny_data")
@@ -149,7 +151,8 @@ def test_torchrun_two_processes_equals_one_process_global_batch(tiny_model_dir, 
 
 @pytest.mark.parametrize("extra", [(), ("--long-tail-words",),
                                    ("--route-scope", "ffn", "--route-every", "1", "--ig-form", "first-order",
-                                    "--route-warmup", "1")])
+                                    "--route-warmup", "1"),
+                                   ("--route-every", "1", "--ig-form", "loss-grad", "--route-warmup", "1")])
 def test_torchrun_trelm_ranks_hold_identical_memory_paths_and_weights(tiny_model_dir, tmp_path, extra):
     """Memory bank (Eq. 4-6 updates gathered in rank order; word keys too), knowledge paths
     (attributions all-reduced) and weights are bitwise equal on both ranks after several TRELM steps."""
@@ -370,6 +373,30 @@ def test_dkplm_logs_l_dec_and_sums_its_losses(tiny_model_dir, tmp_path):
     assert all("l_dec" in r and "l_cka" not in r for r in rows)
     assert all(r["loss"] == pytest.approx(r["l_mlm"] + r["l_dec"], abs=2e-6) for r in rows)
     assert any(r["l_dec"] > 0 for r in rows)
+
+
+def test_dkplm_readings_plain_decoder_theta_loss_and_detached_kg(tiny_model_dir, tmp_path):
+    """--dkplm-decoder plain: L_dec is the MLM head's cross-entropy on h itself at the injected spans;
+    --dkplm-loss theta: L = theta L_MLM + (1 - theta) L_dec; --kg-grad off: h_e takes no gradient; the
+    readings are refused for another method, and --no-injection is a valid DKPLM reading."""
+    argv = ["--model", tiny_model_dir, "--data", FIX, "--output-dir", str(tmp_path / "r"), "--batch-size", "8",
+            "--seq-len", "32", "--method", "dkplm", "--injection", "long-tail"]
+    t = pretrain.Trainer(config.from_argv([*argv, "--dkplm-decoder", "plain", "--dkplm-loss", "theta",
+                                           "--theta", "0.3", "--kg-grad", "off"]))
+    b = t.get_batch(0)
+    plan = b["plan"]
+    assert plan is not None and len(plan.rows) > 0
+    out = t.net(b["input_ids"], b["attention_mask"], b["mlm_labels"], plan, theta=0.3, return_hidden=True)
+    h = out["hidden"][plan.rows, plan.cols]
+    want = F.cross_entropy(common.mlm_logits(t.net.mlm, h).float(), plan.targets)
+    torch.testing.assert_close(out["l_dec"], want)
+    torch.testing.assert_close(out["loss"], 0.3 * out["l_mlm"] + 0.7 * out["l_dec"])
+    assert not t.net.kg_table().requires_grad and t.net.kg_table().data_ptr() == \
+        t.net.mlm.get_input_embeddings().weight.data_ptr()
+    for flag in (["--dkplm-loss", "theta"], ["--dkplm-select", "at-least-mean"]):
+        with pytest.raises(SystemExit, match="is a DKPLM reading"):
+            config.from_argv(["--method", "trelm", *flag])
+    assert config.from_argv(["--method", "dkplm", "--no-injection"]).injection.no_injection
 
 
 def test_relation_decoding_loss_hand_case():
@@ -680,7 +707,7 @@ def test_fresh_head_warmup_is_logged_and_trains_everything(tiny_model_dir, tmp_p
         t.train_step()
         assert t.router is None and isinstance(t.optimizer, torch.optim.AdamW)  # full-parameter warm-up
     t.train_step()
-    assert t.router is not None and isinstance(t.optimizer, routing.NeuronAdamW)
+    assert t.router is not None and isinstance(t.optimizer, optim.NeuronAdamW)
 
 
 @pytest.mark.parametrize("scope", routing.SCOPES)

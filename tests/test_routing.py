@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import optim  # noqa: E402
 import routing  # noqa: E402
 from common import ffn_modules  # noqa: E402
 
@@ -132,7 +133,7 @@ def target_positions(batch):
     return torch.arange(B), torch.full((B,), POS)
 
 
-@pytest.mark.parametrize("form", routing.FORMS)
+@pytest.mark.parametrize("form", routing.IG_FORMS)
 def test_ig_chunked_equals_sequential_and_leaves_model_untouched(tiny_mlm, form):
     model, tok = tiny_mlm
     model.train()
@@ -346,6 +347,46 @@ def test_first_order_on_the_training_forward(tiny_mlm):
         routing.first_order_attributions([None, None], S)
 
 
+def test_loss_grad_chooses_each_layers_paths_inside_the_backward(tiny_mlm):
+    # --ig-form loss-grad: an armed router picks, at each layer's W_out backward, the k neurons with the
+    # largest -(v . dL/dv) summed over tokens (checked against autograd.grad of the same loss), and that
+    # same backward forms the weight gradients of exactly those neurons (and equals a full backward there).
+    model, tok = tiny_mlm
+    batch = make_batch(tok)
+    ref = copy.deepcopy(model)
+    ref.train()
+    with routing.capture_ffn_acts(ref) as acts:
+        loss = mlm_loss(batch)(ref)
+    grads = torch.autograd.grad(loss, acts, retain_graph=True)
+    want = [torch.topk(-(a * g).reshape(-1, a.shape[-1]).sum(0), 6).indices.sort().values for a, g in zip(acts, grads)]
+    loss.backward()
+    model.train()
+    router = routing.Router(model, "ffn")
+    reduced = []
+    router.arm(6, reduce=lambda s: reduced.append(s.shape))
+    mlm_loss(batch)(model).backward()
+    assert router.armed is None and reduced == [torch.Size([64])] * 2
+    for got, w in zip(router.paths, want):
+        assert torch.equal(got, w)
+    for l, (inter, out) in enumerate(ffn_modules(model)):
+        ref_inter, ref_out = ffn_modules(ref)[l]
+        idx = router.paths[l]
+        torch.testing.assert_close(inter.dense.weight.grad[idx], ref_inter.dense.weight.grad[idx])
+        torch.testing.assert_close(out.dense.weight.grad[:, idx], ref_out.dense.weight.grad[:, idx])
+        assert inter.dense.weight.grad.count_nonzero() == 6 * inter.dense.weight.shape[1]
+    router.detach()
+
+
+def test_first_order_subset_is_first_order_on_its_own_pass(tiny_mlm):
+    model, tok = tiny_mlm
+    run = make_run(make_batch(tok))
+    got = routing.Attribution("first-order-subset")(model, run)
+    torch.testing.assert_close(got, routing.ffn_attributions(model, run, form="first-order"))
+    with pytest.raises(RuntimeError, match="inside the backward"):
+        routing.Attribution("loss-grad")(model, run)
+    assert routing.Attribution("loss-grad").in_backward and not routing.Attribution("first-order").in_backward
+
+
 # ----------------------------------------------------------------------------- random selection control
 
 def test_random_paths_reproducible_by_seed_and_step():
@@ -371,7 +412,8 @@ def test_random_paths_reproducible_by_seed_and_step():
 # ----------------------------------------------------------------------------- Eq. (12): Router
 
 class FixedPaths:
-    """The one thing _SliceLinear asks its router at backward time."""
+    """What _SliceLinear asks its router at backward time: its paths, and whether it chooses them (armed)."""
+    armed = None
 
     def __init__(self, idx):
         self.idx = idx
@@ -473,7 +515,7 @@ def test_router_step_equals_full_backward_restricted(tiny_mlm, scope, ln, hb):
         else:
             torch.testing.assert_close(p.grad, ref_grad[n])
 
-    routing.NeuronAdamW(router.trainable(), router, lr=1e-2, weight_decay=0.1).step()
+    optim.NeuronAdamW(router.trainable(), router, lr=1e-2, weight_decay=0.1).step()
     for n, p in named.items():
         before = original[n]
         if not trains_under(n, scope, ln, hb, ffn):
@@ -570,7 +612,7 @@ def ffn_like(seed=0):
 
 
 def adamw_like(params):
-    """torch.optim.AdamW with pretrain.make_optimizer's two weight-decay groups."""
+    """torch.optim.AdamW with optim.make_optimizer's two weight-decay groups."""
     params = list(params)
     return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": HP["weight_decay"]},
                               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
@@ -590,7 +632,7 @@ def test_neuron_adamw_with_every_neuron_selected_is_adamw():
     twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     neurons = Neurons(dims)
     neurons.idx = {i: torch.arange(6) for i in dims}
-    opt, ref = routing.NeuronAdamW(ps, neurons, **HP), adamw_like(twins)
+    opt, ref = optim.NeuronAdamW(ps, neurons, **HP), adamw_like(twins)
     for step in range(5):
         grads = set_grads(ps, step)
         for t, gr in zip(twins, grads):
@@ -609,7 +651,7 @@ def test_neuron_adamw_steps_only_the_selected_neurons_like_adamw_on_each_slice()
     # neuron is selected (so with the slice's own step count); plain parameters: one AdamW.
     ps, dims = ffn_like()
     neurons = Neurons(dims)
-    opt = routing.NeuronAdamW(ps, neurons, **HP)
+    opt = optim.NeuronAdamW(ps, neurons, **HP)
     refs = {}
     for i, p in enumerate(ps[:3]):
         for j in range(6):
@@ -653,7 +695,7 @@ def test_neuron_adamw_steps_only_the_selected_neurons_like_adamw_on_each_slice()
 def test_neuron_adamw_state_dict_round_trip_is_exact():
     ps, dims = ffn_like()
     neurons = Neurons(dims)
-    opt = routing.NeuronAdamW(ps, neurons, **HP)
+    opt = optim.NeuronAdamW(ps, neurons, **HP)
     for step, sel in enumerate([[0, 2, 5], [2, 3]]):
         neurons.idx = {i: torch.tensor(sel) for i in dims}
         set_grads(ps, step)
@@ -663,7 +705,7 @@ def test_neuron_adamw_state_dict_round_trip_is_exact():
     buf.seek(0)
     twins = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     neurons2 = Neurons({id(t): dims[id(p)] for p, t in zip(ps, twins) if id(p) in dims})
-    opt2 = routing.NeuronAdamW(twins, neurons2, **HP)
+    opt2 = optim.NeuronAdamW(twins, neurons2, **HP)
     opt2.load_state_dict(torch.load(buf))
     for o, params, n in ((opt, ps, neurons), (opt2, twins, neurons2)):
         n.idx = {id(p): torch.tensor([3, 5]) for p in params if id(p) in n.dims}
@@ -688,7 +730,7 @@ def test_from_adamw_carries_moments_and_continues_adamw(tiny_mlm):
             o.step()
             o.zero_grad()
     router = routing.Router(model, "ffn")
-    opt = routing.from_adamw(full, router)
+    opt = optim.from_adamw(full, router)
     assert [(g["lr"], g["betas"], g["eps"], g["weight_decay"]) for g in opt.param_groups] == \
         [(HP["lr"], HP["betas"], HP["eps"], HP["weight_decay"]), (HP["lr"], HP["betas"], HP["eps"], 0.0)]
     W_in = ffn_modules(model)[0][0].dense.weight
@@ -703,7 +745,7 @@ def test_from_adamw_carries_moments_and_continues_adamw(tiny_mlm):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
     router.detach()
     with pytest.raises(ValueError, match="make_optimizer"):
-        routing.from_adamw(torch.optim.AdamW(model.parameters(), weight_decay=0.01), routing.Router(model, "ffn"))
+        optim.from_adamw(torch.optim.AdamW(model.parameters(), weight_decay=0.01), routing.Router(model, "ffn"))
 
 
 # ----------------------------------------------------------------------------- bench.py's memory helper
@@ -750,7 +792,7 @@ def _ddp_worker(out_dir):
     batch = make_batch(tok, SENTENCES[rank:rank + 2])  # different data per rank
     router = routing.Router(model, "blocks")
     ddp = DDP(model)
-    opt = routing.NeuronAdamW(router.trainable(), router, lr=1e-2)
+    opt = optim.NeuronAdamW(router.trainable(), router, lr=1e-2)
     with routing.capture_ffn_acts(model) as acts:
         out = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["mlm_labels"])
     rows = torch.arange(out.logits.shape[0])
