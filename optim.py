@@ -22,26 +22,39 @@ def lr_at(step, optim):
 
 
 def make_optimizer(params, optim):
-    """AdamW over the parameters that train: weight decay on matrices, none on biases and LayerNorms."""
+    """AdamW over the parameters that train: weight decay on matrices, none on biases and LayerNorms.
+    Fused (one CUDA kernel over every parameter) when all of them are on CUDA; elsewhere torch's default
+    implementation."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    fused = True if params and all(p.is_cuda for p in params) else None  # None: torch's default (CPU as before)
     return torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr, betas=(0.9, 0.98), eps=1e-6)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr, betas=(0.9, 0.98), eps=1e-6,
+                             fused=fused)
 
 
 
-def _adamw_(w, g, m, v, t, lr, b1, b2, eps, wd):
-    """torch.optim.AdamW's update of w in place (moments m, v in place); t: the step count after
-    this step, a scalar tensor or one per neuron broadcastable against w."""
-    w.mul_(1 - lr * wd)  # decoupled weight decay
-    m.lerp_(g, 1 - b1)  # m = b1 m + (1 - b1) g
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)  # v = b2 v + (1 - b2) g^2
-    t = t.double()
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    step_size = (lr / (1 - b1 ** t)).to(dtype)  # lr / (1 - b1^t)
-    bc2_sqrt = ((1 - b2 ** t) ** 0.5).to(dtype)
-    w.sub_(m.div(v.sqrt().div_(bc2_sqrt).add_(eps)).mul_(step_size))  # w -= lr m-hat / (sqrt(v-hat) + eps)
+def _adamw_(ws, gs, ms, vs, ts, lr, b1, b2, eps, wd):
+    """torch.optim.AdamW's update of the tensors ws in place (moments ms, vs in place), all lists at once
+    (torch._foreach_*: one kernel launch per op over the list on GPU, no Python loop per tensor); ts: the
+    step counts after this step, per tensor a scalar tensor or one per neuron broadcastable against it."""
+    if not ws:
+        return
+    torch._foreach_mul_(ws, 1 - lr * wd)  # decoupled weight decay
+    torch._foreach_lerp_(ms, gs, 1 - b1)  # m = b1 m + (1 - b1) g
+    torch._foreach_mul_(vs, b2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+    dtype = torch.promote_types(ws[0].dtype, torch.float32)
+    ts = [t.double() for t in ts]
+    step_size = [(lr / (1 - b1 ** t)).to(dtype) for t in ts]  # lr / (1 - b1^t)
+    bc2_sqrt = [((1 - b2 ** t) ** 0.5).to(dtype) for t in ts]
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(ms, denom)
+    torch._foreach_mul_(update, step_size)
+    torch._foreach_sub_(ws, update)  # w -= lr m-hat / (sqrt(v-hat) + eps)
 
 
 class NeuronAdamW(torch.optim.Optimizer):
@@ -71,12 +84,15 @@ class NeuronAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Every parameter of a group in one _adamw_ call: the plain ones whole, the FFN ones as the slices of
+        their selected neurons (index_select, update, index_copy back)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            (b1, b2), hp = group["betas"], (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+            hp = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+            whole, sliced = [[], [], [], [], []], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -88,7 +104,8 @@ class NeuronAdamW(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if dim is None:
                     st["step"] += 1
-                    _adamw_(p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], *hp)
+                    for part, x in zip(whole, (p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"])):
+                        part.append(x)
                     continue
                 idx = self.neurons.selected(p)  # (k,)
                 if idx.numel() == 0:
@@ -97,8 +114,11 @@ class NeuronAdamW(torch.optim.Optimizer):
                 st["step"].index_copy_(0, idx, t)
                 shape = [1] * p.dim()
                 shape[dim] = -1  # t broadcast along the neuron axis: (k, 1), (1, k) or (k,)
-                w, m, v = (x.index_select(dim, idx) for x in (p, st["exp_avg"], st["exp_avg_sq"]))  # k rows / columns
-                _adamw_(w, p.grad.index_select(dim, idx), m, v, t.view(shape), *hp)
+                sliced.append((p, st, dim, idx, [x.index_select(dim, idx) for x in (p, p.grad, st["exp_avg"],
+                                                                                    st["exp_avg_sq"])] + [t.view(shape)]))
+            parts = [whole[i] + [s[4][i] for s in sliced] for i in range(5)]  # w, g, m, v, t: k rows / columns
+            _adamw_(*parts, *hp)
+            for p, st, dim, idx, (w, _, m, v, _) in sliced:
                 for full, part in ((p, w), (st["exp_avg"], m), (st["exp_avg_sq"], v)):
                     full.index_copy_(dim, idx, part)
         return loss

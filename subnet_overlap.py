@@ -1,7 +1,7 @@
 """How far the FFN neurons of a knowledge-critical subnetwork (subnetworks.py) coincide with the knowledge
 paths of TRELM's routing (routing.py, TRELM Eq. 9-12), and the paths a pretrain.py run saved.
 
-Per layer, two neuron sets A (the subnetwork's, subnetworks.subnetwork_neurons) and B (routing's) of
+Per layer, two neuron sets A (the subnetwork's, subnetwork_neurons) and B (routing's) of
 the n = intermediate-size FFN neurons are compared by their Jaccard index |A & B| / |A | B|, next to
 its exact expectation for independent uniform sets of the same sizes (|A & B| is hypergeometric) and
 the one-sided p-value P(|A & B| >= observed). Over layers, the total intersection is the sum of the
@@ -14,6 +14,51 @@ import torch
 from scipy.stats import hypergeom
 
 import common
+
+
+def layer_of(name):
+    """'encoder.layer.5.attention.self.query.weight' -> 5"""
+    return int(name.split(".")[2])
+
+
+def subnetwork_neurons(names, removed, rule="top", k=None, frac=0.01):
+    """{layer: LongTensor of FFN intermediate neurons} touched by the removed subnetwork.
+    Neuron j: row j of W_in (intermediate.dense.weight, (I, H)) and column j of W_out (output.dense.weight, (H, I)).
+    k (rule top): neurons per layer, an int or {layer: int}."""
+    counts, sizes = {}, {}
+    for n, m in zip(names, removed):
+        if n.endswith("intermediate.dense.weight"):
+            c, h = m.sum(1), m.shape[1]  # (I,): removed weights in row j of W_in (I, H)
+        elif n.endswith("output.dense.weight") and "attention" not in n:
+            c, h = m.sum(0), m.shape[0]  # (I,): removed weights in column j of W_out (H, I)
+        else:
+            continue
+        l = layer_of(n)
+        counts[l] = counts.get(l, 0) + c
+        sizes[l] = sizes.get(l, 0) + h  # 2H weights per neuron
+    out = {}
+    for l, c in counts.items():
+        if rule == "any":
+            out[l] = (c > 0).nonzero().flatten()
+        elif rule == "frac":
+            out[l] = (c / sizes[l] >= frac).nonzero().flatten()
+        elif rule == "top":
+            kl = k[l] if isinstance(k, dict) else k
+            nz = int((c > 0).sum())
+            out[l] = torch.topk(c, min(kl, nz)).indices.sort().values
+        else:
+            raise ValueError(f"--neuron-rule {rule}: expected any, frac or top")
+    return out
+
+
+def overlaps(names, removed, path_sets, rule, frac, inter_size):
+    """{name: overlap_report} of the subnetwork's FFN neurons with each routing path set ({name: paths})."""
+    out = {}
+    for name, paths in path_sets.items():
+        k = {l: len(paths[l]) for l in range(len(paths))}
+        subnet = subnetwork_neurons(names, removed, rule, k, frac)
+        out[name] = overlap_report(subnet, {l: paths[l] for l in subnet}, inter_size)
+    return out
 
 
 def jaccard(a, b):

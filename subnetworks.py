@@ -92,7 +92,7 @@ import lama
 import routing
 from subnet_data import (control_halves, drop_stating, fact_batch, lm_batch, read_facts, read_lm_texts,
                          single_token_facts, split_facts, sub_batch)
-from subnet_overlap import overlap_report, paired_training_state, training_state_paths
+from subnet_overlap import layer_of, overlaps, paired_training_state, training_state_paths
 
 
 # -----------------------------------------------------------------------------
@@ -110,11 +110,6 @@ def masked_weight_names(model, top_layers):
             if isinstance(mod, torch.nn.Linear):
                 names.append(f"encoder.layer.{i}.{sub}.weight")
     return names
-
-
-def layer_of(name):
-    """'encoder.layer.5.attention.self.query.weight' -> 5"""
-    return int(name.split(".")[2])
 
 
 def gumbel_sigmoid_st(logits, tau=1.0, generator=None, noise=1.0):
@@ -386,36 +381,6 @@ def sparsity_report(names, removed):
 # -----------------------------------------------------------------------------
 # Overlap with routing's knowledge paths
 
-def subnetwork_neurons(names, removed, rule="top", k=None, frac=0.01):
-    """{layer: LongTensor of FFN intermediate neurons} touched by the removed subnetwork.
-    Neuron j: row j of W_in (intermediate.dense.weight, (I, H)) and column j of W_out (output.dense.weight, (H, I)).
-    k (rule top): neurons per layer, an int or {layer: int}."""
-    counts, sizes = {}, {}
-    for n, m in zip(names, removed):
-        if n.endswith("intermediate.dense.weight"):
-            c, h = m.sum(1), m.shape[1]  # (I,): removed weights in row j of W_in (I, H)
-        elif n.endswith("output.dense.weight") and "attention" not in n:
-            c, h = m.sum(0), m.shape[0]  # (I,): removed weights in column j of W_out (H, I)
-        else:
-            continue
-        l = layer_of(n)
-        counts[l] = counts.get(l, 0) + c
-        sizes[l] = sizes.get(l, 0) + h  # 2H weights per neuron
-    out = {}
-    for l, c in counts.items():
-        if rule == "any":
-            out[l] = (c > 0).nonzero().flatten()
-        elif rule == "frac":
-            out[l] = (c / sizes[l] >= frac).nonzero().flatten()
-        elif rule == "top":
-            kl = k[l] if isinstance(k, dict) else k
-            nz = int((c > 0).sum())
-            out[l] = torch.topk(c, min(kl, nz)).indices.sort().values
-        else:
-            raise ValueError(f"--neuron-rule {rule}: expected any, frac or top")
-    return out
-
-
 def routing_paths(model, batch, ratio, ig_steps):
     """routing.py's knowledge paths for the target facts: IG of P(correct object at [MASK])."""
     rows = torch.arange(batch["labels"].shape[0])
@@ -425,16 +390,6 @@ def routing_paths(model, batch, ratio, ig_steps):
 
     attr = routing.ffn_attributions(model, run, steps=ig_steps)  # (L, I)
     return routing.select_paths(attr, ratio=ratio)
-
-
-def overlaps(names, removed, path_sets, rule, frac, inter_size):
-    """{name: overlap_report} of the subnetwork's FFN neurons with each routing path set ({name: paths})."""
-    out = {}
-    for name, paths in path_sets.items():
-        k = {l: len(paths[l]) for l in range(len(paths))}
-        subnet = subnetwork_neurons(names, removed, rule, k, frac)
-        out[name] = overlap_report(subnet, {l: paths[l] for l in subnet}, inter_size)
-    return out
 
 
 # -----------------------------------------------------------------------------

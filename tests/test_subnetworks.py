@@ -218,11 +218,11 @@ def test_subnetwork_neurons_rules(tiny_mlm):
     removed[win][3, :10] = 1.0  # neuron 3: 10 of its 2H = 64 weights
     removed[wout][:2, 7] = 1.0  # neuron 7: 2 weights
     removed[wout - 1 if wout - 1 != win else 0][0, 9] = 1.0  # an attention weight: no FFN neuron
-    got = S.subnetwork_neurons(masks.names, removed, "any")
+    got = SO.subnetwork_neurons(masks.names, removed, "any")
     assert got[1].tolist() == [3, 7]
-    assert S.subnetwork_neurons(masks.names, removed, "top", k=1)[1].tolist() == [3]
-    assert S.subnetwork_neurons(masks.names, removed, "top", k=5)[1].tolist() == [3, 7]  # only touched neurons
-    assert S.subnetwork_neurons(masks.names, removed, "frac", frac=0.1)[1].tolist() == [3]
+    assert SO.subnetwork_neurons(masks.names, removed, "top", k=1)[1].tolist() == [3]
+    assert SO.subnetwork_neurons(masks.names, removed, "top", k=5)[1].tolist() == [3, 7]  # only touched neurons
+    assert SO.subnetwork_neurons(masks.names, removed, "frac", frac=0.1)[1].tolist() == [3]
 
 
 def test_lama_reader_split_and_queries(tmp_path, tiny_mlm):
