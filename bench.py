@@ -242,10 +242,11 @@ def model_flops(model, args, masked):
 
 def measure_plain(args):
     """A plain MLM step through pretrain.py's own model wrapper and optimizer; its MFU."""
-    model = make_model(args)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the Trainers of the other groups run
+    model = make_model(args).to(dev)
     net = KnowledgeMLM(model).train()
     opt = optim.make_optimizer(net.parameters(), argparse.Namespace(lr=1e-4, weight_decay=0.01))
-    ids, attn, labels = make_batch(args)
+    ids, attn, labels = (x.to(dev) for x in make_batch(args))
 
     def step():
         net(ids, attn, labels)["loss"].backward()

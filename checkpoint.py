@@ -36,7 +36,7 @@ import common
 # Flags that change nothing the run computes. Every other flag, including any added later, must match
 # the checkpoint's on --resume (--max-steps may grow): otherwise the resumed run is silently another run.
 OPERATIONAL = ("output_dir", "save_every", "snapshot_every", "log_every", "num_proc", "device", "resume",
-               "overwrite", "debug", "cache_dir", "ddp_timeout", "preset")
+               "overwrite", "debug", "cache_dir", "ddp_timeout", "preset", "loader_workers")
 RUN_FILES = ("checkpoint", ".checkpoint.tmp", ".checkpoint.old", "final")
 LOGS = ("metrics.jsonl", "routing.jsonl")
 

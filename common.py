@@ -148,6 +148,7 @@ def load_mlm(name, flag="--model", **kwargs):
     decoder is tied to the word embeddings (config.tie_word_embeddings). A pretrain.py run root is
     read from its final/ or newest snapshot (resolve_model). A hub id that is not in the local cache
     fails with a message saying what to download and where to put it; every message names `flag`.
+    kwargs go to from_pretrained, e.g. attn_implementation="sdpa" | "eager" (pretrain.py --attention).
     """
     import transformers
     from safetensors import SafetensorError

@@ -9,7 +9,8 @@ is found by its flag: --route-every -> cfg.routing.route_every):
 
 | group      | paper            | what                                                          |
 |------------|------------------|---------------------------------------------------------------|
-| run        |                  | method, model, output dir, seed, devices, logging, resume     |
+| run        |                  | method, model, output dir, seed, devices, logging, resume,    |
+|            |                  | speed (--attention, --compile, --loader-workers)              |
 | data       | Sec. 4.1         | corpus + KG, sequence length, batch, MLM masking               |
 | optim      | Sec. 4.1         | steps, AdamW, linear warm-up and decay                         |
 | injection  | Sec. 3.1, Eq. 1-3| which mentions get h_e, SI(e), CKA (theta, K)                  |
@@ -94,6 +95,9 @@ class Run:
     deterministic: bool
     device: str
     ddp_timeout: float
+    attention: str
+    compile: bool
+    loader_workers: int
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,15 @@ def get_parser(description=None):
     a("--device", default="auto", choices=("auto", "cpu", "cuda"))
     a("--ddp-timeout", type=float, default=120.0,
       help="minutes a DDP collective may wait for the slowest rank (torch.distributed's default is 10 for nccl)")
+    a("--attention", default="sdpa", choices=("sdpa", "eager"),
+      help="the attention kernel (transformers' attn_implementation): sdpa = torch's scaled_dot_product_attention "
+           "(fused kernels on GPU; what transformers picks for BERT and RoBERTa), eager = matmul, softmax, matmul")
+    a("--compile", action="store_true",
+      help="torch.compile the model wrapper (model.KnowledgeMLM; needs a C++ compiler on CPU, triton on GPU); the "
+           "first steps, and the first after routing starts, spend their time compiling")
+    a("--loader-workers", type=int, default=0,
+      help="processes that collate the micro-batches ahead of the training thread (a torch DataLoader, spawned; "
+           "pinned memory on CUDA); batches and knowledge plans are bitwise those of 0 (the training thread collates)")
     g = p.add_argument_group("data (Sec. 4.1)")
     a = g.add_argument
     a("--data", default="mini", help="a store prepared by `python data.py prepare`, 'mini' (the embedded default) or "
@@ -349,7 +362,7 @@ def check(ns):
         if getattr(ns, flag) < 1:
             bad("--" + flag.replace("_", "-"), f"expected a positive integer, got {getattr(ns, flag)}")
     for flag in ("negatives", "window_k", "si_window", "ig_batch", "si_refresh", "ig_chunk", "save_every",
-                 "snapshot_every", "warmup_steps", "route_warmup", "seed"):
+                 "snapshot_every", "warmup_steps", "route_warmup", "seed", "loader_workers"):
         v = getattr(ns, flag)
         if v is not None and v < 0:
             bad("--" + flag.replace("_", "-"), f"expected an integer >= 0, got {v}")
@@ -417,6 +430,10 @@ def check(ns):
             import torch
             if not torch.cuda.is_available():
                 bad("--" + flag.replace("_", "-"), "cuda: no CUDA device is available here; expected cpu")
+    if ns.compile:
+        missing = compile_missing(ns.device)
+        if missing:
+            bad("--compile", missing)
     try:  # the model's position embeddings bound --seq-len (a hub id not in the cache: load_mlm says so later)
         from transformers import AutoConfig
         mc = AutoConfig.from_pretrained(common.resolve_model(ns.model), local_files_only=True)
@@ -427,6 +444,19 @@ def check(ns):
         positions -= mc.pad_token_id + 1  # RoBERTa's positions start after its padding index
     if positions and ns.seq_len > positions:
         bad("--seq-len", f"expected <= {positions} (the positions of --model {ns.model}), got {ns.seq_len}")
+
+
+def compile_missing(device):
+    """What torch.compile's default backend (Inductor) lacks on --device `device` -> a sentence, or None:
+    triton for CUDA kernels, a C++ compiler ($CXX, g++, c++ or clang++) for CPU kernels."""
+    import importlib.util
+    import shutil
+    import torch
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return None if importlib.util.find_spec("triton") else "torch.compile on CUDA needs triton (pip install triton)"
+    if any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")):
+        return None
+    return "torch.compile on CPU needs a C++ compiler ($CXX, g++, c++ or clang++ on PATH); none found"
 
 
 def recorded_warmup(ns):

@@ -40,11 +40,13 @@ from safetensors.torch import load_file
 import common
 import config
 import plots
-from paper_values import PAPER_PEAKS, PRIMARY
-from study_report import COLS, code_checks, code_commit, fmt, header, load_results, table, write_report
+from paper_values import PAPER, PAPER_PEAKS, PRIMARY
+from study_report import (COLS, code_checks, code_commit, effect, fmt, header, load_results, table, write_report,
+                          write_scale_trend)
 from study_runs import (PLATEAU_TOL, base_checkpoint, base_key, finetune_f1, ft_tasks, int_list, plateaued,
                         read_metrics, run_record, run_variants, seeds_of, study_model, variants_of)
-from study_stats import beats_all, efficiency_ratios, fmean, ratio_verdict, values, verdict
+from study_stats import (SCALE_CLAIMS, against_mlm, beats_all, cost_note, cost_ratio_range, efficiency_ratios,
+                         fmean, ratio_verdict, values, verdict, verdict_text)
 from study_variants import (BATCH_SIZE, FINETUNED, LAMBDA_EPOCHS, PRETRAIN_ARGS, READING, READINGS, ROLES, SEQ_LEN,
                             SWEEPS, TRELM, VARIANTS)
 
@@ -245,33 +247,63 @@ def load_costs(args, task):
     return costs
 
 
+def cost_claim(res, costs, variant, baseline, claim=PAPER["efficiency_ratio"], label="DKPLM", who="TRELM"):
+    """A "cost to reach `baseline`'s final score <= claim x its cost" claim of `variant` on the cost axis:
+    (per-seed ratios, verdict judged over the bench's range of the two variants' cost ratio)."""
+    ratios = efficiency_ratios(res, baseline, variant=variant, x="cost")
+    return ratios, ratio_verdict(ratios, claim=claim, baseline=label, variant=who,
+                                 cost=cost_ratio_range(costs, variant, baseline))
+
+
+def verdict_line(claim, v, scale=1):
+    """'- claim: **verdict (and MLM's)** (effect [2 SE], the bench's cost range)', a task's markdown."""
+    return f"- {claim}: **{verdict_text(v)}** ({effect(v, scale=scale)}{cost_note(v)})"
+
+
+def per_seed(ratios):
+    """'0.47, > 1.02, ...': a seed's ratio, '>' where it never reached the target (a lower bound)."""
+    return ", ".join(f"{'> ' if not r['reached'] else ''}{r['ratio']:.2f}" for r in ratios.values())
+
+
 def run_efficiency(args):
     """Figs. 4-6 on the cost axis: TRELM's cost to DKPLM's final score (Sec. 4.4), and to the final score
-    of TRELM without the memory bank / without routing (Fig. 6: each module speeds convergence)."""
+    of TRELM without the memory bank / without routing (Fig. 6: each module speeds convergence). Each claim
+    is computed for plain MLM too (a claim MLM passes as well is no evidence for TRELM) and judged over the
+    bench's spread of the cost ratio (study_stats.ratio_verdict)."""
     costs = load_costs(args, "efficiency")
     res = with_cost(run_variants(args, "efficiency"), costs)
     t = ROLES["trelm"]
-    ratios = efficiency_ratios(res, variant=t, x="cost")
-    modules = {r: efficiency_ratios(res, baseline=ROLES[r], variant=t, x="cost")
-               for r in ("no-memory-bank", "no-routing")}
-    eff = {"time_to_dkplm_final": ratios, "ratio_verdict": ratio_verdict(ratios), "x": "cost",
+    ratios, rv = cost_claim(res, costs, t, "dkplm")
+    mlm_ratios, mlm_rv = cost_claim(res, costs, "mlm", "dkplm", who="plain MLM")
+    modules, module_v, mlm_modules, mlm_module_v = {}, {}, {}, {}
+    for r in ("no-memory-bank", "no-routing"):
+        modules[r], module_v[r] = cost_claim(res, costs, t, ROLES[r], claim=1.0, label=ROLES[r])
+        mlm_modules[r], mlm_module_v[r] = cost_claim(res, costs, "mlm", ROLES[r], claim=1.0, label=ROLES[r],
+                                                     who="plain MLM")
+    eff = {"time_to_dkplm_final": ratios, "ratio_verdict": against_mlm(rv, mlm_rv), "x": "cost",
            "time_to_ablation_final": modules,
-           "module_verdicts": {r: ratio_verdict(x, claim=1.0, baseline=ROLES[r]) for r, x in modules.items()},
+           "module_verdicts": {r: against_mlm(v, mlm_module_v[r]) for r, v in module_v.items()},
+           "mlm_time_to_dkplm_final": mlm_ratios, "mlm_ratio_verdict": mlm_rv,
+           "mlm_time_to_ablation_final": mlm_modules, "mlm_module_verdicts": mlm_module_v,
            "step_time_over_mlm": {n: costs[n]["cost_over_mlm"] for n in res},
            "curves": {n: {s: r["curve"] for s, r in v["records"].items()} for n, v in res.items()}}
+    verdicts = {"TRELM cost to DKPLM's final <= 0.5 of DKPLM's": eff["ratio_verdict"],
+                "plain MLM cost to DKPLM's final <= 0.5 of DKPLM's (control)": mlm_rv,
+                **{f"TRELM cost to {ROLES[r]}'s final < its cost": v for r, v in eff["module_verdicts"].items()},
+                **{f"plain MLM cost to {ROLES[r]}'s final < its cost (control)": v for r, v in mlm_module_v.items()}}
     rows = "".join(f"| {s} | {fmt(r['dkplm_final'])} | {r['dkplm_time']:.0f} | "
                    f"{'not reached' if not r['reached'] else format(r['trelm_time'], '.0f')} | "
-                   f"{'> ' if not r['reached'] else ''}{r['ratio']:.2f} |\n" for s, r in ratios.items())
+                   f"{'> ' if not r['reached'] else ''}{r['ratio']:.2f} | "
+                   f"{per_seed({s: mlm_ratios[s]}) if s in mlm_ratios else 'n/a'} |\n" for s, r in ratios.items())
     md = (f"## Figs. 4-6 (efficiency)\nReading: {READING}.\nPaper's claim: TRELM reaches DKPLM's quality in at most "
-          "50% of its cost. Cost: steps x per-step cost over a plain MLM step (results/costs.json), in MLM steps."
-          "\n\n| seed | dkplm final score_MRR x 100 | dkplm cost | trelm cost to reach it | ratio |\n"
-          "|---|---|---|---|---|\n" + rows +
-          "\nPer-step cost over MLM: " + ", ".join(f"{n} {c:.3f}" for n, c in eff["step_time_over_mlm"].items()) +
+          "50% of its cost. Cost: steps x per-step cost over a plain MLM step (results/costs.json), in MLM steps. "
+          "Plain MLM's ratio is the control: a claim MLM passes as well is no evidence for TRELM."
+          "\n\n| seed | dkplm final score_MRR x 100 | dkplm cost | trelm cost to reach it | ratio | "
+          "plain MLM's ratio |\n"
+          "|---|---|---|---|---|---|\n" + rows + "\n" + "\n".join(verdict_line(k, v) for k, v in verdicts.items()) +
+          "\n\nPer-step cost over MLM: " + ", ".join(f"{n} {c:.3f}" for n, c in eff["step_time_over_mlm"].items()) +
           "\n\n" + table(res, [(n, n) for n in res], COLS))
-    return write_task(args, "efficiency", res, md, efficiency=eff, roles=ROLES,
-                      verdicts={"TRELM cost to DKPLM's final <= 0.5 of DKPLM's": eff["ratio_verdict"],
-                                **{f"TRELM cost to {ROLES[r]}'s final < its cost": v
-                                   for r, v in eff["module_verdicts"].items()}})
+    return write_task(args, "efficiency", res, md, efficiency=eff, roles=ROLES, verdicts=verdicts)
 
 
 def with_cost(res, costs):
@@ -289,36 +321,53 @@ def run_frontier(args):
     of routing, with the efficiency claims decided on that axis under each reading:
       "TRELM reaches DKPLM's final score in at most half of DKPLM's cost" (Sec. 4.4, Figs. 4-5)
       "routing speeds convergence": the reading reaches TRELM-without-routing's final score at less
-      than its cost (Fig. 6)."""
+      than its cost (Fig. 6).
+    Both are computed for plain MLM too (its own verdicts, and beside each reading's: a claim MLM passes as
+    well is no evidence for TRELM), and judged over the bench's spread of the cost ratio."""
     costs = load_costs(args, "frontier")
     res = with_cost(run_variants(args, "frontier"), costs)
     routed = [n for n in READINGS if n.startswith("trelm-") and n != "trelm-norouting" and n in res]
+    to_dk = "cost to DKPLM's final <= 0.5 of DKPLM's"
+    to_nr = "routing speeds convergence (cost to no-routing's final < its cost)"
+    ratio, speed = {}, {}  # variant -> (per-seed ratios, verdict)
+    for n in [v for v, _ in variants_of(args, "frontier")]:
+        who = "plain MLM" if n == "mlm" else "TRELM"
+        if (n.startswith("trelm") or n == "mlm") and "dkplm" in res:
+            ratio[n] = cost_claim(res, costs, n, "dkplm", who=who)
+        if (n in routed or n == "mlm") and "trelm-norouting" in res:
+            speed[n] = cost_claim(res, costs, n, "trelm-norouting", claim=1.0, label="TRELM without routing", who=who)
     verdicts, rows = {}, []
     for n in [v for v, _ in variants_of(args, "frontier")]:
         c = costs[n]
-        ratio = (efficiency_ratios(res, "dkplm", variant=n, x="cost")
-                 if n.startswith("trelm") and "dkplm" in res else None)
-        speed = (efficiency_ratios(res, "trelm-norouting", variant=n, x="cost")
-                 if n in routed and "trelm-norouting" in res else None)
-        if ratio is not None:
-            verdicts[f"{n} ({READINGS[n]}): cost to DKPLM's final <= 0.5 of DKPLM's"] = ratio_verdict(ratio)
-        if speed is not None:
-            verdicts[f"{n} ({READINGS[n]}): routing speeds convergence (cost to no-routing's final < its cost)"] = \
-                ratio_verdict(speed, claim=1.0, baseline="TRELM without routing")
+        if n == "mlm":
+            if n in ratio:
+                verdicts[f"mlm (control): {to_dk}"] = ratio[n][1]
+            if n in speed:
+                verdicts["mlm (control): cost to no-routing's final < its cost"] = speed[n][1]
+        else:
+            if n in ratio:
+                v = ratio[n][1]
+                verdicts[f"{n} ({READINGS[n]}): {to_dk}"] = against_mlm(v, ratio["mlm"][1]) if "mlm" in ratio else v
+            if n in speed:
+                v = speed[n][1]
+                verdicts[f"{n} ({READINGS[n]}): {to_nr}"] = against_mlm(v, speed["mlm"][1]) if "mlm" in speed else v
         m, sd = res[n]["mean"], res[n]["std"]
-        mean_ratio = statistics.fmean(r["ratio"] for r in ratio.values()) if ratio else None
+        per = ratio[n][0] if n in ratio else None
+        mean_ratio = statistics.fmean(r["ratio"] for r in per.values()) if per else None
         rows.append(f"| {n} | {READINGS[n]} | {100 * c['trainable_share']:.1f}% | {c['cost_over_mlm']:.3f} "
                     f"[{c['spread'][0]:.2f}, {c['spread'][1]:.2f}] | {c['flops_over_mlm']:.3f} | "
                     f"{args.steps * c['cost_over_mlm']:.0f} | {fmt(m.get(PRIMARY), sd.get(PRIMARY))} | "
                     f"{fmt(m.get('final_l_mlm'), sd.get('final_l_mlm'), scale=1)} | "
                     f"{'' if mean_ratio is None else format(mean_ratio, '.2f')} |")
-    lines = [f"- {k}: **{v['verdict']}**" + ("" if v.get("diff") is None else f" (mean margin {v['diff']:.2f})")
-             for k, v in verdicts.items()]
+    lines = [f"- {k}: **{verdict_text(v)}**" + ("" if v.get("diff") is None else f" (mean margin {v['diff']:.2f}"
+                                                 f"{cost_note(v)})") for k, v in verdicts.items()]
     md = ("## Frontier: probe score against cost, every reading of routing\n"
           f"Cost = steps x the variant's per-step cost over a plain MLM step (results/costs.json: bench.py "
           f"interleaved in one process; per-batch variants include their attribution, every-100 variants its "
           f"amortised share), in MLM-step units; FLOPs: counted matmul FLOPs, the same ratio. {args.steps} steps, "
-          f"seeds {args.seeds}, Eq. 8 over {LAMBDA_EPOCHS} counted epochs for every TRELM variant.\n\n"
+          f"seeds {args.seeds}, Eq. 8 over {LAMBDA_EPOCHS} counted epochs for every TRELM variant. Every cost "
+          "verdict is judged at both ends of the bench's range of the two variants' cost ratio (a label that "
+          "changes within it is inconclusive), and computed for plain MLM as well (mlm's row: the control).\n\n"
           "| variant | reading | trains | cost / MLM step | FLOPs / MLM step | run cost | score_MRR x 100 | "
           "final L_MLM | cost to DKPLM's final / DKPLM's |\n|---|---|---|---|---|---|---|---|---|\n"
           + "\n".join(rows) + "\n\n" + "\n".join(lines) + "\n")
@@ -328,42 +377,75 @@ def run_frontier(args):
 
 def run_dkplm(args):
     """Why our DKPLM learns facts slower than plain MLM (docs/departures.md, "DKPLM baseline"): each reading of
-    DKPLM (one flag at a time) against ours, and DKPLM and MLM trained 4x as long (DKPLM's own plateau)."""
+    DKPLM (one flag at a time) against ours, and DKPLM and MLM trained 4x as long (DKPLM's own plateau): does
+    DKPLM still learn from N to 4N steps, does MLM, and does the MLM - DKPLM gap narrow (seed-paired: the gap
+    of each seed at N against the same seed's at 4N)."""
     res = run_variants(args, "dkplm")
-    long = run_variants(args, "dkplm-plateau", steps=4 * args.steps)
+    n4 = 4 * args.steps
+    long = run_variants(args, "dkplm-plateau", steps=n4)
     dk = ROLES["dkplm"]
-    verdicts = {f"{n} probes better than dkplm": verdict(values(res, n, PRIMARY), values(res, dk, PRIMARY))
-                for n in res if n != dk}
-    verdicts[f"mlm probes better than dkplm at {4 * args.steps} steps"] = \
-        verdict(values(long, "mlm", PRIMARY), values(long, dk, PRIMARY))
+    score = lambda r, n: values(r, n, PRIMARY)
+    verdicts = {f"{n} probes better than dkplm": verdict(score(res, n), score(res, dk)) for n in res if n != dk}
+    if {"mlm", dk} <= set(long):
+        verdicts[f"mlm probes better than dkplm at {n4} steps"] = verdict(score(long, "mlm"), score(long, dk))
+    for n in ("mlm", dk):
+        if n in res and n in long:
+            verdicts[f"{n} probes better at {n4} steps than at {args.steps}"] = verdict(score(long, n), score(res, n))
+    if {"mlm", dk} <= set(res) & set(long):
+        gap = lambda r: {s: x - score(r, dk)[s] for s, x in score(r, "mlm").items()
+                         if x is not None and score(r, dk).get(s) is not None}
+        verdicts[f"the mlm - dkplm gap narrows from {args.steps} to {n4} steps"] = verdict(gap(res), gap(long))
+    base = res[dk]["flags"] if dk in res else []
+
+    def changes(n):  # the flags a reading adds to ours (all its flags where it does not extend ours)
+        f = res[n]["flags"]
+        return "ours" if n == dk else " ".join(f[len(base):] if base and f[:len(base)] == base else f)
+    rows = []
+    for n, v in res.items():
+        vs = verdicts.get(f"{n} probes better than dkplm")
+        rows.append(f"| {n} | `{changes(n)}` | {fmt(v['mean'].get(PRIMARY), v['std'].get(PRIMARY))} | "
+                    f"{fmt(v['mean'].get('seen_MRR'))} | {fmt(v['mean'].get('heldout_MRR'))} | "
+                    + ("n/a | baseline |" if vs is None else f"{effect(vs)} | {vs['verdict']} |"))
     md = (header(args, "Our DKPLM, reading by reading") + "Each reading changes one flag of `--method dkplm` "
-          "(study_variants.VARIANTS['dkplm']); verdicts against dkplm by the study's rule.\n\n"
-          + table(res, [(n, n) for n in res], COLS[:5]) + f"\n\n### {4 * args.steps} steps\n\n"
-          + table(long, [(n, n) for n in long], COLS[:5]) + "\n\n"
-          + "\n".join(f"- {k}: **{v['verdict']}**" for k, v in verdicts.items()) + "\n")
+          "(study_variants.VARIANTS['dkplm']); effect = its score - ours, seed-paired [± 2 SE], verdicts by the "
+          "study's rule.\n\n| variant | changes | score_MRR | seen MRR | held-out MRR | effect vs dkplm | verdict |"
+          "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + f"\n\n### The plateau: {n4} steps (4x)\n\n"
+          + table(long, [(n, n) for n in long], COLS[:5]) + "\n"
+          + "\n".join(f"- {k}: **{v['verdict']}** ({effect(v)})" for k, v in verdicts.items()
+                      if "steps" in k) + "\n")
     return write_task(args, "dkplm", res, md, verdicts=verdicts,
                       plateau={n: {k: v[k] for k in ("flags", "seeds", "mean", "std")} for n, v in long.items()},
-                      plateau_steps=4 * args.steps)
+                      plateau_steps=n4)
 
 
 def run_scale(args):
     """The claims at a second scale (study_variants.SCALE2: --data the 4x folder, --steps and --base-steps 4x,
-    the cost axis of that data in <output-dir>/costs.json): injection + CKA + memory (TRELM without routing
-    against MLM), routing (TRELM against TRELM without routing), attribution (against random neurons held
-    as long), TRELM against DKPLM, and the cost to DKPLM's final score of TRELM, TRELM without routing and
-    plain MLM (a claim MLM passes too is no evidence for TRELM)."""
+    the cost axis of that data in <output-dir>/costs.json; REPORT.md reads it from results/scale2/): the
+    claims of study_stats.SCALE_CLAIMS, the same ones REPORT.md's trend compares with the first scale:
+    injection + CKA + memory (TRELM without routing against MLM), routing (TRELM against TRELM without
+    routing), attribution (against random neurons held as long), TRELM against DKPLM, each a seed-paired
+    difference [± 2 SE]; and the cost to DKPLM's final score of TRELM, TRELM without routing and plain MLM
+    (a claim MLM passes too is no evidence for TRELM), judged over the bench's spread."""
     costs = load_costs(args, "scale")
     res = with_cost(run_variants(args, "scale"), costs)
-    t, nr, rnd = ROLES["trelm"], ROLES["no-routing"], "trelm-ffn-e100-random"
-    pairs = {"injection + CKA + memory bank: TRELM without routing > MLM": (nr, "mlm"),
-             "routing: TRELM > TRELM without routing": (t, nr), "attribution: TRELM > random neurons held as long": (t, rnd),
-             "TRELM > DKPLM": (t, "dkplm")}
-    verdicts = {k: verdict(values(res, a, PRIMARY), values(res, b, PRIMARY)) for k, (a, b) in pairs.items()}
-    ratios = {n: efficiency_ratios(res, "dkplm", variant=n, x="cost") for n in (t, nr, "mlm")}
-    for n, r in ratios.items():
-        verdicts[f"{n}: cost to DKPLM's final <= 0.5 of DKPLM's"] = ratio_verdict(r)
-    md = (header(args, "The claims at a second scale") + table(res, [(n, n) for n in res], COLS[:5]) + "\n\n"
-          + "\n".join(f"- {k}: **{v['verdict']}**" for k, v in verdicts.items()) + "\n")
+    verdicts, ratios = {}, {}
+    for claim, kind, a, b in SCALE_CLAIMS:
+        if kind == "diff":
+            verdicts[claim] = verdict(values(res, a, PRIMARY), values(res, b, PRIMARY))
+        elif a in res and b in res:
+            ratios[a], verdicts[f"{a}: cost to DKPLM's final <= 0.5 of DKPLM's"] = cost_claim(
+                res, costs, a, b, who="plain MLM" if a == "mlm" else "TRELM")
+    if "mlm" in ratios:
+        mlm_v = verdicts["mlm: cost to DKPLM's final <= 0.5 of DKPLM's"]
+        verdicts.update({k: against_mlm(v, mlm_v) for k, v in verdicts.items()
+                         if k.endswith("of DKPLM's") and not k.startswith("mlm:")})
+    se = {n: v["mean"].get("se_MRR") for n, v in res.items()}
+    md = (header(args, "The claims at a second scale") + f"Data: {args.data}; probe-set SE of one run's score "
+          f"(x 100, the probes' resolution): " + ", ".join(f"{n} {fmt(x)}" for n, x in se.items()) + ".\n\n"
+          + table(res, [(n, n) for n in res], COLS[:5]) + "\n"
+          + "".join(f"- cost to DKPLM's final / DKPLM's, {n}: {per_seed(r)} per seed\n" for n, r in ratios.items())
+          + "\n" + "\n".join(verdict_line(k, v, scale=1 if k.endswith("of DKPLM's") else 100)
+                              for k, v in verdicts.items()) + "\n")
     return write_task(args, "scale", res, md, verdicts=verdicts, costs=costs, efficiency=ratios,
                       curves={n: {s: r["curve"] for s, r in v["records"].items()} for n, v in res.items()})
 
@@ -581,7 +663,9 @@ def run_reproduce(args):
 
 
 def run_report(args):
-    """plots.py and REPORT.md from the results in --output-dir (e.g. a study continued elsewhere)."""
+    """plots.py and REPORT.md from the results in --output-dir (e.g. a study continued elsewhere); first the
+    claims at two scales (<output-dir>/scale_trend.json), which plots.py draws."""
+    write_scale_trend(args.output_dir)
     plots.draw_all(args.output_dir, args.figures)
     return write_report(args)
 

@@ -1,4 +1,5 @@
-"""Regenerate every figure (TRELM Figs. 3-8, and the subnetwork check) from the results JSON.
+"""Regenerate every figure (TRELM Figs. 3-8, the frontier, the claims at two scales, and the subnetwork
+check) from the results JSON.
 
     python plots.py [--results results] [--out figures]
 
@@ -9,6 +10,7 @@ the file and the command that makes it.
 import argparse
 import json
 import os
+import textwrap
 
 import matplotlib
 
@@ -27,7 +29,9 @@ LABELS = {"mlm": "MLM (no knowledge)", "dkplm": "DKPLM", "trelm": "TRELM", "no-m
           "no-routing": "TRELM w/o routing", "inj-long-tail": "long-tail", "inj-frequent": "frequent", "inj-all": "all"}
 MAKES = {"ablation": "python evaluate.py --task ablation", "injection": "python evaluate.py --task injection", "efficiency": "python evaluate.py --task efficiency",
          "hparams": "python evaluate.py --task hparams", "subnetworks": "python subnetworks.py",
-         "frontier": "python bench.py --costs results/costs.json; python evaluate.py --task frontier"}
+         "frontier": "python bench.py --costs results/costs.json; python evaluate.py --task frontier",
+         "scale_trend": "python evaluate.py --task scale --output-dir results/scale2 (docs/study.md); "
+                        "python evaluate.py --task report"}
 SCORE_LABEL = "score: seen - held-out MRR (x 100)"
 
 
@@ -157,10 +161,12 @@ def fig4_5_6(results, out):
     groups = {"DKPLM": eff["time_to_dkplm_final"],
               **{f"w/o {w}": modules.get(r, modules.get(f"trelm_{r}", {}))
                  for r, w in (("no-memory-bank", "memory bank"), ("no-routing", "routing"))}}
+    if eff.get("mlm_time_to_dkplm_final"):  # the control: a claim plain MLM passes too is no evidence for TRELM
+        groups["MLM to DKPLM\n(control)"] = eff["mlm_time_to_dkplm_final"]
     for i, (glabel, ratios) in enumerate(groups.items()):
         r = list(ratios.values())
         if r:
-            a2.bar(i, np.mean([x["ratio"] for x in r]), color="0.85", edgecolor="0", hatch=HATCHES[i])
+            a2.bar(i, np.mean([x["ratio"] for x in r]), color="0.85", edgecolor="0", hatch=HATCHES[i % len(HATCHES)])
             for x_ in r:  # open markers: not reached, the ratio is only a lower bound
                 a2.plot(i, x_["ratio"], "ko" if x_["reached"] else "k^", mfc="0" if x_["reached"] else "1", ms=4)
     a2.set_xticks(range(len(groups)), list(groups), fontsize=8)
@@ -268,11 +274,53 @@ def fig_frontier(results, out):
     save(fig, out, "frontier")
 
 
+def fig_scale_trend(results, out):
+    """Each claim at both scales (<results>/scale_trend.json, written by `evaluate.py --task report` from
+    frontier.json, efficiency.json and scale2/scale.json: study_report.scale_trend): its effect (seed-paired
+    score difference x 100, or mean cost ratio to DKPLM's final) with its 2-SE interval, the null dotted,
+    and whether it grows, shrinks or holds in the panel's title; open markers: some seed's ratio is a
+    lower bound. Skipped until both scales ran."""
+    path = os.path.join(results, "scale_trend.json")
+    doc = json.load(open(path)) if os.path.exists(path) else None
+    if doc is None or doc["scale1"] is None or doc["scale2"] is None:
+        print(f"skip: {path} {'not found' if doc is None else 'lacks a scale'} (made by `{MAKES['scale_trend']}`)")
+        return
+    rows = [[c for c in doc["claims"] if c["kind"] == kind] for kind in ("diff", "ratio")]
+    cols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 6), squeeze=False)
+    ticks = [f"scale {i}\n{doc[f'scale{i}']['steps']} steps" for i in (1, 2)]
+    for row, claims in enumerate(rows):
+        sc = 100 if row == 0 else 1
+        for j in range(cols):
+            ax = axes[row][j]
+            if j >= len(claims):
+                ax.axis("off")
+                continue
+            c = claims[j]
+            for i, e in enumerate((c["scale1"], c["scale2"])):
+                if e is not None:
+                    ax.errorbar([i], [sc * e["effect"]], yerr=[0.0 if e["se"] is None else 2 * sc * e["se"]],
+                                color="0", marker="o", mfc="1" if e["bounded"] else "0", capsize=4)
+            ax.axhline(0.0 if row == 0 else 1.0, color="0.5", ls=":", lw=0.8)
+            if row == 1:
+                ax.axhline(PAPER["efficiency_ratio"], color="0.3", ls="--", lw=0.8)
+            ax.set_xlim(-0.5, 1.5)
+            ax.set_xticks([0, 1], ticks, fontsize=7)
+            ax.set_title(textwrap.fill(c["claim"], 28) + f"\n[{c['trend']}]", fontsize=7)
+            if j == 0:
+                ax.set_ylabel("seed-paired difference (x 100)" if row == 0 else
+                              "cost to DKPLM's final / DKPLM's\n(dashed: paper's 0.5)", fontsize=7)
+    fig.suptitle("The claims at two scales: effect ± 2 SE (dotted: no effect; open: lower bounds in some seeds)",
+                 fontsize=9)
+    fig.tight_layout()
+    save(fig, out, "scale_trend")
+
+
 def draw_all(results, out):
     """Every figure from the results JSON in `results`, written to `out` (experiments.py's --task report)."""
     if not os.path.isdir(results):
         raise SystemExit(f"--results {results}: not a directory (run `python evaluate.py --task reproduce` first)")
-    for f in (fig3, fig4_5_6, fig7_8, fig_frontier, fig_subnetworks):
+    for f in (fig3, fig4_5_6, fig7_8, fig_frontier, fig_subnetworks, fig_scale_trend):
         f(results, out)
 
 

@@ -43,14 +43,16 @@ final/ (model + tokenizer, loadable with AutoModelForMaskedLM / AutoTokenizer), 
 routing.jsonl, config.json. A previous run there is continued (--resume: every flag but
 checkpoint.OPERATIONAL must match, --max-steps may grow to extend the run) or deleted (--overwrite),
 never replaced silently. --deterministic makes the same command bitwise repeatable. Data and
-divergence errors print one line (--debug: the traceback).
+divergence errors print one line (--debug: the traceback). On GPUs: bf16 autocast and fused AdamW;
+--attention (sdpa, the default, or eager), --compile (torch.compile) and --loader-workers N (batches
+collated in N processes, bitwise those of the training thread) are flags.
 """
 import datetime
 import gc
 import json
 import os
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 
 import numpy as np
 import torch
@@ -94,6 +96,35 @@ def setup_process(device, timeout_minutes):
     return True, dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if use_cuda else "cpu")
 
 
+def collated(store, collate, cfg, step, micro, rank, world):
+    """Micro-batch `micro` of optimizer step `step` on rank `rank`, collated (data.MLMCollator `collate`)
+    -> (batch, its store indices, the torch.Generator it drew from). Masking, and the knowledge plan's
+    negatives drawn next from the same generator, are a function of (seed, step, slot in the global
+    batch), whatever the layout."""
+    d, seed = cfg.data, cfg.run.seed
+    idx = data.micro_batch_indices(step, micro, rank, len(store), d.batch_size, d.grad_accum, world, seed)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence(
+        [seed, step, micro * world + rank]).generate_state(1)[0]))
+    return collate(store.rows(idx), g), idx, g
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """--loader-workers: item k = step * --grad-accum + micro is collated()'s micro-batch of (step, micro) on
+    this rank, returned as (batch, indices, the generator's state after collation). It holds the store's
+    path, not its arrays: each worker opens the memory-mapped store itself (nothing large is pickled)."""
+
+    def __init__(self, path, collate, cfg, rank, world):
+        self.path, self.collate, self.cfg, self.rank, self.world = path, collate, cfg, rank, world
+        self.store = None
+
+    def __getitem__(self, k):
+        if self.store is None:
+            self.store = data.Store(self.path)
+        step, micro = divmod(k, self.cfg.data.grad_accum)
+        batch, idx, g = collated(self.store, self.collate, self.cfg, step, micro, self.rank, self.world)
+        return batch, idx, g.get_state()
+
+
 class Trainer:
     """One process of a pre-training run (cfg: config.Config): data, knowledge (Knowledge), model
     (net: model.KnowledgeMLM around the masked LM net.mlm; wrapped: its DDP wrapper, or net itself),
@@ -109,7 +140,7 @@ class Trainer:
             os.makedirs(cfg.run.output_dir, exist_ok=True)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         common.seed_everything(cfg.run.seed + self.rank)
-        mlm, self.tok = common.load_mlm(cfg.run.model)
+        mlm, self.tok = common.load_mlm(cfg.run.model, attn_implementation=cfg.run.attention)
         if self.tok.mask_token_id is None or self.tok.pad_token_id is None:
             raise SystemExit(f"--model {cfg.run.model}: tokenizer has no mask or pad token; a masked LM is required")
         r = cfg.routing  # a trained head routes from step 0; routing would freeze a random one
@@ -130,15 +161,22 @@ class Trainer:
         self.router, self.paths = None, None  # routing.Router and its knowledge paths, from --route-warmup on
         self.routing_began = None  # (attribution seconds, the paths before) of the routing this step's backward ends
         self.step, self.elapsed, self.saved_step = 0, 0.0, None  # saved_step: the checkpoint on disk, if any
-        self.optimizer = make_optimizer(self.net.parameters(), cfg.optim)
+        self.optimizer = make_optimizer(self.net.parameters(), cfg.optim)  # fused on CUDA
+        self.loader, self.loader_k = None, None  # --loader-workers: the batches' iterator, the next micro-batch's k
         self.wrap()
 
     def wrap(self):
-        """The DDP wrapper over what trains now (built again when routing changes that set)."""
+        """The DDP wrapper over what trains now (built again when routing changes that set), around the
+        torch.compile'd net with --compile."""
         self.wrapped = None  # the previous wrapper goes before the next registers its gradient hooks
         gc.collect()
-        self.wrapped = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if self.ddp else self.net
+        net = torch.compile(self.net) if self.cfg.run.compile else self.net
+        if self.cfg.run.compile and self.attribution is not None and self.attribution.form == "first-order":
+            # its attribution differentiates the training graph before the training backward does (retain_graph),
+            # which a compiled backward allows only without donated buffers (they save memory, nothing else)
+            torch._functorch.config.donated_buffer = False
+        self.wrapped = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if self.ddp else net
 
     # -- one step ------------------------------------------------------------------------
 
@@ -174,22 +212,44 @@ class Trainer:
     def get_batch(self, micro):
         """Micro-batch `micro` of this step on this rank, with its knowledge plan (batch["plan"]).
         Masking and negatives are a function of (seed, step, slot in the global batch), whatever the layout."""
-        d, seed = self.cfg.data, self.cfg.run.seed
-        idx = data.micro_batch_indices(self.step, micro, self.rank, len(self.store), d.batch_size, d.grad_accum,
-                                       self.world, seed)
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence(
-            [seed, self.step, micro * self.world + self.rank]).generate_state(1)[0]))
-        batch = self.collate(self.store.rows(idx), g)
+        if self.cfg.run.loader_workers:
+            batch, idx, g = self.loaded(micro)
+        else:
+            batch, idx, g = collated(self.store, self.collate, self.cfg, self.step, micro, self.rank, self.world)
         si = self.know.batch_si(idx)
         if si is not None:  # (M,) in the collator's mention order
             batch["ent_si"] = si
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}  # async from pinned memory
         plan = self.know.plan(batch, g, self.net.mlm.get_input_embeddings().weight, self.lam())
         if plan is not None:  # injected positions are scored by the decoding loss, not L_MLM
             batch["mlm_labels"] = batch["mlm_labels"].clone()
             batch["mlm_labels"][plan.rows, plan.cols] = -100
         batch["plan"] = plan
         return batch
+
+    def loaded(self, micro):
+        """collated()'s (batch, indices, generator) of micro-batch `micro` of this step from the DataLoader's
+        workers (--loader-workers), which run ahead over k = step * --grad-accum + micro; the loader starts
+        again at another k (a --resume, a caller that repeats a step). The generator is rebuilt from its
+        state after collation, so the plan's negatives are drawn as the training thread would draw them."""
+        k = self.step * self.cfg.data.grad_accum + micro
+        if k != self.loader_k:
+            self.close()  # its workers stop before the next ones start
+            end = max(k + 1, self.cfg.optim.max_steps * self.cfg.data.grad_accum)
+            batches = MicroBatches(self.store.path, self.collate, self.cfg, self.rank, self.world)
+            self.loader = iter(torch.utils.data.DataLoader(
+                batches, batch_size=None, sampler=range(k, end), num_workers=self.cfg.run.loader_workers,
+                multiprocessing_context="spawn",  # never fork a process that holds a model (and CUDA)
+                pin_memory=self.device.type == "cuda"))
+        batch, idx, state = next(self.loader)
+        self.loader_k = k + 1
+        g = torch.Generator()
+        g.set_state(state)
+        return batch, idx, g
+
+    def close(self):
+        """Stop the DataLoader's workers (--loader-workers), if any."""
+        self.loader, self.loader_k = None, None  # the iterator's finaliser shuts its workers down
 
     def forward(self, batch, micro, attribution=None):
         """The loss of micro-batch `micro`; under DDP gradients are synchronised on the last one only.
@@ -402,7 +462,8 @@ def _train(cfg):
                   f"{census['long_tail_word_occurrences']} occurrences in the corpus", flush=True)
     bar = tqdm(total=o.max_steps, initial=t.step, disable=not t.master, desc=run.method, dynamic_ncols=True)
     t0 = time.time()
-    with open(os.path.join(run.output_dir, "metrics.jsonl"), "a") if t.master else nullcontext() as log:
+    with open(os.path.join(run.output_dir, "metrics.jsonl"), "a") if t.master else nullcontext() as log, \
+            closing(t):  # --loader-workers: the workers stop however the loop ends
         while t.step < o.max_steps:
             s0 = time.time()
             stats = t.train_step()

@@ -13,7 +13,8 @@ import common
 import plots
 from paper_values import PAPER, PAPER_PEAKS, PRIMARY
 from study_runs import plateaued
-from study_stats import values, verdict
+from study_stats import (SCALE_CLAIMS, against_mlm, claim_effects, cost_note, efficiency_ratios, ratio_verdict,
+                         trend, values, verdict, verdict_text)
 from study_variants import FIRST_READING, READING, ROLES, STRICT
 
 def fmt(mean, std=None, scale=100):
@@ -41,12 +42,15 @@ def header(args, title):
 
 
 def effect(v, scale=100):
-    """A verdict's seed-paired mean difference with its 2-SE interval and n (x scale)."""
+    """A verdict's seed-paired mean difference with its 2-SE interval and n (x scale: 100 for scores, one
+    decimal; 1 for cost ratios' margins, two decimals)."""
     if v.get("diff") is None:
         return "n/a"
+    f = "+.1f" if scale != 1 else "+.2f"
     if v.get("se") is None:
-        return f"{scale * v['diff']:+.1f} (1 seed)"
-    return f"{scale * v['diff']:+.1f} [{scale * v['lo']:+.1f}, {scale * v['hi']:+.1f}] (n={v['n']})"
+        return f"{format(scale * v['diff'], f)} (1 seed)"
+    return (f"{format(scale * v['diff'], f)} [{format(scale * v['lo'], f)}, {format(scale * v['hi'], f)}] "
+            f"(n={v['n']})")
 
 
 # -----------------------------------------------------------------------------
@@ -135,6 +139,20 @@ def pending_reasons(args, res):
 # -----------------------------------------------------------------------------
 # REPORT.md
 
+def mlm_control(eff):
+    """Plain MLM's cost (or time) to DKPLM's final / DKPLM's of an efficiency results block: (per-seed ratios,
+    verdict, how), as --task efficiency recorded it, or, for results made before it did, recomputed from the
+    recorded curves (how says so: no cost-noise check then); (None, None, "") without mlm's curves."""
+    if "mlm_ratio_verdict" in eff:
+        return eff["mlm_time_to_dkplm_final"], eff["mlm_ratio_verdict"], ""
+    curves = eff.get("curves", {})
+    if not {"mlm", "dkplm"} <= set(curves):
+        return None, None, ""
+    res = {n: {"records": {s: {"curve": c} for s, c in curves[n].items()}} for n in ("mlm", "dkplm")}
+    ratios = efficiency_ratios(res, "dkplm", variant="mlm", x=eff.get("x", "elapsed"))
+    return ratios, ratio_verdict(ratios, variant="plain MLM"), " (recomputed from the recorded curves)"
+
+
 def claims(res, roles, f1_verdicts=True):
     """The claims table's rows for one study's results (load_results), its variants named by `roles`
     (ROLES, or STRICT for the first study's): the paper's value, ours, the seed-paired effect, the verdict
@@ -175,16 +193,24 @@ def claims(res, roles, f1_verdicts=True):
                     pair("efficiency", T, other, key))
         eff = res["efficiency"]["efficiency"]
         rs, word = eff["time_to_dkplm_final"], "cost" if eff.get("x") == "cost" else "in-process time"
+        rv, (mr, mv, how) = eff["ratio_verdict"], mlm_control(eff)
+        if mv is not None and "mlm" not in rv:
+            rv = against_mlm(rv, mv)
         lines.append(f"| TRELM needs <= {P['efficiency_ratio']:.0%} of DKPLM's pre-training {word} to reach its final "
                      f"score (Sec. 4.4) | {P['efficiency_ratio']} | "
-                     f"ratio per seed: {per_seed(rs)} | {effect(eff['ratio_verdict'], scale=1)} (0.5 - ratio) | "
-                     f"{eff['ratio_verdict']['verdict']} |")
+                     f"ratio per seed: {per_seed(rs)} | {effect(rv, scale=1)} (0.5 - ratio){cost_note(rv)} | "
+                     f"{verdict_text(rv)} |")
+        if mv is not None:
+            lines.append(f"| control: plain MLM needs <= {P['efficiency_ratio']:.0%} of DKPLM's {word} to reach its "
+                         f"final score | n/a | ratio per seed: {per_seed(mr)}{how} | {effect(mv, scale=1)} "
+                         f"(0.5 - ratio){cost_note(mv)} | {mv['verdict']} |")
         for role, label in (("no-memory-bank", "the memory bank"), ("no-routing", "knowledge routing")):
             n = roles[role]
             key = role if role in eff["time_to_ablation_final"] else n  # the first study keyed them by name
             r, v = eff["time_to_ablation_final"][key], eff["module_verdicts"][key]
             lines.append(f"| {label} speeds convergence (Fig. 6) | ratio < 1 | TRELM's {word} to {n}'s final / its "
-                         f"{word}: {per_seed(r)} | {effect(v, scale=1)} (1 - ratio) | {v['verdict']} |")
+                         f"{word}: {per_seed(r)} | {effect(v, scale=1)} (1 - ratio){cost_note(v)} | "
+                         f"{verdict_text(v)} |")
     if "ablation" in m:
         for role, label in (("no-injection", "knowledge injection"), ("no-memory-bank", "memory bank"),
                             ("no-routing", "knowledge routing")):
@@ -217,13 +243,116 @@ def claims(res, roles, f1_verdicts=True):
     return lines
 
 
+SCALE2_DIR = "scale2"  # <output-dir>/scale2/scale.json: the second scale (`--task scale --output-dir results/scale2`)
+
+
+def current(doc):
+    """True for a study results doc in the prior-free format (plots.load's test), quietly."""
+    return all(isinstance(v, dict) and PRIMARY in v.get("mean", {}) for v in doc.get("metrics", {}).values())
+
+
+def scale_docs(out_dir):
+    """(scale 1, scale 2) of the trend, each {"config", "metrics", "curves"} or None where absent. Scale 1:
+    <out_dir>/frontier.json, completed by efficiency.json's variants at the same steps (the same run
+    records); scale 2: <out_dir>/scale2/scale.json (--task scale)."""
+    doc1 = None
+    for task in ("frontier", "efficiency"):
+        path = os.path.join(out_dir, f"{task}.json")
+        d = json.load(open(path)) if os.path.exists(path) else None
+        if d is None or not current(d) or (doc1 and d["config"].get("steps") != doc1["config"].get("steps")):
+            continue
+        curves = d.get("curves") or d.get("efficiency", {}).get("curves", {})
+        doc1 = doc1 or {"config": d["config"], "metrics": {}, "curves": {}}
+        for n, v in d["metrics"].items():
+            doc1["metrics"].setdefault(n, v)
+            if n in curves:
+                doc1["curves"].setdefault(n, curves[n])
+    path = os.path.join(out_dir, SCALE2_DIR, "scale.json")
+    doc2 = json.load(open(path)) if os.path.exists(path) else None
+    return doc1, doc2 if doc2 is not None and current(doc2) else None
+
+
+def scale_trend(out_dir):
+    """Each claim of study_stats.SCALE_CLAIMS at the study's scale and the second (scale_docs): {"scale1",
+    "scale2": the scale's shape (None if it did not run), "claims": [{"claim", "kind", "scale1", "scale2":
+    claim_effects' effect or None, "trend": study_stats.trend's label, or "not run yet"}]}."""
+    docs = scale_docs(out_dir)
+    effects = [claim_effects(d) if d else None for d in docs]
+
+    def shape(d):
+        if d is None:
+            return None
+        c, se = d["config"], [v["mean"].get("se_MRR") for v in d["metrics"].values()]
+        se = [x for x in se if x is not None]
+        return {**{k: c.get(k) for k in ("steps", "train_batch_size", "seq_len", "data", "seeds", "base_steps")},
+                "probe_se": sum(se) / len(se) if se else None}
+    claims = [{"claim": c, "kind": kind,
+               **{f"scale{i + 1}": e[c] if e else None for i, e in enumerate(effects)},
+               "trend": trend(effects[0][c] if effects[0] else None, effects[1][c]) if effects[1] else "not run yet"}
+              for c, kind, *_ in SCALE_CLAIMS]
+    return {"scale1": shape(docs[0]), "scale2": shape(docs[1]), "claims": claims}
+
+
+def write_scale_trend(out_dir):
+    """<out_dir>/scale_trend.json (scale_trend), which plots.py draws as figures/scale_trend.png."""
+    path = os.path.join(out_dir, "scale_trend.json")
+    common.atomic_write_json(path, scale_trend(out_dir))
+    return path
+
+
+def scale_line(s, label):
+    """'Scale N: S steps of B x L tokens, data D, seeds, probe-set SE ...' of one scale's shape."""
+    return (f"{label}: {s['steps']} steps of {s['train_batch_size']} x {s['seq_len']} tokens, data {s['data']}, "
+            f"seeds {s['seeds']}, base PLM {s['base_steps']} steps; probe-set SE of one run's score "
+            f"{fmt(s['probe_se'])} (x 100, mean over variants: the probes' resolution)")
+
+
+def effect_cell(e):
+    """'+1.2 [-0.3, +2.7] (n=3)' (x 100) for a score difference, '0.46 [0.22, 0.70] (n=3)' for a ratio
+    ('>' where some seed's ratio is a lower bound); 'not run' for None."""
+    if e is None:
+        return "not run"
+    sc, f = (100, "+.1f") if e["ref"] == 0 else (1, ".2f")
+    bound = "> " if e["bounded"] else ""
+    if e["se"] is None:
+        return f"{bound}{format(sc * e['effect'], f)} (1 seed)"
+    return (f"{bound}{format(sc * e['effect'], f)} [{format(sc * e['lo'], f)}, {format(sc * e['hi'], f)}] "
+            f"(n={e['n']})")
+
+
+def scale_section(out_dir, figures):
+    """REPORT.md's section on the two scales (scale_trend): each claim's effect [± 2 SE] at the study's scale
+    (frontier.json / efficiency.json) and at the second (scale2/scale.json), and whether it grows, shrinks
+    or holds as the run grows (study_stats.trend's rule). Scale 2 missing: it says "not run yet"."""
+    t = scale_trend(out_dir)
+    lines = ["## The claims at two scales (results/frontier.json, results/" + SCALE2_DIR + "/scale.json)",
+             "Effect: a seed-paired score difference (x 100) or a mean per-seed cost ratio (to DKPLM's final / "
+             "DKPLM's; '>': lower bounds in some seeds), [± 2 SE]. As the run grows: 'grows' / 'shrinks' when "
+             "the change between scales exceeds 2 SE of the difference (SEs added in quadrature) away from / "
+             "towards the null (0, or a ratio of 1), 'reverses' when scale 2's effect lies beyond 2 SE on the "
+             "other side of the null, else 'holds' (study_stats.trend).", ""]
+    lines.append("- " + (scale_line(t["scale1"], "Scale 1") if t["scale1"] else
+                         "Scale 1: not run yet (`python evaluate.py --task frontier`)"))
+    lines.append("- " + (scale_line(t["scale2"], "Scale 2") if t["scale2"] else
+                         f"Scale 2: not run yet (`python evaluate.py --task scale --output-dir results/{SCALE2_DIR}` "
+                         "with study_variants.SCALE2's data and steps: docs/study.md)"))
+    lines += ["", "| claim | scale 1 | scale 2 | as the run grows |", "|---|---|---|---|"]
+    for c in t["claims"]:
+        lines.append(f"| {c['claim']} | {effect_cell(c['scale1'])} | "
+                     f"{effect_cell(c['scale2']) if t['scale2'] else 'not run yet'} | {c['trend']} |")
+    if t["scale1"] and t["scale2"]:
+        lines += ["", f"Figure: {figures}/scale_trend.png."]
+    return lines
+
+
 def write_report(args):
     """REPORT.md: the paper's value, ours (mean ± std), the seed-paired effect with its 2-SE interval and
     the verdict of every claim; a status line saying whether the study is final or pending, and why.
     Sections, each from its file in --output-dir when present: the base PLM (base.json), the pilot
     (pilot.json), F1's noise floor (f1_floor.md), the claims (ablation, injection, hparams, efficiency
     .json), the first study's claims (strict/*.json, kept from the first study's code), the frontier
-    (frontier.md), the conclusions (conclusions.md, written by hand) and the noise of the score."""
+    (frontier.md), our DKPLM reading by reading (dkplm.md), the claims at two scales (scale_section), the
+    conclusions (conclusions.md, written by hand) and the noise of the score."""
     res = load_results(args.output_dir)
     why = pending_reasons(args, res)
     m = {t: r["metrics"] for t, r in res.items()}
@@ -274,6 +403,10 @@ def write_report(args):
                   f"Figure: {args.figures}/frontier.png. The efficiency verdicts there use the cost axis "
                   "(results/costs.json), not wall time; the table above used in-process seconds of runs that shared "
                   "the machine, which measure the load as much as the method (docs/study.md)."]
+    dkplm = os.path.join(args.output_dir, "dkplm.md")
+    lines += ["", open(dkplm).read().strip() if os.path.exists(dkplm) else
+              "## Our DKPLM, reading by reading\nNot run yet (`python evaluate.py --task dkplm`: results/dkplm.md)."]
+    lines += ["", *scale_section(args.output_dir, args.figures)]
     conclusions = os.path.join(args.output_dir, "conclusions.md")
     if os.path.exists(conclusions):  # prose written by hand from the tables above, committed beside them
         lines += ["", f"## Conclusions, claim by claim ({conclusions}: written by hand from the tables above)", "",

@@ -387,11 +387,16 @@ def test_tiny_frontier_on_the_cost_axis(tiny_model_dir, tmp_path):
             assert [p["cost"] for p in curve["snapshots"]] == [p["step"] * costs[n]["cost_over_mlm"]
                                                                for p in curve["snapshots"]]
     routed = [n for n in names if n.startswith("trelm-") and n != "trelm-norouting"]
-    assert len(routed) == 8 and len(doc["verdicts"]) == 2 * len(routed) + 1
+    # + 2: plain MLM's own verdicts on both cost-to-X claims (the control)
+    assert len(routed) == 8 and len(doc["verdicts"]) == 2 * len(routed) + 1 + 2
     assert all(v["verdict"] in ("held", "did not hold", "inconclusive") or v["verdict"].startswith("inconclusive")
                for v in doc["verdicts"].values())
+    # every reading's cost verdict states MLM's beside it and was judged over the bench's spread
+    assert all("mlm" in v and "cost_range" in v for k, v in doc["verdicts"].items() if not k.startswith("mlm"))
     md = open(tmp_path / "results" / "frontier.md").read()
     assert md.count("\n| trelm-") == 9 and "| dkplm | baseline |" in md
+    mlm_row = next(r for r in md.splitlines() if r.startswith("| mlm | baseline |"))
+    assert not mlm_row.endswith("|  |")  # the mlm row's cost to DKPLM's final / DKPLM's
     plots.draw_all(str(tmp_path / "results"), str(tmp_path / "fig"))
     assert os.path.getsize(tmp_path / "fig" / "frontier.png") > 5000
     evaluate.main(["--task", "frontier", *argv, "--variants", "mlm,trelm-ffn-e1-fo"])  # a subset: reused, no verdict
