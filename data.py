@@ -277,6 +277,7 @@ def prepare(corpus_path, kg_dir, tok, seq_len, out, num_proc=None, titles=None, 
             pool.join()
         _WORKER.clear()
         gc.unfreeze()
+    t_shards = time.time()
     for k, v in label_tables(kg, tok).items():  # (E,) or (V,): small beside the shards
         np.save(os.path.join(out, k + ".npy"), v)
     names = sorted(n for n in os.listdir(out) if n.startswith("shard-"))
@@ -297,7 +298,8 @@ def prepare(corpus_path, kg_dir, tok, seq_len, out, num_proc=None, titles=None, 
         meta["mention_sources_linked"] = sources
         meta["mentions_kept_in_sequences"] = kept
     meta["seconds"] = dict(total=round(time.time() - t0, 1), kg=round(t_kg - t0, 1), linker=round(t_linker - t_kg, 1),
-                           shards=round(time.time() - t_linker, 1))  # kg: a parse once per KG (then cached)
+                           shards=round(t_shards - t_linker, 1), labels=round(time.time() - t_shards, 1))
+    # per KG: kg (a parse, then cached), linker, labels; per token: shards
     tmp = meta_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
