@@ -274,7 +274,7 @@ def get_parser(description=None):
     a("--si-refresh", type=int, default=0,
       help="recompute SI(e) over the corpus with the current model every N epochs (0 = never: SI of the initial model)")
     a("--si-batch", type=int, default=64, help="sequences per SI(e) batch (each rank scores its share of the shards)")
-    a("--theta", type=float, default=0.5, help="Eq. 3: L = theta*L_MLM + (1-theta)*L_CKA")
+    a("--theta", type=float, default=0.5, help="Eq. 3: L = theta*L_MLM + (1-theta)*L_CKA (--dkplm-loss theta: L_dec)")
     a("--negatives", type=int, default=16, help="K negatives per target drawn from Q (Eq. 2)")
     a("--kg-grad", default="on", choices=("on", "off"),
       help="h_e = E(t) - E(r) (and DKPLM's relation) takes gradients into the word embeddings (on), or is read from "

@@ -73,7 +73,7 @@ import unicodedata
 import uuid
 from importlib import metadata
 
-from common import read_jsonl
+from common import read_jsonl, writable_dir
 
 VERSION = 2  # bump when the output for given flags changes; mini_dir rebuilds stale caches
 
@@ -713,6 +713,7 @@ def mini_dir(root, seed=0, **size_flags):
     d = os.path.join(os.path.abspath(root), _flags_name(seed, size_flags))
     if _is_complete(d, seed, flags):
         return d
+    writable_dir(os.path.dirname(d), "--cache-dir")  # to build: one line if its cache cannot be written
     if os.path.exists(d):  # stale: an older VERSION or other flags under the same name
         trash = tempfile.mkdtemp(prefix=".mini-stale-", dir=os.path.dirname(d))
         try:

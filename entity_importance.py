@@ -273,6 +273,8 @@ def score_shards(store, mlm, mask_token_id, window, candidate, directory, shards
     atomically; a shard already there is skipped (a restarted run resumes). Nothing is forked."""
     from tqdm import tqdm
     todo = [s for s in shards if not os.path.exists(os.path.join(directory, f"shard-{s:05d}.npy"))]
+    if todo:  # a read-only cache that holds every score is fine; one that must take new ones ends in one line
+        common.writable_dir(directory, "--cache-dir")
     total = sum(len(store.shards[s]["seq"]) - 1 for s in todo)
     with tqdm(total=total, desc="SI(e) over the corpus", unit="seq", disable=not progress or not todo) as bar:
         for s in todo:

@@ -29,7 +29,7 @@ import re
 
 import numpy as np
 
-from common import DataError, cache_key, cache_root, code_version, file_stamp
+from common import DataError, cache_key, cache_root, code_version, file_stamp, writable_dir
 
 KG_FILES = {  # our names, then Wikidata5M's own
     "entities": ("entities.txt", "wikidata5m_entity.txt"),
@@ -342,7 +342,7 @@ def load_kg(kg_dir, cache_dir=None):
         import fcntl
         import shutil
         import tempfile
-        os.makedirs(cache_dir, exist_ok=True)
+        writable_dir(cache_dir, "--cache-dir")  # a parse to cache: one line if it cannot be written
         with open(final + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if not os.path.exists(os.path.join(final, "meta.json")):

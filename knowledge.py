@@ -188,7 +188,6 @@ class Knowledge:
                          self.tok.mask_token_id, code_version(semantic_importance, score_rows),
                          np.packbits(self.si.candidate).tobytes().hex()])
         directory = os.path.join(self.cache, "si", f"{self.store.meta['key']}-{key}")
-        os.makedirs(directory, exist_ok=True)
         self.si.score(self.store, mlm.to(self.device), self.tok.mask_token_id, directory, self.rank, self.world)
 
     def refresh_si(self, mlm, epoch, step):

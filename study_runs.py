@@ -353,12 +353,15 @@ def flat(rec):
     return out
 
 
+TOGETHER = {"dkplm": ("dkplm-plateau",), "dkplm-plateau": ("dkplm",)}  # lists one task runs: --variants filters both
+
+
 def variants_of(args, task):
     """VARIANTS[task], or the ones --variants names (each must be one of them)."""
     if not getattr(args, "variants", None):
         return VARIANTS[task]
     names = args.variants.split(",")
-    known = [n for n, _ in VARIANTS[task]]
+    known = [n for t in (task, *TOGETHER.get(task, ())) for n, _ in VARIANTS[t]]  # a name of either list is valid
     if set(names) - set(known):
         raise SystemExit(f"--variants: {sorted(set(names) - set(known))} not in --task {task}'s variants {known}")
     return [(n, f) for n, f in VARIANTS[task] if n in names]

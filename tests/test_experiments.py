@@ -405,6 +405,19 @@ def test_tiny_frontier_on_the_cost_axis(tiny_model_dir, tmp_path):
         evaluate.main(["--task", "frontier", *argv, "--variants", "mlm,nope"])
 
 
+def test_dkplm_variants_filter_both_lists():
+    """--task dkplm runs the readings and the plateau: --variants names variants of either, filters both, and
+    refuses a name of neither."""
+    import argparse
+    import study_runs
+    pick = lambda v, t: [n for n, _ in study_runs.variants_of(argparse.Namespace(variants=v), t)]
+    assert pick("dkplm_plain,dkplm_theta0.8", "dkplm") == ["dkplm_theta0.8", "dkplm_plain"]
+    assert pick("dkplm_plain,dkplm_theta0.8", "dkplm-plateau") == []
+    assert pick("mlm,dkplm_plain", "dkplm-plateau") == ["mlm"]
+    with pytest.raises(SystemExit, match=r"--variants: \['trelm'\] not in --task dkplm"):
+        pick("trelm", "dkplm")
+
+
 def test_f1_floor_from_known_seed_noise(tmp_path, monkeypatch):
     """--task f1-floor on fine-tuning F1s whose spread is known: sigma is their std, 3 seeds resolve
     2 sigma sqrt(2/3), a 1.5-point difference needs ceil(8 (sigma / 0.015)^2) seeds; the cheapest budget
