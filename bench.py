@@ -3,6 +3,7 @@ the machine was quiet enough for the numbers to mean anything.
 
     python bench.py                          # MiniLM-L6-H384, batch 16 x 128, route-every 100, CPU
     python bench.py --config study           # also the study's shape (evaluate.py --task reproduce)
+    python bench.py --config paper           # BERT-base's shape alone (random weights), with FLOP floors
     python bench.py --profile                # where a TRELM step's time goes (torch profiler), a table
     python bench.py --layers 4 --hidden 256 --batch 16 --seq 128 --repeats 5 --only plain
 
@@ -63,16 +64,7 @@ Keys (the ratios below run pretrain.Trainer on the embedded default: real batche
                          --inj-steps steps (memory rescaled to |h_e|); _raw: memory mixed as stored
   trelm_norouting_step_over_mlm  TRELM step without routing / plain MLM step (both pretrain.Trainer)
 
-Adding a measurement: write `measure_x(args) -> {key: [values]}` (time with `interleaved`), add it
-to MEASUREMENTS, and bounds for its keys to BOUNDS; `--only x` runs it alone.
-
---profile (profile_step): one torch-profiler pass over --profile-steps routed TRELM steps and one
-re-routing per config, with bench-local record_function labels wrapped around the functions in
-PROFILE_SPANS (nothing in pretrain.py or routing.py is edited; a function that no longer exists is
-listed as "not found"), and around routing's custom autograd Function (its forward and backward split
-by aten op: the index work). Rows: ms per step and percent of the amortised TRELM step (routed step +
-re-routing / route-every), and how much of each row is spent outside torch ops (Python, Arrow,
-autograd engine). The profiler adds a few microseconds per op: shares are what to compare.
+Adding a measurement, and what --profile's table shows: docs/measurements.md, "Speed".
 """
 import argparse
 import contextlib
@@ -670,13 +662,10 @@ def main(argv=None):
     if not 8 <= args.seq <= 512:
         raise SystemExit(f"bench.py: --seq: expected 8..512 (the models' position embeddings), got {args.seq}")
     if args.costs:
-        costs_dir = os.path.dirname(os.path.abspath(args.costs))
-        try:
-            os.makedirs(costs_dir, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"bench.py: --costs {args.costs}: cannot create its folder ({e.strerror or e})") from None
-        if not os.access(costs_dir, os.W_OK | os.X_OK):
-            raise SystemExit(f"bench.py: --costs {args.costs}: its folder is not writable (checked before measuring)")
+        try:  # checked before measuring
+            common.writable_dir(os.path.dirname(os.path.abspath(args.costs)), "--costs")
+        except SystemExit as e:
+            raise SystemExit(f"bench.py: --costs {args.costs}: cannot create its folder or write there ({e})") from None
     args.pretrain_flags = []
     if args.costs:
         return write_costs(args)
