@@ -361,6 +361,12 @@ def run_frontier(args):
                     f"{'' if mean_ratio is None else format(mean_ratio, '.2f')} |")
     lines = [f"- {k}: **{verdict_text(v)}**" + ("" if v.get("diff") is None else f" (mean margin {v['diff']:.2f}"
                                                  f"{cost_note(v)})") for k, v in verdicts.items()]
+    for n in [r for r in res if r.endswith("-random")]:  # does attribution matter: paths against random ones
+        a = next((x for x in (n[:-len("-random")], n[:-len("-random")] + "-fo") if x in res), None)
+        if a is not None:
+            k = f"{a} ({READINGS[a]}): its paths probe better than random ones ({n})"
+            verdicts[k] = verdict(values(res, a, PRIMARY), values(res, n, PRIMARY))
+            lines.append(f"- {k}: **{verdicts[k]['verdict']}** ({effect(verdicts[k])} score points)")
     md = ("## Frontier: probe score against cost, every reading of routing\n"
           f"Cost = steps x the variant's per-step cost over a plain MLM step (results/costs.json: bench.py "
           f"interleaved in one process; per-batch variants include their attribution, every-100 variants its "

@@ -387,12 +387,20 @@ def test_tiny_frontier_on_the_cost_axis(tiny_model_dir, tmp_path):
             assert [p["cost"] for p in curve["snapshots"]] == [p["step"] * costs[n]["cost_over_mlm"]
                                                                for p in curve["snapshots"]]
     routed = [n for n in names if n.startswith("trelm-") and n != "trelm-norouting"]
-    # + 2: plain MLM's own verdicts on both cost-to-X claims (the control)
-    assert len(routed) == 8 and len(doc["verdicts"]) == 2 * len(routed) + 1 + 2
+    # + 2: plain MLM's own verdicts on both cost-to-X claims (the control); + 3: attributed paths against
+    # their random controls (ffn per batch, ffn and strict every 100), seed-paired on the probe score
+    pairs = {k: v for k, v in doc["verdicts"].items() if "better than random ones" in k}
+    assert sorted(k.split(" (")[0] for k in pairs) == ["trelm-ffn-e1-fo", "trelm-ffn-e100", "trelm-strict-e100"]
+    per_seed = lambda n: {s: x["score_MRR"] for s, x in doc["metrics"][n]["seeds"].items()}
+    diffs = [per_seed("trelm-strict-e100")[s] - per_seed("trelm-strict-e100-random")[s] for s in ("0", "1")]
+    strict = next(v for k, v in pairs.items() if k.startswith("trelm-strict-e100 "))
+    assert strict["diff"] == pytest.approx(sum(diffs) / 2) and strict["n"] == 2
+    assert len(routed) == 8 and len(doc["verdicts"]) == 2 * len(routed) + 1 + 2 + 3
     assert all(v["verdict"] in ("held", "did not hold", "inconclusive") or v["verdict"].startswith("inconclusive")
                for v in doc["verdicts"].values())
     # every reading's cost verdict states MLM's beside it and was judged over the bench's spread
-    assert all("mlm" in v and "cost_range" in v for k, v in doc["verdicts"].items() if not k.startswith("mlm"))
+    assert all("mlm" in v and "cost_range" in v for k, v in doc["verdicts"].items()
+               if not k.startswith("mlm") and k not in pairs)
     md = open(tmp_path / "results" / "frontier.md").read()
     assert md.count("\n| trelm-") == 9 and "| dkplm | baseline |" in md
     mlm_row = next(r for r in md.splitlines() if r.startswith("| mlm | baseline |"))
