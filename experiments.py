@@ -67,6 +67,7 @@ def add_args(parser):
     g.add_argument("--seq-len", type=int, default=SEQ_LEN)
     g.add_argument("--train-batch-size", type=int, default=BATCH_SIZE)
     g.add_argument("--snapshots", type=int, default=4, help="probed checkpoints per efficiency run")
+    g.add_argument("--plateau", type=int, default=4, help="--task dkplm: the plateau runs' --steps multiple (0: none)")
     g.add_argument("--runs-dir", default="runs/experiments")
     g.add_argument("--model", default="base", help="initial model of every variant: 'base' (the base PLM "
                                                     "below, built if missing) or any masked-LM dir / id")
@@ -110,7 +111,7 @@ def check(args):
     for flag, lo, note in (("steps", 1, ""), ("train_batch_size", 1, ""), ("snapshots", 1, ""), ("base_steps", 1, ""),
                            ("ft_train_limit", 0, " (0: all rows)"), ("ft_eval_limit", 0, " (0: all rows)"),
                            ("ft_epochs", 1, ""), ("ft_max_seq_len", 8, " (room for the markers)"),
-                           ("check_steps", 1, "")):
+                           ("check_steps", 1, ""), ("plateau", 0, " (0: no plateau runs)")):
         if getattr(args, flag) < lo:
             bad("--" + flag.replace("_", "-"), f"an integer >= {lo}{note}", getattr(args, flag))
     for flag in ("floor_effect", "target_effect"):
@@ -387,8 +388,8 @@ def run_dkplm(args):
     DKPLM still learn from N to 4N steps, does MLM, and does the MLM - DKPLM gap narrow (seed-paired: the gap
     of each seed at N against the same seed's at 4N)."""
     res = run_variants(args, "dkplm")
-    n4 = 4 * args.steps
-    long = run_variants(args, "dkplm-plateau", steps=n4)
+    n4 = args.plateau * args.steps
+    long = run_variants(args, "dkplm-plateau", steps=n4) if n4 else {}
     dk = ROLES["dkplm"]
     score = lambda r, n: values(r, n, PRIMARY)
     verdicts = {f"{n} probes better than dkplm": verdict(score(res, n), score(res, dk)) for n in res if n != dk}
@@ -415,8 +416,8 @@ def run_dkplm(args):
     md = (header(args, "Our DKPLM, reading by reading") + "Each reading changes one flag of `--method dkplm` "
           "(study_variants.VARIANTS['dkplm']); effect = its score - ours, seed-paired [± 2 SE], verdicts by the "
           "study's rule.\n\n| variant | changes | score_MRR | seen MRR | held-out MRR | effect vs dkplm | verdict |"
-          "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + f"\n\n### The plateau: {n4} steps (4x)\n\n"
-          + table(long, [(n, n) for n in long], COLS[:5]) + "\n"
+          "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + f"\n\n### The plateau: {n4} steps ({args.plateau}x)\n\n"
+          + (table(long, [(n, n) for n in long], COLS[:5]) if long else "Not run (`--plateau 0`).") + "\n"
           + "\n".join(f"- {k}: **{v['verdict']}** ({effect(v)})" for k, v in verdicts.items()
                       if "steps" in k) + "\n")
     return write_task(args, "dkplm", res, md, verdicts=verdicts,

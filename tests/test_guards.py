@@ -242,6 +242,7 @@ EVALUATE_CASES = [
     ("ablation", ["--ft-eval-limit", "-1"], "--ft-eval-limit: expected an integer >= 0"),
     ("ablation", ["--finetune", "fewrel,glue"], "--finetune fewrel,glue: unknown ['glue']"),
     ("ablation", ["--variants", "nope"], "--variants: ['nope'] not in --task ablation"),
+    ("dkplm", ["--plateau", "-1"], "--plateau: expected an integer >= 0 (0: no plateau runs)"),
     ("ablation", ["--seq-len", "4"], "pretrain.py: --seq-len: expected 8..4096"),
     ("hparams", ["--pretrain-args", "--route-threshold 5"], "pretrain.py: --route-threshold: expected (0, 1]"),
     ("ablation", ["--pretrain-args", "--no-such-flag 1"], "['--no-such-flag', '1'] are not pretrain.py flags"),

@@ -197,6 +197,11 @@ def test_dkplm_readings_and_plateau(tmp_path, monkeypatch):
     report.write_report(args)
     assert "## Our DKPLM, reading by reading" in open(tmp_path / "REPORT.md").read()
     assert "| dkplm_theta | `--dkplm-loss theta`" in open(tmp_path / "REPORT.md").read()
+    asked = []  # --plateau 0: the readings alone, no 4x runs asked for
+    monkeypatch.setattr(ex, "run_variants", lambda args, task, steps=None: asked.append(task) or short)
+    ex.run_dkplm(parse("dkplm", out, "--plateau", "0"))
+    assert asked == ["dkplm"] and "Not run (`--plateau 0`)" in open(out / "dkplm.md").read()
+    assert not any("steps" in k for k in json.load(open(out / "dkplm.json"))["verdicts"])
 
 
 def test_trend_rule_on_hand_made_effects():
