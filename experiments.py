@@ -47,8 +47,8 @@ from study_runs import (PLATEAU_TOL, base_checkpoint, base_key, finetune_f1, ft_
                         read_metrics, run_record, run_variants, seeds_of, study_model, variants_of)
 from study_stats import (SCALE_CLAIMS, against_mlm, beats_all, cost_note, cost_ratio_range, efficiency_ratios,
                          fmean, ratio_verdict, values, verdict, verdict_text)
-from study_variants import (BATCH_SIZE, FINETUNED, LAMBDA_EPOCHS, PRETRAIN_ARGS, READING, READINGS, ROLES, SEQ_LEN,
-                            SWEEPS, TRELM, VARIANTS)
+from study_variants import (BATCH_SIZE, FINETUNED, LAMBDA_EPOCHS, PRETRAIN_ARGS, RANDOM_CONTROLS, READING, READINGS,
+                            ROLES, SEQ_LEN, SWEEPS, TRELM, VARIANTS)
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # results' relative paths are relative to this repository
 REPRODUCED = ("base", "pilot", "f1-floor", "ablation", "efficiency", "injection", "hparams", "frontier", "report")
@@ -362,9 +362,8 @@ def run_frontier(args):
                     f"{'' if mean_ratio is None else format(mean_ratio, '.2f')} |")
     lines = [f"- {k}: **{verdict_text(v)}**" + ("" if v.get("diff") is None else f" (mean margin {v['diff']:.2f}"
                                                  f"{cost_note(v)})") for k, v in verdicts.items()]
-    for n in [r for r in res if r.endswith("-random")]:  # does attribution matter: paths against random ones
-        a = next((x for x in (n[:-len("-random")], n[:-len("-random")] + "-fo") if x in res), None)
-        if a is not None:
+    for a, n in RANDOM_CONTROLS.items():  # does attribution matter: its paths against random ones
+        if a in res and n in res:
             k = f"{a} ({READINGS[a]}): its paths probe better than random ones ({n})"
             verdicts[k] = verdict(values(res, a, PRIMARY), values(res, n, PRIMARY))
             lines.append(f"- {k}: **{verdicts[k]['verdict']}** ({effect(verdicts[k])} score points)")

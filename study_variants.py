@@ -116,3 +116,6 @@ READINGS = {"trelm-strict-e100": "strict, every 100, Eq. 11", "trelm-blocks-e100
             "trelm-ffn-e100-random": "ffn, every 100, random neurons",
             "trelm-strict-e100-random": "strict, every 100, random neurons",
             "mlm": "baseline", "dkplm": "baseline"}
+# each attributed reading of the frontier -> its random control (as many neurons, held as long)
+RANDOM_CONTROLS = {"trelm-ffn-e1-fo": "trelm-ffn-e1-random", "trelm-ffn-e100": "trelm-ffn-e100-random",
+                   "trelm-strict-e100": "trelm-strict-e100-random"}
