@@ -611,7 +611,7 @@ def get_parser():
     p.add_argument("--costs", default=None, metavar="PATH",
                    help="instead: the study's cost axis (measure_costs of study_variants.COSTED: the frontier and "
                         "efficiency variants, at the study's batch x sequence length) written to PATH "
-                        "(results/costs.json)")
+                        "(results/costs.json); with --data DIR, the second scale's variants (VARIANTS['scale'])")
     return p
 
 
@@ -622,12 +622,14 @@ def write_costs(args):
     as they were. Each variant records the commit and load it was measured at."""
     _, study = configs(argparse.Namespace(**{**vars(args), "config": "study"}))[1]
     old = json.load(open(args.costs)) if os.path.exists(args.costs) else {"costs": {}}
-    todo = [v for v in study_variants.COSTED if v[0] not in old["costs"]]
+    # the first scale's axis (--data mini): every costed variant; a second scale's (--data DIR): its five
+    costed = study_variants.COSTED if args.data == "mini" else study_variants.VARIANTS["scale"]
+    todo = [v for v in costed if v[0] not in old["costs"]]
     if not todo:
-        print(f"{args.costs}: every variant of study_variants.COSTED has its cost; "
+        print(f"{args.costs}: every variant to cost on --data {args.data} has its cost; "
               "delete the file to measure all again")
         return old
-    mlm = next(v for v in study_variants.COSTED if v[0] == "mlm")
+    mlm = next(v for v in costed if v[0] == "mlm")
     new = measure_costs(study, [mlm, *[v for v in todo if v[0] != "mlm"]])
     at = dict(commit=common.git_commit(), threads=torch.get_num_threads(), repeats=args.repeats,
               loadavg_1min=round(os.getloadavg()[0], 2), shape=[study.batch, study.seq], model=args.model)

@@ -47,8 +47,8 @@ from study_runs import (PLATEAU_TOL, base_checkpoint, base_key, finetune_f1, ft_
                         read_metrics, run_record, run_variants, seeds_of, study_model, variants_of)
 from study_stats import (SCALE_CLAIMS, against_mlm, beats_all, cost_note, cost_ratio_range, efficiency_ratios,
                          fmean, ratio_verdict, values, verdict, verdict_text)
-from study_variants import (BATCH_SIZE, FINETUNED, LAMBDA_EPOCHS, PRETRAIN_ARGS, RANDOM_CONTROLS, READING, READINGS,
-                            ROLES, SEQ_LEN, SWEEPS, TRELM, VARIANTS)
+from study_variants import (BATCH_SIZE, DKPLM_RELATION, FINETUNED, LAMBDA_EPOCHS, PRETRAIN_ARGS, RANDOM_CONTROLS,
+                            READING, READINGS, ROLES, SEQ_LEN, SWEEPS, TRELM, VARIANTS, flag_values)
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # results' relative paths are relative to this repository
 REPRODUCED = ("base", "pilot", "f1-floor", "ablation", "efficiency", "injection", "hparams", "frontier", "report")
@@ -382,40 +382,48 @@ def run_frontier(args):
 
 
 def run_dkplm(args):
-    """Why our DKPLM learns facts slower than plain MLM (docs/departures.md, "DKPLM baseline"): each reading of
-    DKPLM (one flag at a time) against ours, and DKPLM and MLM trained 4x as long (DKPLM's own plateau): does
-    DKPLM still learn from N to 4N steps, does MLM, and does the MLM - DKPLM gap narrow (seed-paired: the gap
-    of each seed at N against the same seed's at 4N)."""
+    """Why our DKPLM learned facts slower than plain MLM (docs/departures.md, "DKPLM baseline"): each reading of
+    DKPLM against the study's DKPLM before issue 33 (DKPLM_RELATION: one flag changed at a time), DKPLM as fixed
+    (two of them together), and DKPLM and MLM trained 4x as long (DKPLM's own plateau): does DKPLM still learn
+    from N to 4N steps, does MLM, and does the MLM - DKPLM gap narrow (seed-paired: the gap of each seed at N
+    against the same seed's at 4N)."""
     res = run_variants(args, "dkplm")
     n4 = args.plateau * args.steps
     long = run_variants(args, "dkplm-plateau", steps=n4) if n4 else {}
-    dk = ROLES["dkplm"]
+    old, dk = DKPLM_RELATION[0], ROLES["dkplm"]
     score = lambda r, n: values(r, n, PRIMARY)
-    verdicts = {f"{n} probes better than dkplm": verdict(score(res, n), score(res, dk)) for n in res if n != dk}
+    verdicts = {f"{n} probes better than {old}": verdict(score(res, n), score(res, old)) for n in res if n != old}
+    if {"mlm", dk} <= set(res):
+        verdicts[f"mlm probes better than {dk}"] = verdict(score(res, "mlm"), score(res, dk))
     if {"mlm", dk} <= set(long):
-        verdicts[f"mlm probes better than dkplm at {n4} steps"] = verdict(score(long, "mlm"), score(long, dk))
+        verdicts[f"mlm probes better than {dk} at {n4} steps"] = verdict(score(long, "mlm"), score(long, dk))
     for n in ("mlm", dk):
         if n in res and n in long:
             verdicts[f"{n} probes better at {n4} steps than at {args.steps}"] = verdict(score(long, n), score(res, n))
     if {"mlm", dk} <= set(res) & set(long):
         gap = lambda r: {s: x - score(r, dk)[s] for s, x in score(r, "mlm").items()
                          if x is not None and score(r, dk).get(s) is not None}
-        verdicts[f"the mlm - dkplm gap narrows from {args.steps} to {n4} steps"] = verdict(gap(res), gap(long))
-    base = res[dk]["flags"] if dk in res else []
+        verdicts[f"the mlm - {dk} gap narrows from {args.steps} to {n4} steps"] = verdict(gap(res), gap(long))
+    base = flag_values(DKPLM_RELATION[1])
 
-    def changes(n):  # the flags a reading adds to ours (all its flags where it does not extend ours)
-        f = res[n]["flags"]
-        return "ours" if n == dk else " ".join(f[len(base):] if base and f[:len(base)] == base else f)
+    def changes(n):  # the flags a reading sets otherwise than DKPLM_RELATION
+        f = flag_values(res[n]["flags"])
+        return "(the base)" if n == old else " ".join(k if v is None else f"{k} {v}" for k, v in f.items()
+                                                      if base.get(k, "absent") != v)
     rows = []
     for n, v in res.items():
-        vs = verdicts.get(f"{n} probes better than dkplm")
+        vs = verdicts.get(f"{n} probes better than {old}")
         rows.append(f"| {n} | `{changes(n)}` | {fmt(v['mean'].get(PRIMARY), v['std'].get(PRIMARY))} | "
                     f"{fmt(v['mean'].get('seen_MRR'))} | {fmt(v['mean'].get('heldout_MRR'))} | "
-                    + ("n/a | baseline |" if vs is None else f"{effect(vs)} | {vs['verdict']} |"))
-    md = (header(args, "Our DKPLM, reading by reading") + "Each reading changes one flag of `--method dkplm` "
-          "(study_variants.VARIANTS['dkplm']); effect = its score - ours, seed-paired [± 2 SE], verdicts by the "
-          "study's rule.\n\n| variant | changes | score_MRR | seen MRR | held-out MRR | effect vs dkplm | verdict |"
-          "\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + f"\n\n### The plateau: {n4} steps ({args.plateau}x)\n\n"
+                    + ("n/a | base |" if vs is None else f"{effect(vs)} | {vs['verdict']} |"))
+    md = (header(args, "Our DKPLM, reading by reading") + f"Each reading changes flags of `{old}` (the study's DKPLM "
+          f"before issue 33: `{' '.join(DKPLM_RELATION[1])}`); `{dk}` is DKPLM as fixed "
+          "(study_variants.VARIANTS['dkplm']); effect = its score - the base's, seed-paired [± 2 SE], verdicts by "
+          f"the study's rule.\n\n| variant | changes | score_MRR | seen MRR | held-out MRR | effect vs {old} | "
+          "verdict |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+          + "\n".join(f"- {k}: **{v['verdict']}** ({effect(v)})" for k, v in verdicts.items()
+                      if k.startswith("mlm probes better than") and "steps" not in k)
+          + f"\n\n### The plateau: {n4} steps ({args.plateau}x)\n\n"
           + (table(long, [(n, n) for n in long], COLS[:5]) if long else "Not run (`--plateau 0`).") + "\n"
           + "\n".join(f"- {k}: **{v['verdict']}** ({effect(v)})" for k, v in verdicts.items()
                       if "steps" in k) + "\n")

@@ -6,7 +6,8 @@ KnowledgeMLM wraps any Hugging Face masked LM (BERT, RoBERTa) without new parame
           the memory (memory_bank.span_input); what is injected is a Plan (knowledge.Knowledge.plan)
   losses  L_MLM at the masked positions (the MLM head on those positions only) and the method's
           decoding loss on the injected spans (DECODERS: CKA's sampled softmax, Eq. 2, or DKPLM's
-          relation-conditioned decoding), combined by LOSSES (Eq. 3 for TRELM)
+          decoding of the entity's tokens, plain or relation-conditioned), combined by LOSSES (Eq. 3
+          for TRELM)
 P_x of Eq. (9), the probability routing attributes (KnowledgeProb), is read from the same model.
 
 | paper            | here                                                        |
@@ -108,7 +109,8 @@ class Plan:
 
 
 def relation_decoding_loss(mlm, hidden, targets, relation):
-    """DKPLM's relation-conditioned decoding of the entity tokens: the full-softmax MLM head on
+    """DKPLM's relation-conditioned decoding of the entity tokens (--dkplm-decoder relation; costs 6.5
+    points of probe score at the study's shape, docs/departures.md): the full-softmax MLM head on
     h * r_hat, r_hat = E(r) / rms(E(r)) (DKPLM multiplies the output by its projected relation
     embedding; here E(r) is rescaled to unit RMS instead of learning a projection, so no new
     parameters). hidden (P, H), targets (P,), relation (P, H) -> scalar; P = 0 gives an attached 0."""
@@ -131,7 +133,7 @@ def relation_decoding(net, h_span, targets, plan):
 
 
 def plain_decoding(net, h_span, targets, plan):
-    """DKPLM's decoding without the relation (--dkplm-decoder plain): the full-softmax MLM head on h itself."""
+    """DKPLM's decoding (--dkplm-decoder plain, the default): the full-softmax MLM head on h itself."""
     if h_span.shape[0] == 0:
         return h_span.sum() * 0.0
     return F.cross_entropy(common.mlm_logits(net.mlm, h_span).float(), targets)

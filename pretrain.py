@@ -7,8 +7,8 @@
 Methods (--method; config.METHOD_TABLE is the one place where they differ):
   mlm    plain continued MLM pre-training (the paper's RoBERTa / BERT rows)
   dkplm  DKPLM (alibaba/EasyNLP's released code): long-tail mentions by KLT = long-tail * SI * KG
-         degree, pseudo token E(t) - E(r), relation-conditioned full-softmax decoding of the entity's
-         tokens, L_MLM + L_dec, all parameters train
+         degree, pseudo token E(t) - E(r), full-softmax decoding of the entity's tokens from h
+         (--dkplm-decoder relation: from h * r_hat), L_MLM + L_dec, all parameters train
   trelm  noise-aware injection of important entities + Contrastive Knowledge Assessing (Sec. 3.1),
          Knowledge-augmented Memory Bank (Sec. 3.2), Dynamic Knowledge Routing (Sec. 3.3);
          ablations --no-injection, --no-memory-bank, --no-routing (Table 6)

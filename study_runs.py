@@ -269,11 +269,21 @@ def resume_flag(run_dir):
     return ["--resume"] if found else []
 
 
-def pretrain_variant(args, name, flags, seed, steps, model):
-    """Train (or reuse / resume) one variant from model() (called only if it must train); -> its run dir."""
-    run_dir = os.path.join(args.runs_dir, run_name(name, steps, seed))
+def pretrain_variant(args, name, flags, seed, steps, model, key):
+    """Train (or reuse / resume) one variant from model() (called only if it must train); -> its run dir.
+    The run dir holds the run's key (study_key.json): a dir made under another key (other flags, data or
+    shape under the same name) is deleted and trained again, never reused or resumed."""
+    where = args.runs_dir if args.data == "mini" else os.path.join(args.runs_dir, os.path.basename(
+        os.path.normpath(args.data)))  # a second scale's runs beside, not over, the first's of the same name
+    run_dir = os.path.join(where, run_name(name, steps, seed))
+    key_path = os.path.join(run_dir, "study_key.json")
+    if os.path.isdir(run_dir) and (not os.path.exists(key_path) or json.load(open(key_path)) != key):
+        print(f"{run_dir}: made under another key (or none recorded); deleting it and training again")
+        shutil.rmtree(run_dir)
     if os.path.exists(os.path.join(run_dir, "final", "config.json")):
         return run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    common.atomic_write_json(key_path, key)
     every = max(1, steps // max(1, args.snapshots))
     argv = ["--model", model(), "--data", args.data, "--output-dir", run_dir, "--seed", str(seed),
             "--max-steps", str(steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.train_batch_size),
@@ -325,7 +335,7 @@ def run_record(args, name, flags, seed, steps, model, model_id, want_curve=False
                or any(t not in rec.get("finetune", {}) for t in tasks))
     if not missing:
         return rec
-    run_dir = pretrain_variant(args, name, flags, seed, steps, model)
+    run_dir = pretrain_variant(args, name, flags, seed, steps, model, key)
     final = os.path.join(run_dir, "final")
     if "probe" not in rec:
         rows = read_metrics(run_dir)

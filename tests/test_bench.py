@@ -214,6 +214,9 @@ def test_costs_file_keeps_measured_variants_and_adds_the_missing(tmp_path, monke
     assert got[names[-1]]["cost_over_mlm"] == 9.0 and "commit" in got[names[-1]]["measured"]
     bench.write_costs(args)
     assert len(asked) == 1
+    scale2 = tmp_path / "scale2.json"  # a second scale's data: its five variants only
+    bench.write_costs(bench.get_parser().parse_args(["--costs", str(scale2), "--data", str(tmp_path)]))
+    assert asked[-1] == [n for n, _ in study_variants.VARIANTS["scale"]]
 
 
 def test_peak_memory_counts_live_tensors():

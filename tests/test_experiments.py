@@ -1,6 +1,7 @@
 """The study (experiments.py, study_*.py) and plots.py: the verdict rule and the prior-free score on
 hand-made numbers, time to quality, the generic corpus and cache of the base PLM, and a tiny `--task pilot`
 + `--task reproduce` with 3 seeds end to end (tiny model, 2 steps), resumed from the per-run JSON alone."""
+import argparse
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import shutil
 import pytest
 
 import common
+import config
 import evaluate
 import experiments as ex
 import finetune
@@ -472,3 +474,46 @@ def test_f1_rows_carry_no_verdict_below_the_noise_floor():
     rows = [r for r in report.claims(res, variants.ROLES, f1_verdicts=False) if "Table 6" in r]
     assert sum(r.endswith("| held |") for r in rows) == 3  # the score rows
     assert sum(r.endswith("| no verdict (below F1's noise floor) |") for r in rows) == 6
+
+
+def test_dkplm_readings_change_one_thing_of_the_old_baseline():
+    """Each DKPLM reading sets its flags on DKPLM_RELATION (each flag once); the fixed DKPLM is the pair of
+    readings that helped, and the defaults of `pretrain.py --method dkplm` are that DKPLM."""
+    base = variants.flag_values(variants.DKPLM_RELATION[1])
+    assert base == {"--method": "dkplm", "--dkplm-decoder": "relation", "--dkplm-select": "above-mean"}
+    assert variants.flag_values(["--a", "1", "--sw", "--b", "x"]) == {"--a": "1", "--sw": None, "--b": "x"}
+    got = dict(variants.VARIANTS["dkplm"])
+    assert got["dkplm_plain"] == ["--method", "dkplm", "--dkplm-decoder", "plain", "--dkplm-select", "above-mean"]
+    assert got["dkplm_no-injection"] == [*variants.DKPLM_RELATION[1], "--no-injection"]
+    assert got["dkplm_theta0.8"][-4:] == ["--dkplm-loss", "theta", "--theta", "0.8"]
+    fixed = variants.flag_values(got["dkplm"])
+    assert fixed == {**base, "--dkplm-decoder": "plain", "--dkplm-select": "at-least-mean"}
+    inj = config.from_argv(["--method", "dkplm"]).injection
+    assert (inj.dkplm_decoder, inj.dkplm_select) == (fixed["--dkplm-decoder"], fixed["--dkplm-select"])
+
+
+def test_a_run_dir_made_under_another_key_is_never_reused(tmp_path, monkeypatch):
+    """pretrain_variant reuses a run dir only under the key it was made with (study_key.json): another key
+    (here other flags under the same name) or none deletes the dir and trains again; a second scale's data
+    puts its runs in a folder of their own."""
+    trained = []
+
+    def fake_run(argv):
+        out = argv[argv.index("--output-dir") + 1]
+        os.makedirs(os.path.join(out, "final"), exist_ok=True)
+        open(os.path.join(out, "final", "config.json"), "w").write("{}")
+        trained.append(argv[argv.index("--method") + 1])
+    monkeypatch.setattr(runs, "run_pretrain", fake_run)
+    args = argparse.Namespace(runs_dir=str(tmp_path), data="mini", snapshots=4, seq_len=64, train_batch_size=16,
+                              pretrain_args="")
+    go = lambda flags, key: runs.pretrain_variant(args, "v", flags, 0, 8, lambda: "m", key)
+    d = go(["--method", "mlm"], {"k": 1})
+    assert go(["--method", "mlm"], {"k": 1}) == d and trained == ["mlm"]  # same key: reused
+    open(os.path.join(d, "stale"), "w").close()
+    assert go(["--method", "dkplm"], {"k": 2}) == d and trained == ["mlm", "dkplm"]  # other key: trained again
+    assert not os.path.exists(os.path.join(d, "stale"))
+    os.remove(os.path.join(d, "study_key.json"))
+    go(["--method", "dkplm"], {"k": 2})
+    assert trained == ["mlm", "dkplm", "dkplm"]  # no key recorded: not trusted
+    args.data = str(tmp_path / "mini4x")
+    assert go(["--method", "mlm"], {"k": 3}) == os.path.join(str(tmp_path), "mini4x", os.path.basename(d))

@@ -393,7 +393,9 @@ def test_dkplm_readings_plain_decoder_theta_loss_and_detached_kg(tiny_model_dir,
     torch.testing.assert_close(out["loss"], 0.3 * out["l_mlm"] + 0.7 * out["l_dec"])
     assert not t.net.kg_table().requires_grad and t.net.kg_table().data_ptr() == \
         t.net.mlm.get_input_embeddings().weight.data_ptr()
-    for flag in (["--dkplm-loss", "theta"], ["--dkplm-select", "at-least-mean"]):
+    d = config.from_argv(["--method", "dkplm"]).injection  # the defaults since issue 33
+    assert (d.dkplm_decoder, d.dkplm_select, d.dkplm_loss) == ("plain", "at-least-mean", "sum")
+    for flag in (["--dkplm-loss", "theta"], ["--dkplm-select", "above-mean"], ["--dkplm-decoder", "relation"]):
         with pytest.raises(SystemExit, match="is a DKPLM reading"):
             config.from_argv(["--method", "trelm", *flag])
     assert config.from_argv(["--method", "dkplm", "--no-injection"]).injection.no_injection
