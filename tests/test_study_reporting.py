@@ -172,27 +172,35 @@ def test_report_recomputes_the_control_for_results_made_before_it():
 # --task dkplm, --task scale and the trend
 
 def test_dkplm_readings_and_plateau(tmp_path, monkeypatch):
-    """Each reading against ours with its effect, and the plateau: DKPLM gains 6 points from 300 to 1200 steps,
-    MLM 2, so the MLM - DKPLM gap (7 -> 3) narrows; REPORT.md carries the table."""
-    short = fake_res({"mlm": seeds(0.16, 0.165, 0.17), "dkplm": seeds(0.09, 0.095, 0.10),
+    """Each reading against the old baseline (dkplm_relation) with its effect and only the flags it changes,
+    MLM against DKPLM as fixed, and the plateau: DKPLM gains 6 points from 300 to 1200 steps, MLM 2, so the
+    MLM - DKPLM gap (7 -> 3) narrows; REPORT.md carries the table."""
+    old = variants.DKPLM_RELATION[0]
+    short = fake_res({"mlm": seeds(0.16, 0.165, 0.17), old: seeds(0.09, 0.095, 0.10),
                       **{n: seeds(0.09, 0.096, 0.099) for n, _ in variants.VARIANTS["dkplm"][2:]}})
     short["dkplm_theta"] = fake_res({"x": seeds(0.12, 0.13, 0.14)})["x"]
-    short["dkplm_theta"]["flags"] = [*variants.VARIANTS["dkplm"][1][1], "--dkplm-loss", "theta"]
-    short["dkplm"]["flags"] = variants.VARIANTS["dkplm"][1][1]
+    short["dkplm_theta"]["flags"] = [*variants.DKPLM_RELATION[1], "--dkplm-loss", "theta"]
+    for n, f in variants.VARIANTS["dkplm"]:
+        short[n]["flags"] = f
+    short["dkplm"] = fake_res({"x": seeds(0.09, 0.095, 0.10)})["x"]
+    short["dkplm"]["flags"] = variants.DKPLM[1]
     long = fake_res({"mlm": seeds(0.18, 0.185, 0.19), "dkplm": seeds(0.15, 0.154, 0.159)}, steps=4 * STEPS)
     monkeypatch.setattr(ex, "run_variants", lambda args, task, steps=None: short if task == "dkplm" else long)
     out = tmp_path / "results"
     ex.run_dkplm(parse("dkplm", out))
     doc = json.load(open(out / "dkplm.json"))
     v = doc["verdicts"]
-    assert v["dkplm_theta probes better than dkplm"]["verdict"] == "held"
-    assert v["dkplm_theta probes better than dkplm"]["diff"] == pytest.approx(0.035)
+    assert v[f"dkplm_theta probes better than {old}"]["verdict"] == "held"
+    assert v[f"dkplm_theta probes better than {old}"]["diff"] == pytest.approx(0.035)
+    assert v["mlm probes better than dkplm"]["diff"] == pytest.approx(0.07)
     assert v["dkplm probes better at 1200 steps than at 300"]["verdict"] == "held"
     assert v["the mlm - dkplm gap narrows from 300 to 1200 steps"]["verdict"] == "held"
     assert v["the mlm - dkplm gap narrows from 300 to 1200 steps"]["diff"] == pytest.approx(0.04, abs=1e-3)
     assert doc["plateau_steps"] == 1200 and set(doc["plateau"]) == {"mlm", "dkplm"}
     md = open(out / "dkplm.md").read()
     assert "| dkplm_theta | `--dkplm-loss theta` | 13.0 ± 1.0 |" in md and "+3.5 [" in md
+    assert "| dkplm_plain | `--dkplm-decoder plain` |" in md  # a replaced flag: only the change is shown
+    assert "| dkplm | `--dkplm-decoder plain --dkplm-select at-least-mean` |" in md
     args = parse("report", out, "--report", str(tmp_path / "REPORT.md"), "--figures", str(tmp_path / "fig"))
     report.write_report(args)
     assert "## Our DKPLM, reading by reading" in open(tmp_path / "REPORT.md").read()
