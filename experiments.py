@@ -600,10 +600,24 @@ def run_f1_floor(args):
     return out
 
 
+def flags_at(out_dir, name, flags):
+    """The flags a variant's recorded runs were made with: those of its current definition, or, for runs
+    whose key was migrated when defaults changed (issue 33's DKPLM), the old key's, which an older checkout
+    understands (it may not know the flags that now spell the old defaults out)."""
+    runs = os.path.join(out_dir, "runs")
+    for f in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        if f.startswith(f"{name}-n") and f.endswith(".json"):
+            rec = json.load(open(os.path.join(runs, f)))
+            if rec["key"]["variant"] == name and "migrated" in rec:
+                return rec["migrated"]["from"]["flags"]
+    return flags
+
+
 def run_same_code(args):
     """Do results made at --against still describe this code? Short deterministic runs of each variant
     (--check-steps steps, seed 0, the study's shape and initial model, re-routing every 2 steps) in a
-    checkout of --against and in this one, final weights and every logged loss compared bitwise. The
+    checkout of --against (with the flags its records were made with: flags_at) and in this one, final
+    weights and every logged loss compared bitwise. The
     outcome is appended to <output-dir>/code_checks.json; REPORT.md's pending check accepts runs of a
     commit whose every variant passed against code equal to the current."""
     if args.check_variants:
@@ -618,6 +632,7 @@ def run_same_code(args):
         raise SystemExit(f"--check-variants: unknown {unknown} (known: {sorted(flags)})" if unknown else
                          f"--task same-code: no study results in {args.output_dir}; name --check-variants")
     model = os.path.abspath(study_model(args)[0]()) if args.model == "base" else args.model
+    old_flags = {n: flags_at(args.output_dir, n, flags[n]) for n in names}
     tmp = tempfile.mkdtemp(prefix="same-code-")
     old = os.path.join(tmp, "old")
     r = subprocess.run(["git", "worktree", "add", "--detach", old, args.against], cwd=HERE, capture_output=True,
@@ -632,7 +647,8 @@ def run_same_code(args):
             outs = []
             for tree in (old, HERE):
                 out = os.path.join(tmp, f"{n}-{'old' if tree == old else 'new'}")
-                cmd = [sys.executable, "pretrain.py", *flags[n], "--model", model, "--data", data_arg,
+                cmd = [sys.executable, "pretrain.py", *(old_flags[n] if tree == old else flags[n]), "--model", model,
+                       "--data", data_arg,
                        "--output-dir", out, "--max-steps", str(args.check_steps), "--seq-len", str(args.seq_len),
                        "--batch-size", str(args.train_batch_size), "--seed", "0", "--deterministic",
                        "--route-every", "2", "--log-every", "1", *args.pretrain_args.split()]
@@ -651,6 +667,7 @@ def run_same_code(args):
     full = subprocess.run(["git", "rev-parse", args.against], cwd=HERE, capture_output=True, text=True).stdout.strip()
     to = code_commit()
     rec = {"from": full or args.against, "to": to, "variants": same, "steps": args.check_steps,
+           "old_flags": {n: f for n, f in old_flags.items() if f != flags[n]},
            "model": common.recorded_config(args, PATH_FLAGS)["model"],
            "command": f"python evaluate.py --task same-code --against {args.against}" +
                       (f" --check-variants {args.check_variants}" if args.check_variants else "")}

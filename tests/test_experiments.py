@@ -517,3 +517,18 @@ def test_a_run_dir_made_under_another_key_is_never_reused(tmp_path, monkeypatch)
     assert trained == ["mlm", "dkplm", "dkplm"]  # no key recorded: not trusted
     args.data = str(tmp_path / "mini4x")
     assert go(["--method", "mlm"], {"k": 3}) == os.path.join(str(tmp_path), "mini4x", os.path.basename(d))
+
+
+def test_same_code_runs_a_migrated_variant_with_its_old_flags(tmp_path):
+    """A variant whose records were migrated to spelled-out flags (issue 33) is checked in the old checkout
+    with the flags its runs were made with; any other variant with its current flags."""
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    new = dict(variants.VARIANTS["dkplm"])["dkplm_kg-detach"]
+    rec = {"key": {"variant": "dkplm_kg-detach", "flags": new},
+           "migrated": {"from": {"variant": "dkplm_kg-detach", "flags": ["--method", "dkplm", "--kg-grad", "off"]}}}
+    (runs_dir / "dkplm_kg-detach-n300-s0.json").write_text(json.dumps(rec))
+    (runs_dir / "dkplm-n300-s0.json").write_text(json.dumps({"key": {"variant": "dkplm", "flags": ["x"]}}))
+    assert ex.flags_at(str(tmp_path), "dkplm_kg-detach", new) == ["--method", "dkplm", "--kg-grad", "off"]
+    assert ex.flags_at(str(tmp_path), "dkplm", ["--method", "dkplm"]) == ["--method", "dkplm"]
+    assert ex.flags_at(str(tmp_path / "none"), "mlm", ["--method", "mlm"]) == ["--method", "mlm"]
